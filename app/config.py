@@ -1,0 +1,99 @@
+"""The studio's settings: one object, read from ``STUDIO_*`` environment variables.
+
+The embedded defaults run on one machine with no server: SQLite, a local media folder and
+Celery's file-system broker, all under ``var/``. Production points the same settings at
+PostgreSQL, Redis and an S3-compatible bucket. This module is the only reader of ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET_KEY = "dev-only-secret-key-change-me"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STUDIO_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production", "test"] = "development"
+    secret_key: str = DEFAULT_SECRET_KEY
+    var_dir: Path = Path("var")
+    base_url: str = "http://127.0.0.1:8000"
+    allowed_hosts: list[str] = ["*"]
+    cookie_secure: bool = False
+    session_days: int = 30
+
+    # Data, queue, storage. Empty means "the embedded default under var_dir".
+    database_url: str = ""
+    broker_url: str = ""
+    storage_backend: Literal["local", "s3"] = "local"
+    media_dir: Path | None = None
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "studio"
+    s3_region: str = "us-east-1"
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    signed_url_seconds: int = 300
+
+    # Uploads.
+    min_photos: int = 3
+    max_photos: int = 20
+    max_photo_bytes: int = 25 * 1024 * 1024
+    max_request_bytes: int = 20 * 25 * 1024 * 1024 + 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_prompts: int = 20
+    max_images_per_prompt: int = 8
+
+    # Jobs. ``base_model`` empty: the worker picks (the tiny demo model without CUDA).
+    base_model: str = ""
+    max_attempts: int = 3
+    lease_seconds: int = 120
+    heartbeat_seconds: int = 10
+    task_soft_time_limit: int = 3 * 3600
+    task_hard_time_limit: int = 3 * 3600 + 300
+    max_active_jobs_per_user: int = 2
+    retention_days: int = 30
+    delete_photos_after_training: bool = True
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.environment == "production" and self.secret_key == DEFAULT_SECRET_KEY:
+            raise ValueError("STUDIO_SECRET_KEY must be set to a private random value in production")
+        if self.environment == "production" and len(self.secret_key) < 32:
+            raise ValueError("STUDIO_SECRET_KEY must be at least 32 characters in production")
+        return self
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Redis re-delivers unacknowledged tasks after this; twice the hard limit so a live job never runs twice."""
+        return 2 * self.task_hard_time_limit
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.var_dir / 'studio.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.var_dir / "broker").resolve()
+
+    @property
+    def resolved_media_dir(self) -> Path:
+        return (self.media_dir or self.var_dir / "media").resolve()
+
+    @property
+    def scratch_dir(self) -> Path:
+        return (self.var_dir / "scratch").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,25 @@
+"""Every table of the studio; importing this package registers them all on ``Base.metadata``."""
+
+from app.models.base import Base, utcnow
+from app.models.image import GeneratedImage, PriorBank
+from app.models.job import ACTIVE_STATUSES, JOB_STAGES, JOB_STATUSES, GenerationRequest, Job
+from app.models.subject import SUBJECT_KINDS, Photo, Subject
+from app.models.user import ApiToken, User, UserSession
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "JOB_STAGES",
+    "JOB_STATUSES",
+    "SUBJECT_KINDS",
+    "ApiToken",
+    "Base",
+    "GeneratedImage",
+    "GenerationRequest",
+    "Job",
+    "Photo",
+    "PriorBank",
+    "Subject",
+    "User",
+    "UserSession",
+    "utcnow",
+]
