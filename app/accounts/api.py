@@ -1,0 +1,5 @@
+"""accounts api routes (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,5 @@
+"""accounts pages routes (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

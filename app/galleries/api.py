@@ -1,0 +1,5 @@
+"""galleries api routes (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

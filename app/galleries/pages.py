@@ -1,0 +1,5 @@
+"""galleries pages routes (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,5 @@
+"""jobs api routes (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

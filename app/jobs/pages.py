@@ -1,0 +1,5 @@
+"""jobs pages routes (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

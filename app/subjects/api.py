@@ -1,0 +1,5 @@
+"""subjects api routes (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,5 @@
+"""subjects pages routes (being written)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

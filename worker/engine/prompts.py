@@ -1,0 +1,109 @@
+"""Prompt packs and the ``{subject}`` placeholder. Pure Python: the web app imports this too.
+
+The pet packs follow the live-subject prompts of the DreamBooth dataset: new places
+(recontextualization), accessories, and property changes. The person packs are portrait styles.
+A prompt template holds ``{subject}``, which expands to "[V] [class noun]", e.g. "qzx dog".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SUBJECT_PLACEHOLDER = "{subject}"
+SubjectKind = Literal["pet", "person"]
+
+
+@dataclass(frozen=True)
+class StylePack:
+    name: str
+    title: str
+    kind: SubjectKind
+    prompts: tuple[str, ...]
+
+
+_PLACES = (
+    "a photo of {subject} in the jungle",
+    "a photo of {subject} in the snow",
+    "a photo of {subject} on the beach",
+    "a photo of {subject} on a cobblestone street",
+    "a photo of {subject} on top of a wooden floor",
+    "a photo of {subject} with a city in the background",
+    "a photo of {subject} with a mountain in the background",
+    "a photo of {subject} with a blue house in the background",
+    "a photo of {subject} on top of a purple rug in a forest",
+    "a photo of {subject} on top of pink fabric",
+)
+_ACCESSORIES = (
+    "a photo of {subject} wearing a red hat",
+    "a photo of {subject} wearing a santa hat",
+    "a photo of {subject} wearing a rainbow scarf",
+    "a photo of {subject} wearing a black top hat and a monocle",
+    "a photo of {subject} in a chef outfit",
+    "a photo of {subject} in a firefighter outfit",
+    "a photo of {subject} in a police outfit",
+    "a photo of {subject} wearing pink glasses",
+    "a photo of {subject} wearing a yellow shirt",
+    "a photo of {subject} in a purple wizard outfit",
+)
+_PROPERTIES = (
+    "a photo of a red {subject}",
+    "a photo of a purple {subject}",
+    "a photo of a shiny {subject}",
+    "a photo of a wet {subject}",
+    "a photo of a cube shaped {subject}",
+)
+_PORTRAITS = (
+    "a professional headshot of {subject}, studio lighting, neutral background",
+    "an oil painting portrait of {subject}",
+    "a watercolor portrait of {subject}",
+    "a pencil sketch portrait of {subject}",
+    "a photo of {subject} as an astronaut",
+    "a photo of {subject} as a knight in shining armor",
+    "a cinematic film still of {subject} in a city at night",
+    "a photo of {subject} hiking in the mountains",
+    "a photo of {subject} on a beach at sunset",
+    "a renaissance painting of {subject}",
+)
+
+STYLE_PACKS: dict[str, StylePack] = {
+    pack.name: pack
+    for pack in (
+        StylePack("pet-adventures", "Adventures: new places", "pet", _PLACES),
+        StylePack("pet-dress-up", "Dress-up: hats and outfits", "pet", _ACCESSORIES),
+        StylePack("pet-fun", "Fun: colours and shapes", "pet", _PROPERTIES),
+        StylePack("pet-dreambooth", "The DreamBooth set (25 prompts)", "pet", _PLACES + _ACCESSORIES + _PROPERTIES),
+        StylePack("portrait-classics", "Portrait classics", "person", _PORTRAITS[:5]),
+        StylePack("portrait-stories", "Portrait stories", "person", _PORTRAITS[4:]),
+        StylePack("portrait-all", "Every portrait style", "person", _PORTRAITS),
+    )
+}
+DEFAULT_PACK: dict[SubjectKind, str] = {"pet": "pet-adventures", "person": "portrait-classics"}
+
+
+def subject_kind(kind: str) -> SubjectKind:
+    """The studio's subject kinds (dog, cat, animal, person) mapped onto the engine's two."""
+    return "person" if kind == "person" else "pet"
+
+
+def packs_for(kind: SubjectKind) -> list[StylePack]:
+    return [pack for pack in STYLE_PACKS.values() if pack.kind == kind]
+
+
+def normalize_free_prompt(prompt: str) -> str:
+    """A user's prompt as a template: whitespace collapsed; without ``{subject}`` it is prefixed.
+
+    "on a skateboard" becomes "a photo of {subject}, on a skateboard", so every free prompt
+    names the subject; otherwise the fine-tuned identifier would not be used at all.
+    """
+    text = " ".join(prompt.split())
+    if not text:
+        raise ValueError("empty prompt")
+    if SUBJECT_PLACEHOLDER not in text:
+        text = f"a photo of {SUBJECT_PLACEHOLDER}, {text}"
+    return text
+
+
+def expand(template: str, identifier: str, class_noun: str) -> str:
+    """Replace ``{subject}`` with "[V] [class noun]"."""
+    return template.replace(SUBJECT_PLACEHOLDER, f"{identifier} {class_noun}")
