@@ -1,0 +1,79 @@
+"""Queries on jobs. Every query that loads a job for a person is scoped to its owner in the query itself."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from app.models import ACTIVE_STATUSES, Job, Subject
+
+
+def get_job(session: Session, job_id: uuid.UUID, owner_id: uuid.UUID) -> Job | None:
+    """The job ``job_id`` if ``owner_id`` owns it, else None (another account's job looks absent)."""
+    return session.scalars(select(Job).where(Job.id == job_id, Job.owner_id == owner_id)).one_or_none()
+
+
+def get_job_and_class_noun(session: Session, job_id: uuid.UUID, owner_id: uuid.UUID) -> tuple[Job, str] | None:
+    """The job and its subject's class noun ("dog", "woman") in one query, for the status endpoint."""
+    row = session.execute(
+        select(Job, Subject.class_noun)
+        .join(Subject, Subject.id == Job.subject_id)
+        .where(Job.id == job_id, Job.owner_id == owner_id, Subject.owner_id == owner_id)
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def get_subject(session: Session, subject_id: uuid.UUID, owner_id: uuid.UUID) -> Subject | None:
+    """The subject ``subject_id`` if ``owner_id`` owns it, else None."""
+    return session.scalars(
+        select(Subject).where(Subject.id == subject_id, Subject.owner_id == owner_id)
+    ).one_or_none()
+
+
+def jobs_of_subject(session: Session, subject_id: uuid.UUID, owner_id: uuid.UUID) -> list[Job]:
+    """The subject's jobs, newest first."""
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.subject_id == subject_id, Job.owner_id == owner_id)
+            .order_by(Job.created_at.desc(), Job.id.desc())
+        )
+    )
+
+
+def latest_job(session: Session, subject_id: uuid.UUID, owner_id: uuid.UUID) -> Job | None:
+    return session.scalars(
+        select(Job)
+        .where(Job.subject_id == subject_id, Job.owner_id == owner_id)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(1)
+    ).first()
+
+
+def active_job_of_subject(session: Session, subject_id: uuid.UUID) -> Job | None:
+    """A queued or running job of the subject, if any."""
+    return session.scalars(
+        select(Job).where(Job.subject_id == subject_id, Job.status.in_(ACTIVE_STATUSES)).limit(1)
+    ).first()
+
+
+def count_active_jobs_of_owner(session: Session, owner_id: uuid.UUID) -> int:
+    return session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_(ACTIVE_STATUSES))
+    ) or 0
+
+
+def count_queued_before(session: Session, job: Job) -> int:
+    """How many queued jobs, of every account, were created before ``job`` (ties broken by id).
+
+    Served by the (status, created_at) index, so the status endpoint can afford it on every poll.
+    """
+    earlier = or_(
+        Job.created_at < job.created_at,
+        and_(Job.created_at == job.created_at, Job.id < job.id),
+    )
+    return session.scalar(
+        select(func.count()).select_from(Job).where(Job.status == "queued", earlier, Job.id != job.id)
+    ) or 0

@@ -1,0 +1,328 @@
+"""Rules on jobs: cancelling, the queue position, and how a job's progress reads to a person.
+
+Services flush, never commit: the request's session dependency owns the transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.jobs import repository
+from app.jobs.schemas import JobStatus, StageProgress, StepState
+from app.models import Job, utcnow
+
+FINISHED_STATUSES = ("done", "failed", "cancelled")
+LOSS_HISTORY_POINTS = 200
+
+# The stepper's steps and their share of the overall progress bar. Training dominates the wall time
+# of a real job, so it gets most of the bar; a "generate more" job only samples.
+TRAIN_WEIGHTS = {"preparing": 0.05, "priors": 0.15, "training": 0.6, "generating": 0.2}
+GENERATE_WEIGHTS = {"generating": 1.0}
+STEP_TITLES = {
+    "queued": "In line",
+    "preparing": "Preparing photos",
+    "priors": "Class priors",
+    "training": "Training",
+    "generating": "Generating",
+    "done": "Done",
+}
+# Worker stages (app.models.JOB_STAGES) → the stepper step that shows them.
+STAGE_TO_STEP = {
+    "queued": "queued",
+    "preparing": "preparing",
+    "priors": "priors",
+    "training": "training",
+    "sampling": "generating",
+    "scoring": "generating",
+    "publishing": "generating",
+    "finished": "done",
+}
+IRREGULAR_PLURALS = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
+                     "goose": "geese", "sheep": "sheep", "fish": "fish", "deer": "deer", "ox": "oxen"}
+
+
+class JobNotCancellable(Exception):
+    """The job already ended (done, failed or cancelled); the API answers 409."""
+
+
+def cancel_job(session: Session, job: Job) -> None:
+    """Cancel ``job``: a queued job ends at once; a running one is asked to stop.
+
+    The worker checks ``cancel_requested`` every few steps and ends the job as cancelled, cleaning
+    up its partial files; Celery's revoke cannot stop a running task, so the flag is the contract.
+    Raises :class:`JobNotCancellable` for a job that already ended.
+    """
+    if job.status == "queued":
+        job.status = "cancelled"
+        job.cancel_requested = True
+        job.finished_at = utcnow()
+    elif job.status == "running":
+        job.cancel_requested = True
+    else:
+        raise JobNotCancellable(f"this job has already ended ({job.status}); there is nothing to cancel")
+    session.flush()
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """1 for the next job a worker will take, 2 for the one after...; None unless the job is queued."""
+    if job.status != "queued":
+        return None
+    return repository.count_queued_before(session, job) + 1
+
+
+def plural(noun: str) -> str:
+    """A class noun in the plural, for "reference pictures of dogs"."""
+    noun = noun.strip()
+    if not noun:
+        return "things"
+    words = noun.split()
+    last = words[-1].lower()
+    if last in IRREGULAR_PLURALS:
+        plural_last = IRREGULAR_PLURALS[last]
+    elif last.endswith(("s", "x", "z", "ch", "sh")):
+        plural_last = last + "es"
+    elif last.endswith("y") and len(last) > 1 and last[-2] not in "aeiou":
+        plural_last = last[:-1] + "ies"
+    else:
+        plural_last = last + "s"
+    return " ".join([*words[:-1], plural_last])
+
+
+def format_eta(seconds: float | None) -> str:
+    """ "about 2 min left", "less than a minute left"; empty when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return ""
+    if seconds < 60:
+        return "less than a minute left"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"about {minutes} min left"
+    hours, minutes = divmod(minutes, 60)
+    return f"about {hours} h {minutes} min left" if minutes else f"about {hours} h left"
+
+
+def ordinal(position: int) -> str:
+    suffix = "th" if 10 <= position % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(position % 10, "th")
+    return f"{position}{suffix}"
+
+
+def _int_detail(details: dict[str, Any], name: str) -> int:
+    value = details.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def loss_history(details: dict[str, Any]) -> list[float]:
+    """The worker's ``details["loss_history"]`` as plain finite floats (numbers or [step, loss] pairs)."""
+    raw = details.get("loss_history")
+    if not isinstance(raw, list):
+        return []
+    values: list[float] = []
+    for point in raw[-LOSS_HISTORY_POINTS:]:
+        candidate = point[-1] if isinstance(point, list | tuple) and point else point
+        value = _finite(candidate)
+        if value is not None:
+            values.append(value)
+    return values
+
+
+def is_demo_model(job: Job) -> bool:
+    details = job.details or {}
+    return bool(details.get("demo_model")) or details.get("base_model") == "tiny"
+
+
+def _sampling_counts(job: Job) -> tuple[int, int]:
+    details = job.details or {}
+    total = _int_detail(details, "images_total")
+    if total:
+        return _int_detail(details, "images_done"), total
+    if job.stage == "sampling":
+        return job.step, job.total
+    return 0, 0
+
+
+def _step_fraction(job: Job, step_key: str) -> float:
+    """How far the job is inside the stepper step it is currently in."""
+    own = 0.0 if job.total <= 0 else min(1.0, max(0.0, job.step / job.total))
+    if step_key == "generating":
+        done, total = _sampling_counts(job)
+        sampled = min(1.0, done / total) if total else own
+        # Scoring and publishing are short tails after sampling.
+        return {"sampling": 0.9 * sampled, "scoring": 0.9 + 0.05 * own, "publishing": 0.95 + 0.05 * own}.get(
+            job.stage, 0.0
+        )
+    return own
+
+
+def _priors_label(job: Job, class_noun: str) -> tuple[str, str]:
+    """The sentence and the short stepper note for the class-priors stage."""
+    details = job.details or {}
+    reused = _int_detail(details, "prior_reused")
+    what = f"reference pictures of {plural(class_noun)}"
+    if job.total > 0 and reused >= job.total:
+        return f"Reused {reused} {what} from the shared bank", f"reused {reused}"
+    painting = f"Painting {what} ({job.step}/{job.total})" if job.total > 0 else f"Painting {what}"
+    if reused:
+        return f"{painting} — reused {reused} from the shared bank", f"{job.step}/{job.total}, reused {reused}"
+    return painting, f"{job.step}/{job.total}" if job.total > 0 else ""
+
+
+def _running_label(job: Job, class_noun: str) -> str:
+    if job.cancel_requested:
+        return "Cancelling…"
+    if job.stage == "queued":
+        return "Starting…"
+    if job.stage == "preparing":
+        return "Preparing your photos"
+    if job.stage == "priors":
+        return _priors_label(job, class_noun)[0]
+    if job.stage == "training":
+        label = f"Training step {job.step}/{job.total}"
+        eta = format_eta(job.eta_seconds)
+        return f"{label} — {eta}" if eta else label
+    if job.stage == "sampling":
+        done, total = _sampling_counts(job)
+        return f"Generating pictures {done}/{total}" if total else "Generating pictures"
+    if job.stage == "scoring":
+        return "Ranking the pictures by likeness"
+    if job.stage == "publishing":
+        return "Saving your gallery"
+    return "Finishing"
+
+
+def stage_label(job: Job, class_noun: str, position: int | None) -> str:
+    """Where the job is, as one sentence: "Waiting in line — 2 jobs ahead", "Training step 120/400 — ..."."""
+    if job.status == "done":
+        return "Done"
+    if job.status == "failed":
+        return f"Failed: {job.failure_reason or 'the job stopped without a reason'}"
+    if job.status == "cancelled":
+        return "Cancelled"
+    if job.status == "queued":
+        if position is None:
+            where = ""
+        elif position <= 1:
+            where = "next in line"
+        else:
+            where = f"{position - 1} job{'s' if position != 2 else ''} ahead"
+        # A job the reaper put back in line after a lost worker says so, rather than looking stuck.
+        lead = f"Waiting to retry (attempt {job.attempts + 1} of {job.max_attempts})" if job.attempts else ""
+        if lead:
+            return f"{lead} — {where}" if where else lead
+        if where == "next in line":
+            return "Next in line"
+        return f"Waiting in line — {where}" if where else "Waiting in line"
+    return _running_label(job, class_noun)
+
+
+def _step_detail(job: Job, key: str, class_noun: str, position: int | None, state: StepState) -> str:
+    if key == "queued":
+        return f"{ordinal(position)} in line" if state == "active" and position else ""
+    if key == "priors":
+        details = job.details or {}
+        if state == "done":
+            reused = _int_detail(details, "prior_reused")
+            generated = _int_detail(details, "prior_generated")
+            parts = ([f"reused {reused}"] if reused else []) + ([f"{generated} painted"] if generated else [])
+            return ", ".join(parts)
+        return _priors_label(job, class_noun)[1] if state == "active" else ""
+    if state != "active":
+        return ""
+    if key == "training":
+        return f"{job.step}/{job.total}" if job.total else ""
+    if key == "generating":
+        done, total = _sampling_counts(job)
+        return f"{done}/{total}" if total else ""
+    return ""
+
+
+def stepper(job: Job, class_noun: str, position: int | None) -> list[StageProgress]:
+    """The steps of the job in order, each done, active, pending, failed or cancelled."""
+    weights = TRAIN_WEIGHTS if job.kind == "train" else GENERATE_WEIGHTS
+    keys = ["queued", *weights, "done"]
+    current = "done" if job.status == "done" else STAGE_TO_STEP.get(job.stage, "queued")
+    if job.status in ("failed", "cancelled") and current == "done":
+        current = keys[-2]
+    current_index = keys.index(current) if current in keys else 0
+    steps: list[StageProgress] = []
+    for index, key in enumerate(keys):
+        state: StepState
+        if index < current_index or job.status == "done":
+            state, fraction = "done", 1.0
+        elif index == current_index:
+            state = "active" if job.status in ("queued", "running") else job.status  # type: ignore[assignment]
+            fraction = _step_fraction(job, key) if key in weights else 0.0
+        else:
+            state, fraction = "pending", 0.0
+        detail = _step_detail(job, key, class_noun, position, state)
+        steps.append(StageProgress(key=key, title=STEP_TITLES[key], state=state, fraction=fraction, detail=detail))
+    return steps
+
+
+def overall_fraction(job: Job) -> float:
+    """Progress across every stage, 0..1, weighted by how long each stage usually takes."""
+    if job.status == "done":
+        return 1.0
+    weights = TRAIN_WEIGHTS if job.kind == "train" else GENERATE_WEIGHTS
+    current = STAGE_TO_STEP.get(job.stage, "queued")
+    if current not in weights:
+        return 0.0
+    completed = 0.0
+    for key, weight in weights.items():
+        if key == current:
+            return min(1.0, completed + weight * _step_fraction(job, key))
+        completed += weight
+    return min(1.0, completed)
+
+
+def preview_urls(job: Job) -> list[str]:
+    """URLs of the job's preview images. The ``v`` query changes when the worker replaces a preview,
+    so a browser never shows a cached older picture at the same index."""
+    urls = []
+    for index, key in enumerate(job.preview_keys or []):
+        version = hashlib.sha256(key.encode()).hexdigest()[:12]
+        urls.append(f"/api/v1/jobs/{job.id}/previews/{index}?v={version}")
+    return urls
+
+
+def describe_job(job: Job, class_noun: str, position: int | None) -> JobStatus:
+    """The job's status for the API and the studio page. Pure: no queries, no storage calls."""
+    details = job.details or {}
+    return JobStatus(
+        id=job.id,
+        subject_id=job.subject_id,
+        kind=job.kind,
+        status=job.status,
+        stage=job.stage,
+        stage_label=stage_label(job, class_noun, position),
+        finished=job.status in FINISHED_STATUSES,
+        step=job.step,
+        total=job.total,
+        fraction=overall_fraction(job),
+        stages=stepper(job, class_noun, position),
+        loss=_finite(job.loss),
+        loss_history=loss_history(details),
+        eta_seconds=_finite(job.eta_seconds) if job.status == "running" else None,
+        queue_position=position,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        cancel_requested=job.cancel_requested,
+        preview_urls=preview_urls(job),
+        failure_reason=job.failure_reason,
+        demo_model=is_demo_model(job),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def job_status(session: Session, job: Job, class_noun: str) -> JobStatus:
+    """:func:`describe_job` with the queue position looked up (one count query, only while queued)."""
+    return describe_job(job, class_noun, queue_position(session, job))
