@@ -1,0 +1,210 @@
+"""The upload matrix: what a hostile or careless upload meets, decided by decoding, with reasons a person reads."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.config import Settings
+from app.photos.sanitize import (
+    BLUR_THRESHOLD,
+    MAX_LONG_SIDE,
+    PhotoRejected,
+    SanitizedPhoto,
+    display_name,
+    hash_distance,
+    near_duplicates,
+    sanitize_upload,
+    sanitize_uploads,
+    sharpness,
+)
+from tests.app import photo_factory as factory
+
+
+@pytest.fixture
+def upload_settings() -> Settings:
+    return Settings(environment="test")
+
+
+def decode(photo: SanitizedPhoto) -> Image.Image:
+    image = Image.open(io.BytesIO(photo.jpeg_bytes))
+    image.load()
+    return image
+
+
+def refusal(filename: str, data: bytes, settings: Settings) -> PhotoRejected:
+    with pytest.raises(PhotoRejected) as caught:
+        sanitize_upload(filename, data, settings)
+    assert caught.value.filename == filename
+    assert str(caught.value).startswith(f"{filename}: ")
+    return caught.value
+
+
+def test_valid_jpeg_is_reencoded_upright_rgb_jpeg(upload_settings: Settings) -> None:
+    photo = sanitize_upload("rex.jpg", factory.make_photo(1), upload_settings)
+    image = decode(photo)
+    assert image.format == "JPEG"
+    assert image.mode == "RGB"
+    assert (photo.width, photo.height) == image.size == factory.DEFAULT_SIZE
+    assert len(photo.perceptual_hash) == 16
+    assert photo.original_name == "rex.jpg"
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "WEBP"])
+def test_png_and_webp_are_accepted(upload_settings: Settings, image_format: str) -> None:
+    photo = sanitize_upload(
+        f"rex.{image_format.lower()}", factory.make_photo(2, image_format=image_format), upload_settings
+    )
+    assert decode(photo).format == "JPEG"
+
+
+def test_heic_from_a_phone_is_accepted(upload_settings: Settings) -> None:
+    photo = sanitize_upload("IMG_0001.HEIC", factory.make_heic(3), upload_settings)
+    assert decode(photo).format == "JPEG"
+    assert (photo.width, photo.height) == factory.DEFAULT_SIZE
+
+
+def test_transparent_png_gets_a_white_background(upload_settings: Settings) -> None:
+    image = factory.photo_image(4).convert("RGBA")
+    pixels = np.asarray(image).copy()
+    pixels[:, : image.width // 2, 3] = 0  # left half fully transparent (its colour is noise underneath)
+    data = factory.encode(Image.fromarray(pixels, "RGBA"), "PNG")
+    photo = sanitize_upload("cut-out.png", data, upload_settings)
+    left = np.asarray(decode(photo))[:, : image.width // 2 - 8]
+    assert left.mean() > 250
+
+
+def test_metadata_is_stripped_gps_included(upload_settings: Settings) -> None:
+    original = factory.make_jpeg_with_metadata(5)
+    assert {0xE1, 0xE2, 0xFE} <= set(factory.jpeg_markers(original))  # the fixture really carries them
+    photo = sanitize_upload("home.jpg", original, upload_settings)
+    markers = set(factory.jpeg_markers(photo.jpeg_bytes))
+    # Only APP0 (the bare JFIF header) may remain: no APP1 (EXIF, XMP), APP2 (ICC), other APPn, or COM.
+    assert not markers & ({0xFE} | set(range(0xE1, 0xF0)))
+    image = decode(photo)
+    assert not image.getexif()
+    assert "icc_profile" not in image.info and "comment" not in image.info and "xmp" not in image.info
+    for secret in (b"Secret Camera", b"secret-location", b"home sweet home"):
+        assert secret not in photo.jpeg_bytes
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(upload_settings: Settings, orientation: int) -> None:
+    data = factory.make_oriented_jpeg(orientation, seed=6)
+    stored_size = Image.open(io.BytesIO(data)).size
+    photo = sanitize_upload(f"rotated-{orientation}.jpg", data, upload_settings)
+    upright_size = factory.DEFAULT_SIZE
+    assert (photo.width, photo.height) == upright_size
+    if orientation in (6, 8):
+        assert stored_size == upright_size[::-1]  # the stored pixels really were sideways
+    pixels = np.asarray(decode(photo), dtype=np.float32)
+    x0, y0, x1, y1 = factory.MARKER_BOX
+    marker = pixels[y0 + 4 : y1 - 4, x0 + 4 : x1 - 4].reshape(-1, 3).mean(axis=0)
+    assert np.allclose(marker, factory.MARKER_COLOUR, atol=20)  # the red block is back in the top-left corner
+    assert not decode(photo).getexif()  # and no orientation tag is left to rotate it twice
+
+
+def test_large_photo_is_downscaled_to_2048_on_the_long_side(upload_settings: Settings) -> None:
+    photo = sanitize_upload("big.png", factory.make_photo(7, size=(2600, 1300), image_format="PNG"), upload_settings)
+    assert (photo.width, photo.height) == (MAX_LONG_SIDE, 1024)
+
+
+def test_decompression_bomb_is_refused_without_decoding(upload_settings: Settings) -> None:
+    bomb = factory.make_decompression_bomb(20_000, 20_000)
+    assert len(bomb) < 200_000  # tiny on disk, 400 megapixels when decoded
+    reason = refusal("cute.png", bomb, upload_settings).reason
+    assert "megapixels" in reason
+
+
+def test_image_just_over_the_pixel_limit_is_refused(upload_settings: Settings, original_limit: int | None) -> None:
+    # Between MAX_IMAGE_PIXELS and twice that Pillow only warns; that warning must be a refusal too.
+    tight = upload_settings.model_copy(update={"max_image_pixels": 300_000})
+    data = factory.make_photo(8, size=(640, 500))  # 320,000 pixels
+    assert "megapixels" in refusal("wide.jpg", data, tight).reason
+    assert sanitize_upload("ok.jpg", factory.make_photo(8, size=(600, 500)), tight).width == 600
+    restored_limit = Image.MAX_IMAGE_PIXELS
+    assert restored_limit == original_limit  # the process-wide limit is put back
+
+
+@pytest.fixture
+def original_limit() -> int | None:
+    return Image.MAX_IMAGE_PIXELS
+
+
+def test_truncated_jpeg_is_refused(upload_settings: Settings) -> None:
+    assert "truncated" in refusal("half.jpg", factory.make_truncated_jpeg(9), upload_settings).reason
+
+
+def test_pdf_renamed_to_jpg_is_refused_by_its_content(upload_settings: Settings) -> None:
+    error = refusal("photo3.jpg", factory.make_fake_pdf(), upload_settings)
+    assert str(error).startswith("photo3.jpg: not an image we can read (PDF?)")
+
+
+@pytest.mark.parametrize("image_format", ["GIF", "WEBP", "PNG"])
+def test_animations_are_refused(upload_settings: Settings, image_format: str) -> None:
+    reason = refusal("moving.jpg", factory.make_animation(image_format), upload_settings).reason
+    assert "animation" in reason or "GIF" in reason
+
+
+def test_file_over_the_byte_limit_is_refused_before_decoding(upload_settings: Settings) -> None:
+    limit = upload_settings.model_copy(update={"max_photo_bytes": 25 * 1024 * 1024})
+    oversized = b"\xff\xd8" + b"\x00" * (48 * 1024 * 1024)
+    assert str(refusal("IMG_1.heic", oversized, limit)) == "IMG_1.heic: 48 MB is over the 25 MB limit"
+
+
+def test_too_small_photo_is_refused(upload_settings: Settings) -> None:
+    reason = refusal("thumb.jpg", factory.make_photo(10, size=(300, 200)), upload_settings).reason
+    assert "too small (300×200 px)" in reason
+
+
+def test_blurry_photo_is_refused(upload_settings: Settings) -> None:
+    data = factory.make_blurry_photo(11)
+    assert sharpness(Image.open(io.BytesIO(data))) < BLUR_THRESHOLD
+    assert refusal("shaky.jpg", data, upload_settings).reason.startswith("too blurry")
+
+
+def test_empty_file_is_refused(upload_settings: Settings) -> None:
+    assert "empty" in refusal("nothing.jpg", b"", upload_settings).reason
+
+
+def test_display_name_keeps_only_the_base_name_without_control_characters() -> None:
+    assert display_name("../../etc/passwd") == "passwd"
+    assert display_name("C:\\Users\\me\\dog.jpg") == "dog.jpg"
+    assert display_name("evil\x00\n.jpg") == "evil.jpg"
+    assert display_name("") == "unnamed file"
+    assert len(display_name("a" * 1000 + ".jpg")) == 255
+
+
+def test_near_duplicates_are_refused_naming_both_files(upload_settings: Settings) -> None:
+    original = factory.photo_image(12)
+    slightly_different = original.resize((380, 316)).resize(original.size)
+    files = [
+        ("first.jpg", factory.encode(original)),
+        ("other.jpg", factory.make_photo(13)),
+        ("again.jpg", factory.encode(slightly_different, quality=80)),
+    ]
+    batch = sanitize_uploads(files, upload_settings)
+    assert len(batch.photos) == 3
+    assert [(r.filename, r.reason) for r in batch.rejections] == [
+        ("again.jpg", "looks almost the same as first.jpg; keep one and add a different shot")
+    ]
+
+
+def test_distinct_photos_are_not_near_duplicates(upload_settings: Settings) -> None:
+    photos = [sanitize_upload(name, data, upload_settings) for name, data in factory.make_photos(8)]
+    assert near_duplicates(photos) == []
+    assert min(hash_distance(a.perceptual_hash, b.perceptual_hash) for a in photos for b in photos if a is not b) > 4
+
+
+def test_batch_collects_every_refusal(upload_settings: Settings) -> None:
+    files = [
+        ("good.jpg", factory.make_photo(14)),
+        ("bad.jpg", factory.make_fake_pdf()),
+        ("blur.jpg", factory.make_blurry_photo(15)),
+    ]
+    batch = sanitize_uploads(files, upload_settings)
+    assert [photo.original_name for photo in batch.photos] == ["good.jpg"]
+    assert sorted(r.filename for r in batch.rejections) == ["bad.jpg", "blur.jpg"]
