@@ -1,0 +1,961 @@
+"""DreamBooth fine-tuning with prior preservation: LoRA or full, resumable, reproducible.
+
+One optimizer step sees ``batch_size`` instance examples ("a photo of [V] dog" over the subject's
+photos) and, with prior preservation, as many class examples ("a photo of dog" over the frozen
+base model's own samples) in the same batch. The prediction is split in two and
+``loss = mse(instance) + λ · mse(prior)``.
+
+What makes it cheap: VAE latents are encoded once (the distribution's mean and std are kept and
+a latent is *sampled* each step, as the uncached loop would), a horizontally flipped copy is
+encoded alongside, text embeddings are computed once while the text encoder is frozen, and the
+VAE and frozen text encoder then leave the GPU. On CUDA the step runs under bf16 (or fp16)
+autocast while every trainable weight stays fp32.
+
+What makes it safe: all randomness comes from generators seeded from ``config.seed`` (the same
+config gives the same loss curve), checkpoints are written to a temporary folder, marked
+complete and renamed into place, a run folder with a complete checkpoint resumes from it, a
+non-finite loss stops the run with :class:`TrainingDiverged`, and non-finite weights are never
+written.
+
+Layout of ``run_dir`` after a run: see :mod:`worker.engine.weights`; plus ``run.json``,
+``previews/step-<N>-<i>.png`` and, while training, ``checkpoints/step-<N>/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
+
+from worker.engine.errors import EngineInputError, TrainingDiverged
+from worker.engine.models import BaseModel
+from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
+from worker.engine.weights import (
+    LORA_WEIGHTS_FILE,
+    RUN_FILE,
+    TEXT_ENCODER_DIR,
+    UNET_DIR,
+    base_pipeline,
+    components,
+    export_kohya_lora,
+    move,
+)
+
+STAGE = "training"
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+CHECKPOINTS_DIR = "checkpoints"
+PREVIEWS_DIR = "previews"
+# Written last into a checkpoint folder; its presence is what makes the checkpoint complete.
+CHECKPOINT_MARKER = "training_state.pt"
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+KEEP_CHECKPOINTS = 2
+# Losses stay on the device and are read back in groups: reading one every step would make the
+# CPU wait for the GPU each step. A divergence is therefore noticed at most this many steps late,
+# and always before anything is written.
+LOSS_READBACK_INTERVAL = 10
+# Fields that change speed, memory or reporting but not the weights a run produces; a run may
+# resume from a checkpoint written under different values of these.
+RESUME_NEUTRAL_FIELDS = frozenset({
+    "checkpoint_every", "preview_every", "preview_prompts", "preview_seed", "preview_steps",
+    "gradient_checkpointing", "cache_latents", "num_class_images",
+})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. :func:`worker.engine.recipes.recipe` makes good ones.
+
+    ``num_class_images`` is not used by :func:`train` (which trains on the class images it is
+    given); it is the recommended size of the class-prior set for the caller to generate.
+    """
+
+    method: Literal["lora", "full"] = "lora"
+    steps: int = 400
+    learning_rate: float = 1e-4
+    rank: int = 16  # LoRA rank; alpha defaults to rank
+    lora_alpha: int | None = None
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # None: learning_rate
+    with_prior: bool = True
+    prior_loss_weight: float = 1.0  # lambda
+    batch_size: int = 1  # instance examples per step (plus as many class examples with prior)
+    resolution: int = 512
+    seed: int = 0
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    cache_latents: bool = True
+    checkpoint_every: int = 0  # 0 = none
+    preview_every: int = 0  # 0 = none
+    preview_prompts: list[str] = field(default_factory=list)
+    preview_seed: int = 1234
+    preview_steps: int = 20
+    weight_decay: float = 1e-2
+    random_flip: bool = True  # train on horizontally flipped copies of the images half the time
+    num_class_images: int = 200  # recommended size of the class-prior set (see the class docstring)
+
+    def validate(self) -> None:
+        """Raise :class:`EngineInputError` naming the first field with an unusable value."""
+        _expect(self.method in ("lora", "full"), "method", self.method, "'lora' or 'full'")
+        for name in ("train_text_encoder", "with_prior", "gradient_checkpointing", "use_8bit_adam",
+                     "cache_latents", "random_flip"):
+            _expect(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
+        for name, minimum in (("steps", 1), ("rank", 1), ("batch_size", 1), ("resolution", 8),
+                              ("preview_steps", 1), ("seed", 0), ("preview_seed", 0), ("lr_warmup_steps", 0),
+                              ("checkpoint_every", 0), ("preview_every", 0), ("num_class_images", 0)):
+            value = getattr(self, name)
+            _expect(_is_int(value) and value >= minimum, name, value, f"an integer >= {minimum}")
+        _expect(self.resolution % 8 == 0, "resolution", self.resolution, "a multiple of 8")
+        _expect(_is_positive_number(self.learning_rate), "learning_rate", self.learning_rate, "a number > 0")
+        for name in ("lora_alpha", "text_encoder_lr", "min_snr_gamma"):
+            value = getattr(self, name)
+            _expect(value is None or _is_positive_number(value), name, value, "None or a number > 0")
+        for name in ("prior_loss_weight", "offset_noise", "max_grad_norm", "weight_decay"):
+            value = getattr(self, name)
+            _expect(_is_number(value) and value >= 0, name, value, "a number >= 0")
+        _expect(isinstance(self.preview_prompts, list) and all(isinstance(p, str) and p.strip()
+                                                               for p in self.preview_prompts),
+                "preview_prompts", self.preview_prompts, "a list of non-empty strings")
+        if self.preview_every and not self.preview_prompts:
+            raise EngineInputError("preview_every is set but preview_prompts is empty: give prompts or set it to 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The config saved by :meth:`to_dict`; unknown keys raise :class:`EngineInputError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise EngineInputError(f"unknown training setting(s): {', '.join(unknown)}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_number(value: object) -> bool:
+    return _is_number(value) and float(value) > 0  # type: ignore[arg-type]
+
+
+def _expect(condition: bool, name: str, value: object, wanted: str) -> None:
+    if not condition:
+        raise EngineInputError(f"training setting {name}={value!r} is invalid: it must be {wanted}")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced. ``resumed_from`` is the checkpoint step it continued from, if any."""
+
+    run_dir: Path
+    final_step: int
+    loss_history: list[float]
+    steps_per_second: float  # optimizer steps per second of this call's training loop
+    peak_memory_mb: float  # CUDA: peak allocated; CPU: the process's peak resident set
+    seconds: float  # wall time of this call
+    resumed_from: int | None
+
+
+# --------------------------------------------------------------------------------------------
+# The loss
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    instance: torch.Tensor
+    prior: torch.Tensor | None
+
+
+def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Per-example Min-SNR-γ loss weights (Hang et al. 2023) for the given timesteps.
+
+    With SNR(t) = ᾱ_t / (1 − ᾱ_t): ε-prediction uses min(SNR, γ) / SNR and v-prediction
+    min(SNR, γ) / (SNR + 1), both equal to weighting the x₀ error by min(SNR, γ).
+    """
+    alphas = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1.0 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    raise EngineInputError(f"min_snr_gamma needs an epsilon or v_prediction model, not {prediction_type!r}")
+
+
+def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, *,
+                    with_prior: bool, prior_loss_weight: float = 1.0, min_snr_gamma: float | None = None,
+                    alphas_cumprod: torch.Tensor | None = None, prediction_type: str = "epsilon") -> LossParts:
+    """The DreamBooth loss of one batch, in fp32.
+
+    With prior preservation the first half of the batch holds the instance examples and the
+    second half the class examples; ``loss = mse(instance) + prior_loss_weight · mse(prior)``.
+    Min-SNR weights are computed per example from *that example's* timestep, so the instance
+    half is weighted by the instance timesteps and the prior half by the class timesteps. (The
+    public trainers weight the instance loss of B rows by all 2B timesteps: wrong at B = 1, a
+    shape error at B > 1.)
+    """
+    if prediction.shape != target.shape or prediction.shape[0] != timesteps.shape[0]:
+        raise ValueError(f"prediction {tuple(prediction.shape)}, target {tuple(target.shape)} and "
+                         f"timesteps {tuple(timesteps.shape)} disagree on the batch")
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+        dim=tuple(range(1, prediction.ndim)))
+    if min_snr_gamma is not None:
+        if alphas_cumprod is None:
+            raise ValueError("min_snr_gamma needs alphas_cumprod")
+        per_example = per_example * min_snr_weights(timesteps, alphas_cumprod, min_snr_gamma, prediction_type)
+    if not with_prior:
+        instance = per_example.mean()
+        return LossParts(total=instance, instance=instance, prior=None)
+    if per_example.shape[0] % 2:
+        raise ValueError(f"a prior-preservation batch has an even size, not {per_example.shape[0]}")
+    instance_rows, prior_rows = per_example.chunk(2)
+    instance, prior = instance_rows.mean(), prior_rows.mean()
+    return LossParts(total=instance + prior_loss_weight * prior, instance=instance, prior=prior)
+
+
+# --------------------------------------------------------------------------------------------
+# Images, latents, prompts
+
+
+def load_training_image(path: Path, resolution: int) -> torch.Tensor:
+    """An RGB photo as a ``[3, resolution, resolution]`` tensor in [-1, 1]: short side resized, centre cropped."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except FileNotFoundError:
+        raise EngineInputError(f"training image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise EngineInputError(f"training image {path} cannot be read: {exc}") from exc
+    width, height = image.size
+    scale = resolution / min(width, height)
+    resized = image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))),
+                           Image.Resampling.BICUBIC)
+    left = (resized.width - resolution) // 2
+    top = (resized.height - resolution) // 2
+    cropped = resized.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8)
+    return pixels.view(resolution, resolution, 3).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def _latent_scale(vae: AutoencoderKL) -> tuple[float, float]:
+    shift = vae.config.get("shift_factor")
+    return float(vae.config["scaling_factor"]), float(shift or 0.0)
+
+
+class _LatentSource:
+    """Latent distributions (mean, std) of a set of images and their mirror images.
+
+    Cached: encoded once, kept on the training device. Uncached: the pixels are kept and encoded
+    through the VAE at every request, which is what the diffusers DreamBooth scripts do. Both
+    return the same (mean, std), so both modes sample the same latents from the same generator.
+    """
+
+    def __init__(self, pixels: torch.Tensor, vae: AutoencoderKL, device: torch.device, autocast: Any, cached: bool,
+                 with_flips: bool) -> None:
+        self.vae = vae
+        self.device = device
+        self.autocast = autocast
+        self.cached = cached
+        self.count = pixels.shape[0]
+        variants = [pixels, pixels.flip(-1)] if with_flips else [pixels]
+        if cached:
+            encoded = [self._encode(v) for v in variants]
+            self.means = torch.stack([e[0] for e in encoded])  # [variant, image, C, h, w]
+            self.stds = torch.stack([e[1] for e in encoded])
+        else:
+            self.pixels = torch.stack(variants).to(device)
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        for start in range(0, pixels.shape[0], chunk):
+            batch = pixels[start:start + chunk].to(self.device)
+            with self.autocast():
+                distribution = self.vae.encode(batch).latent_dist
+            means.append(distribution.mean.float())
+            stds.append(distribution.std.float())
+        return torch.cat(means), torch.cat(stds)
+
+    def distribution(self, indices: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        variant = flips.long().to(self.device)
+        index = indices.to(self.device)
+        if self.cached:
+            return self.means[variant, index], self.stds[variant, index]
+        return self._encode(self.pixels[variant, index])
+
+
+class _EpochOrder:
+    """Which images (and whether mirrored) fill each step: a fresh shuffle every pass over the set.
+
+    The order is a pure function of (seed, step), so a resumed run sees exactly the batches the
+    uninterrupted run would have seen, with nothing to save.
+    """
+
+    def __init__(self, count: int, seed: int, salt: int, flip: bool) -> None:
+        self.count, self.seed, self.salt, self.flip = count, seed, salt, flip
+        self._epoch = -1
+        self._order = torch.empty(0, dtype=torch.long)
+        self._flips = torch.empty(0, dtype=torch.bool)
+
+    def _shuffle(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.salt * 7_919 + epoch)
+            self._order = torch.randperm(self.count, generator=generator)
+            coins = torch.rand(self.count, generator=generator) < 0.5
+            self._flips = coins if self.flip else torch.zeros_like(coins)
+            self._epoch = epoch
+
+    def batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices and mirror flags of the ``size`` examples of optimizer step ``step`` (0-based)."""
+        indices, flips = [], []
+        for position in range(step * size, (step + 1) * size):
+            self._shuffle(position // self.count)
+            slot = position % self.count
+            indices.append(int(self._order[slot]))
+            flips.append(bool(self._flips[slot]))
+        return torch.tensor(indices), torch.tensor(flips)
+
+
+def _tokenize(model: BaseModel, prompt: str) -> torch.Tensor:
+    tokens = model.tokenizer(prompt, padding="max_length", max_length=model.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+    return tokens.input_ids
+
+
+def _load_pixels(paths: Sequence[Path], resolution: int, role: str) -> torch.Tensor:
+    if not paths:
+        raise EngineInputError(f"{role} is empty: training needs at least one image")
+    return torch.stack([load_training_image(Path(p), resolution) for p in paths])
+
+
+# --------------------------------------------------------------------------------------------
+# Models: what is trained, on which device, in which precision
+
+
+@dataclass
+class _Trainables:
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel | None  # a trainable copy, or None when the text encoder is frozen
+    unet_lora: LoraConfig | None
+    text_encoder_lora: LoraConfig | None
+    parameters: dict[str, torch.nn.Parameter]  # name → trainable parameter, in optimizer order
+
+    def modules(self) -> list[torch.nn.Module]:
+        found: list[torch.nn.Module] = [self.unet]
+        if self.text_encoder is not None:
+            found.append(self.text_encoder)
+        return found
+
+
+def _prepare_trainables(model: BaseModel, config: TrainConfig, device: torch.device,
+                        frozen_dtype: torch.dtype) -> _Trainables:
+    """Copies of the modules to train, so the shared base model is never modified.
+
+    LoRA: the frozen weights may sit in the autocast dtype (half the memory); the adapters are fp32.
+    Full: everything trained is fp32, autocast makes the matmuls cheap. Never fp16 trainable weights.
+    """
+    alpha = config.lora_alpha or config.rank
+    base = components(model)
+    unet = copy.deepcopy(base.unet)
+    move(unet, "cpu", torch.float32)
+    text_encoder = copy.deepcopy(base.text_encoder) if config.train_text_encoder else None
+    if text_encoder is not None:
+        move(text_encoder, "cpu", torch.float32)
+    unet_lora = text_encoder_lora = None
+    if config.method == "lora":
+        unet_lora = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                               target_modules=list(UNET_LORA_TARGETS))
+        text_encoder_lora = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                       target_modules=list(TEXT_ENCODER_LORA_TARGETS)) if text_encoder else None
+        # The adapters are initialised on the CPU from the run's seed, never from global RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            inject_adapter_in_model(unet_lora, unet)
+            if text_encoder is not None and text_encoder_lora is not None:
+                inject_adapter_in_model(text_encoder_lora, text_encoder)
+        for module in (unet, text_encoder):
+            if module is None:
+                continue
+            move(module, device)
+            for parameter in module.parameters():
+                if not parameter.requires_grad:
+                    parameter.data = parameter.data.to(frozen_dtype)
+    else:
+        move(unet, device)
+        unet.requires_grad_(True)
+        if text_encoder is not None:
+            move(text_encoder, device)
+            text_encoder.requires_grad_(True)
+    parameters: dict[str, torch.nn.Parameter] = {}
+    for prefix, module in (("unet", unet), ("text_encoder", text_encoder)):
+        if module is None:
+            continue
+        for name, parameter in module.named_parameters():
+            if parameter.requires_grad:
+                parameters[f"{prefix}.{name}"] = parameter
+    for module in (unet, text_encoder):
+        if module is not None:
+            module.train()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if text_encoder is not None:
+            text_encoder.gradient_checkpointing_enable()
+    return _Trainables(unet, text_encoder, unet_lora, text_encoder_lora, parameters)
+
+
+def _make_optimizer(config: TrainConfig, trainables: _Trainables, device: torch.device) -> torch.optim.Optimizer:
+    unet_params = [p for n, p in trainables.parameters.items() if n.startswith("unet.")]
+    text_params = [p for n, p in trainables.parameters.items() if n.startswith("text_encoder.")]
+    groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
+    if text_params:
+        groups.append({"params": text_params, "lr": config.text_encoder_lr or config.learning_rate})
+    if config.use_8bit_adam:
+        if device.type != "cuda":
+            raise EngineInputError("use_8bit_adam needs a CUDA GPU; set use_8bit_adam=False on the CPU")
+        try:
+            import bitsandbytes  # type: ignore[import-not-found]
+        except ImportError:
+            raise EngineInputError(
+                "use_8bit_adam needs the bitsandbytes package: pip install bitsandbytes, or set use_8bit_adam=False"
+            ) from None
+        optimizer: torch.optim.Optimizer = bitsandbytes.optim.AdamW8bit(groups, weight_decay=config.weight_decay)
+        return optimizer
+    # fused AdamW is one kernel per step on CUDA instead of several per parameter.
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+
+def _warmup_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = config.lr_warmup_steps
+
+    def factor(step: int) -> float:
+        return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@contextmanager
+def _on_device(modules: Sequence[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Move ``modules`` to ``device`` for the block, then back to where each one was."""
+    homes = [next(m.parameters()).device for m in modules]
+    for module in modules:
+        move(module, device)
+    try:
+        yield
+    finally:
+        for module, home in zip(modules, homes, strict=True):
+            move(module, home)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _resume_key(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in RESUME_NEUTRAL_FIELDS}
+
+
+def _all_finite(parameters: dict[str, torch.nn.Parameter]) -> str | None:
+    """The name of the first parameter holding a NaN or infinity, or None."""
+    for name, parameter in parameters.items():
+        if not bool(torch.isfinite(parameter.detach()).all()):
+            return name
+    return None
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of ``run_dir``; removes unfinished (``.tmp-*``) ones."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return None
+    complete: list[tuple[int, Path]] = []
+    for entry in folder.iterdir():
+        if entry.name.startswith(".tmp-"):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith("step-") and (entry / CHECKPOINT_MARKER).is_file():
+            try:
+                complete.append((int(entry.name.removeprefix("step-")), entry))
+            except ValueError:
+                continue
+    return max(complete)[1] if complete else None
+
+
+def _save_checkpoint(run_dir: Path, step: int, trainables: _Trainables, state: dict[str, Any]) -> Path:
+    """Write ``checkpoints/step-<step>/`` atomically: temporary folder, marker last, rename."""
+    folder = run_dir / CHECKPOINTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".tmp-{step}"
+    final = folder / f"step-{step}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        weights = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainables.parameters.items()}
+        save_file(weights, str(temporary / CHECKPOINT_WEIGHTS))
+        torch.save(state, temporary / CHECKPOINT_MARKER)
+        _fsync_file(temporary / CHECKPOINT_WEIGHTS)
+        _fsync_file(temporary / CHECKPOINT_MARKER)
+        if final.exists():  # re-reached after resuming from an older checkpoint
+            shutil.rmtree(final)
+        os.rename(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    older = sorted((int(p.name.removeprefix("step-")), p) for p in folder.glob("step-*") if p != final
+                   and p.name.removeprefix("step-").isdigit())
+    for _, path in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(path: Path, trainables: _Trainables, config: TrainConfig) -> dict[str, Any]:
+    state: dict[str, Any] = torch.load(path / CHECKPOINT_MARKER, map_location="cpu", weights_only=True)
+    saved_key = state.get("resume_key", {})
+    differing = sorted(k for k in set(saved_key) | set(_resume_key(config))
+                       if saved_key.get(k) != _resume_key(config).get(k))
+    if differing:
+        raise EngineInputError(
+            f"the checkpoint {path} was written with different training settings ({', '.join(differing)}); "
+            f"delete {path.parent} to start over"
+        )
+    weights = load_file(str(path / CHECKPOINT_WEIGHTS))
+    if set(weights) != set(trainables.parameters):
+        raise EngineInputError(f"the checkpoint {path} does not match the model being trained; delete it to start over")
+    with torch.no_grad():
+        for name, parameter in trainables.parameters.items():
+            parameter.copy_(weights[name])
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _save_outputs(run_dir: Path, trainables: _Trainables) -> list[str]:
+    """Write the trained weights (only what was trained); returns the names written."""
+    if trainables.unet_lora is not None:
+        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trainables.unet))
+        text_layers = None
+        if trainables.text_encoder is not None:
+            text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trainables.text_encoder))
+        staging = run_dir / ".lora-staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        StableDiffusionPipeline.save_lora_weights(
+            staging,
+            unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in unet_layers.items()},
+            text_encoder_lora_layers=cast(Any, (
+                {k: v.detach().float().cpu().contiguous() for k, v in text_layers.items()} if text_layers else None
+            )),
+            unet_lora_adapter_metadata=_lora_metadata(trainables.unet_lora),
+            text_encoder_lora_adapter_metadata=(
+                _lora_metadata(trainables.text_encoder_lora) if trainables.text_encoder_lora else None
+            ),
+        )
+        (staging / LORA_WEIGHTS_FILE).replace(run_dir / LORA_WEIGHTS_FILE)
+        shutil.rmtree(staging, ignore_errors=True)
+        export_kohya_lora(run_dir)
+        return [LORA_WEIGHTS_FILE, "lora_kohya.safetensors"]
+    written = []
+    for name, module in ((UNET_DIR, trainables.unet), (TEXT_ENCODER_DIR, trainables.text_encoder)):
+        if module is None:
+            continue
+        staging = run_dir / f".{name}-staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        module.save_pretrained(str(staging), safe_serialization=True)
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+        os.rename(staging, run_dir / name)
+        written.append(name)
+    return written
+
+
+def _lora_metadata(config: LoraConfig) -> dict[str, Any]:
+    """The adapter settings diffusers reads back from the file header (needed whenever alpha ≠ rank)."""
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules or [])}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(payload, indent=2, default=str))
+    partial.replace(path)
+
+
+def _finished_result(run_dir: Path, config: TrainConfig) -> TrainResult | None:
+    """The result of an earlier call that finished this same run, so a repeated call is a no-op."""
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not record.get("complete") or record.get("config") != config.to_dict():
+        return None
+    timings = record.get("timings", {})
+    return TrainResult(run_dir=run_dir, final_step=int(record["final_step"]),
+                       loss_history=[float(v) for v in record["loss_history"]],
+                       steps_per_second=float(timings.get("steps_per_second", 0.0)),
+                       peak_memory_mb=float(timings.get("peak_memory_mb", 0.0)),
+                       seconds=float(timings.get("seconds", 0.0)), resumed_from=record.get("resumed_from"))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Trainer:
+    """State of one :func:`train` call; the public function is the only entry point."""
+
+    def __init__(self, model: BaseModel, config: TrainConfig, run_dir: Path, progress: ProgressCallback | None,
+                 should_cancel: CancelCheck | None) -> None:
+        self.model, self.config, self.run_dir = model, config, run_dir
+        self.device = model.device
+        self.on_cuda = self.device.type == "cuda"
+        self.amp_dtype = model.dtype if self.on_cuda and model.dtype in (torch.bfloat16, torch.float16) else None
+        self.emit = Throttle(progress)
+        self.should_cancel = should_cancel
+        self.base = components(model)
+        scheduler_config = self.base.noise_scheduler.config
+        self.prediction_type = str(scheduler_config["prediction_type"])
+        self.num_timesteps = int(scheduler_config["num_train_timesteps"])
+        self.alphas_cumprod = self.base.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.loss_history: list[float] = []
+        self.pending_losses: list[torch.Tensor] = []
+
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def flush_losses(self, first_step: int) -> None:
+        """Read the pending losses back; raise :class:`TrainingDiverged` at the first non-finite one."""
+        if not self.pending_losses:
+            return
+        values = torch.stack(self.pending_losses).float().cpu().tolist()
+        self.pending_losses.clear()
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                step = first_step + offset
+                raise TrainingDiverged(
+                    f"training diverged at step {step} (loss {value}); nothing was saved from this run. "
+                    f"Lower the learning rate (now {self.config.learning_rate:g}) or the number of steps."
+                )
+            self.loss_history.append(value)
+
+
+def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path], instance_prompt: str,
+          class_images: list[Path], class_prompt: str, run_dir: Path,
+          progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
+          run_info: dict[str, Any] | None = None) -> TrainResult:
+    """Fine-tune ``model`` on the subject's photos and write the trained weights into ``run_dir``.
+
+    ``instance_images`` are the subject's photos (trained under ``instance_prompt``, e.g. "a photo
+    of [V] dog"); ``class_images`` the class-prior images (under ``class_prompt``, "a photo of
+    dog"), required when ``config.with_prior``. Images are resized on their short side and centre
+    cropped to ``config.resolution``.
+
+    If ``run_dir`` holds a complete checkpoint the run continues from it; if it holds the finished
+    result of this same config the recorded result is returned without training. The base model's
+    weights are never modified; its components may be moved to the CPU.
+
+    Raises :class:`EngineInputError` for bad input, :class:`Cancelled` when ``should_cancel``
+    says so (checked every step), :class:`TrainingDiverged` on a non-finite loss.
+    """
+    started = time.monotonic()
+    config.validate()
+    for name, prompt in (("instance_prompt", instance_prompt), ("class_prompt", class_prompt)):
+        if not isinstance(prompt, str) or not prompt.strip():
+            if name == "class_prompt" and not config.with_prior:
+                continue
+            raise EngineInputError(f"{name} is empty")
+    if config.resolution % model.vae_scale_factor:
+        raise EngineInputError(f"training setting resolution={config.resolution} is invalid: it must be a "
+                               f"multiple of the model's VAE scale factor {model.vae_scale_factor}")
+    if config.with_prior and not class_images:
+        raise EngineInputError("class_images is empty but with_prior is set: give class-prior images "
+                               "or set with_prior=False")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    finished = _finished_result(run_dir, config)
+    if finished is not None:
+        return finished
+    instance_pixels = _load_pixels(instance_images, config.resolution, "instance_images")
+    class_pixels = _load_pixels(class_images, config.resolution, "class_images") if config.with_prior else None
+
+    trainer = _Trainer(model, config, run_dir, progress, should_cancel)
+    device = trainer.device
+    trainer.emit(Progress(stage=STAGE, step=0, total=config.steps, message="preparing training"), force=True)
+    if trainer.on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # Frozen base components leave the GPU; only what is needed goes (back) on it below.
+    base = trainer.base
+    move(base.unet, "cpu")
+    trainables = _prepare_trainables(model, config, device, trainer.amp_dtype or torch.float32)
+    optimizer = _make_optimizer(config, trainables, device)
+    lr_schedule = _warmup_schedule(config, optimizer)
+    scaler = torch.amp.GradScaler("cuda") if trainer.amp_dtype == torch.float16 else None
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+
+    # Prompts: embeddings once when the text encoder is frozen, token ids when it is trained.
+    prompts = [instance_prompt] + ([class_prompt] if config.with_prior else [])
+    token_ids = [_tokenize(model, p).to(device) for p in prompts]
+    cached_embeddings: list[torch.Tensor] = []
+    if trainables.text_encoder is None:
+        with _on_device([base.text_encoder], device), torch.no_grad():
+            cached_embeddings = [base.text_encoder(ids)[0].float() for ids in token_ids]
+
+    # Latents: the VAE stays on the device only when it must encode every step.
+    move(base.vae, device)
+    instance_latents = _LatentSource(instance_pixels, base.vae, device, trainer.autocast, config.cache_latents,
+                                     config.random_flip)
+    class_latents = (_LatentSource(class_pixels, base.vae, device, trainer.autocast, config.cache_latents,
+                                   config.random_flip) if class_pixels is not None else None)
+    if config.cache_latents:
+        move(base.vae, "cpu")
+    scale, shift = _latent_scale(base.vae)
+    instance_order = _EpochOrder(len(instance_images), config.seed, 1, config.random_flip)
+    class_order = _EpochOrder(len(class_images), config.seed, 2, config.random_flip) if config.with_prior else None
+
+    start_step = 0
+    resumed_from: int | None = None
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        state = _load_checkpoint(checkpoint, trainables, config)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_scheduler"])
+        generator.set_state(state["generator"])
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        trainer.loss_history = list(state["loss_history"])
+        start_step = resumed_from = int(state["step"])
+
+    def embeddings_for_batch(batch: int) -> torch.Tensor:
+        if trainables.text_encoder is not None:
+            ids = torch.cat([t.expand(batch, -1) for t in token_ids])
+            with trainer.autocast():
+                return trainables.text_encoder(ids)[0]
+        return torch.cat([e.expand(batch, -1, -1) for e in cached_embeddings])
+
+    def save_checkpoint(step: int) -> Path:
+        trainer.flush_losses(step - len(trainer.pending_losses) + 1)
+        bad = _all_finite(trainables.parameters)
+        if bad is not None:
+            raise TrainingDiverged(f"training diverged at step {step} (weight {bad} is not finite); nothing was saved")
+        state = {
+            "step": step, "resume_key": _resume_key(config), "loss_history": list(trainer.loss_history),
+            "generator": generator.get_state(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_schedule.state_dict(), "grad_scaler": scaler.state_dict() if scaler else {},
+        }
+        return _save_checkpoint(run_dir, step, trainables, state)
+
+    loop_started = time.monotonic()
+    batch = config.batch_size
+    step = start_step
+    trainer.emit(Progress(stage=STAGE, step=start_step, total=config.steps,
+                          message=f"resumed from step {start_step}" if resumed_from is not None else "training"),
+                 force=True)
+    try:
+        for step in range(start_step + 1, config.steps + 1):
+            check_cancel(should_cancel)
+            indices, flips = instance_order.batch(step - 1, batch)
+            means, stds = instance_latents.distribution(indices, flips)
+            if class_order is not None and class_latents is not None:
+                class_indices, class_flips = class_order.batch(step - 1, batch)
+                class_means, class_stds = class_latents.distribution(class_indices, class_flips)
+                means, stds = torch.cat([means, class_means]), torch.cat([stds, class_stds])
+            # Sample the latent as the uncached loop would: a fresh draw from the VAE's distribution.
+            latents = (means + stds * torch.randn(means.shape, generator=generator, device=device) - shift) * scale
+            noise = torch.randn(latents.shape, generator=generator, device=device)
+            if config.offset_noise:
+                noise = noise + config.offset_noise * torch.randn(
+                    (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
+            timesteps = torch.randint(0, trainer.num_timesteps, (latents.shape[0],), generator=generator,
+                                      device=device)
+            signal = trainer.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
+            sigma = (1.0 - trainer.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+            noisy = signal * latents + sigma * noise
+            target = noise if trainer.prediction_type == "epsilon" else signal * noise - sigma * latents
+            with trainer.autocast():
+                hidden = embeddings_for_batch(batch)
+                prediction = trainables.unet(noisy, timesteps, hidden).sample
+            loss = dreambooth_loss(prediction, target, timesteps, with_prior=config.with_prior,
+                                   prior_loss_weight=config.prior_loss_weight, min_snr_gamma=config.min_snr_gamma,
+                                   alphas_cumprod=trainer.alphas_cumprod,
+                                   prediction_type=trainer.prediction_type).total
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(list(trainables.parameters.values()), config.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            trainer.pending_losses.append(loss.detach())
+
+            if not trainer.on_cuda or len(trainer.pending_losses) >= LOSS_READBACK_INTERVAL or step == config.steps:
+                trainer.flush_losses(step - len(trainer.pending_losses) + 1)
+            elapsed, remaining = eta(loop_started, step - start_step, config.steps - start_step)
+            last_loss = trainer.loss_history[-1] if trainer.loss_history else None
+            trainer.emit(Progress(stage=STAGE, step=step, total=config.steps, loss=last_loss, elapsed=elapsed,
+                                  eta_seconds=remaining))
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                path = save_checkpoint(step)
+                trainer.emit(Progress(stage=STAGE, step=step, total=config.steps, loss=trainer.loss_history[-1],
+                                      elapsed=elapsed, eta_seconds=remaining, checkpoint=path,
+                                      message=f"checkpoint at step {step}"), force=True)
+            if config.preview_every and step % config.preview_every == 0:
+                trainer.flush_losses(step - len(trainer.pending_losses) + 1)
+                previews = _write_previews(trainer, trainables, step)
+                trainer.emit(Progress(stage=STAGE, step=step, total=config.steps, loss=trainer.loss_history[-1],
+                                      elapsed=elapsed, eta_seconds=remaining, previews=previews,
+                                      message=f"previews at step {step}"), force=True)
+        trainer.flush_losses(config.steps - len(trainer.pending_losses) + 1)
+        loop_seconds = time.monotonic() - loop_started
+
+        bad = _all_finite(trainables.parameters)
+        if bad is not None:
+            raise TrainingDiverged(f"training diverged by step {config.steps} (weight {bad} is not finite); "
+                                   "nothing was saved")
+        outputs = _save_outputs(run_dir, trainables)
+    finally:
+        move(base.vae, "cpu")
+    steps_done = config.steps - start_step
+    result = TrainResult(
+        run_dir=run_dir, final_step=config.steps, loss_history=list(trainer.loss_history),
+        steps_per_second=steps_done / loop_seconds if loop_seconds > 0 else 0.0,
+        peak_memory_mb=_peak_memory_mb(device), seconds=time.monotonic() - started, resumed_from=resumed_from,
+    )
+    _write_json_atomically(run_dir / RUN_FILE, {
+        "complete": True,
+        "config": config.to_dict(),
+        "run_info": run_info or {},
+        "base_model": {"spec": model.spec, "fingerprint": model.fingerprint},
+        "seed": config.seed,
+        "final_step": result.final_step,
+        "resumed_from": resumed_from,
+        "loss_history": result.loss_history,
+        "outputs": outputs,
+        "counts": {"instance_images": len(instance_images), "class_images": len(class_images)},
+        "device": str(device),
+        "timings": {"steps_per_second": result.steps_per_second, "peak_memory_mb": result.peak_memory_mb,
+                    "seconds": result.seconds, "steps_this_call": steps_done},
+    })
+    # The run is finished and its outputs are written: checkpoints would only take disk space.
+    shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    trainer.emit(Progress(stage=STAGE, step=config.steps, total=config.steps,
+                          loss=result.loss_history[-1] if result.loss_history else None,
+                          elapsed=result.seconds, eta_seconds=0.0, message="training finished"), force=True)
+    return result
+
+
+@torch.no_grad()
+def _write_previews(trainer: _Trainer, trainables: _Trainables, step: int) -> list[Path]:
+    """Sample the preview prompts with fixed seeds into ``previews/step-<step>-<i>.png``."""
+    config, model, device = trainer.config, trainer.model, trainer.device
+    folder = trainer.run_dir / PREVIEWS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    base = trainer.base
+    text_encoder = trainables.text_encoder or base.text_encoder
+    movable: list[torch.nn.Module] = [base.vae]
+    if trainables.text_encoder is None:
+        movable.append(base.text_encoder)
+    pipe = base_pipeline(model, unet=trainables.unet, text_encoder=text_encoder)
+    paths: list[Path] = []
+    for module in trainables.modules():
+        module.eval()
+    try:
+        with _on_device(movable, device), trainer.autocast():
+            for index, prompt in enumerate(config.preview_prompts):
+                generator = torch.Generator(device=device).manual_seed(config.preview_seed + index)
+                image = pipe(prompt, num_inference_steps=config.preview_steps, generator=generator,
+                             height=config.resolution, width=config.resolution).images[0]
+                path = folder / f"step-{step}-{index}.png"
+                image.save(path)
+                paths.append(path)
+    finally:
+        for module in trainables.modules():
+            module.train()
+    return paths
+
+
+@torch.no_grad()
+def denoising_loss(model: BaseModel, images: Sequence[Path], prompt: str, *, resolution: int,
+                   unet: UNet2DConditionModel | None = None, text_encoder: CLIPTextModel | None = None,
+                   seed: int = 0, timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> float:
+    """Mean denoising loss of ``images`` under ``prompt`` on fixed noise and timesteps (lower: better fit).
+
+    Uses the VAE mean latent (no sampling) and the same noise for every call with the same
+    ``seed``, so values before and after training, or of two trained models, are comparable.
+    ``unet``/``text_encoder`` default to the base model's; everything runs on ``unet``'s device.
+    """
+    base = components(model)
+    unet = unet if unet is not None else base.unet
+    text_encoder = text_encoder if text_encoder is not None else base.text_encoder
+    device = next(unet.parameters()).device
+    pixels = _load_pixels(list(images), resolution, "images")
+    scale, shift = _latent_scale(base.vae)
+    with _on_device([base.vae, text_encoder], device):
+        latents = (base.vae.encode(pixels.to(device)).latent_dist.mean.float() - shift) * scale
+        hidden = text_encoder(_tokenize(model, prompt).to(device))[0].float()
+    alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(device, torch.float32)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prediction_type = str(base.noise_scheduler.config["prediction_type"])
+    dtype = next(unet.parameters()).dtype
+    losses = []
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        step = torch.full((latents.shape[0],), int(t), device=device, dtype=torch.long)
+        signal = alphas_cumprod[step].sqrt().view(-1, 1, 1, 1)
+        sigma = (1.0 - alphas_cumprod[step]).sqrt().view(-1, 1, 1, 1)
+        target = noise if prediction_type == "epsilon" else signal * noise - sigma * latents
+        noisy = (signal * latents + sigma * noise).to(dtype)
+        prediction = unet(noisy, step, hidden.expand(latents.shape[0], -1, -1).to(dtype)).sample
+        losses.append(F.mse_loss(prediction.float(), target).item())
+    return sum(losses) / len(losses)
