@@ -1,5 +1,94 @@
-"""accounts api routes (being written)."""
+"""Accounts JSON API: sign up, exchange a password for a bearer token, who am I, manage tokens."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+import uuid
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from app.accounts import repository, service
+from app.accounts.schemas import NewTokenOut, SignupIn, TokenNameIn, TokenOut, TokenRequestIn, UserOut
+from app.deps import ApiUser, SessionDep, client_key, require_csrf
+from app.security import LoginRateLimiter
+
+router = APIRouter(prefix="/api/v1", tags=["accounts"])
+
+
+def _new_token_out(created: service.NewApiToken) -> NewTokenOut:
+    return NewTokenOut(
+        id=created.api_token.id, name=created.api_token.name, created_at=created.api_token.created_at,
+        last_used_at=created.api_token.last_used_at, token=created.token,
+    )
+
+
+@router.post("/auth/signup", status_code=status.HTTP_201_CREATED, response_model=UserOut)
+def api_signup(body: SignupIn, session: SessionDep) -> UserOut:
+    """Create an account. 400 names a bad email or password; 409 when the email is taken."""
+    try:
+        user = service.sign_up(session, body.email, body.password)
+    except service.EmailTaken as error:
+        session.rollback()
+        raise HTTPException(status_code=409, detail=error.message) from error
+    except service.AccountError as error:
+        session.rollback()
+        raise HTTPException(status_code=400, detail=error.message) from error
+    return UserOut.model_validate(user)
+
+
+@router.post("/auth/token", status_code=status.HTTP_201_CREATED, response_model=NewTokenOut)
+def api_token(body: TokenRequestIn, request: Request, session: SessionDep) -> Response | NewTokenOut:
+    """Exchange an email and password for a new bearer token (shown once). Failed attempts are rate limited."""
+    limiter: LoginRateLimiter = request.app.state.login_limiter
+    key = client_key(request)
+    retry_after = limiter.retry_after(key)
+    if retry_after is not None:
+        return JSONResponse(
+            {"detail": f"Too many failed attempts. Try again in {retry_after} seconds."},
+            status_code=429, headers={"Retry-After": str(retry_after)},
+        )
+    user = service.authenticate(session, body.email, body.password)
+    if user is None:
+        limiter.record_failure(key)
+        raise HTTPException(status_code=401, detail=service.LOGIN_FAILED_MESSAGE)
+    limiter.reset(key)
+    try:
+        created = service.create_api_token(session, user, body.name)
+    except service.AccountError as error:
+        session.rollback()
+        raise HTTPException(status_code=400, detail=error.message) from error
+    return _new_token_out(created)
+
+
+@router.get("/me", response_model=UserOut)
+def me(user: ApiUser) -> UserOut:
+    return UserOut.model_validate(user)
+
+
+@router.get("/tokens", response_model=list[TokenOut])
+def list_tokens(user: ApiUser, session: SessionDep) -> list[TokenOut]:
+    """The caller's tokens that still work, newest first (never the tokens themselves)."""
+    return [TokenOut.model_validate(token) for token in repository.active_tokens(session, user.id)]
+
+
+@router.post(
+    "/tokens", status_code=status.HTTP_201_CREATED, response_model=NewTokenOut, dependencies=[Depends(require_csrf)]
+)
+def create_token(body: TokenNameIn, user: ApiUser, session: SessionDep) -> NewTokenOut:
+    try:
+        created = service.create_api_token(session, user, body.name)
+    except service.AccountError as error:
+        session.rollback()
+        raise HTTPException(status_code=400, detail=error.message) from error
+    return _new_token_out(created)
+
+
+@router.delete(
+    "/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Depends(require_csrf)]
+)
+def revoke_token(token_id: uuid.UUID, user: ApiUser, session: SessionDep) -> Response:
+    """Revoke one of the caller's tokens; another account's token (or an unknown id) is 404."""
+    if not service.revoke_api_token(session, user, token_id):
+        raise HTTPException(status_code=404, detail="No such token.")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,5 +1,139 @@
-"""accounts pages routes (being written)."""
+"""Account pages: sign up, log in, log out, and the account page with API tokens."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import RedirectResponse
+from sqlalchemy.orm import Session
+from starlette.responses import Response
+
+from app.accounts import repository, service
+from app.accounts.cookies import clear_session_cookie, set_session_cookie
+from app.config import Settings
+from app.deps import AuthDep, OptionalUser, PageUser, SessionDep, SettingsDep, client_key, require_csrf
+from app.models import User
+from app.security import LoginRateLimiter, safe_next
+from app.templating import redirect_with_flash, render
+
+router = APIRouter(include_in_schema=False)
+
+AFTER_LOGIN = "/studios"
+FormText = Annotated[str, Form()]
+
+
+def _limiter(request: Request) -> LoginRateLimiter:
+    limiter: LoginRateLimiter = request.app.state.login_limiter
+    return limiter
+
+
+def _signed_in_redirect(
+    request: Request, session: Session, settings: Settings, user: User, next_path: str, message: str
+) -> Response:
+    """Start a browser session for ``user`` and send them on to ``next_path`` (when it is on this site)."""
+    new_session = service.start_session(session, user, settings)
+    response = redirect_with_flash(request, safe_next(next_path, AFTER_LOGIN), message)
+    set_session_cookie(response, new_session.token, settings)
+    return response
+
+
+@router.get("/signup", name="signup")
+def signup_page(request: Request, user: OptionalUser, next: str = "") -> Response:
+    if user is not None:
+        return RedirectResponse(safe_next(next, AFTER_LOGIN), status_code=303)
+    return render(request, "accounts/signup.html", {"errors": [], "email": "", "next": safe_next(next, "")})
+
+
+@router.post("/signup", dependencies=[Depends(require_csrf)])
+def signup(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    email: FormText = "",
+    password: FormText = "",
+    next: FormText = "",
+) -> Response:
+    try:
+        user = service.sign_up(session, email, password)
+    except service.AccountError as error:
+        session.rollback()
+        context = {"errors": [error.message], "error_field": error.field, "email": email.strip(),
+                   "next": safe_next(next, "")}
+        status = 409 if isinstance(error, service.EmailTaken) else 400
+        return render(request, "accounts/signup.html", context, status_code=status)
+    return _signed_in_redirect(request, session, settings, user, next, "Welcome to the studio!")
+
+
+@router.get("/login", name="login")
+def login_page(request: Request, user: OptionalUser, next: str = "") -> Response:
+    if user is not None:
+        return RedirectResponse(safe_next(next, AFTER_LOGIN), status_code=303)
+    return render(request, "accounts/login.html", {"errors": [], "email": "", "next": safe_next(next, "")})
+
+
+@router.post("/login", dependencies=[Depends(require_csrf)])
+def login(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    email: FormText = "",
+    password: FormText = "",
+    next: FormText = "",
+) -> Response:
+    limiter = _limiter(request)
+    key = client_key(request)
+    context = {"email": email.strip(), "next": safe_next(next, "")}
+    retry_after = limiter.retry_after(key)
+    if retry_after is not None:
+        message = f"Too many failed attempts. Try again in {retry_after} seconds."
+        return render(request, "accounts/login.html", {**context, "errors": [message]}, status_code=429,
+                      headers={"Retry-After": str(retry_after)})
+    user = service.authenticate(session, email, password)
+    if user is None:
+        limiter.record_failure(key)
+        return render(request, "accounts/login.html", {**context, "errors": [service.LOGIN_FAILED_MESSAGE]},
+                      status_code=400)
+    limiter.reset(key)
+    return _signed_in_redirect(request, session, settings, user, next, "Welcome back!")
+
+
+@router.post("/logout", dependencies=[Depends(require_csrf)])
+def logout(request: Request, session: SessionDep, settings: SettingsDep, auth: AuthDep) -> Response:
+    if auth.user_session is not None:
+        service.end_session(session, auth.user_session)
+    response = redirect_with_flash(request, "/", "You are logged out.", kind="info")
+    clear_session_cookie(response, settings)
+    return response
+
+
+def _account_page(request: Request, session: SessionDep, user: PageUser, status_code: int = 200,
+                  **context: object) -> Response:
+    tokens = repository.active_tokens(session, user.id)
+    values: dict[str, object] = {"tokens": tokens, "new_token": None, "errors": []}
+    values.update(context)
+    return render(request, "accounts/account.html", values, status_code=status_code)
+
+
+@router.get("/account", name="account")
+def account(request: Request, session: SessionDep, user: PageUser) -> Response:
+    return _account_page(request, session, user)
+
+
+@router.post("/account/tokens", dependencies=[Depends(require_csrf)])
+def create_token(request: Request, session: SessionDep, user: PageUser, name: FormText = "") -> Response:
+    try:
+        created = service.create_api_token(session, user, name)
+    except service.AccountError as error:
+        session.rollback()
+        return _account_page(request, session, user, status_code=400, errors=[error.message], token_name=name)
+    # Rendered, not redirected: the raw token exists only in this response.
+    return _account_page(request, session, user, status_code=201, new_token=created)
+
+
+@router.post("/account/tokens/{token_id}/revoke", dependencies=[Depends(require_csrf)])
+def revoke_token(request: Request, session: SessionDep, user: PageUser, token_id: uuid.UUID) -> Response:
+    if not service.revoke_api_token(session, user, token_id):
+        raise HTTPException(status_code=404, detail="No such token.")
+    return redirect_with_flash(request, "/account", "The token is revoked: it no longer works.")

@@ -1,0 +1,171 @@
+"""Account rules: sign up, sign in, browser sessions, API tokens. Services flush; the caller commits."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.accounts import repository
+from app.config import Settings
+from app.models import ApiToken, User, UserSession, utcnow
+from app.security import (
+    MAX_PASSWORD_LENGTH,
+    MIN_PASSWORD_LENGTH,
+    hash_password,
+    hash_token,
+    new_api_token,
+    new_token,
+    password_needs_rehash,
+    verify_password,
+)
+
+LOGIN_FAILED_MESSAGE = "The email or password is wrong."
+MAX_EMAIL_LENGTH = 320
+MAX_TOKEN_NAME_LENGTH = 100
+# Deliberately loose: one "@", something on each side, a dot in the domain. The inbox decides the rest.
+EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class AccountError(ValueError):
+    """A sign-up or token request that breaks a rule; ``field`` names the form field at fault."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class EmailTaken(AccountError):
+    pass
+
+
+def normalize_email(email: str) -> str:
+    """Trimmed and lower-cased, so "Ann@Example.com " and "ann@example.com" are one account."""
+    return email.strip().lower()
+
+
+def validate_email(email: str) -> str:
+    normalized = normalize_email(email)
+    if not normalized:
+        raise AccountError("Enter your email address.", field="email")
+    if len(normalized) > MAX_EMAIL_LENGTH or not EMAIL_PATTERN.match(normalized):
+        raise AccountError("Enter a valid email address, like name@example.com.", field="email")
+    return normalized
+
+
+def validate_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise AccountError(f"Choose a password of at least {MIN_PASSWORD_LENGTH} characters.", field="password")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise AccountError(f"Choose a password of at most {MAX_PASSWORD_LENGTH} characters.", field="password")
+    return password
+
+
+def sign_up(session: Session, email: str, password: str) -> User:
+    """Create an account; raises AccountError (bad email or password) or EmailTaken.
+
+    Callers that answer the error themselves should roll the session back first.
+    """
+    normalized = validate_email(email)
+    validate_password(password)
+    taken = EmailTaken("An account with this email already exists. Log in instead?", field="email")
+    if repository.user_by_email(session, normalized) is not None:
+        raise taken
+    user = User(email=normalized, password_hash=hash_password(password))
+    session.add(user)
+    try:
+        session.flush()
+    except IntegrityError as error:
+        # Another sign-up with this email committed between the check and the flush. The session
+        # must be rolled back by the caller (the request's transaction does it when this propagates).
+        raise taken from error
+    return user
+
+
+# Verified against when the email is unknown, so a wrong email costs as much time as a wrong password.
+_DUMMY_HASH: str | None = None
+
+
+def _dummy_hash() -> str:
+    global _DUMMY_HASH
+    if _DUMMY_HASH is None:
+        _DUMMY_HASH = hash_password(new_token(16))
+    return _DUMMY_HASH
+
+
+def authenticate(session: Session, email: str, password: str) -> User | None:
+    """The active user with this email and password, or None (without saying which was wrong)."""
+    user = repository.user_by_email(session, normalize_email(email))
+    if user is None or len(password) > MAX_PASSWORD_LENGTH:
+        verify_password(_dummy_hash(), password[:MAX_PASSWORD_LENGTH])
+        return None
+    if not verify_password(user.password_hash, password) or not user.is_active:
+        return None
+    if password_needs_rehash(user.password_hash):
+        user.password_hash = hash_password(password)
+        session.flush()
+    return user
+
+
+@dataclass(frozen=True)
+class NewSession:
+    token: str
+    """The raw cookie value: only its hash is stored."""
+    user_session: UserSession
+
+
+def start_session(session: Session, user: User, settings: Settings) -> NewSession:
+    """A browser session of ``settings.session_days`` days with its own CSRF token."""
+    raw = new_token(32)
+    user_session = UserSession(
+        user_id=user.id,
+        token_hash=hash_token(raw),
+        csrf_token=new_token(32),
+        expires_at=utcnow() + timedelta(days=settings.session_days),
+    )
+    session.add(user_session)
+    session.flush()
+    return NewSession(token=raw, user_session=user_session)
+
+
+def end_session(session: Session, user_session: UserSession) -> None:
+    """Revoke a browser session: its cookie stops working at once, on every device that holds it."""
+    if user_session.revoked_at is None:
+        user_session.revoked_at = utcnow()
+        session.flush()
+
+
+@dataclass(frozen=True)
+class NewApiToken:
+    token: str
+    """The raw bearer token: shown once, only its hash is stored."""
+    api_token: ApiToken
+
+
+def create_api_token(session: Session, user: User, name: str) -> NewApiToken:
+    """A new bearer token for ``user``; ``name`` (a label like "laptop script") is required."""
+    label = name.strip()
+    if not label:
+        raise AccountError("Give the token a name, so you can recognise it later.", field="name")
+    if len(label) > MAX_TOKEN_NAME_LENGTH:
+        raise AccountError(f"Keep the token's name under {MAX_TOKEN_NAME_LENGTH} characters.", field="name")
+    raw = new_api_token()
+    api_token = ApiToken(user_id=user.id, name=label, token_hash=hash_token(raw))
+    session.add(api_token)
+    session.flush()
+    return NewApiToken(token=raw, api_token=api_token)
+
+
+def revoke_api_token(session: Session, user: User, token_id: uuid.UUID) -> bool:
+    """Revoke one of ``user``'s live tokens; False when there is no such token of theirs."""
+    api_token = repository.active_token(session, user.id, token_id)
+    if api_token is None:
+        return False
+    api_token.revoked_at = utcnow()
+    session.flush()
+    return True

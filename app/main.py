@@ -1,0 +1,353 @@
+"""The web app: ``create_app(settings=None)`` builds it; uvicorn calls the factory.
+
+    uvicorn --factory app.main:create_app
+
+No app is created at import, so importing this module reads no environment and opens nothing.
+The web process never imports torch: only ``worker.engine.prompts`` of the worker is allowed here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import db as db_module
+from app.accounts import api as accounts_api
+from app.accounts import pages as accounts_pages
+from app.config import Settings, get_settings
+from app.deps import LoginRequired, OptionalUser
+from app.galleries import api as galleries_api
+from app.galleries import pages as galleries_pages
+from app.jobs import api as jobs_api
+from app.jobs import pages as jobs_pages
+from app.security import LoginRateLimiter
+from app.storage import get_storage, make_storage
+from app.subjects import api as subjects_api
+from app.subjects import pages as subjects_pages
+from app.templating import STATIC_DIR, render
+
+API_PREFIX = "/api/"
+STATIC_PREFIX = "/static/"
+
+
+# --- middleware -----------------------------------------------------------------------------------
+
+
+def content_security_policy(settings: Settings) -> str:
+    """Same-origin everything, no inline scripts or styles, never framed.
+
+    With S3 storage the gallery may show images from short-lived signed URLs on the bucket's
+    origin, so that origin is allowed for images only.
+    """
+    image_sources = ["'self'", "data:", "blob:"]
+    if settings.storage_backend == "s3" and settings.s3_endpoint_url:
+        image_sources.append(settings.s3_endpoint_url.rstrip("/"))
+    directives = [
+        "default-src 'self'",
+        f"img-src {' '.join(image_sources)}",
+        "script-src 'self'",
+        "style-src 'self'",
+        "object-src 'none'",
+        "base-uri 'self'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+    return "; ".join(directives)
+
+
+class SecurityHeadersMiddleware:
+    """Adds the security headers to every response; private responses are never cached."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.headers: list[tuple[bytes, bytes]] = [
+            (b"content-security-policy", content_security_policy(settings).encode()),
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"same-origin"),
+            (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+        ]
+        if settings.cookie_secure:
+            self.headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_static = scope["path"].startswith(STATIC_PREFIX)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(header for header in self.headers if header[0] not in present)
+                if b"cache-control" not in present:
+                    # Static files are versioned by ?v=...; everything else may be private.
+                    cache = b"public, max-age=86400" if is_static else b"no-store"
+                    headers.append((b"cache-control", cache))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class RequestTooLarge(Exception):
+    """The request body passed the limit while it was being read."""
+
+
+def too_large_response(scope: Scope, limit: int) -> Response:
+    megabytes = limit / (1024 * 1024)
+    detail = f"The request is too large: the limit is {megabytes:.0f} MB."
+    if scope["path"].startswith(API_PREFIX) or _prefers_json(scope):
+        return JSONResponse({"detail": detail}, status_code=413)
+    body = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>Too large</title></head>"
+        f"<body><h1>Upload too large</h1><p>{detail} Choose fewer or smaller photos and try again.</p>"
+        '<p><a href="/">Back to the studio</a></p></body></html>'
+    )
+    return HTMLResponse(body, status_code=413)
+
+
+def _prefers_json(scope: Scope) -> bool:
+    accept = ""
+    for name, value in scope.get("headers", []):
+        if name == b"accept":
+            accept = value.decode("latin-1")
+    return "application/json" in accept and "text/html" not in accept
+
+
+class BodySizeLimitMiddleware:
+    """Answers 413 to a body over ``limit`` bytes: at once from Content-Length, or as soon as the stream passes it.
+
+    A client can lie about (or omit) Content-Length, so the bytes are also counted as they arrive.
+    When the limit is passed mid-stream the app's own answer (often a 400 from a parser that saw
+    the read fail) is replaced by the 413, provided nothing was sent yet.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0:
+                    await JSONResponse({"detail": "Invalid Content-Length header."}, status_code=400)(
+                        scope, receive, send
+                    )
+                    return
+                if declared > self.limit:
+                    await too_large_response(scope, self.limit)(scope, receive, send)
+                    return
+
+        received = 0
+        exceeded = False
+        response_started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            if exceeded:
+                raise RequestTooLarge()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    exceeded = True
+                    raise RequestTooLarge()
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if exceeded:
+                if not response_started:
+                    response_started = True
+                    await too_large_response(scope, self.limit)(scope, receive, send)
+                return  # the app's own answer to the broken read is dropped
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except RequestTooLarge:
+            if not response_started:
+                response_started = True
+                await too_large_response(scope, self.limit)(scope, receive, send)
+        except Exception:
+            if exceeded and not response_started:
+                response_started = True
+                await too_large_response(scope, self.limit)(scope, receive, send)
+                return
+            raise
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def wants_json(request: Request) -> bool:
+    """API paths answer JSON; pages answer HTML unless the client asks for JSON only."""
+    return request.url.path.startswith(API_PREFIX) or _prefers_json(request.scope)
+
+
+ERROR_TITLES = {
+    400: "That request did not work",
+    401: "Please sign in",
+    403: "Not allowed",
+    404: "Page not found",
+    405: "Not allowed",
+    409: "Conflict",
+    413: "Too large",
+    422: "Please check the form",
+    429: "Too many attempts",
+}
+
+
+def error_page(request: Request, status_code: int, detail: Any, headers: dict[str, str] | None = None) -> Response:
+    message = detail if isinstance(detail, str) else "The request could not be processed."
+    title = ERROR_TITLES.get(status_code, "Something went wrong")
+    return render(
+        request, "error.html", {"status_code": status_code, "title": title, "message": message},
+        status_code=status_code, headers=headers,
+    )
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers) if exc.headers else None
+    if wants_json(request) or exc.status_code in (204, 304):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+    return error_page(request, exc.status_code, exc.detail, headers)
+
+
+async def validation_exception_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = json.loads(json.dumps(exc.errors(), default=str))
+    if wants_json(request):
+        return JSONResponse({"detail": errors}, status_code=422)
+    fields = ", ".join(str(error.get("loc", ["?"])[-1]) for error in errors)
+    return error_page(request, 422, f"Some fields are missing or invalid: {fields}.")
+
+
+async def login_required_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LoginRequired)
+    return RedirectResponse(f"/login?next={quote(exc.next_path, safe='')}", status_code=303)
+
+
+async def server_error_handler(request: Request, exc: Exception) -> Response:
+    detail = "Something went wrong on our side. Please try again in a moment."
+    if wants_json(request):
+        return JSONResponse({"detail": detail}, status_code=500)
+    return HTMLResponse(
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>Error</title></head>"
+        f"<body><h1>Sorry</h1><p>{detail}</p></body></html>",
+        status_code=500,
+    )
+
+
+# --- the app --------------------------------------------------------------------------------------
+
+
+def _session_factory(settings: Settings) -> tuple[sessionmaker[Session], Engine | None]:
+    """The process-wide sessionmaker when the settings are the process's, else one on a private engine."""
+    try:
+        shared = get_settings().resolved_database_url == settings.resolved_database_url
+    except ValueError:
+        shared = False
+    if shared:
+        return db_module.get_sessionmaker(), None
+    engine = db_module.make_engine(settings.resolved_database_url)
+    return sessionmaker(bind=engine, expire_on_commit=False), engine
+
+
+def _storage(settings: Settings) -> Any:
+    try:
+        shared = get_settings().resolved_media_dir == settings.resolved_media_dir and (
+            get_settings().storage_backend == settings.storage_backend
+        )
+    except ValueError:
+        shared = False
+    return get_storage() if shared else make_storage(settings)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the studio's web app for ``settings`` (default: from the environment)."""
+    settings = settings or get_settings()
+    session_factory, private_engine = _session_factory(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for directory in (settings.var_dir, settings.resolved_media_dir, settings.scratch_dir):
+            if settings.storage_backend == "s3" and directory == settings.resolved_media_dir:
+                continue
+            directory.mkdir(parents=True, exist_ok=True)
+        yield
+        if private_engine is not None:
+            private_engine.dispose()
+
+    app = FastAPI(
+        title="Photo studio",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.sessionmaker = session_factory
+    app.state.storage = _storage(settings)
+    app.state.login_limiter = LoginRateLimiter()
+
+    # add_middleware wraps: the last added runs first, so security headers land on every answer.
+    app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(SecurityHeadersMiddleware, settings=settings)
+
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+    app.add_exception_handler(RequestValidationError, validation_exception_handler)
+    app.add_exception_handler(LoginRequired, login_required_handler)
+    app.add_exception_handler(Exception, server_error_handler)
+
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+
+    @app.get("/", include_in_schema=False, name="home")
+    def home(request: Request, user: OptionalUser) -> Response:
+        return render(request, "home.html", {})
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> Response:
+        """Liveness for compose and load balancers: the process answers and the database does too."""
+        try:
+            with session_factory() as session:
+                session.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    for module in (
+        accounts_api, accounts_pages, subjects_api, subjects_pages,
+        jobs_api, jobs_pages, galleries_api, galleries_pages,
+    ):
+        app.include_router(module.router)
+    return app
