@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -112,8 +112,8 @@ class Scorer:
                  device: torch.device | None = None) -> None:
         self.device = device or torch.device("cpu")
         # Typed loosely: transformers' decorated ``to``/config attributes confuse mypy.
-        self.dino: Any = dino
-        self.clip: Any = clip
+        self.dino = cast(Any, dino)
+        self.clip = cast(Any, clip)
         for encoder in (self.dino, self.clip):
             encoder.to(self.device)
             encoder.eval()
