@@ -1,0 +1,316 @@
+"""Creating a studio: every check first, then the photos stored, the rows added and training enqueued.
+
+Nothing is half-done. A request with any problem (a field, a file, the photo count) stores nothing
+and answers every problem at once. Photos stored for a request whose transaction then rolls back
+(a later error, a failed commit) are deleted again by a session hook.
+
+Services flush, never commit: the request's session dependency owns the transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.models import SUBJECT_KINDS, Job, Photo, Subject, User, utcnow
+from app.photos import sanitize_uploads
+from app.storage import Storage
+from app.storage.base import photo_key
+from app.subjects import repository
+from app.subjects.schemas import PERSON_NOUNS, QUALITY_PRESETS, CreateStudio, FileProblem, StudioProblems
+from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, normalize_free_prompt, subject_kind
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_LENGTH = 100
+MAX_ANIMAL_NOUN_LENGTH = 30
+MAX_PROMPT_LENGTH = 200
+ANIMAL_NOUN = re.compile(r"[a-z]+(?: [a-z]+)*")
+FIXED_NOUNS = {"dog": "dog", "cat": "cat"}
+ACTIVE_JOBS_RETRY_SECONDS = 60
+
+_UNCOMMITTED_KEYS = "studio.uncommitted_photo_keys"
+_HOOKED = "studio.photo_cleanup_hooked"
+
+
+class StudioRejected(Exception):
+    """The request has problems; nothing was stored. ``too_large`` marks a count over a limit (413)."""
+
+    def __init__(self, problems: StudioProblems, too_large: bool = False) -> None:
+        super().__init__(problems.summary())
+        self.problems = problems
+        self.too_large = too_large
+
+
+class TooManyActiveJobs(Exception):
+    """The owner already has ``limit`` jobs queued or running (answered with 429 and Retry-After)."""
+
+    def __init__(self, limit: int) -> None:
+        studios = "studio is" if limit == 1 else "studios are"
+        super().__init__(
+            f"You already have {limit} {studios} in training. Start a new one when one of them has finished."
+        )
+        self.limit = limit
+        self.retry_after = ACTIVE_JOBS_RETRY_SECONDS
+
+
+@dataclass(frozen=True)
+class ValidStudio:
+    """A creation request's fields after every check: what the Subject row is made of."""
+
+    name: str
+    kind: str
+    class_noun: str
+    style_pack: str
+    prompts: list[str]
+    images_per_prompt: int
+    quality: str
+
+
+def too_many_photos_message(settings: Settings, sent: int | None = None) -> str:
+    suffix = f" (you sent {sent})" if sent is not None else ""
+    return f"Upload at most {settings.max_photos} photos{suffix}."
+
+
+def _class_noun(form: CreateStudio, problems: StudioProblems) -> str:
+    typed = " ".join(form.class_noun.split()).lower()
+    if form.kind in FIXED_NOUNS:
+        return FIXED_NOUNS[form.kind]
+    if form.kind == "animal":
+        if not typed or len(typed) > MAX_ANIMAL_NOUN_LENGTH or not ANIMAL_NOUN.fullmatch(typed):
+            problems.fields["class_noun"] = (
+                f"Type what kind of animal it is, like “rabbit” or “guinea pig” "
+                f"(letters and spaces, up to {MAX_ANIMAL_NOUN_LENGTH} characters)."
+            )
+        return typed
+    if form.kind == "person":
+        noun = typed or "person"
+        if noun not in PERSON_NOUNS:
+            problems.fields["class_noun"] = "Choose how to describe the person: man, woman or person."
+        return noun
+    return typed
+
+
+def _style_pack(form: CreateStudio, problems: StudioProblems) -> str:
+    if form.kind not in SUBJECT_KINDS:
+        return form.style_pack
+    engine_kind = subject_kind(form.kind)
+    name = form.style_pack or DEFAULT_PACK[engine_kind]
+    pack = STYLE_PACKS.get(name)
+    if pack is None:
+        problems.fields["style_pack"] = "Choose one of the style packs in the list."
+    elif pack.kind != engine_kind:
+        audience = "people" if pack.kind == "person" else "pets"
+        problems.fields["style_pack"] = f"The style pack “{pack.title}” is made for {audience}; choose another one."
+    return name
+
+
+def _prompts(form: CreateStudio, settings: Settings, problems: StudioProblems) -> list[str]:
+    if len(form.prompts) > settings.max_prompts:
+        problems.fields["prompts"] = f"Add at most {settings.max_prompts} prompts (you added {len(form.prompts)})."
+        return []
+    templates: list[str] = []
+    for index, prompt in enumerate(form.prompts, start=1):
+        if len(prompt) > MAX_PROMPT_LENGTH:
+            problems.fields["prompts"] = f"Prompt {index} is longer than {MAX_PROMPT_LENGTH} characters; shorten it."
+            return []
+        try:
+            template = normalize_free_prompt(prompt)
+        except ValueError:
+            continue  # only whitespace: nothing to keep
+        if template not in templates:
+            templates.append(template)
+    return templates
+
+
+def validate_fields(form: CreateStudio, settings: Settings, problems: StudioProblems) -> ValidStudio:
+    """Check every field of ``form``, adding a sentence to ``problems.fields`` for each bad one."""
+    name = " ".join(form.name.split())
+    if not name or len(name) > MAX_NAME_LENGTH:
+        problems.fields["name"] = f"Give the studio a name of 1 to {MAX_NAME_LENGTH} characters, like “Rex”."
+    if form.kind not in SUBJECT_KINDS:
+        problems.fields["kind"] = "Choose what the photos show: a dog, a cat, another animal or a person."
+    class_noun = _class_noun(form, problems)
+    style_pack = _style_pack(form, problems)
+    prompts = _prompts(form, settings, problems)
+    images_per_prompt = form.images_per_prompt
+    if images_per_prompt is None or not 1 <= images_per_prompt <= settings.max_images_per_prompt:
+        problems.fields["images_per_prompt"] = (
+            f"Choose between 1 and {settings.max_images_per_prompt} pictures per prompt."
+        )
+    if form.quality not in QUALITY_PRESETS:
+        problems.fields["quality"] = "Choose a quality: fast, balanced or best."
+    if not form.consent:
+        problems.fields["consent"] = (
+            "Confirm that you are this person, or that this is your pet, or that you have their permission."
+        )
+    return ValidStudio(
+        name=name,
+        kind=form.kind,
+        class_noun=class_noun,
+        style_pack=style_pack,
+        prompts=prompts,
+        images_per_prompt=images_per_prompt or 0,
+        quality=form.quality,
+    )
+
+
+def _forget_uncommitted(session: Session) -> None:
+    session.info.pop(_UNCOMMITTED_KEYS, None)
+
+
+def _delete_uncommitted(session: Session, previous_transaction: Any) -> None:
+    if previous_transaction.nested:
+        return  # a savepoint rolled back; the outer transaction (and its photos) lives on
+    for storage, key in session.info.pop(_UNCOMMITTED_KEYS, []):
+        try:
+            storage.delete(key)
+        except Exception:
+            log.exception("could not delete photo %s of a rolled-back studio; retention will remove it", key)
+
+
+def _track_until_commit(session: Session, storage: Storage, keys: Sequence[str]) -> None:
+    """Delete ``keys`` from ``storage`` if the session's transaction rolls back instead of committing."""
+    if not session.info.get(_HOOKED):
+        session.info[_HOOKED] = True
+        event.listen(session, "after_commit", _forget_uncommitted)
+        event.listen(session, "after_soft_rollback", _delete_uncommitted)
+    session.info.setdefault(_UNCOMMITTED_KEYS, []).extend((storage, key) for key in keys)
+
+
+def create_studio(
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    owner: User,
+    form: CreateStudio,
+    files: Sequence[tuple[str, bytes]],
+) -> tuple[Subject, Job]:
+    """Create a studio from a filled-in form and its photos, and enqueue its training.
+
+    Raises :class:`TooManyActiveJobs` when the owner is at the active-job limit, and
+    :class:`StudioRejected` listing every problem (fields, photo count, each refused file) when
+    anything is wrong; then nothing was stored. On success the Subject, its Photo rows and a queued
+    training Job are flushed, the sanitized photos are in storage, and "training.run" is sent once
+    the caller's transaction commits.
+    """
+    if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
+        raise TooManyActiveJobs(settings.max_active_jobs_per_user)
+
+    problems = StudioProblems()
+    valid = validate_fields(form, settings, problems)
+    if len(files) > settings.max_photos:
+        # Over the limit nothing is decoded: the refusal must not cost more than the request did.
+        problems.fields["photos"] = too_many_photos_message(settings, len(files))
+        raise StudioRejected(problems, too_large=True)
+    if len(files) < settings.min_photos:
+        problems.fields["photos"] = (
+            f"Add at least {settings.min_photos} photos (you added {len(files)}); "
+            f"{settings.min_photos} to {settings.max_photos} different shots work best."
+        )
+    batch = sanitize_uploads(files, settings)
+    problems.files.extend(FileProblem(refusal.filename, refusal.reason) for refusal in batch.rejections)
+    if problems:
+        raise StudioRejected(problems)
+
+    now = utcnow()
+    subject = Subject(
+        id=uuid.uuid4(),
+        owner_id=owner.id,
+        name=valid.name,
+        kind=valid.kind,
+        class_noun=valid.class_noun,
+        style_pack=valid.style_pack,
+        prompts=valid.prompts,
+        images_per_prompt=valid.images_per_prompt,
+        quality=valid.quality,
+        consent_at=now,
+        expires_at=now + timedelta(days=settings.retention_days),
+    )
+    stored: list[str] = []
+    try:
+        photos: list[Photo] = []
+        for position, sanitized in enumerate(batch.photos):
+            photo_id = uuid.uuid4()
+            key = photo_key(owner.id, subject.id, photo_id)
+            storage.put_bytes(key, sanitized.jpeg_bytes, "image/jpeg")
+            stored.append(key)
+            photos.append(
+                Photo(
+                    id=photo_id,
+                    subject_id=subject.id,
+                    position=position,
+                    storage_key=key,
+                    original_name=sanitized.original_name,
+                    width=sanitized.width,
+                    height=sanitized.height,
+                    byte_size=len(sanitized.jpeg_bytes),
+                    perceptual_hash=sanitized.perceptual_hash,
+                )
+            )
+        job = Job(
+            subject_id=subject.id,
+            owner_id=owner.id,
+            kind="train",
+            status="queued",
+            stage="queued",
+            max_attempts=settings.max_attempts,
+        )
+        session.add(subject)
+        session.flush()  # the subject first: photos and the job refer to it
+        session.add_all([*photos, job])
+        session.flush()
+
+        from app.queue import enqueue  # P1's module; imported here to keep this module's import light
+
+        enqueue(session, "training.run", job_id=str(job.id))
+    except BaseException:
+        for key in stored:
+            try:
+                storage.delete(key)
+            except Exception:
+                log.exception("could not delete photo %s of a failed studio; retention will remove it", key)
+        raise
+    _track_until_commit(session, storage, stored)
+    return subject, job
+
+
+@dataclass(frozen=True)
+class StudioCard:
+    """One studio as the lists show it: its status (its newest job's), first photo and newest job."""
+
+    subject: Subject
+    status: str
+    thumbnail: Photo | None
+    latest_job: Job | None
+
+
+def subject_status(subject: Subject, latest_job: Job | None) -> str:
+    """queued, running, done, failed or cancelled (the newest job's); "new" before any job exists."""
+    return latest_job.status if latest_job is not None else "new"
+
+
+def studio_cards(session: Session, owner: User) -> list[StudioCard]:
+    """The owner's studios, newest first, each with its status and thumbnail."""
+    subjects = repository.list_for_owner(session, owner.id)
+    ids = [subject.id for subject in subjects]
+    jobs = repository.latest_jobs(session, ids)
+    thumbnails = repository.first_photos(session, ids)
+    return [
+        StudioCard(
+            subject=subject,
+            status=subject_status(subject, jobs.get(subject.id)),
+            thumbnail=None if subject.photos_deleted_at else thumbnails.get(subject.id),
+            latest_job=jobs.get(subject.id),
+        )
+        for subject in subjects
+    ]
