@@ -1,0 +1,66 @@
+"""Deleting a studio for real: every stored file under the subject's prefix and every row of it.
+
+``delete_subject`` runs inside the caller's transaction (it flushes, never commits):
+
+1. active jobs are asked to stop (queued ones end ``cancelled`` at once, running ones get
+   ``cancel_requested``); their rows go with the subject, so a worker still running finds its job
+   gone at its next fenced write or cancel check, stops, removes what it uploaded and its scratch;
+2. every file under the subject's storage prefix is deleted now (photos, previews, checkpoints,
+   weights, generated images, ZIPs);
+3. the rows (images, generation requests, jobs, photos, the subject) are deleted;
+4. after the commit, a ``maintenance.purge_subject`` task deletes the prefix once more, in case a
+   worker wrote a file between steps 2 and its own stop.
+
+The shared class-prior bank is not the subject's: it holds class images ("a photo of a dog") only.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from sqlalchemy import delete, update
+from sqlalchemy.orm import Session
+
+from app.models import GeneratedImage, GenerationRequest, Job, Photo, Subject, utcnow
+from app.queue import enqueue
+from app.storage import Storage
+from app.storage.base import subject_prefix
+
+log = logging.getLogger(__name__)
+
+
+def delete_subject(session: Session, storage: Storage, subject: Subject) -> None:
+    """Delete ``subject``: stop its jobs, delete its files and its rows (flushed, not committed)."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.subject_id == subject.id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.subject_id == subject.id, Job.status == "running")
+        .values(cancel_requested=True, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    removed = storage.delete_prefix(subject_prefix(subject.owner_id, subject.id))
+    for table in (GeneratedImage, GenerationRequest, Job, Photo):
+        session.execute(
+            delete(table).where(table.subject_id == subject.id).execution_options(synchronize_session=False)
+        )
+    owner_id, subject_id = subject.owner_id, subject.id
+    session.delete(subject)
+    session.flush()
+    enqueue(session, "maintenance.purge_subject", owner_id=str(owner_id), subject_id=str(subject_id))
+    log.info("subject %s deleted (%d files)", subject_id, removed)
+
+
+def purge_subject_files(session: Session, storage: Storage, owner_id: str, subject_id: str) -> int:
+    """Delete the files of a subject that no longer exists; returns how many. A live subject is left alone."""
+    subject_uuid, owner_uuid = uuid.UUID(subject_id), uuid.UUID(owner_id)
+    if session.get(Subject, subject_uuid) is not None:
+        log.warning("purge of subject %s skipped: the subject still exists", subject_id)
+        return 0
+    return storage.delete_prefix(subject_prefix(owner_uuid, subject_uuid))

@@ -1,0 +1,124 @@
+"""The Celery app shared by the web process (which only sends tasks by name), the workers and beat.
+
+Importing this module must never import torch: the web process imports it to send tasks, and the
+task modules load the engine lazily inside their functions.
+
+Reliability choices (see the job pipeline's docs): the database, not the broker, is the source of
+truth. Tasks carry ids only; a worker claims its job with a fenced lease (app/jobs/lease.py), so a
+duplicate delivery exits at the claim and a lost worker's job is re-queued by the reaper. The broker
+settings below only make the broker's side as safe as it can be:
+
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a job whose worker dies is handed out again
+  (the attempt cap in the database stops a job that kills its worker every time).
+- ``worker_prefetch_multiplier = 1`` and one process per GPU: a worker holds only the job it runs.
+- ``worker_max_tasks_per_child = 1``: every job starts in a fresh process, so GPU memory and model
+  caches never leak from one job into the next.
+- ``visibility_timeout`` (Redis re-delivers an unacknowledged task after it) comes from settings and
+  is built here, in one function, for every process: the shortest value used anywhere wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.schedules import crontab
+
+from app import config as studio_config
+from app.config import Settings
+
+GPU_QUEUE = "gpu"
+CPU_QUEUE = "cpu"
+
+# Task name prefixes and the queue each goes to. Names are "domain.verb"; the web sends them by name.
+TASK_QUEUES: dict[str, str] = {
+    "training.*": GPU_QUEUE,
+    "generation.*": GPU_QUEUE,
+    "maintenance.*": CPU_QUEUE,
+}
+
+TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance")
+
+REAP_EVERY_SECONDS = 30.0
+
+
+def queue_for(task_name: str) -> str:
+    """The queue a task name is routed to; raises ValueError for a name no route covers."""
+    domain = task_name.split(".", 1)[0]
+    queue = TASK_QUEUES.get(f"{domain}.*")
+    if queue is None or "." not in task_name:
+        raise ValueError(f"unknown task name {task_name!r}: expected 'training.*', 'generation.*' or 'maintenance.*'")
+    return queue
+
+
+def filesystem_broker_folders(settings: Settings) -> dict[str, Path]:
+    """The folders kombu's file-system transport uses under ``settings.broker_dir``.
+
+    Producer and consumer share one config, so messages are written to and read from the same folder.
+    """
+    root = settings.broker_dir
+    return {
+        "data_folder_in": root / "queue",
+        "data_folder_out": root / "queue",
+        "processed_folder": root / "processed",
+        "control_folder": root / "control",
+    }
+
+
+def build_config(settings: Settings) -> dict[str, Any]:
+    """Celery's configuration for every process (web, worker, beat), from the studio's settings."""
+    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    broker_url = settings.resolved_broker_url
+    if broker_url.startswith("filesystem://"):
+        folders = filesystem_broker_folders(settings)
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        transport_options.update({name: str(path) for name, path in folders.items()})
+        transport_options["store_processed"] = False
+    return {
+        "broker_url": broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_default_queue": CPU_QUEUE,
+        "task_routes": {pattern: {"queue": queue} for pattern, queue in TASK_QUEUES.items()},
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_hard_time_limit,
+        "worker_prefetch_multiplier": 1,
+        "worker_max_tasks_per_child": 1,
+        "worker_pool": "prefork",
+        "worker_concurrency": 1,
+        "worker_hijack_root_logger": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "beat_schedule_filename": str((settings.var_dir / "celerybeat-schedule").resolve()),
+        "beat_schedule": {
+            "reap-stale-jobs": {"task": "maintenance.reap", "schedule": REAP_EVERY_SECONDS},
+            "enforce-retention": {"task": "maintenance.retention", "schedule": crontab(minute="7")},
+        },
+    }
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from ``settings``; without them, from the process's settings on first use.
+
+    The configuration is lazy so that importing this module reads no settings and creates no folders.
+    """
+    app = Celery("studio", include=list(TASK_MODULES))
+    if settings is not None:
+        app.conf.update(build_config(settings))
+    else:
+        app.add_defaults(lambda: build_config(studio_config.get_settings()))
+    return app
+
+
+# The app the `celery -A worker.celery_app worker|beat` command lines load.
+celery_app = create_celery()

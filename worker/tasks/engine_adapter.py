@@ -1,0 +1,185 @@
+"""What the tasks need from the DreamBooth engine, and the adapter onto worker/engine.
+
+The tasks talk to an :class:`Engine`; the real one (:class:`DiffusersEngine`) imports torch and
+worker.engine lazily, inside its methods, so importing a task module stays torch-free. Tests inject
+a fake engine with the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from worker.engine.progress import CancelCheck, ProgressCallback
+
+SubjectKind = Literal["pet", "person"]
+
+
+class ModelLike(Protocol):
+    """Read-only views: the engine's dataclasses satisfy them, and so do test fakes."""
+
+    @property
+    def spec(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def is_demo(self) -> bool: ...
+
+
+class SampleLike(Protocol):
+    @property
+    def path(self) -> Path: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def guidance(self) -> float: ...
+
+
+class ScoresLike(Protocol):
+    @property
+    def dino(self) -> float | None: ...
+    @property
+    def clip_i(self) -> float | None: ...
+    @property
+    def clip_t(self) -> float | None: ...
+
+
+class JobResultLike(Protocol):
+    @property
+    def identifier(self) -> str: ...
+    @property
+    def class_prompt(self) -> str: ...
+    @property
+    def run_dir(self) -> Path: ...
+    @property
+    def images(self) -> Sequence[SampleLike]: ...
+    @property
+    def scores(self) -> Sequence[ScoresLike]: ...
+    @property
+    def prior_generated(self) -> int: ...
+    @property
+    def prior_reused(self) -> int: ...
+    @property
+    def train(self) -> Any: ...
+
+
+@dataclass
+class TrainingInputs:
+    """Everything one training run needs, in the worker's terms (converted to the engine's JobSpec)."""
+
+    photos: list[Path]
+    class_noun: str
+    subject_kind: SubjectKind
+    work_dir: Path
+    bank_root: Path
+    quality: str = "balanced"
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    prior_images: int | None = None
+    pack: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    images_per_prompt: int = 4
+    seed: int = 0
+    sample_steps: int | None = None
+
+
+@dataclass
+class GenerationInputs:
+    """A "generate more" run on trained weights."""
+
+    run_dir: Path
+    prompts: list[str]
+    identifier: str
+    class_noun: str
+    images_per_prompt: int
+    out_dir: Path
+    seed: int = 0
+    sample_steps: int | None = None
+
+
+class Engine(Protocol):
+    def load_model(self, spec: str) -> ModelLike: ...
+
+    def train(self, inputs: TrainingInputs, model: ModelLike, progress: ProgressCallback,
+              should_cancel: CancelCheck) -> JobResultLike: ...
+
+    def generate(self, inputs: GenerationInputs, model: ModelLike, progress: ProgressCallback,
+                 should_cancel: CancelCheck) -> Sequence[SampleLike]: ...
+
+
+def default_base_model(configured: str) -> str:
+    """The configured base model, or the tiny demo model without CUDA, or SD 1.5 with it."""
+    if configured:
+        return configured
+    import torch
+
+    from worker.settings import DEFAULT_GPU_BASE_MODEL
+
+    return DEFAULT_GPU_BASE_MODEL if torch.cuda.is_available() else "tiny"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a CUDA (or CPU allocator) out-of-memory error, without importing torch needlessly."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError | MemoryError) and "out of memory" in str(exc).lower()
+
+
+class DiffusersEngine:
+    """The real engine: worker/engine's run_job and generate_more on the device it selects."""
+
+    def load_model(self, spec: str) -> ModelLike:
+        from worker.engine.models import load_base_model
+
+        model: ModelLike = load_base_model(spec)
+        return model
+
+    def train(self, inputs: TrainingInputs, model: ModelLike, progress: ProgressCallback,
+              should_cancel: CancelCheck) -> JobResultLike:
+        from worker.engine.job import JobSpec, run_job
+
+        spec_fields: dict[str, Any] = {
+            "photos": inputs.photos,
+            "class_noun": inputs.class_noun,
+            "subject_kind": inputs.subject_kind,
+            "work_dir": inputs.work_dir,
+            "bank_root": inputs.bank_root,
+            "quality": inputs.quality,
+            "train_overrides": dict(inputs.train_overrides),
+            "prior_images": inputs.prior_images,
+            "pack": inputs.pack,
+            "prompts": list(inputs.prompts),
+            "images_per_prompt": inputs.images_per_prompt,
+            "seed": inputs.seed,
+        }
+        if inputs.sample_steps is not None:
+            spec_fields["sample_steps"] = inputs.sample_steps
+        return run_job(JobSpec(**spec_fields), model, progress=progress,  # type: ignore[arg-type]
+                       should_cancel=should_cancel)
+
+    def generate(self, inputs: GenerationInputs, model: ModelLike, progress: ProgressCallback,
+                 should_cancel: CancelCheck) -> Sequence[SampleLike]:
+        from worker.engine.job import generate_more
+
+        extra: dict[str, Any] = {}
+        if inputs.sample_steps is not None:
+            extra["steps"] = inputs.sample_steps
+        records: Sequence[SampleLike] = generate_more(
+            model,  # type: ignore[arg-type]
+            inputs.run_dir,
+            inputs.prompts,
+            identifier=inputs.identifier,
+            class_noun=inputs.class_noun,
+            images_per_prompt=inputs.images_per_prompt,
+            out_dir=inputs.out_dir,
+            seed=inputs.seed,
+            progress=progress,
+            should_cancel=should_cancel,
+            **extra,
+        )
+        return records

@@ -1,0 +1,137 @@
+"""Task "generation.run"(job_id): "generate more" pictures of a trained subject, without retraining.
+
+Claims the job, downloads the subject's published weights into scratch, samples the
+GenerationRequest's prompts with the engine, uploads the images and publishes their rows with the
+job's ``done`` in one transaction fenced by the lease. Cancel, failure and lease loss are handled
+as for training (worker/tasks/outcomes.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import select
+
+from app.jobs import lease
+from app.models import GeneratedImage, GenerationRequest, Job, Subject
+from app.storage.base import image_key
+from worker.celery_app import celery_app
+from worker.engine.errors import Cancelled
+from worker.engine.progress import Progress
+from worker.scratch import scratch_folder
+from worker.tasks.engine_adapter import DiffusersEngine, Engine, GenerationInputs, SampleLike
+from worker.tasks.outcomes import JobFailure, end_failed, end_stopped, failure_reason
+from worker.tasks.runtime import LeasedAttempt, StopRun, WorkerContext, claim_job, default_context
+from worker.tasks.training import template_for
+
+log = logging.getLogger(__name__)
+
+NOT_TRAINED_REASON = "This studio has no trained model yet (or it expired), so no new pictures can be made."
+
+
+@celery_app.task(name="generation.run")
+def generation_run(job_id: str) -> str:
+    """Run one attempt of a "generate more" job; returns the outcome."""
+    return run_generation_job(uuid.UUID(job_id))
+
+
+def run_generation_job(job_id: uuid.UUID, *, ctx: WorkerContext | None = None, engine: Engine | None = None) -> str:
+    """Claim and run ``job_id``; the engine and context are injectable for tests."""
+    ctx = ctx or default_context()
+    engine = engine or DiffusersEngine()
+    token = claim_job(ctx, job_id)
+    if token is None:
+        return "skipped"
+    with ctx.transaction() as session:
+        job = session.get(Job, job_id)
+        subject = session.get(Subject, job.subject_id) if job is not None else None
+        request = session.execute(
+            select(GenerationRequest).where(GenerationRequest.job_id == job_id)
+        ).scalar_one_or_none()
+        if job is None or subject is None:
+            return "deleted"
+    attempt = LeasedAttempt(ctx, job, token)
+    with attempt, scratch_folder(ctx.settings.scratch_dir, job_id) as scratch:
+        try:
+            if job.kind != "generate" or request is None:
+                raise JobFailure("This job has no 'generate more' request to run.")
+            return _generate(ctx, engine, attempt, job, subject, request, scratch)
+        except StopRun as stop:
+            return end_stopped(attempt, stop.reason)
+        except Cancelled:
+            return end_stopped(attempt, attempt.stop_reason or "cancelled")
+        except Exception as exc:
+            log.exception("generation job %s attempt %d failed", job_id, attempt.attempt)
+            return end_failed(attempt, failure_reason(exc, ctx.settings.task_hard_time_limit))
+
+
+def _generate(ctx: WorkerContext, engine: Engine, attempt: LeasedAttempt, job: Job, subject: Subject,
+              request: GenerationRequest, scratch: Path) -> str:
+    if not subject.weights_key or not subject.identifier or not subject.base_model:
+        raise JobFailure(NOT_TRAINED_REASON)
+    total = len(request.prompts) * request.images_per_prompt
+    attempt.write(stage="preparing", step=0, total=total, force=True)
+    run_dir = scratch / "run"
+    keys = ctx.storage.list(subject.weights_key)
+    if not keys:
+        raise JobFailure(NOT_TRAINED_REASON)
+    for key in keys:
+        ctx.storage.download_to(key, run_dir / key[len(subject.weights_key):])
+    model = engine.load_model(subject.base_model)
+    attempt.details.update({"base_model": subject.base_model, "demo_model": bool(model.is_demo),
+                            "images_done": 0, "images_total": total})
+    attempt.raise_if_stopped()
+
+    def on_progress(event: Progress) -> None:
+        if event.stage == "sampling":
+            attempt.details.update({"images_done": event.step, "images_total": event.total})
+        attempt.write(stage=event.stage, step=event.step, total=event.total, eta_seconds=event.eta_seconds)
+
+    inputs = GenerationInputs(
+        run_dir=run_dir,
+        prompts=list(request.prompts),
+        identifier=subject.identifier,
+        class_noun=subject.class_noun,
+        images_per_prompt=request.images_per_prompt,
+        out_dir=scratch / "images",
+        seed=job.id.int % (2**31),
+        sample_steps=ctx.settings.sample_steps,
+    )
+    records = engine.generate(inputs, model, on_progress, attempt.should_cancel)
+    attempt.raise_if_stopped()
+    attempt.write(stage="publishing", step=0, total=len(records), force=True)
+    images = [_store(attempt, job, subject, record, request.prompts) for record in records]
+    attempt.details.update({"images_done": len(images), "images_total": len(images)})
+    with ctx.transaction() as session:
+        won = lease.finish(session, job.id, attempt.token, "done", stage="finished", step=len(images),
+                           total=len(images), details=dict(attempt.details), preview_keys=list(attempt.preview_keys))
+        if not won:
+            raise StopRun(attempt.why_lost())
+        session.add_all(images)
+    attempt.forget_uploads([image.storage_key for image in images])
+    log.info("generation job %s published %d images", job.id, len(images))
+    return "done"
+
+
+def _store(attempt: LeasedAttempt, job: Job, subject: Subject, record: SampleLike,
+           templates: list[str]) -> GeneratedImage:
+    image_id = uuid.uuid4()
+    key = attempt.upload(image_key(job.owner_id, job.subject_id, image_id), record.path, "image/png")
+    with Image.open(record.path) as picture:
+        width, height = picture.size
+    return GeneratedImage(
+        id=image_id,
+        subject_id=job.subject_id,
+        job_id=job.id,
+        storage_key=key,
+        prompt=record.prompt[:500],
+        prompt_template=template_for(record, templates, subject.identifier or "", subject.class_noun)[:500],
+        seed=int(record.seed),
+        steps=int(record.steps),
+        guidance=float(record.guidance),
+        width=width,
+        height=height,
+    )

@@ -1,0 +1,149 @@
+"""CPU-queue tasks: the reaper, retention, and the purge after a subject's deletion.
+
+The reaper ("maintenance.reap", every 30 s from beat) makes the database's view of jobs come true
+whatever the broker lost:
+
+- a running job whose heartbeat is older than the lease lost its worker: it is put back in the
+  queue and re-sent (the next attempt resumes from its last checkpoint), or ends ``failed`` when its
+  attempts are used up, so a job that kills its worker every time ends instead of looping;
+- a queued job that was never sent (``enqueued_at`` empty: the send after commit failed) or sent
+  long ago without starting (the broker lost it: Redis emptied or restarted) is sent again;
+- a job whose cancel was requested and whose worker is gone ends ``cancelled``.
+
+Re-sending a job that is still in the broker is harmless: the second delivery exits at the claim.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app import db as studio_db
+from app import storage as studio_storage
+from app.config import Settings
+from app.jobs import lease
+from app.models import Job, utcnow
+from app.queue import enqueue
+from app.storage import Storage
+from app.storage.base import subject_prefix
+from app.subjects.deletion import purge_subject_files
+from app.subjects.retention import enforce_retention
+from worker.celery_app import celery_app
+from worker.settings import get_worker_settings
+
+log = logging.getLogger(__name__)
+
+# A queued job not started this long after it was sent is sent again (the broker may have lost it).
+QUEUED_RESEND_SECONDS = 15 * 60
+TASK_FOR_KIND = {"train": "training.run", "generate": "generation.run"}
+BATCH_SIZE = 200
+
+
+@dataclass
+class ReapReport:
+    requeued: list[str] = field(default_factory=list)  # stale running jobs put back in the queue
+    resent: list[str] = field(default_factory=list)  # queued jobs sent again
+    failed: list[str] = field(default_factory=list)  # attempts exhausted
+    cancelled: list[str] = field(default_factory=list)  # cancel requested, worker gone
+
+
+def reap(session: Session, storage: Storage, settings: Settings, now: datetime | None = None,
+         queued_resend_seconds: int = QUEUED_RESEND_SECONDS) -> ReapReport:
+    """One reaper pass; flushes and records the tasks to send, which go out when the caller commits."""
+    now = now or utcnow()
+    report = ReapReport()
+    stale_before = now - timedelta(seconds=settings.lease_seconds)
+    resend_before = now - timedelta(seconds=queued_resend_seconds)
+    stale = session.execute(
+        select(Job)
+        .where(
+            or_(
+                and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before)),
+                and_(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < resend_before)),
+            )
+        )
+        .order_by(Job.created_at)
+        .limit(BATCH_SIZE)
+    ).scalars().all()
+    for job in stale:
+        job_id = str(job.id)
+        if job.cancel_requested:
+            if _end_cancelled(session, job, now):
+                storage.delete_prefix(f"{subject_prefix(job.owner_id, job.subject_id)}jobs/{job.id}/")
+                report.cancelled.append(job_id)
+            continue
+        if job.attempts >= job.max_attempts:
+            if lease.fail_if_exhausted(session, job.id, settings.lease_seconds, now=now):
+                report.failed.append(job_id)
+            continue
+        task = TASK_FOR_KIND.get(job.kind)
+        if task is None:
+            log.error("job %s has unknown kind %r; not re-sent", job_id, job.kind)
+            continue
+        if job.status == "running":
+            if not _requeue_stale(session, job, stale_before, now):
+                continue  # a worker claimed or finished it a moment ago
+            report.requeued.append(job_id)
+        else:
+            report.resent.append(job_id)
+        session.expire(job)
+        enqueue(session, task, job_id=job_id)
+    session.flush()
+    if report.requeued or report.resent or report.failed or report.cancelled:
+        log.info("reaper: %d requeued, %d resent, %d failed, %d cancelled",
+                 len(report.requeued), len(report.resent), len(report.failed), len(report.cancelled))
+    return report
+
+
+def _requeue_stale(session: Session, job: Job, stale_before: datetime, now: datetime) -> bool:
+    """Put a running job with a stale heartbeat back to queued, unless it changed since it was read."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "running", Job.lease_token == job.lease_token,
+               or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))
+        .values(status="queued", lease_token=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def _end_cancelled(session: Session, job: Job, now: datetime) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == job.status, Job.cancel_requested.is_(True),
+               or_(Job.lease_token == job.lease_token, Job.lease_token.is_(None)))
+        .values(status="cancelled", lease_token=None, finished_at=now, updated_at=now, preview_keys=[],
+                eta_seconds=None)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+@celery_app.task(name="maintenance.reap")
+def reap_task() -> dict[str, int]:
+    """Beat's reaper pass; returns counts for the log."""
+    settings = get_worker_settings()
+    with studio_db.session_scope() as session:
+        report = reap(session, studio_storage.get_storage(), settings)
+    return {"requeued": len(report.requeued), "resent": len(report.resent), "failed": len(report.failed),
+            "cancelled": len(report.cancelled)}
+
+
+@celery_app.task(name="maintenance.retention")
+def retention_task() -> dict[str, int]:
+    """Beat's hourly retention pass."""
+    settings = get_worker_settings()
+    with studio_db.session_scope() as session:
+        report = enforce_retention(session, studio_storage.get_storage(), settings)
+    return {"expired_subjects": len(report.expired_subjects), "photo_sets_removed": len(report.photo_sets_removed)}
+
+
+@celery_app.task(name="maintenance.purge_subject")
+def purge_subject_task(owner_id: str, subject_id: str) -> int:
+    """Delete what is left of a deleted subject's files (a worker may have written one while it was deleted)."""
+    with studio_db.session_scope() as session:
+        return purge_subject_files(session, studio_storage.get_storage(), owner_id, subject_id)

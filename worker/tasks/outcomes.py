@@ -1,0 +1,97 @@
+"""How an attempt ends when it does not publish: failure reasons a person understands, and clean-up.
+
+Reasons are sentences for the studio's page; the technical detail goes to the worker's log only
+(never photo bytes or personal data).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from app.jobs import lease
+from app.storage import StorageError
+from app.storage.base import checkpoint_prefix, subject_prefix
+from worker.engine.errors import EngineInputError, TrainingDiverged
+from worker.tasks.engine_adapter import is_out_of_memory
+from worker.tasks.runtime import LeasedAttempt
+
+log = logging.getLogger(__name__)
+
+DIVERGED_REASON = "Training diverged (the loss became NaN); try the fast preset or fewer steps."
+OUT_OF_MEMORY_REASON = (
+    "The GPU ran out of memory while running this job. Try the fast preset or fewer photos; "
+    "if it keeps happening the worker needs a GPU with more memory."
+)
+STORAGE_REASON = "The studio could not read or write its files (storage error). Please try again later."
+UNKNOWN_REASON = "Something went wrong in the worker while running this job. The error was logged; please try again."
+
+
+class JobFailure(Exception):
+    """Ends the job as failed with ``reason``, a sentence for the person whose job it is."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def failure_reason(exc: BaseException, hard_limit_seconds: int) -> str:
+    """The sentence a person reads for ``exc``."""
+    if isinstance(exc, JobFailure):
+        return exc.reason
+    if isinstance(exc, EngineInputError):
+        return f"Some photos could not be used: {exc}"
+    if isinstance(exc, TrainingDiverged):
+        return DIVERGED_REASON
+    if is_out_of_memory(exc):
+        return OUT_OF_MEMORY_REASON
+    if isinstance(exc, SoftTimeLimitExceeded):
+        minutes = max(1, hard_limit_seconds // 60)
+        return f"The job ran longer than the time limit (about {minutes} minutes) and was stopped."
+    if isinstance(exc, StorageError | OSError):
+        return STORAGE_REASON
+    return UNKNOWN_REASON
+
+
+def job_files_prefix(attempt: LeasedAttempt) -> str:
+    """The folder of one job's transient files: previews and checkpoints."""
+    return f"{subject_prefix(attempt.owner_id, attempt.subject_id)}jobs/{attempt.job_id}/"
+
+
+def end_failed(attempt: LeasedAttempt, reason: str) -> str:
+    """Mark the job failed (fenced) and remove the attempt's unpublished files and checkpoints."""
+    with attempt.ctx.transaction() as session:
+        won = lease.finish(session, attempt.job_id, attempt.token, "failed", failure_reason=reason,
+                           details=dict(attempt.details), preview_keys=list(attempt.preview_keys))
+    if not won:
+        return end_stopped(attempt, "lost")
+    attempt.remove_uploads()
+    # No attempt resumes a failed job: its checkpoints are dead weight.
+    attempt.ctx.storage.delete_prefix(checkpoint_prefix(attempt.owner_id, attempt.subject_id, attempt.job_id))
+    return "failed"
+
+
+def end_stopped(attempt: LeasedAttempt, reason: str) -> str:
+    """End an attempt that was told to stop: cancelled, lost its lease, or its job was deleted."""
+    storage = attempt.ctx.storage
+    if reason == "cancelled":
+        with attempt.ctx.transaction() as session:
+            won = lease.finish(session, attempt.job_id, attempt.token, "cancelled", details=dict(attempt.details),
+                               preview_keys=[])
+        if not won:
+            return end_stopped(attempt, "lost")
+        attempt.remove_uploads()
+        storage.delete_prefix(job_files_prefix(attempt))
+        log.info("job %s cancelled; partial files removed", attempt.job_id)
+        return "cancelled"
+    if reason == "deleted":
+        attempt.remove_uploads()
+        storage.delete_prefix(job_files_prefix(attempt))
+        log.info("job %s was deleted while running; its files are removed", attempt.job_id)
+        return "deleted"
+    # Lost: another attempt may hold the lease now and rely on the recorded previews and checkpoint,
+    # so only what this attempt never recorded goes.
+    attempt.remove_uploads()
+    log.warning("job %s: this attempt lost its lease and publishes nothing", attempt.job_id)
+    return "lost"

@@ -1,0 +1,286 @@
+"""One attempt at a job under its lease: claim, heartbeat, cancel checks, throttled progress, fenced writes.
+
+Every GPU task (training, generation) runs the same way:
+
+1. :func:`claim_job` takes the lease (one conditional UPDATE). A delivery that finds the job done,
+   cancelled or claimed by a live worker exits quietly; one that finds its attempts used up ends
+   the job as failed.
+2. :class:`LeasedAttempt` keeps the lease alive from a heartbeat thread, answers the engine's
+   ``should_cancel`` (the cancel flag is read from the database at most every ``cancel_poll_seconds``;
+   a lost lease or a deleted job stop the run too) and writes progress under the lease, at most every
+   ``progress_write_seconds`` except for stage changes.
+3. Every file the attempt uploads is remembered, so that an attempt that is cancelled, fails or loses
+   its lease can remove what it left behind. A file upload is always followed by a fenced write; if
+   that write loses, the file is removed at once and the run stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import db as studio_db
+from app import storage as studio_storage
+from app.jobs import lease
+from app.models import Job
+from app.storage import Storage
+from worker.settings import WorkerSettings, get_worker_settings
+
+log = logging.getLogger(__name__)
+
+LOSS_HISTORY_LENGTH = 200
+PREVIEWS_KEPT = 8
+
+
+class StopRun(Exception):
+    """The attempt must stop: ``reason`` is "cancelled", "lost" (lease taken over or job ended) or "deleted"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"run stopped: {reason}")
+        self.reason = reason
+
+
+@dataclass
+class WorkerContext:
+    """What a task needs from its process: settings, storage, database sessions and a worker name."""
+
+    settings: WorkerSettings
+    storage: Storage
+    sessions: sessionmaker[Session]
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A short transaction: commits when the block ends, rolls back on an exception."""
+        session = self.sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+
+def default_context() -> WorkerContext:
+    return WorkerContext(
+        settings=get_worker_settings(), storage=studio_storage.get_storage(), sessions=studio_db.get_sessionmaker()
+    )
+
+
+def claim_job(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
+    """The lease token, or None after logging why this delivery has nothing to do."""
+    with ctx.transaction() as session:
+        token = lease.claim(session, job_id, ctx.worker_id, ctx.settings.lease_seconds)
+    if token is not None:
+        log.info("job %s claimed by %s", job_id, ctx.worker_id)
+        return token
+    with ctx.transaction() as session:
+        if lease.fail_if_exhausted(session, job_id, ctx.settings.lease_seconds):
+            log.warning("job %s failed: attempts exhausted", job_id)
+            return None
+        job = session.get(Job, job_id)
+        if job is None:
+            log.info("job %s no longer exists; nothing to do", job_id)
+        else:
+            log.info("job %s not claimable (status %s, attempt %d/%d, cancel %s); duplicate or stale delivery",
+                     job_id, job.status, job.attempts, job.max_attempts, job.cancel_requested)
+    return None
+
+
+class LeasedAttempt:
+    """The state of one claimed attempt; use as a context manager to run the heartbeat thread."""
+
+    def __init__(self, ctx: WorkerContext, job: Job, token: str) -> None:
+        self.ctx = ctx
+        self.job_id = job.id
+        self.owner_id = job.owner_id
+        self.subject_id = job.subject_id
+        self.attempt = job.attempts
+        self.token = token
+        self.details: dict[str, Any] = dict(job.details or {})
+        self.details["attempt"] = job.attempts
+        self.preview_keys: list[str] = list(job.preview_keys or [])
+        self.stage = job.stage
+        self.uploaded: list[str] = []  # keys this attempt wrote that no committed row refers to yet
+        self.referenced: set[str] = set()  # keys the next successful progress write will refer to
+        self._stop_reason: str | None = None
+        self._lock = threading.Lock()
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._last_cancel_poll = 0.0
+        self._last_write = 0.0
+        self._pending_values: dict[str, Any] = {}
+
+    # -- heartbeat -----------------------------------------------------------------------------
+
+    def __enter__(self) -> LeasedAttempt:
+        self._heartbeat_thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id}", daemon=True)
+        self._heartbeat_thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._heartbeat_stop.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=30)
+
+    def _beat(self) -> None:
+        interval = max(0.1, float(self.ctx.settings.heartbeat_seconds))
+        while not self._heartbeat_stop.wait(interval):
+            try:
+                with self.ctx.transaction() as session:
+                    alive = lease.heartbeat(session, self.job_id, self.token)
+            except SQLAlchemyError:
+                # The database may be briefly away; the lease survives until it goes stale.
+                log.warning("heartbeat of job %s failed; retrying", self.job_id, exc_info=True)
+                continue
+            if not alive:
+                self._stop(self.why_lost())
+                log.warning("job %s: lease lost (heartbeat); stopping this attempt", self.job_id)
+                return
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def _stop(self, reason: str) -> None:
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = reason
+
+    def why_lost(self) -> str:
+        """A fenced write lost: "deleted" when the job row is gone, else "lost"."""
+        try:
+            with self.ctx.transaction() as session:
+                reason = lease.should_stop(session, self.job_id, self.token)
+        except SQLAlchemyError:
+            return "lost"
+        return "deleted" if reason == "deleted" else "lost"
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    def check_stop(self) -> str | None:
+        """Why the attempt must stop, reading the database at most every ``cancel_poll_seconds``."""
+        if self._stop_reason is not None:
+            return self._stop_reason
+        now = time.monotonic()
+        if now - self._last_cancel_poll >= self.ctx.settings.cancel_poll_seconds:
+            self._last_cancel_poll = now
+            try:
+                with self.ctx.transaction() as session:
+                    reason = lease.should_stop(session, self.job_id, self.token)
+            except SQLAlchemyError:
+                log.warning("cancel check of job %s failed; going on", self.job_id, exc_info=True)
+                reason = None
+            if reason is not None:
+                self._stop(reason)
+        return self._stop_reason
+
+    def should_cancel(self) -> bool:
+        """The engine's cancel check."""
+        return self.check_stop() is not None
+
+    def raise_if_stopped(self) -> None:
+        reason = self.check_stop()
+        if reason is not None:
+            raise StopRun(reason)
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def write(self, force: bool = False, **values: Any) -> None:
+        """Record progress columns; written under the lease now or at the next throttle tick.
+
+        ``details`` and ``preview_keys`` are taken from this object. Raises StopRun when the lease was lost.
+        """
+        self._pending_values.update(values)
+        if "stage" in values and values["stage"] != self.stage:
+            self.stage = values["stage"]
+            force = True
+        now = time.monotonic()
+        if not force and now - self._last_write < self.ctx.settings.progress_write_seconds:
+            return
+        self.flush()
+
+    def flush(self) -> None:
+        values = {**self._pending_values, "details": dict(self.details), "preview_keys": list(self.preview_keys)}
+        try:
+            with self.ctx.transaction() as session:
+                won = lease.update_progress(session, self.job_id, self.token, **values)
+        except SQLAlchemyError:
+            log.warning("progress write of job %s failed; will retry with the next event", self.job_id, exc_info=True)
+            return
+        self._pending_values.clear()
+        self._last_write = time.monotonic()
+        if not won:
+            self._stop(self.why_lost())
+            raise StopRun(self._stop_reason or "lost")
+        self.forget_uploads(list(self.referenced))
+        self.referenced.clear()
+
+    def record_loss(self, loss: float | None) -> None:
+        if loss is None:
+            return
+        history = list(self.details.get("loss_history", []))
+        history.append(round(float(loss), 6))
+        self.details["loss_history"] = history[-LOSS_HISTORY_LENGTH:]
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def upload(self, key: str, path: Path, content_type: str = "application/octet-stream") -> str:
+        self.ctx.storage.put_file(key, path, content_type)
+        self.uploaded.append(key)
+        return key
+
+    def upload_folder(self, prefix: str, folder: Path) -> list[str]:
+        """Upload every file under ``folder`` to ``prefix`` + its relative path."""
+        keys = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            keys.append(self.upload(prefix + path.relative_to(folder).as_posix(), path))
+        return keys
+
+    def forget_uploads(self, keys: list[str]) -> None:
+        """``keys`` are now referenced by committed rows: no longer this attempt's to clean up."""
+        published = set(keys)
+        self.uploaded = [key for key in self.uploaded if key not in published]
+
+    def remove_uploads(self, keep: Callable[[str], bool] = lambda key: False) -> None:
+        """Delete what this attempt uploaded and did not publish (except keys ``keep`` accepts)."""
+        for key in self.uploaded:
+            if keep(key):
+                continue
+            try:
+                self.ctx.storage.delete(key)
+            except Exception:
+                log.warning("could not delete %s of job %s", key, self.job_id, exc_info=True)
+        self.uploaded = [key for key in self.uploaded if keep(key)]
+
+
+def download_prefix(storage: Storage, prefix: str, folder: Path) -> list[Path]:
+    """Download every object under ``prefix`` into ``folder`` (keeping relative paths)."""
+    paths = []
+    for key in storage.list(prefix):
+        target = folder / key[len(prefix):]
+        storage.download_to(key, target)
+        paths.append(target)
+    return paths
+
+
+def delete_keys(storage: Storage, keys: list[str]) -> None:
+    for key in keys:
+        try:
+            storage.delete(key)
+        except Exception:
+            log.warning("could not delete %s", key, exc_info=True)
