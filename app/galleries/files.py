@@ -1,0 +1,64 @@
+"""Answering with a stored file: a redirect to a short-lived signed URL when the backend has one (S3),
+else the bytes streamed chunk by chunk. Only ever called after the route checked the owner."""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import quote
+
+from fastapi import HTTPException, status
+from fastapi.responses import RedirectResponse, StreamingResponse
+from starlette.responses import Response
+
+from app.config import Settings
+from app.galleries import service
+from app.galleries.service import open_chunks
+from app.models import GeneratedImage, Subject
+from app.storage import ObjectNotFound, Storage
+
+Disposition = Literal["inline", "attachment"]
+# Generated images never change under a key, so a browser may keep them; "private": never a shared cache.
+IMAGE_CACHE_CONTROL = "private, max-age=3600"
+
+
+def content_disposition(disposition: Disposition, filename: str) -> str:
+    """The header for ``filename``, with an RFC 5987 form for names that are not plain ASCII."""
+    ascii_name = filename.encode("ascii", "ignore").decode("ascii").replace('"', "").replace("\\", "") or "download"
+    return f"{disposition}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
+
+
+def file_response(
+    storage: Storage,
+    settings: Settings,
+    key: str,
+    media_type: str,
+    filename: str,
+    disposition: Disposition = "inline",
+    cache_control: str = IMAGE_CACHE_CONTROL,
+) -> Response:
+    """A 307 to the backend's signed URL, or a streamed body; 404 when the object is gone."""
+    signed = storage.presigned_url(key, settings.signed_url_seconds, filename if disposition == "attachment" else None)
+    if signed:
+        return RedirectResponse(signed, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+    try:
+        chunks = open_chunks(storage, key)
+    except ObjectNotFound:
+        raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="The file is no longer stored.") from None
+    headers = {
+        "Content-Disposition": content_disposition(disposition, filename),
+        "Cache-Control": cache_control,
+        "X-Content-Type-Options": "nosniff",
+    }
+    return StreamingResponse(chunks, media_type=media_type, headers=headers)
+
+
+def zip_response(storage: Storage, subject: Subject, images: list[GeneratedImage]) -> StreamingResponse:
+    """The gallery as a streamed ZIP. The entries are plain data made now: the database session is
+    closed by the time the body streams."""
+    entries = service.zip_entries(subject, images)
+    body = service.iter_zip(storage, entries, service.zip_about(subject))
+    headers = {
+        "Content-Disposition": content_disposition("attachment", service.zip_filename(subject)),
+        "Cache-Control": "no-store",
+    }
+    return StreamingResponse(body, media_type="application/zip", headers=headers)

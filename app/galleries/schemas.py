@@ -1,0 +1,89 @@
+"""What the gallery API takes and returns."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from app.jobs.schemas import JobStatus
+from app.models import GeneratedImage
+
+
+class Scores(BaseModel):
+    """Likeness scores from the worker (null when it did not score): DINO and CLIP image similarity to the
+    photos, CLIP text similarity to the prompt."""
+
+    dino: float | None
+    clip_i: float | None
+    clip_t: float | None
+
+
+class ImageOut(BaseModel):
+    id: uuid.UUID
+    subject_id: uuid.UUID
+    job_id: uuid.UUID
+    prompt: str = Field(description='the prompt the model saw, e.g. "a photo of qzx dog on the beach"')
+    prompt_template: str = Field(description='the prompt as written, with {subject}')
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    scores: Scores
+    rank: int | None = Field(description="1 is the best likeness among the studio's images; null when unscored")
+    favourite: bool
+    created_at: datetime
+    file_url: str
+
+    @classmethod
+    def of(cls, image: GeneratedImage) -> ImageOut:
+        return cls(
+            id=image.id,
+            subject_id=image.subject_id,
+            job_id=image.job_id,
+            prompt=image.prompt,
+            prompt_template=image.prompt_template,
+            seed=image.seed,
+            steps=image.steps,
+            guidance=image.guidance,
+            width=image.width,
+            height=image.height,
+            scores=Scores(dino=image.dino, clip_i=image.clip_i, clip_t=image.clip_t),
+            rank=image.rank,
+            favourite=image.favourite,
+            created_at=image.created_at,
+            file_url=f"/api/v1/images/{image.id}/file",
+        )
+
+
+class ImageGroup(BaseModel):
+    prompt_template: str
+    readable_prompt: str = Field(description="the template with {subject} replaced by the studio's name")
+    images: list[ImageOut]
+
+
+class ImageList(BaseModel):
+    subject_id: uuid.UUID
+    count: int
+    images: list[ImageOut] = Field(description="every image, in the requested order")
+    groups: list[ImageGroup] | None = Field(default=None, description="the same images by prompt, with ?grouped=true")
+
+
+class FavouriteUpdate(BaseModel):
+    favourite: bool
+
+
+class GenerateRequest(BaseModel):
+    prompts: list[str] = Field(
+        min_length=1,
+        max_length=100,
+        description='new prompts; use {subject} where the subject goes ("a photo of {subject} in the snow"). '
+        "A prompt without it gets \"a photo of {subject}, \" in front.",
+    )
+    images_per_prompt: int = Field(default=4, ge=1, le=100)
+
+
+class GenerateAccepted(BaseModel):
+    job: JobStatus

@@ -1,0 +1,353 @@
+"""Rules of the gallery: grouping by prompt, download names, favourites, "generate more" and the ZIP export.
+
+Services flush, never commit: the request's session dependency owns the transaction.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.jobs import repository as job_repository
+from app.models import GeneratedImage, GenerationRequest, Job, Subject, utcnow
+from app.storage import ObjectNotFound, Storage
+from worker.engine.prompts import SUBJECT_PLACEHOLDER, normalize_free_prompt
+
+MAX_PROMPT_CHARS = 300
+SLUG_MAX_CHARS = 60
+# Leading words every prompt shares; dropped from file names so "a photo of {subject} on the beach"
+# names its files "rex-on-the-beach-1.png".
+_BOILERPLATE = re.compile(r"^(a|an)\s+(photo|picture|image)\s+of\s+", re.IGNORECASE)
+
+
+class GalleryError(Exception):
+    """A request the gallery refuses; the message is a sentence for the person."""
+
+
+class InvalidGenerationRequest(GalleryError):
+    """The prompts or the image count are not acceptable (422)."""
+
+
+class GenerationNotPossible(GalleryError):
+    """The studio cannot generate now: not trained yet, or a job is running (409)."""
+
+
+class TooManyActiveJobs(GalleryError):
+    """The account already has its maximum of queued and running jobs (429)."""
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+
+def slugify(text: str, fallback: str = "image") -> str:
+    """Lowercase ASCII words joined by dashes, at most 60 characters: safe in any file system or header."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    if len(slug) > SLUG_MAX_CHARS:
+        slug = slug[:SLUG_MAX_CHARS].rsplit("-", 1)[0] or slug[:SLUG_MAX_CHARS]
+    return slug or fallback
+
+
+def readable_prompt(template: str, subject_name: str) -> str:
+    """The prompt template with ``{subject}`` replaced by the subject's name: "a photo of Rex on the beach"."""
+    return template.replace(SUBJECT_PLACEHOLDER, subject_name)
+
+
+def prompt_parts(template: str) -> list[str]:
+    """The template split around ``{subject}``, so a page can show the subject as a highlighted chip."""
+    return template.split(SUBJECT_PLACEHOLDER)
+
+
+def prompt_slug(template: str, subject_name: str) -> str:
+    """"a photo of {subject} on the beach" with name "Rex" → "rex-on-the-beach"."""
+    return slugify(_BOILERPLATE.sub("", readable_prompt(template, subject_name).strip()))
+
+
+def download_filename(subject: Subject, image: GeneratedImage, position: int) -> str:
+    """The file name of a single download: "rex-on-the-beach-3.png"."""
+    return f"{prompt_slug(image.prompt_template, subject.name)}-{position}.png"
+
+
+# --- the gallery ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptGroup:
+    """The images of one prompt, in the order the gallery shows them."""
+
+    template: str
+    readable: str
+    parts: list[str]
+    slug: str
+    images: list[GeneratedImage] = field(default_factory=list)
+
+
+def positions_by_image(images: Iterable[GeneratedImage]) -> dict[Any, int]:
+    """Each image's 1-based position among the images of its prompt, oldest first (stable names)."""
+    counters: dict[str, int] = {}
+    positions: dict[Any, int] = {}
+    for image in sorted(images, key=lambda item: (item.created_at, item.seed, str(item.id))):
+        counters[image.prompt_template] = counters.get(image.prompt_template, 0) + 1
+        positions[image.id] = counters[image.prompt_template]
+    return positions
+
+
+def group_by_prompt(subject: Subject, images: list[GeneratedImage]) -> list[PromptGroup]:
+    """Images grouped by prompt template. Groups come in the order their first image was made;
+    inside a group the images keep the order they were given in (by likeness or by time)."""
+    first_made: dict[str, tuple[datetime, int]] = {}
+    for image in images:
+        key = (image.created_at, image.seed)
+        if image.prompt_template not in first_made or key < first_made[image.prompt_template]:
+            first_made[image.prompt_template] = key
+    groups: dict[str, PromptGroup] = {}
+    for image in images:
+        group = groups.get(image.prompt_template)
+        if group is None:
+            template = image.prompt_template
+            group = PromptGroup(
+                template=template,
+                readable=readable_prompt(template, subject.name),
+                parts=prompt_parts(template),
+                slug=prompt_slug(template, subject.name),
+            )
+            groups[template] = group
+        group.images.append(image)
+    return sorted(groups.values(), key=lambda group: first_made[group.template])
+
+
+def has_scores(images: Iterable[GeneratedImage]) -> bool:
+    return any(image.rank is not None for image in images)
+
+
+def set_favourite(session: Session, image: GeneratedImage, favourite: bool) -> None:
+    image.favourite = favourite
+    session.flush()
+
+
+# --- generate more --------------------------------------------------------------------------------
+
+
+def clean_prompts(raw_prompts: Iterable[str], settings: Settings) -> list[str]:
+    """The prompts as templates with ``{subject}``: blank lines dropped, duplicates removed, limits checked."""
+    prompts: list[str] = []
+    for raw in raw_prompts:
+        if not raw or not raw.strip():
+            continue
+        template = normalize_free_prompt(raw)
+        if len(template) > MAX_PROMPT_CHARS:
+            raise InvalidGenerationRequest(
+                f"The prompt {raw.strip()[:40]!r}... is too long: at most {MAX_PROMPT_CHARS} characters."
+            )
+        if template not in prompts:
+            prompts.append(template)
+    if not prompts:
+        raise InvalidGenerationRequest("Write at least one prompt, for example: a photo of {subject} in the snow.")
+    if len(prompts) > settings.max_prompts:
+        raise InvalidGenerationRequest(f"At most {settings.max_prompts} prompts at a time; {len(prompts)} given.")
+    return prompts
+
+
+def request_generation(
+    session: Session,
+    settings: Settings,
+    subject: Subject,
+    raw_prompts: Iterable[str],
+    images_per_prompt: int,
+) -> Job:
+    """Queue a "generate more" job on a trained subject: a GenerationRequest, a Job, and the task.
+
+    The task "generation.run" is sent only after the transaction commits (app.queue). Raises
+    InvalidGenerationRequest, GenerationNotPossible or TooManyActiveJobs with a sentence to show.
+    """
+    from app.queue import enqueue  # imported here: app.queue pulls in the Celery producer lazily
+
+    if subject.weights_key is None:
+        raise GenerationNotPossible("This studio has no trained model yet: wait for training to finish.")
+    if job_repository.active_job_of_subject(session, subject.id) is not None:
+        raise GenerationNotPossible("This studio already has a job in progress: wait for it to finish.")
+    if not 1 <= images_per_prompt <= settings.max_images_per_prompt:
+        raise InvalidGenerationRequest(
+            f"Images per prompt must be between 1 and {settings.max_images_per_prompt}; {images_per_prompt} given."
+        )
+    prompts = clean_prompts(raw_prompts, settings)
+    if job_repository.count_active_jobs_of_owner(session, subject.owner_id) >= settings.max_active_jobs_per_user:
+        raise TooManyActiveJobs(
+            f"You already have {settings.max_active_jobs_per_user} jobs in progress: wait for one to finish."
+        )
+    job = Job(
+        subject_id=subject.id,
+        owner_id=subject.owner_id,
+        kind="generate",
+        status="queued",
+        stage="queued",
+        max_attempts=settings.max_attempts,
+        details={"images_done": 0, "images_total": len(prompts) * images_per_prompt},
+    )
+    session.add(job)
+    session.flush()
+    session.add(
+        GenerationRequest(subject_id=subject.id, job_id=job.id, prompts=prompts, images_per_prompt=images_per_prompt)
+    )
+    session.flush()
+    enqueue(session, "generation.run", job_id=str(job.id))
+    return job
+
+
+# --- the ZIP export -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One image of the archive: where it comes from and what it is called inside."""
+
+    storage_key: str
+    name: str
+    manifest: dict[str, Any]
+
+
+def zip_entries(subject: Subject, images: list[GeneratedImage]) -> list[ZipEntry]:
+    """Plain data for :func:`iter_zip`, built before the response streams (the DB session is gone by then).
+
+    Entries are "<prompt-slug>/<n>.png" with n counted per prompt, oldest first. The prompt made first
+    keeps the plain folder name; a later prompt with the same slug gets "-2", "-3".
+    """
+    used: set[str] = set()
+    positions = positions_by_image(images)
+    chronological = sorted(images, key=lambda item: (item.created_at, item.seed, str(item.id)))
+    entries: list[ZipEntry] = []
+    for group in group_by_prompt(subject, chronological):
+        folder, suffix = group.slug, 2
+        while folder in used:
+            folder, suffix = f"{group.slug}-{suffix}", suffix + 1
+        used.add(folder)
+        entries.extend(_zip_entry(image, f"{folder}/{positions[image.id]}.png") for image in group.images)
+    return entries
+
+
+def _zip_entry(image: GeneratedImage, name: str) -> ZipEntry:
+    return ZipEntry(
+        storage_key=image.storage_key,
+        name=name,
+        manifest={
+            "file": name,
+            "prompt": image.prompt,
+            "prompt_template": image.prompt_template,
+            "seed": image.seed,
+            "steps": image.steps,
+            "guidance": image.guidance,
+            "width": image.width,
+            "height": image.height,
+            "scores": {"dino": image.dino, "clip_i": image.clip_i, "clip_t": image.clip_t},
+            "rank": image.rank,
+            "favourite": image.favourite,
+            "created_at": image.created_at.isoformat(),
+        },
+    )
+
+
+class _ChunkSink(io.RawIOBase):
+    """A write-only, unseekable file that hands what was written to the generator, chunk by chunk.
+
+    zipfile sees that it cannot seek and writes each entry's sizes and CRC in a data descriptor
+    after the data, so nothing has to be buffered to patch a header afterwards.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parts: list[bytes] = []
+        self._offset = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self._parts.append(chunk)
+        self._offset += len(chunk)
+        return len(chunk)
+
+    def tell(self) -> int:
+        return self._offset
+
+    def drain(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+
+def open_chunks(storage: Storage, key: str) -> Iterator[bytes]:
+    """The object's chunks; raises ObjectNotFound *now*, not after a response has started streaming."""
+    chunks = storage.iter_chunks(key)
+    try:
+        first = next(chunks)
+    except StopIteration:
+        return iter(())
+
+    def rest() -> Iterator[bytes]:
+        yield first
+        yield from chunks
+
+    return rest()
+
+
+def iter_zip(storage: Storage, entries: list[ZipEntry], about: dict[str, Any]) -> Iterator[bytes]:
+    """A ZIP archive of ``entries`` plus a manifest.json, produced piece by piece.
+
+    Memory stays flat however large the gallery: each image is read with ``storage.iter_chunks`` and
+    every chunk leaves as soon as zipfile has framed it. Images are stored (PNGs do not compress);
+    ZIP64 records are written when the archive passes 4 GiB or 65,535 entries. ``about`` goes into the
+    manifest next to the list of images.
+    """
+    import zipfile
+
+    sink = _ChunkSink()
+    included: list[dict[str, Any]] = []
+    missing: list[str] = []
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for entry in entries:
+            try:
+                chunks = open_chunks(storage, entry.storage_key)
+            except ObjectNotFound:
+                # Deleted while the archive was being written: leave it out and say so in the manifest.
+                missing.append(entry.name)
+                continue
+            info = zipfile.ZipInfo(entry.name, date_time=utcnow().timetuple()[:6])
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o644 << 16
+            with archive.open(info, mode="w") as target:
+                for chunk in chunks:
+                    target.write(chunk)
+                    if data := sink.drain():
+                        yield data
+            if data := sink.drain():
+                yield data
+            included.append(entry.manifest)
+        manifest = {**about, "images": included, "missing": missing}
+        archive.writestr("manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
+    yield sink.drain()
+
+
+def zip_filename(subject: Subject) -> str:
+    return f"{slugify(subject.name, fallback='studio')}-gallery.zip"
+
+
+def zip_about(subject: Subject) -> dict[str, Any]:
+    """The manifest's header: which studio, when."""
+    return {
+        "studio": subject.name,
+        "kind": subject.kind,
+        "class_noun": subject.class_noun,
+        "identifier": subject.identifier,
+        "base_model": subject.base_model,
+        "exported_at": utcnow().isoformat(),
+    }
