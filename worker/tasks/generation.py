@@ -105,6 +105,7 @@ def _generate(ctx: WorkerContext, engine: Engine, attempt: LeasedAttempt, job: J
     attempt.write(stage="publishing", step=0, total=len(records), force=True)
     images = [_store(attempt, job, subject, record, request.prompts) for record in records]
     attempt.details.update({"images_done": len(images), "images_total": len(images)})
+    attempt.stop_heartbeat()
     with ctx.transaction() as session:
         won = lease.finish(session, job.id, attempt.token, "done", stage="finished", step=len(images),
                            total=len(images), details=dict(attempt.details), preview_keys=list(attempt.preview_keys))

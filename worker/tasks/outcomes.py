@@ -61,6 +61,7 @@ def job_files_prefix(attempt: LeasedAttempt) -> str:
 
 def end_failed(attempt: LeasedAttempt, reason: str) -> str:
     """Mark the job failed (fenced) and remove the attempt's unpublished files and checkpoints."""
+    attempt.stop_heartbeat()
     with attempt.ctx.transaction() as session:
         won = lease.finish(session, attempt.job_id, attempt.token, "failed", failure_reason=reason,
                            details=dict(attempt.details), preview_keys=list(attempt.preview_keys))
@@ -76,6 +77,7 @@ def end_stopped(attempt: LeasedAttempt, reason: str) -> str:
     """End an attempt that was told to stop: cancelled, lost its lease, or its job was deleted."""
     storage = attempt.ctx.storage
     if reason == "cancelled":
+        attempt.stop_heartbeat()
         with attempt.ctx.transaction() as session:
             won = lease.finish(session, attempt.job_id, attempt.token, "cancelled", details=dict(attempt.details),
                                preview_keys=[])

@@ -133,8 +133,12 @@ class LeasedAttempt:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop_heartbeat()
+
+    def stop_heartbeat(self) -> None:
+        """Stop renewing the lease: called just before the attempt ends the job."""
         self._heartbeat_stop.set()
-        if self._heartbeat_thread is not None:
+        if self._heartbeat_thread is not None and self._heartbeat_thread is not threading.current_thread():
             self._heartbeat_thread.join(timeout=30)
 
     def _beat(self) -> None:

@@ -274,6 +274,7 @@ class _TrainingRun:
                                 result.identifier})
         attempt.details.pop("checkpoint", None)
         now = utcnow()
+        attempt.stop_heartbeat()
         with self.ctx.transaction() as session:
             won = lease.finish(session, job.id, attempt.token, "done", stage="finished", step=len(images),
                                total=len(images), details=dict(attempt.details),

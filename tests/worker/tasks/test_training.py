@@ -1,0 +1,250 @@
+"""The training task's attempt logic with a fake engine: publish, cancel, lease loss, resume, failures."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.jobs import lease
+from app.models import GeneratedImage, Job, Photo, PriorBank, Subject, utcnow
+from app.storage import LocalStorage
+from app.storage.base import subject_prefix
+from tests.worker.factories import make_job, make_subject, make_user
+from tests.worker.fakes import FakeEngine
+from worker.engine.errors import EngineInputError, TrainingDiverged
+from worker.tasks.runtime import WorkerContext
+from worker.tasks.training import rank_images, run_training_job
+
+
+class WorkerDied(BaseException):
+    """Stands for SIGKILL: not an Exception, so no handler of the task catches it."""
+
+
+def new_job(ctx: WorkerContext, storage: LocalStorage, **subject_fields: object) -> Job:
+    with ctx.transaction() as session:
+        subject = make_subject(session, storage, make_user(session), **subject_fields)  # type: ignore[arg-type]
+        job = make_job(session, subject)
+    return job
+
+
+def load(ctx: WorkerContext, job: Job) -> tuple[Job, Subject | None, list[GeneratedImage], list[Photo]]:
+    with ctx.transaction() as session:
+        fresh = session.get(Job, job.id)
+        assert fresh is not None
+        subject = session.get(Subject, job.subject_id)
+        images = list(session.execute(select(GeneratedImage).where(GeneratedImage.job_id == job.id)).scalars())
+        photos = list(session.execute(select(Photo).where(Photo.subject_id == job.subject_id)).scalars())
+    return fresh, subject, images, photos
+
+
+def subject_files(storage: LocalStorage, job: Job, folder: str = "") -> list[str]:
+    return storage.list(subject_prefix(job.owner_id, job.subject_id) + folder)
+
+
+def test_a_job_runs_to_done_and_publishes_images_weights_and_facts(ctx: WorkerContext, storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+    assert run_training_job(job.id, ctx=ctx, engine=FakeEngine()) == "done"
+    done, subject, images, photos = load(ctx, job)
+    assert (done.status, done.stage, done.attempts) == ("done", "finished", 1)
+    assert done.finished_at is not None and done.failure_reason is None
+    assert len(images) == 2 and all(storage.exists(image.storage_key) for image in images)
+    assert {image.prompt_template for image in images} == {"a photo of {subject} on the beach",
+                                                          "a photo of {subject} in the snow"}
+    assert sorted(image.rank for image in images if image.rank is not None) == [1, 2]
+    assert all(image.width == 24 and image.dino is not None for image in images)
+    assert subject is not None and subject.identifier == "qzx" and subject.base_model == "tiny"
+    assert subject.weights_key and storage.exists(subject.weights_key + "pytorch_lora_weights.safetensors")
+    assert not [key for key in storage.list(subject.weights_key) if "checkpoints" in key]
+    details = done.details
+    assert details["prior_generated"] == 3 and details["prior_reused"] == 0
+    assert details["demo_model"] is True and details["base_model"] == "tiny"
+    assert details["loss_history"] == pytest.approx([1.0 / step for step in range(1, 7)], abs=1e-5)
+    assert details["images_done"] == details["images_total"] == 2
+    # Photos are removed after training (files and rows); checkpoints are gone; previews stay listed.
+    assert photos == [] and subject.photos_deleted_at is not None
+    assert subject_files(storage, job, "photos/") == []
+    assert subject_files(storage, job, f"jobs/{job.id}/checkpoint/") == []
+    assert done.preview_keys and all(storage.exists(key) for key in done.preview_keys)
+    # The prior bank went to storage with its row; the scratch folder is gone.
+    bank_keys = storage.list("priors/")
+    assert sum(key.endswith(".png") for key in bank_keys) == 3
+    assert not (ctx.settings.scratch_dir / str(job.id)).exists()
+
+
+def test_a_second_studio_of_the_same_class_reuses_the_bank_from_storage(ctx: WorkerContext, storage: LocalStorage,
+                                                                         tmp_path: object) -> None:
+    first = new_job(ctx, storage)
+    assert run_training_job(first.id, ctx=ctx, engine=FakeEngine()) == "done"
+    # Another worker: an empty local cache, the same storage and database.
+    other = WorkerContext(settings=ctx.settings.model_copy(update={"prior_cache_dir": ctx.settings.var_dir / "w2"}),
+                          storage=ctx.storage, sessions=ctx.sessions, worker_id="w2")
+    second = new_job(ctx, storage)
+    assert run_training_job(second.id, ctx=other, engine=FakeEngine()) == "done"
+    done, *_ = load(ctx, second)
+    assert done.details["prior_generated"] == 0 and done.details["prior_reused"] == 3
+    with ctx.transaction() as session:
+        banks = list(session.execute(select(PriorBank)).scalars())
+    assert len(banks) == 1 and banks[0].image_count == 3 and banks[0].class_prompt == "a photo of a dog"
+
+
+def test_cancel_during_training_ends_cancelled_and_removes_partial_files(ctx: WorkerContext,
+                                                                         storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+
+    def request_cancel(step: int) -> None:
+        if step == 4:
+            with ctx.transaction() as session:
+                found = session.get(Job, job.id)
+                assert found is not None
+                found.cancel_requested = True
+
+    engine = FakeEngine(steps=20, on_step=request_cancel)
+    assert run_training_job(job.id, ctx=ctx, engine=engine) == "cancelled"
+    cancelled, subject, images, photos = load(ctx, job)
+    assert cancelled.status == "cancelled" and cancelled.step <= 5
+    assert images == [] and cancelled.preview_keys == []
+    assert subject_files(storage, job, f"jobs/{job.id}/") == []
+    assert not [key for key in subject_files(storage, job) if "/weights/" in key or "/images/" in key]
+    assert len(photos) == 4  # nothing was trained, so the photos stay
+    assert not (ctx.settings.scratch_dir / str(job.id)).exists()
+
+
+def test_an_attempt_that_lost_its_lease_publishes_nothing(ctx: WorkerContext, storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+    thief: list[str] = []
+
+    def steal(step: int) -> None:
+        if step == 3:
+            with ctx.transaction() as session:
+                found = session.get(Job, job.id)
+                assert found is not None
+                found.heartbeat_at = utcnow().replace(year=2000)
+            with ctx.transaction() as session:
+                token = lease.claim(session, job.id, "thief", ctx.settings.lease_seconds)
+            assert token is not None
+            thief.append(token)
+
+    assert run_training_job(job.id, ctx=ctx, engine=FakeEngine(steps=10, on_step=steal)) == "lost"
+    stolen, subject, images, photos = load(ctx, job)
+    assert (stolen.status, stolen.lease_token, stolen.attempts) == ("running", thief[0], 2)
+    assert images == [] and subject is not None and subject.weights_key is None and len(photos) == 4
+    assert not [key for key in subject_files(storage, job) if "/weights/" in key or "/images/" in key]
+    # What the first attempt recorded before it lost (its checkpoint) stays for the new holder.
+    checkpoint = stolen.details["checkpoint"]
+    assert storage.list(checkpoint["prefix"])
+
+
+def test_a_job_resumes_from_its_checkpoint_after_its_worker_died(ctx: WorkerContext, storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+
+    def die(step: int) -> None:
+        if step == 5:
+            raise WorkerDied()
+
+    with pytest.raises(WorkerDied):
+        run_training_job(job.id, ctx=ctx, engine=FakeEngine(steps=8, on_step=die))
+    # The scratch folder went with the "worker"; the checkpoint of step 4 is in storage.
+    assert not (ctx.settings.scratch_dir / str(job.id)).exists()
+    with ctx.transaction() as session:
+        found = session.get(Job, job.id)
+        assert found is not None and found.details["checkpoint"]["step"] == 4
+        found.heartbeat_at = utcnow().replace(year=2000)  # the lease went stale
+    engine = FakeEngine(steps=8)
+    assert run_training_job(job.id, ctx=ctx, engine=engine) == "done"
+    assert engine.started_at_steps == [4]
+    done, _, images, _ = load(ctx, job)
+    assert done.attempts == 2 and done.details["resumed_from"] == 4 and len(images) == 2
+    assert "checkpoint" not in done.details
+    assert subject_files(storage, job, f"jobs/{job.id}/checkpoint/") == []
+
+
+def test_a_duplicate_delivery_exits_at_the_claim(ctx: WorkerContext, storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+    with ctx.transaction() as session:
+        assert lease.claim(session, job.id, "live-worker", ctx.settings.lease_seconds)
+    engine = FakeEngine()
+    assert run_training_job(job.id, ctx=ctx, engine=engine) == "skipped"
+    assert engine.calls == []
+    running, *_ = load(ctx, job)
+    assert running.attempts == 1 and running.status == "running"
+
+
+def test_a_delivery_after_the_last_attempt_ends_the_job_failed(ctx: WorkerContext, storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+    with ctx.transaction() as session:
+        found = session.get(Job, job.id)
+        assert found is not None
+        found.status, found.attempts, found.heartbeat_at = "running", 3, utcnow().replace(year=2000)
+    assert run_training_job(job.id, ctx=ctx, engine=FakeEngine()) == "skipped"
+    failed, *_ = load(ctx, job)
+    assert failed.status == "failed" and "stopped unexpectedly 3 times" in (failed.failure_reason or "")
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (EngineInputError("photo 2 is too blurry"), "Some photos could not be used: photo 2 is too blurry"),
+        (TrainingDiverged("nan"), "Training diverged (the loss became NaN); try the fast preset or fewer steps."),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "The GPU ran out of memory"),
+        (ValueError("something internal"), "Something went wrong in the worker"),
+    ],
+)
+def test_failures_end_with_a_reason_a_person_understands(ctx: WorkerContext, storage: LocalStorage,
+                                                         error: BaseException, reason: str) -> None:
+    job = new_job(ctx, storage)
+    assert run_training_job(job.id, ctx=ctx, engine=FakeEngine(steps=6, fail_with=error)) == "failed"
+    failed, subject, images, photos = load(ctx, job)
+    assert failed.status == "failed" and (failed.failure_reason or "").startswith(reason)
+    assert images == [] and len(photos) == 4 and subject is not None and subject.weights_key is None
+    assert subject_files(storage, job, f"jobs/{job.id}/checkpoint/") == []
+    assert not (ctx.settings.scratch_dir / str(job.id)).exists()
+
+
+def test_missing_photos_fail_the_job_clearly(ctx: WorkerContext, storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+    storage.delete_prefix(subject_prefix(job.owner_id, job.subject_id) + "photos/")
+    assert run_training_job(job.id, ctx=ctx, engine=FakeEngine()) == "failed"
+    failed, *_ = load(ctx, job)
+    assert "photos are no longer available" in (failed.failure_reason or "")
+
+
+def test_deleting_the_subject_mid_run_stops_the_worker_and_leaves_no_file(ctx: WorkerContext,
+                                                                          storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+
+    def delete_now(step: int) -> None:
+        if step == 3:
+            from app.subjects.deletion import delete_subject
+
+            with ctx.transaction() as session:
+                subject = session.get(Subject, job.subject_id)
+                assert subject is not None
+                delete_subject(session, storage, subject)
+
+    from app import queue
+
+    queue.set_sender(lambda *args: None)
+    try:
+        outcome = run_training_job(job.id, ctx=ctx, engine=FakeEngine(steps=10, on_step=delete_now))
+    finally:
+        queue.set_sender(None)
+    assert outcome == "deleted"
+    assert subject_files(storage, job) == []
+    with ctx.transaction() as session:
+        assert session.get(Job, job.id) is None
+
+
+def test_rank_images_orders_by_likeness_and_leaves_unscored_images_unranked() -> None:
+    from tests.worker.fakes import FakeScores
+
+    scores = [FakeScores(0.2, 0.5, 0.1), FakeScores(0.9, 0.1, 0.1), FakeScores(None, None, None)]
+    assert rank_images(scores, 3) == [2, 1, 3]
+    assert rank_images([], 2) == [None, None]
+
+
+def _unused(_: Callable[[], None], __: Session, ___: uuid.UUID) -> None:  # keeps imports honest for mypy
+    return None
