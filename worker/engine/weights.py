@@ -67,7 +67,7 @@ def components(model: BaseModel) -> Components:
 
 def move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
     """``module.to(device, dtype)`` in place (diffusers' typed ``to`` wrapper confuses type checkers)."""
-    if dtype is None:
+    if dtype is None or all(p.dtype == dtype for p in module.parameters()):
         module.to(device)
     else:
         module.to(device=device, dtype=dtype)
