@@ -90,6 +90,8 @@ def get_db_session(request: Request) -> Iterator[Session]:
         session.commit()
     except BaseException:
         session.rollback()
+        # The rollback expired the cached Auth's rows; an error page re-resolves them in a new session.
+        request.state.auth = None
         raise
     finally:
         session.close()

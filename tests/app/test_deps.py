@@ -1,0 +1,134 @@
+"""The request dependencies: the transaction per request, who is asking, CSRF, form limits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.deps import ApiUser, OptionalUser, PageUser, SessionDep, parse_uuid, read_form, require_csrf
+from app.main import create_app
+from app.models import User
+
+router = APIRouter()
+
+
+@router.post("/test/users/{email}")
+def add_user(email: str, session: SessionDep, fail: bool = False) -> dict[str, str]:
+    session.add(User(email=email, password_hash="x"))
+    session.flush()
+    if fail:
+        raise HTTPException(status_code=400, detail="refused after writing")
+    return {"email": email}
+
+
+@router.get("/test/page")
+def page(user: PageUser) -> dict[str, str]:
+    return {"email": user.email}
+
+
+@router.get("/test/optional")
+def optional(user: OptionalUser) -> dict[str, str | None]:
+    return {"email": user.email if user else None}
+
+
+@router.get("/test/api")
+def api(user: ApiUser) -> dict[str, str]:
+    return {"email": user.email}
+
+
+@router.post("/test/csrf", dependencies=[Depends(require_csrf)])
+def csrf_protected() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@router.post("/test/form")
+async def form(request: Request) -> dict[str, int]:
+    parsed = await read_form(request)
+    return {"files": len(parsed.getlist("photos"))}
+
+
+@pytest.fixture
+def test_client(settings: Settings, clean_db: Engine) -> Iterator[TestClient]:
+    app: FastAPI = create_app(settings.model_copy(update={"max_photos": 3}))
+    app.include_router(router)
+    with TestClient(app) as client:
+        yield client
+
+
+def emails(engine: Engine) -> list[str]:
+    with Session(engine) as session:
+        return list(session.scalars(select(User.email)))
+
+
+def test_the_request_commits_on_success_and_rolls_back_on_error(test_client: TestClient, clean_db: Engine) -> None:
+    assert test_client.post("/test/users/kept@example.com").status_code == 200
+    assert emails(clean_db) == ["kept@example.com"]
+    assert test_client.post("/test/users/dropped@example.com?fail=true").status_code == 400
+    assert emails(clean_db) == ["kept@example.com"]
+
+
+def test_a_failed_commit_is_an_error_not_a_success(test_client: TestClient, clean_db: Engine) -> None:
+    assert test_client.post("/test/users/same@example.com").status_code == 200
+    # The unique email is only checked at flush/commit: the client must not be told it worked.
+    with pytest.raises(Exception, match="UNIQUE|unique"):
+        test_client.post("/test/users/same@example.com")
+
+
+def test_who_is_asking(
+    test_client: TestClient, make_user: Callable[..., User], login: Callable[..., TestClient],
+    api_headers: Callable[[User], dict[str, str]],
+) -> None:
+    user = make_user("who@example.com")
+    assert test_client.get("/test/optional").json() == {"email": None}
+    assert test_client.get("/test/page", follow_redirects=False).headers["location"] == "/login?next=%2Ftest%2Fpage"
+    assert test_client.get("/test/api").status_code == 401
+    # A bearer token is for the API, not for pages.
+    headers = api_headers(user)
+    assert test_client.get("/test/api", headers=headers).json() == {"email": "who@example.com"}
+    assert test_client.get("/test/page", headers=headers, follow_redirects=False).status_code == 303
+    assert test_client.get("/test/optional", headers=headers).json() == {"email": None}
+
+    login(test_client, user)
+    assert test_client.get("/test/page").json() == {"email": "who@example.com"}
+    assert test_client.get("/test/optional").json() == {"email": "who@example.com"}
+    assert test_client.get("/test/api").json() == {"email": "who@example.com"}
+
+
+def test_csrf_sources(
+    test_client: TestClient, make_user: Callable[..., User], login: Callable[..., TestClient],
+    csrf_token: Callable[[TestClient], str], api_headers: Callable[[User], dict[str, str]],
+) -> None:
+    user = make_user()
+    login(test_client, user)
+    token = csrf_token(test_client)
+    assert test_client.post("/test/csrf").status_code == 403
+    assert test_client.post("/test/csrf", headers={"X-CSRF-Token": "nope"}).status_code == 403
+    assert test_client.post("/test/csrf", headers={"X-CSRF-Token": token}).status_code == 200
+    assert test_client.post("/test/csrf", data={"csrf_token": token}).status_code == 200
+    multipart = test_client.post("/test/csrf", files={"photo": ("a.jpg", b"x")}, data={"csrf_token": token})
+    assert multipart.status_code == 200
+    # Bearer requests are exempt: a browser never adds that header by itself.
+    test_client.cookies.clear()
+    assert test_client.post("/test/csrf", headers=api_headers(user)).status_code == 200
+
+
+def test_forms_are_parsed_with_the_studios_limits(test_client: TestClient) -> None:
+    three = [("photos", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(3)]
+    assert test_client.post("/test/form", files=three).json() == {"files": 3}
+    four = [("photos", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(4)]
+    response = test_client.post("/test/form", files=four)
+    assert response.status_code == 400
+    assert "Too many files" in response.text
+    big_field = test_client.post("/test/form", data={"prompt": "x" * 70_000})
+    assert big_field.status_code == 400
+
+
+def test_parse_uuid() -> None:
+    assert parse_uuid("not-a-uuid") is None
+    assert str(parse_uuid("12345678-1234-5678-1234-567812345678")) == "12345678-1234-5678-1234-567812345678"

@@ -1,0 +1,189 @@
+"""The app as a whole: the factory, security headers, trusted hosts, the body limit, error answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from app.config import DEFAULT_SECRET_KEY, Settings
+from app.main import create_app
+from tests.app.conftest import page_context, page_template
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def client_for(settings: Settings, base_url: str = "http://testserver") -> TestClient:
+    return TestClient(create_app(settings), base_url=base_url)
+
+
+@pytest.fixture
+def small_limit_client(settings: Settings, clean_db: object) -> Iterator[TestClient]:
+    limited = settings.model_copy(update={"max_request_bytes": 2000})
+    with client_for(limited) as client:
+        yield client
+
+
+def test_web_app_does_not_import_torch() -> None:
+    code = "import app.main, sys; app.main.create_app(); print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "STUDIO_VAR_DIR": str(ROOT / "var")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_importing_main_creates_no_app() -> None:
+    import app.main as main_module
+
+    assert not hasattr(main_module, "app")
+
+
+def test_production_settings_refuse_the_default_secret() -> None:
+    with pytest.raises(ValidationError, match="STUDIO_SECRET_KEY"):
+        Settings(environment="production", secret_key=DEFAULT_SECRET_KEY)
+    with pytest.raises(ValidationError, match="at least 32"):
+        Settings(environment="production", secret_key="short")
+
+
+def test_lifespan_creates_the_var_folders(settings: Settings, clean_db: object) -> None:
+    with client_for(settings) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+    assert settings.resolved_media_dir.is_dir()
+    assert settings.scratch_dir.is_dir()
+
+
+def test_home_page_for_a_visitor_and_a_member(client: TestClient, make_user, login) -> None:  # type: ignore[no-untyped-def]
+    response = client.get("/")
+    assert response.status_code == 200
+    assert page_template(response) == "home.html"
+    assert page_context(response)["user"] is None
+    assert 'href="/signup"' in response.text
+
+    user = make_user("home@example.com")
+    login(client, user)
+    response = client.get("/")
+    assert page_context(response)["user"].id == user.id
+    assert 'href="/studios"' in response.text
+
+
+@pytest.mark.parametrize("path", ["/", "/api/v1/me", "/login", "/no-such-page", "/api/v1/no-such-route"])
+def test_security_headers_on_every_answer(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'self'" in csp
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert "frame-ancestors 'none'" in csp
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["referrer-policy"] == "same-origin"
+    assert response.headers["cache-control"] == "no-store"
+
+
+def test_static_files_are_cacheable_and_versioned(client: TestClient) -> None:
+    home = client.get("/")
+    assert "/static/studio.css?v=" in home.text
+    response = client.get("/static/studio.css")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/css")
+    assert response.headers["cache-control"].startswith("public")
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_hsts_only_behind_tls(settings: Settings, clean_db: object) -> None:
+    with client_for(settings) as client:
+        assert "strict-transport-security" not in client.get("/").headers
+    with client_for(settings.model_copy(update={"cookie_secure": True})) as client:
+        assert client.get("/").headers["strict-transport-security"].startswith("max-age=")
+
+
+def test_csp_allows_the_bucket_for_images_with_s3(settings: Settings) -> None:
+    from app.main import content_security_policy
+
+    s3 = settings.model_copy(update={"storage_backend": "s3", "s3_endpoint_url": "https://files.example.com/"})
+    csp = content_security_policy(s3)
+    assert "img-src 'self' data: blob: https://files.example.com;" in csp
+    assert "files.example.com" not in content_security_policy(settings)
+
+
+def test_trusted_host_refuses_other_hosts(settings: Settings, clean_db: object) -> None:
+    strict = settings.model_copy(update={"allowed_hosts": ["studio.example.com"]})
+    with client_for(strict) as client:
+        assert client.get("/").status_code == 400
+    with client_for(strict, base_url="http://studio.example.com") as client:
+        assert client.get("/").status_code == 200
+
+
+def test_body_over_the_declared_limit_is_413_json_for_the_api(small_limit_client: TestClient) -> None:
+    response = small_limit_client.post("/api/v1/auth/signup", content=b"x" * 5000,
+                                       headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "too large" in response.json()["detail"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_body_over_the_limit_is_413_html_for_pages(small_limit_client: TestClient) -> None:
+    response = small_limit_client.post("/login", content=b"a=" + b"x" * 5000,
+                                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 413
+    assert response.headers["content-type"].startswith("text/html")
+    assert "too large" in response.text
+
+
+def _chunks(total: int, size: int = 500) -> Iterator[bytes]:
+    for start in range(0, total, size):
+        yield b"x" * min(size, total - start)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [("/api/v1/auth/signup", "application/json"), ("/login", "application/x-www-form-urlencoded")],
+)
+def test_streamed_body_without_length_is_cut_at_the_limit(
+    small_limit_client: TestClient, path: str, content_type: str
+) -> None:
+    # A generator body is sent chunked, with no Content-Length: only counting the stream catches it.
+    response = small_limit_client.post(path, content=_chunks(10_000), headers={"content-type": content_type})
+    assert response.status_code == 413
+
+
+def test_body_under_the_limit_passes(small_limit_client: TestClient) -> None:
+    response = small_limit_client.post(
+        "/api/v1/auth/signup", json={"email": "small@example.com", "password": "long enough pass"}
+    )
+    assert response.status_code == 201
+
+
+def test_api_errors_keep_the_detail_shape(client: TestClient) -> None:
+    missing = client.get("/api/v1/no-such-route")
+    assert missing.status_code == 404
+    assert missing.json() == {"detail": "Not Found"}
+    invalid = client.post("/api/v1/auth/signup", json={"email": "a@example.com"})
+    assert invalid.status_code == 422
+    assert isinstance(invalid.json()["detail"], list)
+    assert invalid.json()["detail"][0]["loc"][-1] == "password"
+
+
+def test_page_errors_render_the_error_page(client: TestClient) -> None:
+    response = client.get("/no-such-page")
+    assert response.status_code == 404
+    assert page_template(response) == "error.html"
+    assert page_context(response)["title"] == "Page not found"
+
+
+def test_private_pages_redirect_to_login_with_next(client: TestClient) -> None:
+    response = client.get("/account?tab=tokens", follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/login?next=%2Faccount%3Ftab%3Dtokens"
+
+
+def test_openapi_lists_the_accounts_api(client: TestClient) -> None:
+    paths = client.get("/api/v1/openapi.json").json()["paths"]
+    assert {"/api/v1/auth/signup", "/api/v1/auth/token", "/api/v1/me", "/api/v1/tokens"} <= set(paths)
+    assert "/login" not in paths
