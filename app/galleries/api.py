@@ -1,5 +1,149 @@
-"""galleries api routes (being written)."""
+"""The gallery JSON API: list and read images, their files, favourites, "generate more", the ZIP, delete."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+from starlette.responses import Response
+
+from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, require_csrf
+from app.galleries import repository, service
+from app.galleries.files import file_response, zip_response
+from app.galleries.schemas import FavouriteUpdate, GenerateAccepted, GenerateRequest, ImageGroup, ImageList, ImageOut
+from app.jobs import repository as job_repository
+from app.jobs import service as job_service
+from app.models import Subject, User
+
+router = APIRouter(prefix="/api/v1", tags=["galleries"])
+
+SUBJECT_NOT_FOUND = "No such studio."
+IMAGE_NOT_FOUND = "No such image."
+ERROR_STATUS = {
+    service.InvalidGenerationRequest: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    service.GenerationNotPossible: status.HTTP_409_CONFLICT,
+    service.TooManyActiveJobs: status.HTTP_429_TOO_MANY_REQUESTS,
+}
+
+
+def owned_subject(session: Session, subject_id: uuid.UUID, user: User) -> Subject:
+    subject = job_repository.get_subject(session, subject_id, user.id)
+    if subject is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, SUBJECT_NOT_FOUND)
+    return subject
+
+
+def gallery_error(error: service.GalleryError) -> HTTPException:
+    """The HTTP answer to a refused request; a 429 says when to come back."""
+    code = ERROR_STATUS.get(type(error), status.HTTP_400_BAD_REQUEST)
+    headers = {"Retry-After": "60"} if code == status.HTTP_429_TOO_MANY_REQUESTS else None
+    return HTTPException(code, str(error), headers=headers)
+
+
+@router.get("/subjects/{subject_id:uuid}/images", response_model=ImageList)
+def list_images(
+    subject_id: uuid.UUID,
+    user: ApiUser,
+    session: SessionDep,
+    grouped: bool = Query(False, description="also return the images grouped by prompt"),
+    favourites: bool = Query(False, description="only the favourites"),
+    sort: Literal["created", "likeness"] = Query("created", description="oldest first, or best likeness first"),
+) -> ImageList:
+    subject = owned_subject(session, subject_id, user)
+    images = repository.images_of_subject(session, subject.id, user.id, favourites_only=favourites, sort=sort)
+    groups = None
+    if grouped:
+        groups = [
+            ImageGroup(
+                prompt_template=group.template,
+                readable_prompt=group.readable,
+                images=[ImageOut.of(image) for image in group.images],
+            )
+            for group in service.group_by_prompt(subject, images)
+        ]
+    return ImageList(subject_id=subject.id, count=len(images), images=[ImageOut.of(i) for i in images], groups=groups)
+
+
+@router.get("/images/{image_id:uuid}", response_model=ImageOut)
+def get_image(image_id: uuid.UUID, user: ApiUser, session: SessionDep) -> ImageOut:
+    image = repository.get_image(session, image_id, user.id)
+    if image is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, IMAGE_NOT_FOUND)
+    return ImageOut.of(image)
+
+
+@router.get("/images/{image_id:uuid}/file", response_class=Response)
+def get_image_file(
+    image_id: uuid.UUID,
+    user: ApiUser,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    download: bool = Query(False, description="answer as an attachment with a readable file name"),
+) -> Response:
+    """The PNG: streamed, or a 307 to a short-lived signed URL on S3."""
+    found = repository.get_image_with_subject(session, image_id, user.id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, IMAGE_NOT_FOUND)
+    image, subject = found
+    filename = service.download_filename(subject, image, repository.position_in_prompt(session, image))
+    return file_response(
+        storage, settings, image.storage_key, "image/png", filename, "attachment" if download else "inline"
+    )
+
+
+@router.patch("/images/{image_id:uuid}", response_model=ImageOut, dependencies=[Depends(require_csrf)])
+def update_image(image_id: uuid.UUID, update: FavouriteUpdate, user: ApiUser, session: SessionDep) -> ImageOut:
+    """Mark or unmark a favourite."""
+    image = repository.get_image(session, image_id, user.id)
+    if image is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, IMAGE_NOT_FOUND)
+    service.set_favourite(session, image, update.favourite)
+    return ImageOut.of(image)
+
+
+@router.post(
+    "/subjects/{subject_id:uuid}/generate",
+    response_model=GenerateAccepted,
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_csrf)],
+)
+def generate_more(
+    subject_id: uuid.UUID, body: GenerateRequest, user: ApiUser, session: SessionDep, settings: SettingsDep
+) -> GenerateAccepted:
+    """New prompts on the trained model, without training again. 409 before training finished or while a job
+    runs; 429 when the account has its maximum of active jobs. Poll the returned job like any other."""
+    subject = owned_subject(session, subject_id, user)
+    try:
+        job = service.request_generation(session, settings, subject, body.prompts, body.images_per_prompt)
+    except service.GalleryError as error:
+        raise gallery_error(error) from None
+    return GenerateAccepted(job=job_service.job_status(session, job, subject.class_noun))
+
+
+@router.get("/subjects/{subject_id:uuid}/download.zip", response_class=StreamingResponse)
+def download_zip(
+    subject_id: uuid.UUID,
+    user: ApiUser,
+    session: SessionDep,
+    storage: StorageDep,
+    favourites: bool = Query(False, description="only the favourites"),
+) -> StreamingResponse:
+    """Every image as "<prompt>/<n>.png" plus manifest.json (prompt, seed, scores), streamed as it is built."""
+    subject = owned_subject(session, subject_id, user)
+    images = repository.images_of_subject(session, subject.id, user.id, favourites_only=favourites)
+    return zip_response(storage, subject, images)
+
+
+@router.delete(
+    "/subjects/{subject_id:uuid}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Depends(require_csrf)]
+)
+def delete_studio(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, storage: StorageDep) -> Response:
+    """Delete the studio and everything in it: photos, model, images, jobs (running ones are cancelled)."""
+    from app.subjects.deletion import delete_subject  # P1's module; imported here to keep start-up light
+
+    delete_subject(session, storage, owned_subject(session, subject_id, user))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

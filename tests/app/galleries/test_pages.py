@@ -1,0 +1,200 @@
+"""Gallery pages: the grid, the full view, downloads, favourites, generate more, ZIP and delete (template + context)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.models import GeneratedImage, GenerationRequest, Job, Photo, Subject, User, utcnow
+from app.storage import Storage
+from tests.app.factories import make_image, make_job, make_photo, make_subject, png_bytes
+
+Login = Callable[..., TestClient]
+Csrf = Callable[[TestClient], str]
+Studio = tuple[User, Subject, list[GeneratedImage]]
+
+
+@pytest.fixture
+def sent_tasks() -> Iterator[list[tuple[str, dict[str, str]]]]:
+    sent: list[tuple[str, dict[str, str]]] = []
+    queue.set_sender(lambda name, kwargs, queue_name: sent.append((name, kwargs)))
+    yield sent
+    queue.set_sender(None)
+
+
+@pytest.fixture
+def studio(db: Session, app_storage: Storage, make_user: Callable[..., User]) -> Studio:
+    """A trained studio with two prompts: three beach pictures (ranked) and one in the snow."""
+    user = make_user()
+    subject = make_subject(db, user, weights_key="w", identifier="qzx")
+    job = make_job(db, subject, status="done", stage="finished")
+    start = utcnow()
+    images = [
+        make_image(db, app_storage, subject, job, seed=seed, rank=rank, dino=0.5, created_at=start)
+        for seed, rank in ((0, 3), (1, 1), (2, 4))
+    ]
+    images.append(make_image(db, app_storage, subject, job, "a photo of {subject} in the snow", seed=0, rank=2,
+                             created_at=start + timedelta(seconds=1)))
+    db.commit()
+    return user, subject, images
+
+
+def test_gallery_groups_by_prompt_and_sorts_by_likeness(
+    client: TestClient, login: Login, studio: Studio
+) -> None:
+    user, subject, images = studio
+    login(client, user)
+    response = client.get(f"/studios/{subject.id}/gallery")
+    assert response.status_code == 200
+    assert response.template.name == "galleries/gallery.html"  # type: ignore[attr-defined]
+    context = response.context  # type: ignore[attr-defined]
+    assert context["sort"] == "likeness"  # scored images default to best likeness first
+    groups = context["groups"]
+    assert [group.readable for group in groups] == ["a photo of Rex on the beach", "a photo of Rex in the snow"]
+    assert [image.id for image in groups[0].images] == [images[1].id, images[0].id, images[2].id]
+    assert context["total_count"] == 4
+    assert context["can_generate"] is True
+    assert '<span class="subject-chip">Rex</span>' in response.text
+    assert f"/studios/{subject.id}/images/{images[1].id}/file" in response.text
+    assert f"/studios/{subject.id}/download.zip" in response.text
+
+    chronological = client.get(f"/studios/{subject.id}/gallery?sort=created").context  # type: ignore[attr-defined]
+    assert [image.id for image in chronological["groups"][0].images] == [images[0].id, images[1].id, images[2].id]
+
+
+def test_favourite_form_and_filter(client: TestClient, login: Login, csrf_token: Csrf,
+                                  studio: Studio) -> None:
+    user, subject, images = studio
+    login(client, user)
+    url = f"/studios/{subject.id}/images/{images[2].id}/favourite"
+    back = f"/studios/{subject.id}/gallery?sort=created"
+    response = client.post(url, data={"favourite": "true", "return_to": back, "csrf_token": csrf_token(client)},
+                           follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == back
+
+    context = client.get(f"/studios/{subject.id}/gallery?favourites=1").context  # type: ignore[attr-defined]
+    assert [image.id for image in context["images"]] == [images[2].id]
+    assert context["favourite_count"] == 1
+
+    # A return_to outside this studio falls back to the gallery: no open redirect.
+    response = client.post(url, data={"favourite": "false", "return_to": "https://evil.example/",
+                                      "csrf_token": csrf_token(client)}, follow_redirects=False)
+    assert response.headers["location"] == f"/studios/{subject.id}/gallery"
+    assert client.post(url, data={"favourite": "true"}).status_code == 403
+
+
+def test_image_page_is_the_no_script_full_view(client: TestClient, login: Login,
+                                               studio: Studio) -> None:
+    user, subject, images = studio
+    login(client, user)
+    response = client.get(f"/studios/{subject.id}/images/{images[1].id}")
+    assert response.template.name == "galleries/image.html"  # type: ignore[attr-defined]
+    context = response.context  # type: ignore[attr-defined]
+    assert context["previous"].id == images[0].id
+    assert context["next"].id == images[2].id
+    assert context["filename"] == "rex-on-the-beach-2.png"
+    assert context["readable_prompt"] == "a photo of Rex on the beach"
+
+
+def test_image_file_and_download(client: TestClient, login: Login,
+                                 studio: Studio) -> None:
+    user, subject, images = studio
+    login(client, user)
+    file = client.get(f"/studios/{subject.id}/images/{images[2].id}/file")
+    assert file.content == png_bytes(2)
+    assert file.headers["content-type"] == "image/png"
+    download = client.get(f"/studios/{subject.id}/images/{images[2].id}/download")
+    assert download.headers["content-disposition"].startswith('attachment; filename="rex-on-the-beach-3.png"')
+    snow = client.get(f"/studios/{subject.id}/images/{images[3].id}/download")
+    assert 'filename="rex-in-the-snow-1.png"' in snow.headers["content-disposition"]
+
+
+def test_image_of_another_studio_of_the_same_account_is_404(
+    client: TestClient, db: Session, login: Login, studio: Studio
+) -> None:
+    user, subject, images = studio
+    other = make_subject(db, user, name="Tom")
+    db.commit()
+    login(client, user)
+    assert client.get(f"/studios/{other.id}/images/{images[0].id}").status_code == 404
+    assert client.get(f"/studios/{other.id}/images/{images[0].id}/file").status_code == 404
+
+
+def test_generate_more_form(client: TestClient, db: Session, login: Login, csrf_token: Csrf,
+                            studio: Studio,
+                            sent_tasks: list[tuple[str, dict[str, str]]]) -> None:
+    user, subject, _ = studio
+    login(client, user)
+    response = client.post(
+        f"/studios/{subject.id}/generate",
+        data={"prompts": "a photo of {subject} in space\non a skateboard\n", "images_per_prompt": "2",
+              "csrf_token": csrf_token(client)},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303
+    assert response.headers["location"] == f"/studios/{subject.id}"
+    job = db.scalars(select(Job).where(Job.kind == "generate")).one()
+    request = db.scalars(select(GenerationRequest).where(GenerationRequest.job_id == job.id)).one()
+    assert request.prompts == ["a photo of {subject} in space", "a photo of {subject}, on a skateboard"]
+    assert sent_tasks == [("generation.run", {"job_id": str(job.id)})]
+
+    # While that job is queued the studio refuses another one and says why.
+    again = client.post(f"/studios/{subject.id}/generate",
+                        data={"prompts": "in the rain", "images_per_prompt": "1", "csrf_token": csrf_token(client)})
+    assert again.status_code == 409
+    assert again.template.name == "galleries/gallery.html"  # type: ignore[attr-defined]
+    assert "in progress" in again.context["generate_error"]  # type: ignore[attr-defined]
+    assert again.context["generate_form"]["prompts"] == "in the rain"  # type: ignore[attr-defined]
+    assert len(sent_tasks) == 1
+
+
+def test_zip_from_the_page(client: TestClient, login: Login, studio: Studio) -> None:
+    user, subject, _ = studio
+    login(client, user)
+    response = client.get(f"/studios/{subject.id}/download.zip")
+    assert response.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
+    assert sorted(names) == ["manifest.json", "rex-in-the-snow/1.png", "rex-on-the-beach/1.png",
+                             "rex-on-the-beach/2.png", "rex-on-the-beach/3.png"]
+
+
+def test_delete_after_confirmation_removes_everything(
+    client: TestClient, db: Session, app_storage: Storage, login: Login, csrf_token: Csrf,
+    studio: Studio, sent_tasks: list[tuple[str, dict[str, str]]],
+) -> None:
+    user, subject, images = studio
+    photo = make_photo(db, app_storage, subject)
+    db.commit()
+    login(client, user)
+
+    confirm = client.get(f"/studios/{subject.id}/delete")
+    assert confirm.template.name == "galleries/delete.html"  # type: ignore[attr-defined]
+    assert confirm.context["image_count"] == 4  # type: ignore[attr-defined]
+    assert confirm.context["photo_count"] == 1  # type: ignore[attr-defined]
+    assert confirm.context["has_model"] is True  # type: ignore[attr-defined]
+    assert app_storage.list(f"users/{user.id}/")  # nothing is removed by looking at the page
+
+    assert client.post(f"/studios/{subject.id}/delete", data={}).status_code == 403
+    response = client.post(f"/studios/{subject.id}/delete", data={"csrf_token": csrf_token(client)},
+                           follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/studios"
+
+    db.expunge_all()
+    assert db.get(Subject, subject.id) is None
+    assert db.scalars(select(GeneratedImage).where(GeneratedImage.subject_id == subject.id)).all() == []
+    assert db.scalars(select(Photo).where(Photo.id == photo.id)).all() == []
+    assert db.scalars(select(Job).where(Job.subject_id == subject.id)).all() == []
+    assert app_storage.list(f"users/{user.id}/") == []
+    assert [name for name, _ in sent_tasks] == ["maintenance.purge_subject"]
+    assert client.get(f"/studios/{subject.id}/gallery").status_code == 404
+    assert client.get(f"/studios/{subject.id}/images/{images[0].id}/file").status_code == 404
