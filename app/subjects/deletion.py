@@ -37,13 +37,11 @@ def delete_subject(session: Session, storage: Storage, subject: Subject) -> None
         update(Job)
         .where(Job.subject_id == subject.id, Job.status == "queued")
         .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
     )
     session.execute(
         update(Job)
         .where(Job.subject_id == subject.id, Job.status == "running")
         .values(cancel_requested=True, updated_at=now)
-        .execution_options(synchronize_session=False)
     )
     removed = storage.delete_prefix(subject_prefix(subject.owner_id, subject.id))
     for table in (GeneratedImage, GenerationRequest, Job, Photo):
