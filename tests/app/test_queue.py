@@ -66,7 +66,8 @@ def test_a_savepoint_rollback_keeps_the_outer_transactions_tasks(db_session: Ses
     assert [name for name, *_ in sent] == ["training.run"]
 
 
-def test_maintenance_tasks_go_to_the_cpu_queue(db_session: Session, sent: list[tuple[str, dict[str, str], str]]) -> None:
+def test_maintenance_tasks_go_to_the_cpu_queue(db_session: Session,
+                                               sent: list[tuple[str, dict[str, str], str]]) -> None:
     ids = {"owner_id": str(uuid.uuid4()), "subject_id": str(uuid.uuid4())}
     queue.enqueue(db_session, "maintenance.purge_subject", **ids)
     db_session.commit()
