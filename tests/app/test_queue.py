@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.orm import Session
@@ -23,10 +24,10 @@ def job(db_session: Session, storage: LocalStorage) -> Job:
 
 
 @pytest.fixture
-def sent() -> list[tuple[str, dict[str, str], str]]:
+def sent() -> Iterator[list[tuple[str, dict[str, str], str]]]:
     captured: list[tuple[str, dict[str, str], str]] = []
     queue.set_sender(lambda name, kwargs, queue_name: captured.append((name, kwargs, queue_name)))
-    yield captured  # type: ignore[misc]
+    yield captured
     queue.set_sender(None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -16,7 +17,7 @@ from worker.tasks.maintenance import QUEUED_RESEND_SECONDS, reap
 Sent = list[tuple[str, dict[str, str], str]]
 
 
-def a_job(session: Session, storage: LocalStorage, **fields: object) -> Job:
+def a_job(session: Session, storage: LocalStorage, **fields: Any) -> Job:
     subject = make_subject(session, storage, make_user(session), photos=1)
     return make_job(session, subject, **fields)
 

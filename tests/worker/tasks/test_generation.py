@@ -1,0 +1,56 @@
+"""The "generate more" task: new images from the published weights, no retraining."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from app.models import GeneratedImage, GenerationRequest, Job
+from app.storage import LocalStorage
+from tests.worker.factories import make_job, make_subject, make_user
+from tests.worker.fakes import FakeEngine
+from worker.tasks.generation import run_generation_job
+from worker.tasks.runtime import WorkerContext
+from worker.tasks.training import run_training_job
+
+
+def trained_subject_job(ctx: WorkerContext, storage: LocalStorage) -> Job:
+    with ctx.transaction() as session:
+        subject = make_subject(session, storage, make_user(session))
+        job = make_job(session, subject)
+    assert run_training_job(job.id, ctx=ctx, engine=FakeEngine()) == "done"
+    return job
+
+
+def generate_job(ctx: WorkerContext, train_job: Job, prompts: list[str]) -> Job:
+    with ctx.transaction() as session:
+        job = Job(subject_id=train_job.subject_id, owner_id=train_job.owner_id, kind="generate")
+        session.add(job)
+        session.flush()
+        session.add(GenerationRequest(subject_id=job.subject_id, job_id=job.id, prompts=prompts, images_per_prompt=2))
+    return job
+
+
+def test_generate_more_adds_images_from_the_trained_weights(ctx: WorkerContext, storage: LocalStorage) -> None:
+    train_job = trained_subject_job(ctx, storage)
+    job = generate_job(ctx, train_job, ["a photo of {subject} as an astronaut"])
+    engine = FakeEngine()
+    assert run_generation_job(job.id, ctx=ctx, engine=engine) == "done"
+    assert engine.calls == ["load:tiny", "generate"]
+    with ctx.transaction() as session:
+        done = session.get(Job, job.id)
+        images = list(session.execute(select(GeneratedImage).where(GeneratedImage.job_id == job.id)).scalars())
+    assert done is not None and done.status == "done" and done.details["images_done"] == 2
+    assert len(images) == 2 and all(storage.exists(image.storage_key) for image in images)
+    assert images[0].prompt == "a photo of qzx dog as an astronaut"
+    assert images[0].prompt_template == "a photo of {subject} as an astronaut"
+
+
+def test_generate_more_on_an_untrained_subject_fails_clearly(ctx: WorkerContext, storage: LocalStorage) -> None:
+    with ctx.transaction() as session:
+        subject = make_subject(session, storage, make_user(session))
+        train_job = make_job(session, subject)
+    job = generate_job(ctx, train_job, ["a photo of {subject}"])
+    assert run_generation_job(job.id, ctx=ctx, engine=FakeEngine()) == "failed"
+    with ctx.transaction() as session:
+        failed = session.get(Job, job.id)
+    assert failed is not None and "no trained model yet" in (failed.failure_reason or "")
