@@ -1,0 +1,288 @@
+"""``studio``: run the studio and manage it from the command line.
+
+    studio up                    everything on one machine with the embedded defaults
+    studio migrate               bring the database schema up to date
+    studio web [--host --port --reload]
+    studio worker [celery options]   (default: -Q gpu,cpu)
+    studio beat [celery options]
+    studio createuser EMAIL [--password-stdin]
+    studio train ... / studio sample ...   the DreamBooth engine without web, database or queue
+
+This module imports no ML code: ``train`` and ``sample`` import ``worker.engine.cli`` only when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from app.config import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+CELERY_APP = "worker.celery_app:celery_app"
+DEFAULT_WORKER_QUEUES = "gpu,cpu"
+# Commands whose arguments belong to another program: they are handed over untouched.
+PASSTHROUGH_COMMANDS = ("worker", "beat", "train", "sample")
+STOP_TIMEOUT_SECONDS = 30.0
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+# --- migrations and accounts ----------------------------------------------------------------------
+
+
+def run_migrations(settings: Settings) -> None:
+    """``alembic upgrade head`` on the settings' database (creates the SQLite file and var/ when needed)."""
+    from alembic import command
+    from alembic.config import Config
+
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", settings.resolved_database_url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+def read_new_password(from_stdin: bool) -> str:
+    """The password from one line of stdin, or typed twice at a prompt."""
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("Password (at least 10 characters): ")
+    if getpass.getpass("Password again: ") != first:
+        raise ValueError("The two passwords differ.")
+    return first
+
+
+def create_user(email: str, password: str) -> str:
+    """Create an account and return its id; raises AccountError with a sentence on bad input."""
+    from app.accounts import service
+    from app.db import session_scope
+
+    with session_scope() as session:
+        user = service.sign_up(session, email, password)
+        return f"{user.email} ({user.id})"
+
+
+# --- child processes ------------------------------------------------------------------------------
+
+
+def web_command(host: str, port: int, reload: bool = False) -> list[str]:
+    command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", host, "--port", str(port)]
+    if reload:
+        command.append("--reload")
+    return command
+
+
+def worker_command(extra: Sequence[str] = ()) -> list[str]:
+    """``celery worker`` on the gpu and cpu queues unless the options name queues themselves."""
+    command = [sys.executable, "-m", "celery", "-A", CELERY_APP, "worker"]
+    names_queues = any(arg in ("-Q", "--queues") or arg.startswith(("-Q", "--queues=")) for arg in extra)
+    if not names_queues:
+        command += ["-Q", DEFAULT_WORKER_QUEUES]
+    return command + list(extra)
+
+
+def beat_command(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
+    command = [sys.executable, "-m", "celery", "-A", CELERY_APP, "beat"]
+    if not any(arg in ("-s", "--schedule") or arg.startswith("--schedule=") for arg in extra):
+        command += ["--schedule", str((settings.var_dir / "celerybeat-schedule").resolve())]
+    return command + list(extra)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+
+
+Spawner = Callable[[list[str]], "subprocess.Popen[bytes]"]
+
+
+def spawn(command: list[str]) -> subprocess.Popen[bytes]:
+    # A session of its own: a terminal's Ctrl-C reaches only ``studio up``, which forwards it once.
+    # (Celery treats a second SIGINT as "stop now", so children must not get the terminal's too.)
+    return subprocess.Popen(command, cwd=os.getcwd(), start_new_session=True)
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+class Supervisor:
+    """Runs child processes until one exits or a signal arrives, then stops the rest."""
+
+    def __init__(self, spawner: Spawner = spawn) -> None:
+        self.spawner = spawner
+        self.children: list[Child] = []
+        self.stop_requests = 0
+
+    def start(self, name: str, command: list[str]) -> None:
+        self.children.append(Child(name, self.spawner(command)))
+
+    def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
+        self.stop_requests += 1
+        if self.stop_requests == 1:
+            print("\nStopping the studio (Ctrl-C again to force)...", file=sys.stderr, flush=True)
+            self.signal_all(signal.SIGTERM)
+        else:
+            self.signal_all(signal.SIGKILL)
+
+    def signal_all(self, signum: int) -> None:
+        for child in self.children:
+            if child.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):  # it exited since the poll
+                    child.process.send_signal(signum)
+
+    def wait(self, poll_seconds: float = 0.5) -> int:
+        """Block until a child exits (then stop the others) or every child stopped after a signal."""
+        exit_code: int | None = None
+        while exit_code is None:
+            for child in self.children:
+                code = child.process.poll()
+                if code is not None:
+                    if self.stop_requests == 0:
+                        print(f"{child.name} exited with status {code}; stopping the rest.", file=sys.stderr)
+                    exit_code = EXIT_INTERRUPTED if self.stop_requests else code
+                    break
+            else:
+                time.sleep(poll_seconds)
+        self.stop_all()
+        return exit_code
+
+    def stop_all(self) -> None:
+        self.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        for child in self.children:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                child.process.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+
+
+def up(settings: Settings, host: str, port: int, with_worker: bool, with_beat: bool,
+       spawner: Spawner = spawn) -> int:
+    """Migrate, then run the web server, one worker and beat until Ctrl-C or until one of them stops."""
+    for directory in (settings.var_dir, settings.resolved_media_dir, settings.scratch_dir, settings.broker_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    print("Updating the database schema...", flush=True)
+    run_migrations(settings)
+
+    supervisor = Supervisor(spawner)
+    previous = {sig: signal.signal(sig, supervisor.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        supervisor.start("web", web_command(host, port))
+        if with_worker:
+            # One process, one job at a time: the GPU (or CPU) is the bottleneck.
+            supervisor.start("worker", worker_command(["-c", "1", "--loglevel", "INFO"]))
+        if with_beat:
+            supervisor.start("beat", beat_command(settings, ["--loglevel", "INFO"]))
+        if spawner is spawn and wait_for_port(host, port, timeout=30):
+            print(f"\nPhoto Studio is running at http://{host}:{port}  (Ctrl-C stops it)\n", flush=True)
+        return supervisor.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studio", description="A self-hosted AI photo studio.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up_parser = commands.add_parser("up", help="run everything on this machine (web, one worker, beat)")
+    up_parser.add_argument("--host", default="127.0.0.1")
+    up_parser.add_argument("--port", type=int, default=8000)
+    up_parser.add_argument("--no-worker", action="store_true", help="do not start a worker")
+    up_parser.add_argument("--no-beat", action="store_true", help="do not start the periodic scheduler")
+
+    commands.add_parser("migrate", help="bring the database schema up to date (alembic upgrade head)")
+
+    web = commands.add_parser("web", help="run the web server (uvicorn)")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8000)
+    web.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+
+    commands.add_parser("worker", help="run a Celery worker; options go to celery (default -Q gpu,cpu)",
+                        add_help=False)
+    commands.add_parser("beat", help="run the periodic scheduler (retention, the reaper)", add_help=False)
+
+    createuser = commands.add_parser("createuser", help="create an account")
+    createuser.add_argument("email")
+    createuser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+
+    commands.add_parser("train", help="fine-tune on a folder of photos (see: studio train --help)", add_help=False)
+    commands.add_parser("sample", help="sample prompts from trained weights (see: studio sample --help)",
+                        add_help=False)
+    return parser
+
+
+def run_passthrough(command: str, extra: list[str], settings_loader: Callable[[], Settings] = get_settings) -> int:
+    if command in ("train", "sample"):
+        from worker.engine.cli import main as engine_main  # torch is imported here, not before
+
+        return int(engine_main([command, *extra]))
+    if command == "worker":
+        return subprocess.call(worker_command(extra))
+    return subprocess.call(beat_command(settings_loader(), extra))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in PASSTHROUGH_COMMANDS:
+        try:
+            return run_passthrough(arguments[0], arguments[1:])
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+
+    args = build_parser().parse_args(arguments)
+    if args.command == "migrate":
+        run_migrations(get_settings())
+        print("The database schema is up to date.")
+        return EXIT_OK
+    if args.command == "createuser":
+        from app.accounts.service import AccountError
+
+        try:
+            created = create_user(args.email, read_new_password(args.password_stdin))
+        except (AccountError, ValueError) as error:
+            print(f"studio createuser: {error}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"Created the account {created}.")
+        return EXIT_OK
+    if args.command == "web":
+        import uvicorn
+
+        uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, reload=args.reload,
+                    proxy_headers=True)
+        return EXIT_OK
+    if args.command == "up":
+        return up(get_settings(), args.host, args.port, with_worker=not args.no_worker, with_beat=not args.no_beat)
+    raise AssertionError(f"unhandled command {args.command}")  # argparse refuses unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

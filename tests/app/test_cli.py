@@ -1,0 +1,205 @@
+"""The ``studio`` command: argument handling, migrate, createuser, and how ``up`` runs its children."""
+
+from __future__ import annotations
+
+import io
+import signal
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect, select
+from sqlalchemy.orm import Session
+
+from app import cli
+from app.config import Settings
+from app.models import User
+from app.security import verify_password
+
+
+@pytest.fixture
+def fresh_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings on a var/ with no database yet, as on a fresh machine."""
+    values = Settings(environment="test", var_dir=tmp_path / "fresh-var", secret_key="x" * 40)
+    monkeypatch.setattr(cli, "get_settings", lambda: values)
+    return values
+
+
+def test_migrate_builds_the_schema_on_a_fresh_machine(fresh_settings: Settings,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["migrate"]) == 0
+    engine = create_engine(fresh_settings.resolved_database_url)
+    tables = set(inspect(engine).get_table_names())
+    engine.dispose()
+    assert {"users", "subjects", "jobs", "alembic_version"} <= tables
+    assert "up to date" in capsys.readouterr().out
+    assert cli.main(["migrate"]) == 0  # running it again changes nothing
+
+
+def test_createuser_from_stdin(settings: Settings, clean_db: object, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a very long password\n"))
+    assert cli.main(["createuser", "Admin@Example.com", "--password-stdin"]) == 0
+    assert "Created the account admin@example.com" in capsys.readouterr().out
+    with Session(create_engine(settings.resolved_database_url)) as session:
+        user = session.scalars(select(User)).one()
+    assert user.email == "admin@example.com"
+    assert verify_password(user.password_hash, "a very long password")
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("another long password\n"))
+    assert cli.main(["createuser", "admin@example.com", "--password-stdin"]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_createuser_refuses_a_short_password(settings: Settings, clean_db: object, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("short\n"))
+    assert cli.main(["createuser", "a@example.com", "--password-stdin"]) == 1
+    assert "at least 10 characters" in capsys.readouterr().err
+
+
+def test_createuser_prompt_must_match(settings: Settings, clean_db: object, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    answers = iter(["first long password", "second long password"])
+    monkeypatch.setattr(cli.getpass, "getpass", lambda prompt: next(answers))
+    assert cli.main(["createuser", "a@example.com"]) == 1
+    assert "differ" in capsys.readouterr().err
+
+
+def test_argument_parsing() -> None:
+    parser = cli.build_parser()
+    web = parser.parse_args(["web", "--port", "9000", "--reload"])
+    assert (web.command, web.host, web.port, web.reload) == ("web", "127.0.0.1", 9000, True)
+    up = parser.parse_args(["up", "--no-beat"])
+    assert (up.no_beat, up.no_worker, up.port) == (True, False, 8000)
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["web", "--port", "eighty"])
+
+
+def test_worker_and_beat_commands(fresh_settings: Settings) -> None:
+    default = cli.worker_command([])
+    assert default[:3] == [sys.executable, "-m", "celery"]
+    assert default[default.index("-Q") + 1] == "gpu,cpu"
+    own_queue = cli.worker_command(["-Q", "cpu", "-c", "4"])
+    assert own_queue.count("-Q") == 1 and own_queue[-4:] == ["-Q", "cpu", "-c", "4"]
+    assert "gpu,cpu" not in cli.worker_command(["--queues=gpu"])
+    beat = cli.beat_command(fresh_settings)
+    assert beat[beat.index("--schedule") + 1].endswith("celerybeat-schedule")
+    assert cli.web_command("0.0.0.0", 8080)[-5:] == ["app.main:create_app", "--host", "0.0.0.0", "--port", "8080"]
+
+
+def test_worker_options_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def fake_call(command: list[str]) -> int:
+        calls.append(command)
+        return 0
+
+    monkeypatch.setattr(cli.subprocess, "call", fake_call)
+    assert cli.main(["worker", "-c", "2", "--loglevel", "DEBUG"]) == 0
+    assert calls[0][-4:] == ["-c", "2", "--loglevel", "DEBUG"] and "gpu,cpu" in calls[0]
+
+
+def test_train_and_sample_go_to_the_engine_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[list[str]] = []
+    def fake_main(argv: list[str]) -> int:
+        received.append(list(argv))
+        return 7
+
+    fake = types.ModuleType("worker.engine.cli")
+    fake.main = fake_main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "worker.engine.cli", fake)
+    assert cli.main(["train", "--photos", "dir", "--steps", "3"]) == 7
+    assert cli.main(["sample", "--help"]) == 7
+    assert received == [["train", "--photos", "dir", "--steps", "3"], ["sample", "--help"]]
+
+
+def test_web_runs_the_factory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(app=app, **options))
+    assert cli.main(["web", "--host", "0.0.0.0", "--port", "8123"]) == 0
+    assert seen["app"] == "app.main:create_app" and seen["factory"] is True
+    assert (seen["host"], seen["port"]) == ("0.0.0.0", 8123)
+
+
+class FakeProcess:
+    """A child that exits when signalled (or by itself after ``lifetime`` polls)."""
+
+    def __init__(self, command: list[str], lifetime: int | None = None, code: int = 0) -> None:
+        self.command = command
+        self.returncode: int | None = None
+        self.signals: list[int] = []
+        self.polls = 0
+        self.lifetime = lifetime
+        self.code = code
+
+    def poll(self) -> int | None:
+        self.polls += 1
+        if self.returncode is None and self.lifetime is not None and self.polls >= self.lifetime:
+            self.returncode = self.code
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+        if self.returncode is None:
+            self.returncode = -signum
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def test_up_migrates_then_runs_web_worker_and_beat(fresh_settings: Settings) -> None:
+    started: list[FakeProcess] = []
+
+    def spawner(command: list[str]) -> FakeProcess:
+        # The worker dies on its own after a few polls: up stops the others and reports its status.
+        process = FakeProcess(command, lifetime=3, code=3) if "worker" in command else FakeProcess(command)
+        started.append(process)
+        return process
+
+    code = cli.up(fresh_settings, "127.0.0.1", 8765, with_worker=True, with_beat=True,
+                  spawner=spawner)  # type: ignore[arg-type]
+    assert code == 3
+    assert fresh_settings.broker_dir.is_dir() and fresh_settings.scratch_dir.is_dir()
+    assert (fresh_settings.var_dir / "studio.db").exists()  # migrated before anything started
+    web, worker, beat = (process.command for process in started)
+    assert "app.main:create_app" in web and "8765" in web
+    assert worker[worker.index("-c") + 1] == "1" and "gpu,cpu" in worker
+    assert "beat" in beat
+    assert started[0].signals == [signal.SIGTERM] and started[2].signals == [signal.SIGTERM]
+
+
+def test_up_forwards_ctrl_c_once(fresh_settings: Settings) -> None:
+    started: list[FakeProcess] = []
+    supervisor_holder: dict[str, cli.Supervisor] = {}
+
+    class InterruptingProcess(FakeProcess):
+        def poll(self) -> int | None:
+            # Simulate Ctrl-C arriving while up waits: the handler installed by up is the supervisor's.
+            if self.polls == 1 and "web" not in supervisor_holder:
+                handler = signal.getsignal(signal.SIGINT)
+                assert callable(handler)
+                supervisor_holder["web"] = handler.__self__  # type: ignore[attr-defined]
+                handler(signal.SIGINT, None)
+            return super().poll()
+
+    def spawner(command: list[str]) -> FakeProcess:
+        process = InterruptingProcess(command) if not started else FakeProcess(command)
+        started.append(process)
+        return process
+
+    before = signal.getsignal(signal.SIGINT)
+    code = cli.up(fresh_settings, "127.0.0.1", 8766, with_worker=True, with_beat=False,
+                  spawner=spawner)  # type: ignore[arg-type]
+    assert code == 130
+    assert [process.signals[0] for process in started] == [signal.SIGTERM, signal.SIGTERM]
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
