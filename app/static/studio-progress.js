@@ -1,0 +1,194 @@
+// The studio page follows its job without reloading: it polls GET /api/v1/jobs/{id} (the session
+// cookie authenticates it) every 1.5 s while the tab is visible, updates the label, the bars, the
+// stepper, the loss sparkline and the previews, and stops once the job has finished.
+(function () {
+  "use strict";
+
+  var POLL_MS = 1500;
+  var MAX_BACKOFF_MS = 30000;
+  var STEP_CLASSES = { done: "is-done", active: "is-current", failed: "is-failed", cancelled: "is-cancelled", pending: "" };
+
+  function formatDuration(seconds) {
+    if (seconds === null || seconds === undefined || !isFinite(seconds) || seconds < 0) return "";
+    if (seconds < 60) return "under a minute";
+    var minutes = Math.round(seconds / 60);
+    if (minutes < 60) return "about " + minutes + " min";
+    var hours = Math.floor(minutes / 60);
+    minutes = minutes % 60;
+    return minutes ? "about " + hours + " h " + minutes + " min" : "about " + hours + " h";
+  }
+
+  function setText(element, text) {
+    if (element && element.textContent !== text) element.textContent = text;
+  }
+
+  function drawSparkline(svg, values) {
+    if (!svg) return;
+    var line = svg.querySelector("[data-sparkline-line]");
+    if (!line || values.length < 2) {
+      svg.hidden = true;
+      return;
+    }
+    var min = Math.min.apply(null, values);
+    var max = Math.max.apply(null, values);
+    var span = max - min || 1;
+    var box = svg.viewBox.baseVal;
+    var points = values.map(function (value, index) {
+      var x = (index / (values.length - 1)) * box.width;
+      var y = box.height - 2 - ((value - min) / span) * (box.height - 4);
+      return x.toFixed(1) + "," + y.toFixed(1);
+    });
+    line.setAttribute("points", points.join(" "));
+    svg.hidden = false;
+  }
+
+  function updatePreviews(root, urls) {
+    var box = root.querySelector("[data-previews]");
+    var grid = root.querySelector("[data-preview-grid]");
+    if (!box || !grid) return;
+    var current = Array.prototype.map.call(grid.querySelectorAll("img"), function (img) {
+      return img.getAttribute("src");
+    });
+    if (current.join("|") === urls.join("|")) return;
+    grid.textContent = "";
+    urls.forEach(function (url, index) {
+      var img = document.createElement("img");
+      img.src = url;
+      img.alt = "Training preview " + (index + 1);
+      img.width = 128;
+      img.height = 128;
+      grid.appendChild(img);
+    });
+    box.hidden = urls.length === 0;
+  }
+
+  function updateSteps(root, stages) {
+    stages.forEach(function (stage) {
+      var item = root.querySelector('[data-step="' + stage.key + '"]');
+      if (!item) return;
+      Object.keys(STEP_CLASSES).forEach(function (state) {
+        if (STEP_CLASSES[state]) item.classList.toggle(STEP_CLASSES[state], state === stage.state);
+      });
+      setText(item.querySelector("[data-step-detail]"), stage.detail);
+      var bar = item.querySelector("[data-step-bar]");
+      if (bar) {
+        bar.value = stage.fraction;
+        bar.hidden = stage.state !== "active";
+      }
+    });
+  }
+
+  function render(root, status) {
+    root.setAttribute("data-status", status.status);
+    setText(root.querySelector("[data-stage-label]"), status.stage_label);
+    var badge = root.querySelector("[data-status-badge]");
+    if (badge) {
+      badge.className = "badge badge--" + status.status;
+      setText(badge, status.status);
+    }
+    var percent = Math.round(status.fraction * 100);
+    var overall = root.querySelector("[data-overall]");
+    if (overall) overall.value = status.fraction;
+    setText(root.querySelector("[data-percent]"), percent + "% done");
+
+    var eta = root.querySelector("[data-eta]");
+    if (eta) {
+      var left = formatDuration(status.eta_seconds);
+      eta.hidden = !left;
+      setText(eta, left ? left + " left" : "");
+    }
+    updateSteps(root, status.stages);
+
+    var lossFact = root.querySelector('[data-fact="loss"]');
+    if (lossFact) {
+      lossFact.hidden = status.loss === null;
+      if (status.loss !== null) setText(lossFact.querySelector("[data-loss]"), status.loss.toFixed(4));
+      drawSparkline(lossFact.querySelector("[data-sparkline]"), status.loss_history || []);
+    }
+    var attemptFact = root.querySelector('[data-fact="attempt"]');
+    if (attemptFact) {
+      attemptFact.hidden = status.attempts <= 1;
+      setText(attemptFact.querySelector("[data-attempt]"), status.attempts + " of " + status.max_attempts);
+    }
+    if (status.started_at) {
+      setText(root.querySelector("[data-started]"), new Date(status.started_at).toLocaleString());
+    }
+    updatePreviews(root, status.preview_urls || []);
+
+    var cancelForm = root.querySelector("[data-cancel-form]");
+    if (cancelForm) cancelForm.hidden = status.finished || status.cancel_requested;
+    root.querySelectorAll("[data-outcome]").forEach(function (box) {
+      box.hidden = box.getAttribute("data-outcome") !== status.status;
+    });
+    setText(root.querySelector("[data-failure-reason]"), status.failure_reason || "It stopped without a reason.");
+    if (status.status === "done") {
+      var galleryLink = document.querySelector("[data-gallery-link]");
+      if (galleryLink) galleryLink.hidden = false;
+    }
+  }
+
+  function start(root) {
+    var url = root.getAttribute("data-status-url");
+    var delay = POLL_MS;
+    var timer = null;
+    var stopped = root.getAttribute("data-finished") === "true";
+
+    var history = root.querySelector("[data-loss-history]");
+    if (history) {
+      try {
+        drawSparkline(root.querySelector("[data-sparkline]"), JSON.parse(history.textContent || "[]"));
+      } catch (error) { /* a page without a history draws nothing */ }
+    }
+    if (stopped) return;
+
+    function schedule() {
+      clearTimeout(timer);
+      if (!stopped && !document.hidden) timer = setTimeout(poll, delay);
+    }
+
+    function poll() {
+      fetch(url, { credentials: "same-origin", cache: "no-store", headers: { Accept: "application/json" } })
+        .then(function (response) {
+          if (response.status === 401 || response.status === 404) {
+            // Signed out, or the studio was deleted in another tab: nothing more to follow.
+            stopped = true;
+            return null;
+          }
+          if (!response.ok) throw new Error("status " + response.status);
+          return response.json();
+        })
+        .then(function (status) {
+          if (status) {
+            delay = POLL_MS;
+            render(root, status);
+            if (status.finished) stopped = true;
+          }
+          schedule();
+        })
+        .catch(function () {
+          // The server is restarting or the network dropped: wait longer each time, then carry on.
+          delay = Math.min(delay * 2, MAX_BACKOFF_MS);
+          schedule();
+        });
+    }
+
+    // A hidden tab stops asking; coming back asks at once.
+    document.addEventListener("visibilitychange", function () {
+      if (!document.hidden && !stopped) {
+        clearTimeout(timer);
+        poll();
+      }
+    });
+    schedule();
+  }
+
+  function onReady(callback) {
+    if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", callback);
+    else callback();
+  }
+
+  onReady(function () {
+    var root = document.querySelector("[data-job-progress]");
+    if (root) start(root);
+  });
+})();
