@@ -1,0 +1,211 @@
+"""Two accounts: every route that takes an object id answers 404 to the account that does not own it.
+
+The routes come from the app itself: a new route with an id in its path and no case below fails
+``test_every_object_route_has_a_case`` until someone decides how to test its isolation. Each case
+is requested by the stranger (pages with the session cookie and a valid CSRF token, the API with a
+bearer token) and must answer 404 — not 403, which would confirm the id exists — and must leave the
+owner's data exactly as it was. The owner's GET requests must succeed, so a route that answers 404
+to everybody cannot pass for an isolated one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import queue
+from app.models import ApiToken, GeneratedImage, Job, Subject, User
+from app.storage import Storage
+from app.storage.base import preview_key
+from tests.app.factories import make_image, make_job, make_photo, make_subject, png_bytes
+
+
+@dataclass(frozen=True)
+class Case:
+    """How to call one route: JSON for the API, a form for pages (the CSRF token is added)."""
+
+    json: dict[str, Any] | None = None
+    form: dict[str, str] = field(default_factory=dict)
+
+
+# (method, path as the app declares it) → how to call it. Every route with "{" in its path is here.
+CASES: dict[tuple[str, str], Case] = {
+    # accounts (W1): API tokens belong to an account too
+    ("DELETE", "/api/v1/tokens/{token_id}"): Case(),
+    ("POST", "/account/tokens/{token_id}/revoke"): Case(form={}),
+    # subjects and their photos (W2)
+    ("GET", "/api/v1/subjects/{subject_id:uuid}"): Case(),
+    ("GET", "/api/v1/subjects/{subject_id:uuid}/photos/{photo_id:uuid}"): Case(),
+    ("GET", "/studios/{subject_id:uuid}/photos/{photo_id:uuid}"): Case(),
+    # jobs (W3)
+    ("GET", "/api/v1/jobs/{job_id:uuid}"): Case(),
+    ("GET", "/api/v1/subjects/{subject_id:uuid}/jobs"): Case(),
+    ("POST", "/api/v1/jobs/{job_id:uuid}/cancel"): Case(),
+    ("GET", "/api/v1/jobs/{job_id:uuid}/previews/{index:int}"): Case(),
+    ("GET", "/studios/{subject_id:uuid}"): Case(),
+    ("POST", "/studios/{subject_id:uuid}/jobs/{job_id:uuid}/cancel"): Case(form={}),
+    # galleries (W3)
+    ("GET", "/api/v1/subjects/{subject_id:uuid}/images"): Case(),
+    ("GET", "/api/v1/images/{image_id:uuid}"): Case(),
+    ("GET", "/api/v1/images/{image_id:uuid}/file"): Case(),
+    ("PATCH", "/api/v1/images/{image_id:uuid}"): Case(json={"favourite": True}),
+    ("POST", "/api/v1/subjects/{subject_id:uuid}/generate"): Case(json={"prompts": ["in the snow"]}),
+    ("GET", "/api/v1/subjects/{subject_id:uuid}/download.zip"): Case(),
+    ("DELETE", "/api/v1/subjects/{subject_id:uuid}"): Case(),
+    ("GET", "/studios/{subject_id:uuid}/gallery"): Case(),
+    ("GET", "/studios/{subject_id:uuid}/images/{image_id:uuid}"): Case(),
+    ("GET", "/studios/{subject_id:uuid}/images/{image_id:uuid}/file"): Case(),
+    ("GET", "/studios/{subject_id:uuid}/images/{image_id:uuid}/download"): Case(),
+    ("POST", "/studios/{subject_id:uuid}/images/{image_id:uuid}/favourite"): Case(form={"favourite": "true"}),
+    ("POST", "/studios/{subject_id:uuid}/generate"): Case(form={"prompts": "in the snow", "images_per_prompt": "1"}),
+    ("GET", "/studios/{subject_id:uuid}/download.zip"): Case(),
+    ("GET", "/studios/{subject_id:uuid}/delete"): Case(),
+    ("POST", "/studios/{subject_id:uuid}/delete"): Case(form={}),
+}
+# The owner may get a redirect (307 to a signed URL) or a 200; anything but 404 proves the route works.
+OWNER_OK = {200, 307}
+
+
+def object_routes(app: FastAPI) -> list[tuple[str, str]]:
+    """Every (method, path) of the app whose path carries an id."""
+    found = set()
+    for route in iter_route_contexts(app.routes):
+        path = route.path
+        if not path or "{" not in path:
+            continue
+        for method in route.methods or ():
+            if method != "HEAD":
+                found.add((method, path))
+    return sorted(found)
+
+
+def fill(path: str, ids: dict[str, str]) -> str:
+    """The path with its placeholders ("{subject_id:uuid}") replaced by the owner's ids."""
+    for name, value in ids.items():
+        path = path.replace(f"{{{name}:uuid}}", value).replace(f"{{{name}:int}}", value).replace(f"{{{name}}}", value)
+    assert "{" not in path, f"no id for a placeholder of {path}"
+    return path
+
+
+@dataclass
+class Owned:
+    owner: User
+    ids: dict[str, str]
+    owner_headers: dict[str, str]
+
+
+@pytest.fixture
+def sent_tasks() -> Iterator[list[str]]:
+    sent: list[str] = []
+    queue.set_sender(lambda name, kwargs, queue_name: sent.append(name))
+    yield sent
+    queue.set_sender(None)
+
+
+@pytest.fixture
+def owned(app: FastAPI, clean_db: Engine, make_user: Callable[..., User],
+          api_headers: Callable[[User], dict[str, str]]) -> Owned:
+    """The owner's account with one of every object: a trained studio, a photo, a running job with a
+    preview, a generated image, an API token."""
+    owner = make_user("owner@example.com")
+    owner_headers = api_headers(owner)
+    storage: Storage = app.state.storage
+    with sessionmaker(bind=clean_db, expire_on_commit=False)() as session:
+        subject = make_subject(session, owner, weights_key="users/weights/lora.safetensors")
+        photo = make_photo(session, storage, subject)
+        job = make_job(session, subject, status="running", stage="training", step=3, total=10)
+        key = preview_key(owner.id, subject.id, job.id, "step-3.png")
+        storage.put_bytes(key, png_bytes(1), "image/png")
+        job.preview_keys = [key]
+        image = make_image(session, storage, subject, job)
+        token = session.scalars(select(ApiToken).where(ApiToken.user_id == owner.id)).one()
+        session.commit()
+        ids = {
+            "subject_id": str(subject.id),
+            "photo_id": str(photo.id),
+            "job_id": str(job.id),
+            "image_id": str(image.id),
+            "token_id": str(token.id),
+            "index": "0",
+        }
+    return Owned(owner=owner, ids=ids, owner_headers=owner_headers)
+
+
+def snapshot(engine: Engine, storage: Storage, owned: Owned) -> dict[str, Any]:
+    """What the stranger must not be able to change."""
+    with Session(engine) as session:
+        subject_id, job_id = uuid.UUID(owned.ids["subject_id"]), uuid.UUID(owned.ids["job_id"])
+        job = session.get(Job, job_id)
+        image = session.get(GeneratedImage, uuid.UUID(owned.ids["image_id"]))
+        token = session.get(ApiToken, uuid.UUID(owned.ids["token_id"]))
+        return {
+            "subject": session.get(Subject, subject_id) is not None,
+            "job": (job.status, job.cancel_requested) if job else None,
+            "jobs": session.scalar(select(func.count()).select_from(Job)),
+            "favourite": image.favourite if image else None,
+            "token_revoked": token.revoked_at is not None if token else None,
+            "files": len(storage.list(f"users/{owned.owner.id}/")),
+        }
+
+
+def test_every_object_route_has_a_case(app: FastAPI) -> None:
+    missing = [f"{method} {path}" for method, path in object_routes(app) if (method, path) not in CASES]
+    assert not missing, f"object routes without an isolation case in tests/app/test_isolation.py: {missing}"
+    stale = [f"{method} {path}" for method, path in CASES if (method, path) not in object_routes(app)]
+    assert not stale, f"cases for routes the app no longer has: {stale}"
+
+
+def test_another_account_gets_404_on_every_object_route(
+    app: FastAPI, client: TestClient, clean_db: Engine, owned: Owned, make_user: Callable[..., User],
+    login: Callable[..., TestClient], csrf_token: Callable[[TestClient], str],
+    api_headers: Callable[[User], dict[str, str]], sent_tasks: list[str],
+) -> None:
+    storage: Storage = app.state.storage
+    stranger = make_user("stranger@example.com")
+    stranger_headers = api_headers(stranger)
+    login(client, stranger)
+    token = csrf_token(client)
+    before = snapshot(clean_db, storage, owned)
+    assert before["files"] == 3  # photo, preview, image
+
+    answers = {}
+    for method, path in object_routes(app):
+        case = CASES[(method, path)]
+        url = fill(path, owned.ids)
+        if path.startswith("/api/"):
+            response = client.request(method, url, json=case.json, headers=stranger_headers)
+        elif method == "GET":
+            response = client.get(url, follow_redirects=False)
+        else:
+            response = client.request(method, url, data={**case.form, "csrf_token": token}, follow_redirects=False)
+        answers[f"{method} {path}"] = response.status_code
+
+    leaks = {route: code for route, code in answers.items() if code != 404}
+    assert not leaks, f"routes that did not answer 404 to another account: {leaks}"
+    assert snapshot(clean_db, storage, owned) == before
+    assert sent_tasks == []
+
+
+def test_the_owner_reaches_every_object_it_owns(
+    app: FastAPI, client: TestClient, owned: Owned, login: Callable[..., TestClient]
+) -> None:
+    """The control: the same GET requests by the owner succeed, so the 404s above mean isolation."""
+    login(client, owned.owner)
+    answers = {}
+    for method, path in object_routes(app):
+        if method != "GET":
+            continue
+        url = fill(path, owned.ids)
+        headers = owned.owner_headers if path.startswith("/api/") else {}
+        answers[path] = client.get(url, headers=headers, follow_redirects=False).status_code
+    failing = {path: code for path, code in answers.items() if code not in OWNER_OK}
+    assert not failing, f"GET routes the owner could not use: {failing}"
