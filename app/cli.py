@@ -135,6 +135,7 @@ class Supervisor:
         self.spawner = spawner
         self.children: list[Child] = []
         self.stop_requests = 0
+        self.sent: set[tuple[int, str]] = set()
 
     def start(self, name: str, command: list[str]) -> None:
         self.children.append(Child(name, self.spawner(command)))
@@ -149,7 +150,9 @@ class Supervisor:
 
     def signal_all(self, signum: int) -> None:
         for child in self.children:
-            if child.process.poll() is None:
+            # One SIGTERM each: Celery reads a repeated one as impatience and may cut a shutdown short.
+            if child.process.poll() is None and (signum, child.name) not in self.sent:
+                self.sent.add((signum, child.name))
                 with contextlib.suppress(ProcessLookupError):  # it exited since the poll
                     child.process.send_signal(signum)
 

@@ -130,26 +130,36 @@ def test_web_runs_the_factory(monkeypatch: pytest.MonkeyPatch) -> None:
 class FakeProcess:
     """A child that exits when signalled (or by itself after ``lifetime`` polls)."""
 
-    def __init__(self, command: list[str], lifetime: int | None = None, code: int = 0) -> None:
+    def __init__(self, command: list[str], lifetime: int | None = None, code: int = 0, slow_stop: bool = False) -> None:
         self.command = command
         self.returncode: int | None = None
         self.signals: list[int] = []
         self.polls = 0
         self.lifetime = lifetime
         self.code = code
+        self.stopping_since = 0
+        self.slow_stop = slow_stop
 
     def poll(self) -> int | None:
         self.polls += 1
         if self.returncode is None and self.lifetime is not None and self.polls >= self.lifetime:
             self.returncode = self.code
-        return self.returncode
+        return self.poll_after_signal()
 
     def send_signal(self, signum: int) -> None:
         self.signals.append(signum)
-        if self.returncode is None:
-            self.returncode = -signum
+        # Like a Celery worker's warm shutdown, stopping takes a moment: the first poll still sees it running.
+        self.stopping_since = self.polls
+
+    def poll_after_signal(self) -> int | None:
+        # A slow child is still shutting down whenever it is polled; only wait() sees it finish.
+        if self.returncode is None and self.signals and not self.slow_stop and self.polls > self.stopping_since + 1:
+            self.returncode = -self.signals[0]
+        return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and self.signals:
+            self.returncode = -self.signals[0]
         assert self.returncode is not None
         return self.returncode
 
@@ -193,7 +203,7 @@ def test_up_forwards_ctrl_c_once(fresh_settings: Settings) -> None:
             return super().poll()
 
     def spawner(command: list[str]) -> FakeProcess:
-        process = InterruptingProcess(command) if not started else FakeProcess(command)
+        process = InterruptingProcess(command, slow_stop=True) if not started else FakeProcess(command)
         started.append(process)
         return process
 
@@ -201,5 +211,5 @@ def test_up_forwards_ctrl_c_once(fresh_settings: Settings) -> None:
     code = cli.up(fresh_settings, "127.0.0.1", 8766, with_worker=True, with_beat=False,
                   spawner=spawner)  # type: ignore[arg-type]
     assert code == 130
-    assert [process.signals[0] for process in started] == [signal.SIGTERM, signal.SIGTERM]
+    assert [process.signals for process in started] == [[signal.SIGTERM], [signal.SIGTERM]]
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
