@@ -1,0 +1,256 @@
+"""Web benchmark: status polling under load, upload memory, ZIP download speed and memory.
+
+Starts the real app under uvicorn on loopback (a fresh var/ folder, SQLite by default or
+PostgreSQL with --db postgres) and measures it from this process:
+
+1. status polling: N browsers poll GET /api/v1/jobs/{id} every second, as the studio page does;
+   p50 / p99 latency and errors. Then the same pollers with no pause (saturation).
+2. upload: one studio of 20 photos of ~8 MB each; the server's peak RSS growth during it.
+3. ZIP: download a gallery of ~1 GB as one streamed ZIP; MB/s and the server's peak RSS growth.
+
+    python bench/web.py [--pollers 100] [--seconds 15] [--zip-mb 1024] [--db sqlite|postgres]
+
+Prints a table; the results go into docs/benchmarks.md by hand, with the machine and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.models import GeneratedImage, Job, Subject, User, utcnow  # noqa: E402
+from app.storage.base import image_key  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found for pid {pid}")
+
+
+def reset_peak(pid: int) -> None:
+    # Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS.
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+class Server:
+    """uvicorn running the studio's factory in a child process with its own settings."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
+            cwd=ROOT, env=self.env,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/", timeout=1)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("the web app did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def make_photo(seed: int, target_bytes: int) -> bytes:
+    """A JPEG of about ``target_bytes``: noise compresses badly, so size follows the pixel count."""
+    rng = np.random.default_rng(seed)
+    side = int((target_bytes / 0.9) ** 0.5)
+    pixels = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+async def poll(url: str, headers: dict[str, str], seconds: float, interval: float,
+               latencies: list[float], errors: list[str]) -> None:
+    async with httpx.AsyncClient(headers=headers, timeout=10) as client:
+        await asyncio.sleep(random.random() * max(interval, 0.05))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                response = await client.get(url)
+                if response.status_code != 200:
+                    errors.append(str(response.status_code))
+            except httpx.HTTPError as error:
+                errors.append(type(error).__name__)
+            latencies.append(time.perf_counter() - started)
+            if interval:
+                await asyncio.sleep(interval)
+
+
+def polling(url: str, headers: dict[str, str], pollers: int, seconds: float, interval: float) -> dict[str, float]:
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    async def run() -> None:
+        await asyncio.gather(*(poll(url, headers, seconds, interval, latencies, errors) for _ in range(pollers)))
+
+    started = time.monotonic()
+    asyncio.run(run())
+    elapsed = time.monotonic() - started
+    quantiles = statistics.quantiles(latencies, n=100)
+    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "p50_ms": quantiles[49] * 1000,
+            "p99_ms": quantiles[98] * 1000, "errors": len(errors)}
+
+
+def seed_rows(database_url: str, media_dir: Path, email: str, zip_mb: int) -> tuple[str, str]:
+    """A subject with a running job and a gallery of ``zip_mb`` MB; returns (job id, subject id)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from app.db import make_engine
+
+    engine = make_engine(database_url)
+    with Session(engine) as session:
+        user = session.scalars(select(User).where(User.email == email)).one()
+        now = utcnow()
+        subject = Subject(owner_id=user.id, name="Benchmark", kind="dog", class_noun="dog",
+                          style_pack="pet-adventures", prompts=[], consent_at=now,
+                          expires_at=now + timedelta(days=30), identifier="qzx", weights_key="x")
+        session.add(subject)
+        session.flush()
+        job = Job(subject_id=subject.id, owner_id=user.id, status="running", stage="training", step=120,
+                  total=400, loss=0.12, eta_seconds=80, attempts=1, details={"prior_reused": 50})
+        session.add(job)
+        session.flush()
+        image_bytes = 4 * 1024 * 1024
+        payload = os.urandom(image_bytes)
+        for index in range(max(1, zip_mb * 1024 * 1024 // image_bytes)):
+            image_id = uuid.uuid4()
+            key = image_key(user.id, subject.id, image_id)
+            path = media_dir / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Distinct bytes per file at no cost: a small header, then the shared random block.
+            path.write_bytes(index.to_bytes(8, "big") + payload)
+            session.add(GeneratedImage(id=image_id, subject_id=subject.id, job_id=job.id, storage_key=key,
+                                       prompt=f"a photo of qzx dog number {index % 10}",
+                                       prompt_template="a photo of {subject}", seed=index, steps=25,
+                                       guidance=7.5, width=512, height=512))
+        session.commit()
+        return str(job.id), str(subject.id)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pollers", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--zip-mb", type=int, default=1024)
+    parser.add_argument("--photo-mb", type=float, default=8)
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="studio-bench-"))
+    var_dir = workdir / "var"
+    if args.db == "postgres":
+        from sqlalchemy import create_engine, text
+
+        name = f"studio_bench_{uuid.uuid4().hex[:8]}"
+        with create_engine("postgresql+psycopg://postgres@127.0.0.1/postgres",
+                           isolation_level="AUTOCOMMIT").connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        database_url = f"postgresql+psycopg://postgres@127.0.0.1/{name}"
+    else:
+        database_url = f"sqlite:///{workdir / 'studio.db'}"
+    env = {**os.environ, "STUDIO_VAR_DIR": str(var_dir), "STUDIO_DATABASE_URL": database_url,
+           "STUDIO_ENVIRONMENT": "development", "STUDIO_MAX_ACTIVE_JOBS_PER_USER": "100"}
+    subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, check=True)
+
+    rows: list[tuple[str, str, str]] = []
+    with Server(env) as server:
+        email = "bench@example.com"
+        httpx.post(server.url + "/api/v1/auth/signup", json={"email": email, "password": "benchmark-password"})
+        token = httpx.post(server.url + "/api/v1/auth/token",
+                           json={"email": email, "password": "benchmark-password"}).json()["token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        job_id, subject_id = seed_rows(database_url, var_dir / "media", email, args.zip_mb)
+        assert server.process is not None
+        pid = server.process.pid
+
+        status_url = f"{server.url}/api/v1/jobs/{job_id}"
+        paced = polling(status_url, headers, args.pollers, args.seconds, interval=1.0)
+        rows.append((f"status, {args.pollers} pollers every 1 s", f"p50 {paced['p50_ms']:.1f} ms, "
+                     f"p99 {paced['p99_ms']:.1f} ms", f"{paced['requests']} requests, {paced['errors']} errors"))
+        flat_out = polling(status_url, headers, args.pollers, args.seconds / 2, interval=0.0)
+        rows.append((f"status, {args.pollers} pollers, no pause", f"p50 {flat_out['p50_ms']:.1f} ms, "
+                     f"p99 {flat_out['p99_ms']:.1f} ms", f"{flat_out['rps']:.0f} req/s, {flat_out['errors']} errors"))
+
+        photos = [make_photo(seed, int(args.photo_mb * 1024 * 1024)) for seed in range(20)]
+        files = [("photos", (f"photo{i}.jpg", data, "image/jpeg")) for i, data in enumerate(photos)]
+        form = {"name": "Upload bench", "kind": "dog", "style_pack": "pet-adventures", "images_per_prompt": "1",
+                "quality": "fast", "consent": "on"}
+        reset_peak(pid)
+        before = rss_kb(pid, "VmRSS")
+        started = time.monotonic()
+        response = httpx.post(server.url + "/api/v1/subjects", headers=headers, data=form, files=files, timeout=300)
+        upload_seconds = time.monotonic() - started
+        growth = (rss_kb(pid, "VmHWM") - before) / 1024
+        total_mb = sum(len(p) for p in photos) / 1024 / 1024
+        rows.append((f"upload 20 photos, {total_mb:.0f} MB", f"peak RSS growth {growth:.0f} MB",
+                     f"HTTP {response.status_code} in {upload_seconds:.1f} s"))
+
+        reset_peak(pid)
+        before = rss_kb(pid, "VmRSS")
+        received = 0
+        started = time.monotonic()
+        with httpx.stream("GET", f"{server.url}/api/v1/subjects/{subject_id}/download.zip", headers=headers,
+                          timeout=600) as stream:
+            status_code = stream.status_code
+            for chunk in stream.iter_bytes(1024 * 1024):
+                received += len(chunk)
+        seconds = time.monotonic() - started
+        growth = (rss_kb(pid, "VmHWM") - before) / 1024
+        rows.append((f"ZIP download, {received / 1024 / 1024:.0f} MB", f"{received / 1024 / 1024 / seconds:.0f} MB/s",
+                     f"HTTP {status_code}, peak RSS growth {growth:.0f} MB"))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\nweb benchmark ({args.db}, {os.cpu_count()} CPUs)")
+    print(f"{'what':<{width}} | {'result':<32} | detail")
+    print(f"{'-' * width}-+-{'-' * 32}-+-{'-' * 30}")
+    for what, result, detail in rows:
+        print(f"{what:<{width}} | {result:<32} | {detail}")
+
+
+if __name__ == "__main__":
+    main()
