@@ -14,9 +14,9 @@ from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, require_csrf
 from app.galleries import repository, service
 from app.galleries.files import file_response, zip_response
 from app.galleries.schemas import FavouriteUpdate, GenerateAccepted, GenerateRequest, ImageGroup, ImageList, ImageOut
-from app.jobs import repository as job_repository
 from app.jobs import service as job_service
 from app.models import Subject, User
+from app.subjects import repository as subject_repository
 
 router = APIRouter(prefix="/api/v1", tags=["galleries"])
 
@@ -30,7 +30,7 @@ ERROR_STATUS = {
 
 
 def owned_subject(session: Session, subject_id: uuid.UUID, user: User) -> Subject:
-    subject = job_repository.get_subject(session, subject_id, user.id)
+    subject = subject_repository.get_for_owner(session, user.id, subject_id)
     if subject is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, SUBJECT_NOT_FOUND)
     return subject

@@ -18,6 +18,7 @@ from app.galleries import repository, service
 from app.galleries.files import file_response, zip_response
 from app.jobs import repository as job_repository
 from app.models import GeneratedImage, Subject, User
+from app.subjects import repository as subject_repository
 from app.templating import redirect_with_flash, render
 
 router = APIRouter(include_in_schema=False)
@@ -26,7 +27,7 @@ SortChoice = Literal["likeness", "created"]
 
 
 def owned_subject(session: Session, subject_id: uuid.UUID, user: User) -> Subject:
-    subject = job_repository.get_subject(session, subject_id, user.id)
+    subject = subject_repository.get_for_owner(session, user.id, subject_id)
     if subject is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No such studio.")
     return subject
@@ -231,7 +232,7 @@ def delete_confirm_page(subject_id: uuid.UUID, request: Request, user: PageUser,
     jobs = job_repository.jobs_of_subject(session, subject.id, user.id)
     context = {
         "subject": subject,
-        "photo_count": len(repository.photos_of_subject(session, subject.id, user.id)),
+        "photo_count": len(subject_repository.photos_of(session, subject)),
         "image_count": repository.count_images(session, subject.id),
         "has_model": subject.weights_key is not None,
         "active_jobs": [job for job in jobs if job.status in ("queued", "running")],

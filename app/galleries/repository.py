@@ -8,7 +8,7 @@ from typing import Literal
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from app.models import GeneratedImage, Photo, Subject
+from app.models import GeneratedImage, Subject
 
 GallerySort = Literal["likeness", "created"]
 
@@ -84,17 +84,6 @@ def position_in_prompt(session: Session, image: GeneratedImage) -> int:
         )
     )
     return (count or 0) + 1
-
-
-def photos_of_subject(session: Session, subject_id: uuid.UUID, owner_id: uuid.UUID) -> list[Photo]:
-    return list(
-        session.scalars(
-            select(Photo)
-            .join(Subject, Subject.id == Photo.subject_id)
-            .where(Photo.subject_id == subject_id, Subject.owner_id == owner_id)
-            .order_by(Photo.position, Photo.id)
-        )
-    )
 
 
 def count_images(session: Session, subject_id: uuid.UUID) -> int:

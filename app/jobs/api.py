@@ -11,6 +11,7 @@ from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, require_csrf
 from app.galleries.files import file_response
 from app.jobs import repository, service
 from app.jobs.schemas import JobStatus
+from app.subjects import repository as subject_repository
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
@@ -33,7 +34,7 @@ def get_job_status(job_id: uuid.UUID, user: ApiUser, session: SessionDep, respon
 @router.get("/subjects/{subject_id:uuid}/jobs", response_model=list[JobStatus])
 def list_subject_jobs(subject_id: uuid.UUID, user: ApiUser, session: SessionDep) -> list[JobStatus]:
     """The studio's jobs, newest first: its training and every "generate more"."""
-    subject = repository.get_subject(session, subject_id, user.id)
+    subject = subject_repository.get_for_owner(session, user.id, subject_id)
     if subject is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, SUBJECT_NOT_FOUND)
     jobs = repository.jobs_of_subject(session, subject.id, user.id)

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from app.deps import PageUser, SessionDep, require_csrf
 from app.galleries import repository as gallery_repository
 from app.jobs import repository, service
+from app.subjects import repository as subject_repository
 from app.templating import redirect_with_flash, render
 
 router = APIRouter(include_in_schema=False)
@@ -23,7 +24,7 @@ DEMO_MODEL_NOTICE = (
 @router.get("/studios/{subject_id:uuid}", name="studio")
 def studio_page(subject_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep) -> Response:
     """The studio: its photos, the latest job with a live stepper, and what can be done next."""
-    subject = repository.get_subject(session, subject_id, user.id)
+    subject = subject_repository.get_for_owner(session, user.id, subject_id)
     if subject is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No such studio.")
     jobs = repository.jobs_of_subject(session, subject.id, user.id)
@@ -37,7 +38,7 @@ def studio_page(subject_id: uuid.UUID, request: Request, user: PageUser, session
         "job": job,
         "status": job_status,
         "jobs": jobs,
-        "photos": gallery_repository.photos_of_subject(session, subject.id, user.id),
+        "photos": subject_repository.photos_of(session, subject),
         "photos_deleted": subject.photos_deleted_at is not None,
         "image_count": image_count,
         "demo_model": demo_model,

@@ -25,13 +25,6 @@ def get_job_and_class_noun(session: Session, job_id: uuid.UUID, owner_id: uuid.U
     return None if row is None else (row[0], row[1])
 
 
-def get_subject(session: Session, subject_id: uuid.UUID, owner_id: uuid.UUID) -> Subject | None:
-    """The subject ``subject_id`` if ``owner_id`` owns it, else None."""
-    return session.scalars(
-        select(Subject).where(Subject.id == subject_id, Subject.owner_id == owner_id)
-    ).one_or_none()
-
-
 def jobs_of_subject(session: Session, subject_id: uuid.UUID, owner_id: uuid.UUID) -> list[Job]:
     """The subject's jobs, newest first."""
     return list(
