@@ -1,5 +1,189 @@
-"""subjects api routes (being written)."""
+"""The studio JSON API: create a studio (multipart), list mine, one studio in detail, a photo, the style packs."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+import uuid
+
+from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, get_api_user, require_csrf
+from app.galleries.files import file_response
+from app.models import Job, Photo, Subject
+from app.subjects import repository, service
+from app.subjects.forms import UploadDep, read_studio_upload
+from app.subjects.schemas import (
+    JobSummary,
+    PhotoOut,
+    StudioCreated,
+    StylePackOut,
+    SubjectCounts,
+    SubjectDetail,
+    SubjectList,
+    SubjectSummary,
+)
+from worker.engine.prompts import STYLE_PACKS
+
+router = APIRouter(prefix="/api/v1", tags=["subjects"])
+
+
+def api_photo_url(photo: Photo) -> str:
+    return f"/api/v1/subjects/{photo.subject_id}/photos/{photo.id}"
+
+
+def job_summary(job: Job) -> JobSummary:
+    return JobSummary(
+        id=job.id,
+        kind=job.kind,
+        status=job.status,
+        stage=job.stage,
+        step=job.step,
+        total=job.total,
+        failure_reason=job.failure_reason,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        url=f"/api/v1/jobs/{job.id}",
+    )
+
+
+def subject_summary(card: service.StudioCard) -> SubjectSummary:
+    subject = card.subject
+    return SubjectSummary(
+        id=subject.id,
+        name=subject.name,
+        kind=subject.kind,
+        class_noun=subject.class_noun,
+        status=card.status,
+        thumbnail_url=api_photo_url(card.thumbnail) if card.thumbnail is not None else None,
+        created_at=subject.created_at,
+        expires_at=subject.expires_at,
+        url=f"/api/v1/subjects/{subject.id}",
+        page_url=f"/studios/{subject.id}",
+    )
+
+
+def subject_detail(session: Session, subject: Subject) -> SubjectDetail:
+    """Everything about one studio (the caller found ``subject`` through an owner-scoped query)."""
+    photos = [] if subject.photos_deleted_at else repository.photos_of(session, subject)
+    latest_job = repository.latest_jobs(session, [subject.id]).get(subject.id)
+    card = service.StudioCard(
+        subject=subject,
+        status=service.subject_status(subject, latest_job),
+        thumbnail=photos[0] if photos else None,
+        latest_job=latest_job,
+    )
+    return SubjectDetail(
+        **subject_summary(card).model_dump(),
+        style_pack=subject.style_pack,
+        prompts=list(subject.prompts),
+        images_per_prompt=subject.images_per_prompt,
+        quality=subject.quality,
+        identifier=subject.identifier,
+        base_model=subject.base_model,
+        consent_at=subject.consent_at,
+        photos_deleted_at=subject.photos_deleted_at,
+        photos=[
+            PhotoOut(
+                id=photo.id,
+                position=photo.position,
+                original_name=photo.original_name,
+                width=photo.width,
+                height=photo.height,
+                url=api_photo_url(photo),
+            )
+            for photo in photos
+        ],
+        latest_job=job_summary(latest_job) if latest_job is not None else None,
+        counts=SubjectCounts(
+            photos=len(photos),
+            images=repository.count_images(session, subject.id),
+            jobs=repository.count_jobs(session, subject.id),
+        ),
+    )
+
+
+def owned_subject(session: Session, owner_id: uuid.UUID, subject_id: uuid.UUID) -> Subject:
+    subject = repository.get_for_owner(session, owner_id, subject_id)
+    if subject is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such studio.")
+    return subject
+
+
+@router.post(
+    "/subjects",
+    status_code=status.HTTP_201_CREATED,
+    response_model=StudioCreated,
+    # Who is asking first (no parsing for strangers), then the upload with the studio's limits, then
+    # the CSRF check, which reads that same cached parse.
+    dependencies=[Depends(get_api_user), Depends(read_studio_upload), Depends(require_csrf)],
+    responses={
+        413: {"description": "More photos, or a bigger request, than allowed"},
+        422: {"description": "Problems: {detail, fields: {name: reason}, files: [{name, reason}]}"},
+        429: {"description": "Too many studios in training; see Retry-After"},
+    },
+)
+async def create_subject(
+    upload: UploadDep, user: ApiUser, session: SessionDep, storage: StorageDep, settings: SettingsDep
+) -> Response:
+    """Create a studio from multipart fields (name, kind, class_noun, style_pack, prompts (repeated or one
+    per line), images_per_prompt, quality, consent) and 3–20 ``photos`` files; training is queued."""
+    try:
+        # Decoding and re-encoding photos is CPU work: keep it off the event loop.
+        subject, job = await run_in_threadpool(
+            service.create_studio, session, storage, settings, user, upload.form, upload.files
+        )
+    except service.TooManyActiveJobs as error:
+        return JSONResponse(
+            {"detail": str(error)},
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+            headers={"Retry-After": str(error.retry_after)},
+        )
+    except service.StudioRejected as error:
+        code = status.HTTP_413_CONTENT_TOO_LARGE if error.too_large else status.HTTP_422_UNPROCESSABLE_CONTENT
+        return JSONResponse(error.problems.as_json(), status_code=code)
+    created = StudioCreated(subject=subject_detail(session, subject), job=job_summary(job))
+    return JSONResponse(
+        created.model_dump(mode="json"),
+        status_code=status.HTTP_201_CREATED,
+        headers={"Location": f"/api/v1/subjects/{subject.id}"},
+    )
+
+
+@router.get("/subjects", response_model=SubjectList)
+def list_subjects(user: ApiUser, session: SessionDep) -> SubjectList:
+    """My studios, newest first, with status, thumbnail URL and expiry date."""
+    return SubjectList(subjects=[subject_summary(card) for card in service.studio_cards(session, user)])
+
+
+@router.get("/subjects/{subject_id:uuid}", response_model=SubjectDetail)
+def get_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep) -> SubjectDetail:
+    """One studio: its settings, photos, latest job and counts."""
+    return subject_detail(session, owned_subject(session, user.id, subject_id))
+
+
+@router.get("/subjects/{subject_id:uuid}/photos/{photo_id:uuid}", response_class=Response)
+def get_photo(
+    subject_id: uuid.UUID,
+    photo_id: uuid.UUID,
+    user: ApiUser,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> Response:
+    """One uploaded photo as stored (sanitized JPEG): streamed, or a redirect to a short-lived signed URL."""
+    photo = repository.get_photo_for_owner(session, user.id, subject_id, photo_id)
+    if photo is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such photo.")
+    return file_response(storage, settings, photo.storage_key, "image/jpeg", f"photo-{photo.position + 1}.jpg")
+
+
+@router.get("/style-packs", response_model=list[StylePackOut])
+def list_style_packs() -> list[StylePackOut]:
+    """Every style pack: its name (the ``style_pack`` field), title, subject kind ("pet" or "person"), prompts."""
+    return [
+        StylePackOut(name=pack.name, title=pack.title, kind=pack.kind, prompts=list(pack.prompts))
+        for pack in STYLE_PACKS.values()
+    ]

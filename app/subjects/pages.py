@@ -1,5 +1,191 @@
-"""subjects pages routes (being written)."""
+"""Studio pages: my studios, the "new studio" form and its post, and the owner's photo files."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter()
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from app.config import Settings
+from app.deps import PageUser, SessionDep, SettingsDep, StorageDep, get_page_user, require_csrf
+from app.galleries.files import file_response
+from app.photos.sanitize import format_megabytes
+from app.subjects import repository, service
+from app.subjects.forms import StudioUpload, UploadDep, read_studio_upload
+from app.subjects.schemas import (
+    DEFAULT_IMAGES_PER_PROMPT,
+    DEFAULT_QUALITY,
+    PERSON_NOUNS,
+    QUALITY_PRESETS,
+    StudioProblems,
+)
+from app.templating import redirect_with_flash, render
+from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS
+
+router = APIRouter(include_in_schema=False)
+
+STATUS_LABELS = {
+    "new": "New",
+    "queued": "In line",
+    "running": "Training",
+    "done": "Ready",
+    "failed": "Failed",
+    "cancelled": "Cancelled",
+}
+# The page's form sends the typed animal and the chosen person word in fields of their own, so both
+# can be on the page at once (without script); the kind picks which one becomes the class noun.
+ANIMAL_NOUN_FIELD = "class_noun_animal"
+PERSON_NOUN_FIELD = "class_noun_person"
+
+
+@dataclass(frozen=True)
+class KindChoice:
+    value: str
+    title: str
+    hint: str
+
+
+KIND_CHOICES = (
+    KindChoice("dog", "Dog", "Any breed"),
+    KindChoice("cat", "Cat", "Any breed"),
+    KindChoice("animal", "Another animal", "Rabbit, horse, parrot…"),
+    KindChoice("person", "A person", "You, or someone who agreed"),
+)
+
+
+def form_values(values: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """What the form's inputs show: the defaults, or what was sent (so a re-shown form keeps it)."""
+    sent = values or {}
+
+    def first(name: str, default: str = "") -> str:
+        return (sent.get(name) or [default])[0]
+
+    return {
+        "name": first("name"),
+        "kind": first("kind"),
+        "class_noun_animal": first(ANIMAL_NOUN_FIELD),
+        "class_noun_person": first(PERSON_NOUN_FIELD, "person"),
+        "style_pack": first("style_pack"),
+        "prompts": "\n".join(sent.get("prompts", [])),
+        "images_per_prompt": first("images_per_prompt", str(DEFAULT_IMAGES_PER_PROMPT)),
+        "quality": first("quality", DEFAULT_QUALITY),
+        "consent": first("consent") in ("1", "true", "on", "yes"),
+    }
+
+
+def new_studio_context(
+    settings: Settings,
+    values: dict[str, list[str]] | None = None,
+    problems: StudioProblems | None = None,
+    message: str | None = None,
+) -> dict[str, Any]:
+    """The "new studio" page's context: choices, limits, the values to show and any problems."""
+    problems = problems or StudioProblems()
+    field_errors = dict(problems.fields)
+    if ANIMAL_NOUN_FIELD not in field_errors and "class_noun" in field_errors:
+        field_errors[ANIMAL_NOUN_FIELD] = field_errors[PERSON_NOUN_FIELD] = field_errors["class_noun"]
+    errors = [message] if message else problems.sentences()
+    return {
+        "values": form_values(values),
+        "kinds": KIND_CHOICES,
+        "person_nouns": PERSON_NOUNS,
+        "packs": [
+            {"name": pack.name, "title": pack.title, "kind": pack.kind, "prompts": list(pack.prompts)}
+            for pack in STYLE_PACKS.values()
+        ],
+        "default_packs": DEFAULT_PACK,
+        "quality_presets": QUALITY_PRESETS,
+        "limits": {
+            "min_photos": settings.min_photos,
+            "max_photos": settings.max_photos,
+            "max_photo_bytes": settings.max_photo_bytes,
+            "max_photo_size": format_megabytes(settings.max_photo_bytes),
+            "max_prompts": settings.max_prompts,
+            "max_prompt_length": service.MAX_PROMPT_LENGTH,
+            "max_images_per_prompt": settings.max_images_per_prompt,
+        },
+        "errors": errors,
+        "field_errors": field_errors,
+        "file_problems": list(problems.files),
+    }
+
+
+@router.get("/studios", name="studios")
+def my_studios(request: Request, user: PageUser, session: SessionDep) -> Response:
+    """My studios as cards: status, thumbnail, expiry date; an invitation when there are none yet."""
+    cards = service.studio_cards(session, user)
+    return render(request, "subjects/list.html", {"cards": cards, "status_labels": STATUS_LABELS})
+
+
+@router.get("/studios/new", name="new_studio")
+def new_studio(request: Request, user: PageUser, settings: SettingsDep) -> Response:
+    return render(request, "subjects/new.html", new_studio_context(settings))
+
+
+def _with_class_noun(upload: StudioUpload) -> StudioUpload:
+    """The page's two noun fields folded into ``class_noun`` according to the chosen kind."""
+    field_name = {"animal": ANIMAL_NOUN_FIELD, "person": PERSON_NOUN_FIELD}.get(upload.form.kind)
+    if field_name is None:
+        return upload
+    typed = (upload.values.get(field_name) or [upload.form.class_noun])[0]
+    return replace(upload, form=replace(upload.form, class_noun=typed))
+
+
+@router.post(
+    "/studios",
+    name="create_studio",
+    # Who is asking first (no parsing for strangers), then the upload with the studio's limits, then
+    # the CSRF check, which reads that same cached parse.
+    dependencies=[Depends(get_page_user), Depends(read_studio_upload), Depends(require_csrf)],
+)
+async def create_studio(
+    request: Request,
+    user: PageUser,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    upload: UploadDep,
+) -> Response:
+    """The form's post: 303 to the new studio, or the form again (422/413/429) listing every problem."""
+    upload = _with_class_noun(upload)
+    try:
+        subject, _job = await run_in_threadpool(
+            service.create_studio, session, storage, settings, user, upload.form, upload.files
+        )
+    except service.TooManyActiveJobs as error:
+        context = new_studio_context(settings, upload.values, message=str(error))
+        return render(
+            request,
+            "subjects/new.html",
+            context,
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+            headers={"Retry-After": str(error.retry_after)},
+        )
+    except service.StudioRejected as error:
+        code = status.HTTP_413_CONTENT_TOO_LARGE if error.too_large else status.HTTP_422_UNPROCESSABLE_CONTENT
+        return render(request, "subjects/new.html", new_studio_context(settings, upload.values, error.problems), code)
+    return redirect_with_flash(
+        request,
+        f"/studios/{subject.id}",
+        f"“{subject.name}” is created and in line for training. This page updates itself.",
+    )
+
+
+@router.get("/studios/{subject_id:uuid}/photos/{photo_id:uuid}", name="studio_photo")
+def studio_photo(
+    subject_id: uuid.UUID,
+    photo_id: uuid.UUID,
+    user: PageUser,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> Response:
+    """One of the owner's uploaded photos (the sanitized copy): streamed, or a redirect to a signed URL."""
+    photo = repository.get_photo_for_owner(session, user.id, subject_id, photo_id)
+    if photo is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such photo.")
+    return file_response(storage, settings, photo.storage_key, "image/jpeg", f"photo-{photo.position + 1}.jpg")
