@@ -139,6 +139,8 @@ def _lora_fused_copies(model: BaseModel, lora_file: Path) -> tuple[UNet2DConditi
         }
         if not peft_state:
             continue
+        if component == "text_encoder":
+            peft_state = {_installed_clip_path(k, text_encoder): v for k, v in peft_state.items()}
         rank = next(v.shape[0] for k, v in peft_state.items() if k.endswith("lora_A.weight"))
         # Full module paths as targets: peft then wraps exactly the layers the file has weights for.
         targets = sorted({k.rsplit(".lora_", 1)[0] for k in peft_state})
@@ -181,9 +183,35 @@ def _diffusers_key_to_peft(key: str) -> str:
     return key
 
 
+def _canonical_clip_path(path: str) -> str:
+    """A CLIP text-encoder module path as SD checkpoints and kohya files spell it (``text_model.encoder...``).
+
+    transformers 5 dropped the ``text_model`` level from ``CLIPTextModel``, so the paths peft
+    reports depend on the installed version; files meant for other tools use the classic form.
+    """
+    return path if path.startswith("text_model.") else f"text_model.{path}"
+
+
+def _installed_clip_path(path: str, text_encoder: torch.nn.Module) -> str:
+    """``path`` (either spelling) as a module path of the installed ``text_encoder``."""
+    if hasattr(text_encoder, "text_model"):
+        return _canonical_clip_path(path)
+    return path.removeprefix("text_model.")
+
+
 def _peft_lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module path: (down, up)}`` from a LoRA state dict in diffusers or peft form."""
-    peft_state = {_diffusers_key_to_peft(key): value for key, value in state.items()}
+    """``{module path: (down, up)}`` from a LoRA state dict in diffusers or peft form.
+
+    Paths keep their component prefix; text-encoder paths are put in the canonical
+    ``text_encoder.text_model....`` spelling.
+    """
+    prefix = DIFFUSERS_PREFIXES["text_encoder"]
+    peft_state = {}
+    for key, value in state.items():
+        key = _diffusers_key_to_peft(key)
+        if key.startswith(prefix):
+            key = prefix + _canonical_clip_path(key[len(prefix):])
+        peft_state[key] = value
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, down in peft_state.items():
         if key.endswith(".lora_A.weight"):
