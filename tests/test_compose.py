@@ -1,0 +1,119 @@
+"""docker-compose.yml: valid for Debian's docker-compose, every service present and health-checked,
+the GPU reserved for the worker, secrets required, and an environment the studio accepts in production."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = "/usr/bin/docker-compose"
+REQUIRED_ENV = {
+    "STUDIO_SECRET_KEY": "a-test-secret-that-is-long-enough-0123456789",
+    "POSTGRES_PASSWORD": "pg-test-password",
+    "MINIO_ROOT_PASSWORD": "minio-test-password",
+}
+LONG_RUNNING = ("postgres", "redis", "minio", "web", "worker", "cpu-worker", "beat")
+ONE_SHOT = ("createbucket", "migrate")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(COMPOSE) is None and shutil.which("docker-compose") is None,
+    reason="docker-compose is not installed (apt-get install docker-compose); the CI installs it",
+)
+
+
+def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    binary = COMPOSE if Path(COMPOSE).exists() else str(shutil.which("docker-compose"))
+    base_env = {key: value for key, value in os.environ.items() if key not in REQUIRED_ENV and
+                not key.startswith("STUDIO_")}
+    return subprocess.run(
+        [binary, "-f", str(ROOT / "docker-compose.yml"), *args],
+        cwd=ROOT, env={**base_env, **(env or {})}, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    result = compose("config", env=REQUIRED_ENV)
+    assert result.returncode == 0, result.stderr
+    parsed = yaml.safe_load(result.stdout)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def test_config_is_valid() -> None:
+    result = compose("config", "-q", env=REQUIRED_ENV)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED_ENV))
+def test_secrets_are_required(missing: str) -> None:
+    env = {key: value for key, value in REQUIRED_ENV.items() if key != missing}
+    result = compose("config", "-q", env=env)
+    assert result.returncode != 0
+    assert missing in result.stderr
+
+
+def test_every_service_is_there(config: dict[str, Any]) -> None:
+    assert set(LONG_RUNNING) | set(ONE_SHOT) <= set(config["services"])
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_long_running_services_have_health_checks(config: dict[str, Any], name: str) -> None:
+    service = config["services"][name]
+    assert service["healthcheck"]["test"], name
+    assert service.get("restart") == "unless-stopped"
+
+
+def test_the_worker_reserves_one_gpu_and_takes_one_job(config: dict[str, Any]) -> None:
+    worker = config["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    command = worker["command"]
+    assert command[command.index("-Q") + 1] == "gpu" and command[command.index("-c") + 1] == "1"
+    assert "cu" in worker["build"]["args"]["TORCH_INDEX_URL"]  # a CUDA build of torch, not the CPU one
+    assert "gpu" not in str(config["services"]["cpu-worker"].get("deploy", ""))
+
+
+def test_start_order(config: dict[str, Any]) -> None:
+    services = config["services"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("web", "worker", "cpu-worker", "beat"):
+        depends = services[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully", name
+        assert depends["redis"]["condition"] == "service_healthy", name
+    assert services["createbucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert services["web"]["depends_on"]["createbucket"]["condition"] == "service_completed_successfully"
+
+
+def test_the_environment_is_valid_production_settings(config: dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    environment = config["services"]["web"]["environment"]
+    for key in list(os.environ):
+        if key.startswith("STUDIO_"):
+            monkeypatch.delenv(key)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, str(value))
+    settings = Settings(_env_file=None)
+    assert settings.environment == "production"
+    assert settings.secret_key == REQUIRED_ENV["STUDIO_SECRET_KEY"]
+    assert settings.resolved_database_url.startswith("postgresql+psycopg://studio:pg-test-password@postgres")
+    assert settings.resolved_broker_url == "redis://redis:6379/0"
+    assert settings.storage_backend == "s3" and settings.s3_secret_key == REQUIRED_ENV["MINIO_ROOT_PASSWORD"]
+    assert "localhost" in settings.allowed_hosts  # the web health check's Host
+
+
+def test_the_dockerfile_takes_the_torch_index_as_a_build_argument() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert dockerfile.count("FROM python:3.11-slim") == 1
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert '--index-url "${TORCH_INDEX_URL}"' in dockerfile
+    assert "USER studio" in dockerfile
