@@ -102,7 +102,7 @@ def test_the_environment_is_valid_production_settings(config: dict[str, Any],
             monkeypatch.delenv(key)
     for key, value in environment.items():
         monkeypatch.setenv(key, str(value))
-    settings = Settings(_env_file=None)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.environment == "production"
     assert settings.secret_key == REQUIRED_ENV["STUDIO_SECRET_KEY"]
     assert settings.resolved_database_url.startswith("postgresql+psycopg://studio:pg-test-password@postgres")
