@@ -10,10 +10,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-QUALITY_PRESETS: dict[str, str] = {
-    "fast": "Fast: fewer training steps. Good for trying things out.",
-    "balanced": "Balanced: the best likeness for the time it takes. Recommended.",
-    "best": "Best: more steps and more images to choose from. Takes longest.",
+# Quality preset → (title, one-line explanation) as the form shows them; the worker maps the name to steps.
+QUALITY_PRESETS: dict[str, tuple[str, str]] = {
+    "fast": ("Fast", "Fewer training steps. Good for trying things out."),
+    "balanced": ("Balanced", "The best likeness for the time it takes. Recommended."),
+    "best": ("Best", "More steps and more pictures to choose from. Takes longest."),
 }
 DEFAULT_QUALITY = "balanced"
 DEFAULT_IMAGES_PER_PROMPT = 4
