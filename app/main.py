@@ -26,17 +26,18 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import config as config_module
 from app import db as db_module
+from app import storage as storage_module
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.deps import LoginRequired, OptionalUser
 from app.galleries import api as galleries_api
 from app.galleries import pages as galleries_pages
 from app.jobs import api as jobs_api
 from app.jobs import pages as jobs_pages
 from app.security import LoginRateLimiter
-from app.storage import get_storage, make_storage
 from app.subjects import api as subjects_api
 from app.subjects import pages as subjects_pages
 from app.templating import STATIC_DIR, render
@@ -272,7 +273,7 @@ async def server_error_handler(request: Request, exc: Exception) -> Response:
 def _session_factory(settings: Settings) -> tuple[sessionmaker[Session], Engine | None]:
     """The process-wide sessionmaker when the settings are the process's, else one on a private engine."""
     try:
-        shared = get_settings().resolved_database_url == settings.resolved_database_url
+        shared = config_module.get_settings().resolved_database_url == settings.resolved_database_url
     except ValueError:
         shared = False
     if shared:
@@ -283,17 +284,17 @@ def _session_factory(settings: Settings) -> tuple[sessionmaker[Session], Engine 
 
 def _storage(settings: Settings) -> Any:
     try:
-        shared = get_settings().resolved_media_dir == settings.resolved_media_dir and (
-            get_settings().storage_backend == settings.storage_backend
+        shared = config_module.get_settings().resolved_media_dir == settings.resolved_media_dir and (
+            config_module.get_settings().storage_backend == settings.storage_backend
         )
     except ValueError:
         shared = False
-    return get_storage() if shared else make_storage(settings)
+    return storage_module.get_storage() if shared else storage_module.make_storage(settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the studio's web app for ``settings`` (default: from the environment)."""
-    settings = settings or get_settings()
+    settings = settings or config_module.get_settings()
     session_factory, private_engine = _session_factory(settings)
 
     @asynccontextmanager

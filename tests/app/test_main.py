@@ -52,6 +52,16 @@ def test_production_settings_refuse_the_default_secret() -> None:
         Settings(environment="production", secret_key="short")
 
 
+def test_without_arguments_the_app_uses_the_process_settings(settings: Settings, clean_db: object) -> None:
+    from app import db as db_module
+    from app import storage as storage_module
+
+    app = create_app()
+    assert app.state.settings is settings
+    assert app.state.sessionmaker is db_module.get_sessionmaker()  # one engine for the process
+    assert app.state.storage is storage_module.get_storage()
+
+
 def test_lifespan_creates_the_var_folders(settings: Settings, clean_db: object) -> None:
     with client_for(settings) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
