@@ -262,7 +262,9 @@ def stepper(job: Job, class_noun: str, position: int | None) -> list[StageProgre
         else:
             state, fraction = "pending", 0.0
         detail = _step_detail(job, key, class_noun, position, state)
-        steps.append(StageProgress(key=key, title=STEP_TITLES[key], state=state, fraction=fraction, detail=detail))
+        steps.append(
+            StageProgress(key=key, title=STEP_TITLES[key], state=state, fraction=round(fraction, 4), detail=detail)
+        )
     return steps
 
 
@@ -305,7 +307,7 @@ def describe_job(job: Job, class_noun: str, position: int | None) -> JobStatus:
         finished=job.status in FINISHED_STATUSES,
         step=job.step,
         total=job.total,
-        fraction=overall_fraction(job),
+        fraction=round(overall_fraction(job), 4),
         stages=stepper(job, class_noun, position),
         loss=_finite(job.loss),
         loss_history=loss_history(details),
