@@ -26,6 +26,7 @@ from markupsafe import Markup, escape
 from starlette.responses import Response
 
 from app.config import Settings
+from app.deps import Auth, anonymous_csrf_token, resolve_auth
 from app.security import ANONYMOUS_CSRF_COOKIE, CSRF_FORM_FIELD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,11 +142,9 @@ def read_flash(request: Request) -> FlashMessage | None:
 # --- render ---------------------------------------------------------------------------------------
 
 
-def _auth_for_render(request: Request) -> Any:
+def _auth_for_render(request: Request) -> Auth:
     """The request's Auth; resolved here with a short session when the route did not ask for a user."""
-    from app.deps import resolve_auth  # deps imports this module's neighbours; keep the import graph acyclic
-
-    cached = getattr(request.state, "auth", None)
+    cached: Auth | None = getattr(request.state, "auth", None)
     if cached is not None:
         return cached
     factory = request.app.state.sessionmaker
@@ -163,8 +162,6 @@ def render(
     headers: dict[str, str] | None = None,
 ) -> Response:
     """Render ``template_name`` with ``context`` plus ``user``, ``csrf_token``, ``settings`` and ``flash``."""
-    from app.deps import anonymous_csrf_token
-
     auth = _auth_for_render(request)
     settings: Settings = request.app.state.settings
     page_user = auth.user if auth.user_session is not None else None
