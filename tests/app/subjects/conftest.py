@@ -32,3 +32,7 @@ def sent_tasks() -> Iterator[list[SentTask]]:
 def valid_photos() -> list[tuple[str, bytes]]:
     """Three distinct, sharp JPEGs: the smallest valid upload (made once; they are immutable bytes)."""
     return photo_factory.make_photos(3)
+
+
+# The loopback S3 server and a bucket per test, for the studio tests that run on S3 storage.
+from tests.app.storage.conftest import s3_client, s3_endpoint, s3_settings, s3_storage  # noqa: E402, F401

@@ -230,3 +230,27 @@ def test_photo_route_streams_the_owners_photo_only(
     assert response.content == app_storage.get_bytes(my_photo.storage_key)
     assert signed_in.get(f"/studios/{theirs.id}/photos/{their_photo.id}").status_code == 404
     assert signed_in.get(f"/studios/{mine.id}/photos/{their_photo.id}").status_code == 404  # mixed ids
+
+
+def test_photo_route_redirects_to_a_signed_url_on_s3(
+    s3_settings: Any,
+    s3_storage: Any,
+    owner: User,
+    login: Callable[..., TestClient],
+    clean_db: Engine,
+) -> None:
+    import httpx
+
+    from app.main import create_app
+
+    with sessionmaker(bind=clean_db, expire_on_commit=False)() as session:
+        subject = factories.make_subject(session, owner)
+        photo = factories.make_photo(session, s3_storage, subject, 0)
+        session.commit()
+    with TestClient(create_app(s3_settings), base_url="http://testserver") as s3_client_app:
+        login(s3_client_app, owner)
+        response = s3_client_app.get(f"/studios/{subject.id}/photos/{photo.id}", follow_redirects=False)
+    assert response.status_code == 307
+    signed = response.headers["location"]
+    assert signed.startswith(s3_settings.s3_endpoint_url) and "Signature" in signed
+    assert httpx.get(signed).content == s3_storage.get_bytes(photo.storage_key)

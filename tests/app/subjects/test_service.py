@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -286,3 +287,19 @@ def test_studio_cards_show_status_and_thumbnail_of_the_owner_only(
     assert [(card.subject.name, card.status) for card in cards] == [("Newer", "running"), ("Older", "done")]
     assert cards[0].thumbnail is not None and cards[0].thumbnail.id == first.id
     assert cards[1].thumbnail is None
+
+
+def test_studio_on_s3_storage_stores_photos_in_the_bucket_and_removes_them_on_rollback(
+    db_session: Session,
+    s3_storage: Any,
+    settings: Settings,
+    owner: User,
+    valid_photos: list[tuple[str, bytes]],
+    sent_tasks: list[SentTask],
+) -> None:
+    subject, _ = create_studio(db_session, s3_storage, settings, owner, DOG, valid_photos)
+    keys = s3_storage.list(f"users/{owner.id}/subjects/{subject.id}/photos/")
+    assert len(keys) == 3
+    assert Image.open(io.BytesIO(s3_storage.get_bytes(keys[0]))).format == "JPEG"
+    db_session.rollback()
+    assert s3_storage.list("users/") == []
