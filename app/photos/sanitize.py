@@ -163,7 +163,15 @@ def _to_srgb(image: Image.Image) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB pixels; transparent areas become white instead of whatever colour hides under alpha 0."""
+    """RGB pixels; transparent areas become white instead of whatever colour hides under alpha 0.
+
+    16-bit grayscale (scanners, some PNG exports) is scaled down to 8 bits: Pillow's own conversion
+    would clip every value above 255 to white.
+    """
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if image.mode != "F" else 1.0
+        return Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -77,6 +77,13 @@ def test_transparent_png_gets_a_white_background(upload_settings: Settings) -> N
     assert left.mean() > 250
 
 
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(upload_settings: Settings) -> None:
+    gray = np.asarray(factory.photo_image(16).convert("L"), dtype=np.uint16)
+    photo = sanitize_upload("scan.png", factory.encode(Image.fromarray(gray * 257), "PNG"), upload_settings)
+    stored = np.asarray(decode(photo).convert("L"), dtype=np.float32)
+    assert abs(stored.mean() - gray.mean()) < 3  # not a white sheet
+
+
 def test_metadata_is_stripped_gps_included(upload_settings: Settings) -> None:
     original = factory.make_jpeg_with_metadata(5)
     assert {0xE1, 0xE2, 0xFE} <= set(factory.jpeg_markers(original))  # the fixture really carries them
