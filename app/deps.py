@@ -16,7 +16,7 @@ response must load what it needs first, or open its own ``app.db.session_scope()
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
@@ -218,12 +218,25 @@ ApiUser = Annotated[User, Depends(get_api_user)]
 # --- forms and CSRF -------------------------------------------------------------------------------
 
 
+async def close_form_after_request(request: Request) -> AsyncIterator[None]:
+    """Close the request's parsed form (its spooled upload files) once the request is over.
+
+    FastAPI closes the forms it parses for ``Form()`` parameters, but not one parsed by hand with
+    ``request.form()``/``read_form``. ``require_csrf`` depends on this, so every protected form is covered.
+    """
+    try:
+        yield
+    finally:
+        await request.close()
+
+
 async def read_form(request: Request) -> FormData:
     """The request's form, parsed once with the studio's limits (Starlette caches it on the request).
 
     Upload handlers call this instead of ``request.form()`` so the limits stay in one place:
     at most ``settings.max_photos`` files, ``MAX_FORM_FIELDS`` fields, 64 KiB per text field.
-    A form over a limit is a 400 naming it.
+    A form over a limit is a 400 naming it. The route should depend on ``close_form_after_request``
+    (``require_csrf`` does) so spooled files are closed.
     """
     settings = get_app_settings(request)
     return await request.form(
@@ -248,7 +261,9 @@ def expected_csrf_token(request: Request, auth: Auth) -> str | None:
     return request.cookies.get(ANONYMOUS_CSRF_COOKIE)
 
 
-async def require_csrf(request: Request, auth: AuthDep) -> None:
+async def require_csrf(
+    request: Request, auth: AuthDep, _form_cleanup: Annotated[None, Depends(close_form_after_request)]
+) -> None:
     """Refuse (403) a state-changing browser request without the right CSRF token.
 
     The token comes from the ``X-CSRF-Token`` header or the ``csrf_token`` form field. Requests

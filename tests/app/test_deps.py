@@ -11,7 +11,16 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.deps import ApiUser, OptionalUser, PageUser, SessionDep, parse_uuid, read_form, require_csrf
+from app.deps import (
+    ApiUser,
+    OptionalUser,
+    PageUser,
+    SessionDep,
+    close_form_after_request,
+    parse_uuid,
+    read_form,
+    require_csrf,
+)
 from app.main import create_app
 from app.models import User
 
@@ -47,7 +56,7 @@ def csrf_protected() -> dict[str, bool]:
     return {"ok": True}
 
 
-@router.post("/test/form")
+@router.post("/test/form", dependencies=[Depends(close_form_after_request)])
 async def form(request: Request) -> dict[str, int]:
     parsed = await read_form(request)
     return {"files": len(parsed.getlist("photos"))}
