@@ -130,11 +130,14 @@ async def create_subject(
 ) -> Response:
     """Create a studio from multipart fields (name, kind, class_noun, style_pack, prompts (repeated or one
     per line), images_per_prompt, quality, consent) and 3–20 ``photos`` files; training is queued."""
+
+    def create() -> StudioCreated:
+        subject, job = service.create_studio(session, storage, settings, user, upload.form, upload.files)
+        return StudioCreated(subject=subject_detail(session, subject), job=job_summary(job))
+
     try:
-        # Decoding and re-encoding photos is CPU work: keep it off the event loop.
-        subject, job = await run_in_threadpool(
-            service.create_studio, session, storage, settings, user, upload.form, upload.files
-        )
+        # Decoding and re-encoding photos is CPU work, and the queries block: keep both off the event loop.
+        created = await run_in_threadpool(create)
     except service.TooManyActiveJobs as error:
         return JSONResponse(
             {"detail": str(error)},
@@ -144,11 +147,10 @@ async def create_subject(
     except service.StudioRejected as error:
         code = status.HTTP_413_CONTENT_TOO_LARGE if error.too_large else status.HTTP_422_UNPROCESSABLE_CONTENT
         return JSONResponse(error.problems.as_json(), status_code=code)
-    created = StudioCreated(subject=subject_detail(session, subject), job=job_summary(job))
     return JSONResponse(
         created.model_dump(mode="json"),
         status_code=status.HTTP_201_CREATED,
-        headers={"Location": f"/api/v1/subjects/{subject.id}"},
+        headers={"Location": created.subject.url},
     )
 
 
