@@ -108,6 +108,7 @@ def new_studio_context(
             "max_prompt_length": service.MAX_PROMPT_LENGTH,
             "max_images_per_prompt": settings.max_images_per_prompt,
         },
+        "busy_notice": None,
         "errors": errors,
         "field_errors": field_errors,
         "file_problems": list(problems.files),
@@ -122,8 +123,12 @@ def my_studios(request: Request, user: PageUser, session: SessionDep) -> Respons
 
 
 @router.get("/studios/new", name="new_studio")
-def new_studio(request: Request, user: PageUser, settings: SettingsDep) -> Response:
-    return render(request, "subjects/new.html", new_studio_context(settings))
+def new_studio(request: Request, user: PageUser, session: SessionDep, settings: SettingsDep) -> Response:
+    context = new_studio_context(settings)
+    if repository.count_active_jobs(session, user.id) >= settings.max_active_jobs_per_user:
+        # Said before the person picks photos, not only after the upload.
+        context["busy_notice"] = str(service.TooManyActiveJobs(settings.max_active_jobs_per_user))
+    return render(request, "subjects/new.html", context)
 
 
 def _with_class_noun(upload: StudioUpload) -> StudioUpload:

@@ -102,7 +102,7 @@ def test_new_studio_form(signed_in: TestClient) -> None:
     assert {pack["kind"] for pack in context["packs"]} == {"pet", "person"}
     assert set(context["quality_presets"]) == {"fast", "balanced", "best"}
     assert context["limits"]["max_photos"] == 20
-    assert context["errors"] == [] and context["field_errors"] == {}
+    assert context["errors"] == [] and context["field_errors"] == {} and context["busy_notice"] is None
     assert 'enctype="multipart/form-data"' in response.text
     assert "new-studio.js" in response.text
 
@@ -204,6 +204,8 @@ def test_too_many_active_jobs_reshow_the_form_with_429(
             subject = factories.make_subject(session, owner)
             session.add(Job(subject_id=subject.id, owner_id=owner.id, status="running"))
         session.commit()
+    form_page = signed_in.get("/studios/new")
+    assert "in training" in page_context(form_page)["busy_notice"]  # said before any photo is chosen
     response = signed_in.post("/studios", data=form_fields(signed_in, csrf_token), files=files_of(valid_photos))
     assert response.status_code == 429
     assert response.headers["retry-after"]
