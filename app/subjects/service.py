@@ -76,13 +76,19 @@ class ValidStudio:
     quality: str
 
 
+def clean_text(value: str) -> str:
+    """Whitespace collapsed, control characters removed (PostgreSQL refuses NUL in text; none is useful)."""
+    printable = "".join(ch if ch.isprintable() else " " for ch in value)
+    return " ".join(printable.split())
+
+
 def too_many_photos_message(settings: Settings, sent: int | None = None) -> str:
     suffix = f" (you sent {sent})" if sent is not None else ""
     return f"Upload at most {settings.max_photos} photos{suffix}."
 
 
 def _class_noun(form: CreateStudio, problems: StudioProblems) -> str:
-    typed = " ".join(form.class_noun.split()).lower()
+    typed = clean_text(form.class_noun).lower()
     if form.kind in FIXED_NOUNS:
         return FIXED_NOUNS[form.kind]
     if form.kind == "animal":
@@ -119,7 +125,8 @@ def _prompts(form: CreateStudio, settings: Settings, problems: StudioProblems) -
         problems.fields["prompts"] = f"Add at most {settings.max_prompts} prompts (you added {len(form.prompts)})."
         return []
     templates: list[str] = []
-    for index, prompt in enumerate(form.prompts, start=1):
+    for index, raw_prompt in enumerate(form.prompts, start=1):
+        prompt = clean_text(raw_prompt)
         if len(prompt) > MAX_PROMPT_LENGTH:
             problems.fields["prompts"] = f"Prompt {index} is longer than {MAX_PROMPT_LENGTH} characters; shorten it."
             return []
@@ -134,7 +141,7 @@ def _prompts(form: CreateStudio, settings: Settings, problems: StudioProblems) -
 
 def validate_fields(form: CreateStudio, settings: Settings, problems: StudioProblems) -> ValidStudio:
     """Check every field of ``form``, adding a sentence to ``problems.fields`` for each bad one."""
-    name = " ".join(form.name.split())
+    name = clean_text(form.name)
     if not name or len(name) > MAX_NAME_LENGTH:
         problems.fields["name"] = f"Give the studio a name of 1 to {MAX_NAME_LENGTH} characters, like “Rex”."
     if form.kind not in SUBJECT_KINDS:

@@ -79,6 +79,21 @@ def test_valid_request_creates_subject_photos_and_a_queued_job(
         assert Image.open(io.BytesIO(stored)).format == "JPEG"
 
 
+def test_control_characters_are_removed_from_text_fields(
+    db_session: Session,
+    storage: LocalStorage,
+    settings: Settings,
+    owner: User,
+    valid_photos: list[tuple[str, bytes]],
+    sent_tasks: list[SentTask],
+) -> None:
+    form = replace(DOG, name="Re\x00x\t the\ndog", prompts=("on a\x00 boat\x1b",))
+    subject, _ = create_studio(db_session, storage, settings, owner, form, valid_photos)
+    db_session.commit()  # PostgreSQL would refuse a NUL here
+    assert subject.name == "Re x the dog"
+    assert subject.prompts == ["a photo of {subject}, on a boat"]
+
+
 def test_stored_photo_has_no_exif_at_all(
     db_session: Session, storage: LocalStorage, settings: Settings, owner: User, sent_tasks: list[SentTask]
 ) -> None:
