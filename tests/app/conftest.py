@@ -6,11 +6,16 @@
         client.post("/somewhere", data={"csrf_token": csrf_token(client)})
         client.get("/api/v1/me", headers=api_headers(user))
 
-Every user's password is ``PASSWORD``. Password hashing uses cheap argon2 parameters in tests.
+``live_url`` serves ``app`` with a real uvicorn for browser tests. Every user's password is
+``PASSWORD``. Password hashing uses cheap argon2 parameters in tests. ``page_context(response)`` and
+``page_template(response)`` read what a page was rendered from.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -63,6 +68,29 @@ def client(app: FastAPI) -> Iterator[TestClient]:
     """A browser-like client (keeps cookies); the app's lifespan runs around the test."""
     with TestClient(app, base_url="http://testserver") as test_client:
         yield test_client
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def live_url(app: FastAPI) -> Iterator[str]:
+    """``app`` served by a real uvicorn on a free loopback port (in a thread), for browser tests."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the live server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(timeout=10)
 
 
 @pytest.fixture
