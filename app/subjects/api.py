@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.responses import JSONResponse
@@ -12,10 +13,13 @@ from starlette.responses import Response
 
 from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, get_api_user, require_csrf
 from app.galleries.files import file_response
-from app.models import Job, Photo, Subject
+from app.models import SUBJECT_KINDS, Job, Photo, Subject
 from app.subjects import repository, service
 from app.subjects.forms import UploadDep, read_studio_upload
 from app.subjects.schemas import (
+    DEFAULT_IMAGES_PER_PROMPT,
+    DEFAULT_QUALITY,
+    QUALITY_PRESETS,
     JobSummary,
     PhotoOut,
     StudioCreated,
@@ -25,9 +29,54 @@ from app.subjects.schemas import (
     SubjectList,
     SubjectSummary,
 )
+from app.subjects.service import MAX_PROMPT_LENGTH
 from worker.engine.prompts import STYLE_PACKS
 
 router = APIRouter(prefix="/api/v1", tags=["subjects"])
+
+# The creation body is parsed by hand (explicit limits, every problem reported at once), so FastAPI
+# cannot derive its schema; this describes it for the OpenAPI document.
+CREATE_STUDIO_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["name", "kind", "consent", "photos"],
+                "properties": {
+                    "name": {"type": "string", "maxLength": 100, "description": "The studio's name, e.g. Rex."},
+                    "kind": {"type": "string", "enum": list(SUBJECT_KINDS)},
+                    "class_noun": {
+                        "type": "string",
+                        "description": "animal: what animal (letters and spaces, ≤ 30); person: man, woman or "
+                        "person (default person); ignored for dog and cat.",
+                    },
+                    "style_pack": {
+                        "type": "string",
+                        "description": "A name from GET /api/v1/style-packs fitting the kind; default: the kind's.",
+                    },
+                    "prompts": {
+                        "type": "array",
+                        "items": {"type": "string", "maxLength": MAX_PROMPT_LENGTH},
+                        "description": "Extra prompts, repeated and/or one per line; {subject} marks the subject.",
+                    },
+                    "images_per_prompt": {"type": "integer", "minimum": 1, "default": DEFAULT_IMAGES_PER_PROMPT},
+                    "quality": {"type": "string", "enum": list(QUALITY_PRESETS), "default": DEFAULT_QUALITY},
+                    "consent": {
+                        "type": "string",
+                        "enum": ["yes", "true", "on", "1"],
+                        "description": "I am this person, or this is my pet / I have their permission.",
+                    },
+                    "photos": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "JPEG, PNG, WebP or HEIC photos (3–20 by default).",
+                    },
+                },
+            }
+        }
+    },
+}
 
 
 def api_photo_url(photo: Photo) -> str:
@@ -119,6 +168,7 @@ def owned_subject(session: Session, owner_id: uuid.UUID, subject_id: uuid.UUID) 
     # Who is asking first (no parsing for strangers), then the upload with the studio's limits, then
     # the CSRF check, which reads that same cached parse.
     dependencies=[Depends(get_api_user), Depends(read_studio_upload), Depends(require_csrf)],
+    openapi_extra={"requestBody": CREATE_STUDIO_BODY},
     responses={
         413: {"description": "More photos, or a bigger request, than allowed"},
         422: {"description": "Problems: {detail, fields: {name: reason}, files: [{name, reason}]}"},

@@ -320,3 +320,11 @@ def test_style_packs_are_listed(client: TestClient, headers: dict[str, str]) -> 
     assert packs["pet-adventures"]["kind"] == "pet"
     assert packs["portrait-classics"]["kind"] == "person"
     assert all("{subject}" in prompt for pack in packs.values() for prompt in pack["prompts"])
+
+
+def test_openapi_describes_the_multipart_body(client: TestClient) -> None:
+    operation = client.get("/api/v1/openapi.json").json()["paths"]["/api/v1/subjects"]["post"]
+    schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert schema["properties"]["photos"]["items"]["format"] == "binary"
+    assert schema["properties"]["kind"]["enum"] == ["dog", "cat", "animal", "person"]
+    assert {"413", "422", "429"} <= set(operation["responses"])
