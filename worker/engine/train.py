@@ -411,10 +411,11 @@ def _prepare_trainables(model: BaseModel, config: TrainConfig, device: torch.dev
         for module in (unet, text_encoder):
             if module is None:
                 continue
-            move(module, device)
+            # Cast the frozen weights while still on the CPU: half the bytes to move.
             for parameter in module.parameters():
                 if not parameter.requires_grad:
                     parameter.data = parameter.data.to(frozen_dtype)
+            move(module, device)
     else:
         move(unet, device)
         unet.requires_grad_(True)
@@ -434,7 +435,13 @@ def _prepare_trainables(model: BaseModel, config: TrainConfig, device: torch.dev
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if text_encoder is not None:
-            text_encoder.gradient_checkpointing_enable()
+            # Non-reentrant checkpointing: the reentrant kind drops the gradients of adapters
+            # inside a checkpointed block whose inputs (frozen embeddings) need no gradient.
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers 5
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return _Trainables(unet, text_encoder, unet_lora, text_encoder_lora, parameters)
 
 

@@ -210,6 +210,18 @@ def test_cached_and_uncached_latents_train_identically(tiny_model: BaseModel, su
     assert uncached.loss_history == pytest.approx(cached.loss_history, rel=1e-4)
 
 
+def test_gradient_checkpointing_does_not_change_the_math(tiny_model: BaseModel, subject_photos: list[Path],
+                                                         class_images: list[Path], tmp_path: Path) -> None:
+    plain = small_config(steps=3, train_text_encoder=True)
+    checkpointed = small_config(steps=3, train_text_encoder=True, gradient_checkpointing=True)
+    first = run(tiny_model, plain, subject_photos, class_images, tmp_path / "plain")
+    second = run(tiny_model, checkpointed, subject_photos, class_images, tmp_path / "checkpointed")
+    assert second.loss_history == pytest.approx(first.loss_history, rel=1e-5)
+    reference = lora_tensors(tmp_path / "plain")
+    for key, tensor in lora_tensors(tmp_path / "checkpointed").items():
+        assert torch.allclose(tensor, reference[key], rtol=1e-4, atol=1e-7), key
+
+
 def test_min_snr_with_prior_trains_at_batch_two(tiny_model: BaseModel, subject_photos: list[Path],
                                                 class_images: list[Path], tmp_path: Path) -> None:
     plain = run(tiny_model, small_config(steps=2, batch_size=2), subject_photos, class_images, tmp_path / "plain")

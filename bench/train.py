@@ -1,0 +1,195 @@
+"""Training benchmark: optimizer steps per second and peak memory of the DreamBooth loop.
+
+Configurations (all LoRA rank 16 + prior preservation, batch 1 instance + 1 class, unless named):
+
+- CPU: the built-in ``tiny`` model (64 px) and ``medium``, an SD-shaped model defined here
+  (128 px, a 3-level UNet of 64/128/256 channels, a 4-level VAE of 64/128/256/256 channels,
+  a 4-layer text encoder), each with cached latents (the engine's default) and uncached
+  (every step re-encodes the images through the VAE, as diffusers' ``train_dreambooth_lora.py``
+  does).
+- CUDA, when present: ``sd15-arch`` (the real SD 1.5 architecture, random weights) at 512 px in
+  bf16: LoRA cached, LoRA uncached and a full fine-tune, all with prior preservation.
+
+Each configuration runs in a fresh process, so its peak memory is its own: on CUDA the peak
+allocated by PyTorch, on the CPU the process's peak resident set (which includes the ~0.5 GB
+of the imported libraries). Steps/s is measured over the training loop after ``--warmup``
+steps; "setup" is the time before the loop (copying the model, encoding and caching latents).
+
+    python bench/train.py [--steps 12] [--warmup 3] [--only tiny-lora-cached,...]
+
+Prints a table; the numbers go into docs/benchmarks.md by hand, with the machine and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str  # "tiny", "medium" or "sd15-arch"
+    resolution: int
+    method: str
+    cache_latents: bool
+    cuda_only: bool = False
+
+
+CASES = (
+    Case("tiny-lora-cached", "tiny", 64, "lora", True),
+    Case("tiny-lora-uncached", "tiny", 64, "lora", False),
+    Case("medium-lora-cached", "medium", 128, "lora", True),
+    Case("medium-lora-uncached", "medium", 128, "lora", False),
+    Case("sd15-lora-cached", "sd15-arch", 512, "lora", True, cuda_only=True),
+    Case("sd15-lora-uncached", "sd15-arch", 512, "lora", False, cuda_only=True),
+    Case("sd15-full-cached", "sd15-arch", 512, "full", True, cuda_only=True),
+)
+
+
+def build_medium(device, dtype):  # type: ignore[no-untyped-def]
+    """An SD-shaped model small enough for a CPU: same block layout, fewer channels, 128 px."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from worker.engine.models import SD_SCHEDULE, BaseModel, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=256,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(64, 128, 256, 256),
+                            layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=128)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128, 256), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=256, attention_head_dim=8)
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    return BaseModel(spec="bench-medium", tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                     noise_scheduler=DDPMScheduler(**SD_SCHEDULE), resolution=128, fingerprint="bench-medium",
+                     device=device, dtype=dtype)
+
+
+def run_case(case: Case, steps: int, warmup: int) -> dict[str, object]:
+    """Train one configuration in this process and return its measurements."""
+    import torch
+
+    from tests.worker.engine.conftest import make_subject_photo
+    from worker.engine.models import build_builtin, select_device
+    from worker.engine.progress import Progress
+    from worker.engine.train import TrainConfig, train
+
+    device, dtype = select_device()
+    if case.model == "medium":
+        model = build_medium(device, dtype)
+    else:
+        model = build_builtin(case.model, seed=0, device=device, dtype=dtype)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        size = (case.resolution * 5 // 4, case.resolution)
+        photos = [make_subject_photo(folder / f"photo{i}.jpg", seed=i, size=size) for i in range(4)]
+        classes = [make_subject_photo(folder / f"class{i}.jpg", seed=100 + i, size=size) for i in range(4)]
+        config = TrainConfig(method=case.method, steps=warmup + steps, resolution=case.resolution, rank=16,
+                             learning_rate=1e-4 if case.method == "lora" else 5e-6,
+                             cache_latents=case.cache_latents, with_prior=True)
+        step_starts: list[float] = []
+        finished: list[float] = []
+
+        def at_step_start() -> bool:
+            # Called by the loop before every step; the GPU is synchronised at the end of the
+            # warm-up so the timed window starts with an idle GPU.
+            if len(step_starts) == warmup and device.type == "cuda":
+                torch.cuda.synchronize()
+            step_starts.append(time.monotonic())
+            return False
+
+        def on_progress(event: Progress) -> None:
+            # The last step's event always goes out, after its loss was read back (a GPU sync).
+            if event.step == event.total and not finished and step_starts:
+                finished.append(time.monotonic())
+
+        started = time.monotonic()
+        result = train(model, config, instance_images=photos, instance_prompt="a photo of sks dog",
+                       class_images=classes, class_prompt="a photo of dog", run_dir=folder / "run",
+                       progress=on_progress, should_cancel=at_step_start)
+    setup = step_starts[0] - started
+    loop = finished[0] - step_starts[warmup]
+    return {
+        "name": case.name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "resolution": case.resolution, "method": case.method, "cache_latents": case.cache_latents,
+        "steps_per_second": steps / loop, "peak_memory_mb": result.peak_memory_mb,
+        "setup_seconds": setup, "final_loss": result.loss_history[-1],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--only", default="", help="comma-separated configuration names")
+    parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args()
+
+    by_name = {case.name: case for case in CASES}
+    if args.one:
+        print(json.dumps(run_case(by_name[args.one], args.steps, args.warmup)))
+        return
+
+    import torch
+
+    wanted = [name for name in args.only.split(",") if name] or [c.name for c in CASES]
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+    has_cuda = torch.cuda.is_available()
+    rows = []
+    for name in wanted:
+        case = by_name[name]
+        if case.cuda_only and not has_cuda:
+            continue
+        if not case.cuda_only and has_cuda and not args.only:
+            continue  # the CPU configurations describe a CPU machine
+        output = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
+                                 "--warmup", str(args.warmup)], capture_output=True, text=True, check=False)
+        if output.returncode != 0:
+            print(f"{name}: failed\n{output.stderr[-3000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
+        print(f"done: {name}", file=sys.stderr, flush=True)
+
+    header = f"{'configuration':<22} {'device':<7} {'dtype':<9} {'px':>4} {'steps/s':>8} {'speed-up':>8} " \
+             f"{'peak MB':>8} {'setup s':>8}"
+    print(header)
+    print("-" * len(header))
+    def family(name: object) -> str:
+        return str(name).replace("-uncached", "").replace("-cached", "")
+
+    uncached_rate = {family(r["name"]): r["steps_per_second"] for r in rows if not r["cache_latents"]}
+    for row in rows:
+        base = uncached_rate.get(family(row["name"]))
+        speedup = f"{row['steps_per_second'] / base:.2f}x" if row["cache_latents"] and base else ""
+        print(f"{row['name']:<22} {row['device']:<7} {row['dtype']:<9} {row['resolution']:>4} "
+              f"{row['steps_per_second']:>8.2f} {speedup:>8} {row['peak_memory_mb']:>8.0f} "
+              f"{row['setup_seconds']:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
