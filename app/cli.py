@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--host", default="127.0.0.1")
     web.add_argument("--port", type=int, default=8000)
     web.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+    web.add_argument("--workers", type=int, default=1,
+                     help="web processes (each keeps its own login rate limits); not with --reload")
 
     commands.add_parser("worker", help="run a Celery worker; options go to celery (default -Q gpu,cpu)",
                         add_help=False)
@@ -279,8 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "web":
         import uvicorn
 
+        if args.workers < 1:
+            print("studio web: --workers must be at least 1", file=sys.stderr)
+            return EXIT_ERROR
         uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, reload=args.reload,
-                    proxy_headers=True)
+                    workers=None if args.reload else args.workers, proxy_headers=True)
         return EXIT_OK
     if args.command == "up":
         return up(get_settings(), args.host, args.port, with_worker=not args.no_worker, with_beat=not args.no_beat)

@@ -8,7 +8,10 @@ The web process never imports torch: only ``worker.engine.prompts`` of the worke
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +19,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine, text
@@ -69,6 +73,35 @@ def content_security_policy(settings: Settings) -> str:
         "frame-ancestors 'none'",
     ]
     return "; ".join(directives)
+
+
+SWAGGER_CDN = "https://cdn.jsdelivr.net"
+INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+
+
+def api_docs_response(openapi_url: str) -> Response:
+    """Swagger UI for the JSON API, with a CSP of its own.
+
+    The page loads Swagger UI from its CDN and starts it with one inline script. Rather than allow
+    inline scripts, the CSP names that exact script by its SHA-256, so nothing else inline can run.
+    """
+    page = get_swagger_ui_html(openapi_url=openapi_url, title="Photo Studio API")
+    body = bytes(page.body).decode()
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+        for script in INLINE_SCRIPT.findall(body)
+    )
+    policy = "; ".join([
+        "default-src 'self'",
+        f"script-src 'self' {SWAGGER_CDN} {hashes}",
+        # Swagger UI sets styles from its script; the page shows no user content.
+        f"style-src 'self' {SWAGGER_CDN} 'unsafe-inline'",
+        "img-src 'self' data: https://fastapi.tiangolo.com",
+        "object-src 'none'",
+        "base-uri 'self'",
+        "frame-ancestors 'none'",
+    ])
+    return HTMLResponse(body, headers={"Content-Security-Policy": policy})
 
 
 class SecurityHeadersMiddleware:
@@ -312,7 +345,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         openapi_url="/api/v1/openapi.json",
-        docs_url="/api/v1/docs",
+        docs_url=None,  # served below with its own CSP
         redoc_url=None,
     )
     app.state.settings = settings
@@ -335,6 +368,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/", include_in_schema=False, name="home")
     def home(request: Request, user: OptionalUser) -> Response:
         return render(request, "home.html", {})
+
+    @app.get("/api/v1/docs", include_in_schema=False)
+    def api_docs() -> Response:
+        return api_docs_response(app.openapi_url or "/api/v1/openapi.json")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> Response:

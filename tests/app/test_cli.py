@@ -122,9 +122,10 @@ def test_web_runs_the_factory(monkeypatch: pytest.MonkeyPatch) -> None:
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(app=app, **options))
-    assert cli.main(["web", "--host", "0.0.0.0", "--port", "8123"]) == 0
+    assert cli.main(["web", "--host", "0.0.0.0", "--port", "8123", "--workers", "3"]) == 0
     assert seen["app"] == "app.main:create_app" and seen["factory"] is True
-    assert (seen["host"], seen["port"]) == ("0.0.0.0", 8123)
+    assert (seen["host"], seen["port"], seen["workers"]) == ("0.0.0.0", 8123, 3)
+    assert cli.main(["web", "--workers", "0"]) == 1
 
 
 class FakeProcess:

@@ -193,6 +193,24 @@ def test_private_pages_redirect_to_login_with_next(client: TestClient) -> None:
     assert response.headers["location"] == "/login?next=%2Faccount%3Ftab%3Dtokens"
 
 
+def test_api_docs_allow_exactly_their_own_inline_script(client: TestClient) -> None:
+    import base64
+    import hashlib
+    import re
+
+    response = client.get("/api/v1/docs")
+    assert response.status_code == 200
+    script_src = next(
+        part for part in response.headers["content-security-policy"].split("; ") if part.startswith("script-src")
+    )
+    assert "unsafe-inline" not in script_src
+    inline = re.findall(r"<script>(.*?)</script>", response.text, re.DOTALL)
+    assert len(inline) == 1
+    digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in script_src
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+
+
 def test_openapi_lists_the_accounts_api(client: TestClient) -> None:
     paths = client.get("/api/v1/openapi.json").json()["paths"]
     assert {"/api/v1/auth/signup", "/api/v1/auth/token", "/api/v1/me", "/api/v1/tokens"} <= set(paths)
