@@ -43,16 +43,22 @@ def content_disposition(filename: str) -> str:
 
 
 class S3Storage:
-    def __init__(self, client: Any, bucket: str) -> None:
-        """``client`` is a boto3 S3 client; :meth:`from_settings` builds one from the studio's settings."""
+    def __init__(self, client: Any, bucket: str, signing_client: Any | None = None) -> None:
+        """``client`` is a boto3 S3 client; :meth:`from_settings` builds one from the studio's settings.
+
+        ``signing_client`` signs the download URLs handed to browsers. It is only needed when the
+        browsers reach the bucket at another address than the app does (compose: the app talks to
+        ``http://minio:9000``, a browser to ``https://files.example.com``); by default ``client`` signs.
+        """
         self.client = client
         self.bucket = bucket
+        self.signing_client = signing_client or client
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> S3Storage:
-        client = boto3.client(
+    @staticmethod
+    def make_client(settings: Settings, endpoint_url: str | None) -> Any:
+        return boto3.client(
             "s3",
-            endpoint_url=settings.s3_endpoint_url or None,
+            endpoint_url=endpoint_url or None,
             region_name=settings.s3_region,
             aws_access_key_id=settings.s3_access_key,
             aws_secret_access_key=settings.s3_secret_key,
@@ -62,7 +68,15 @@ class S3Storage:
                 retries={"max_attempts": 5, "mode": "standard"},
             ),
         )
-        return cls(client, settings.s3_bucket)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> S3Storage:
+        """A backend on ``settings.s3_bucket``; URLs for browsers are signed for the public endpoint when
+        the settings name one (``s3_public_endpoint_url``), else for ``s3_endpoint_url``."""
+        # Read defensively: the public endpoint is an optional setting that older settings lack.
+        public_endpoint: str | None = getattr(settings, "s3_public_endpoint_url", None)
+        signing_client = cls.make_client(settings, public_endpoint) if public_endpoint else None
+        return cls(cls.make_client(settings, settings.s3_endpoint_url), settings.s3_bucket, signing_client)
 
     def ensure_bucket(self) -> None:
         """Create the bucket when it does not exist yet (first start against a fresh MinIO)."""
@@ -202,5 +216,6 @@ class S3Storage:
         params: dict[str, str] = {"Bucket": self.bucket, "Key": _check_key(key)}
         if filename:
             params["ResponseContentDisposition"] = content_disposition(filename)
-        url: str = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_seconds)
+        # Signing is local computation: no request goes to the (possibly unreachable) public endpoint.
+        url: str = self.signing_client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_seconds)
         return url

@@ -86,3 +86,15 @@ def test_errors_other_than_missing_name_the_key(s3_settings: Settings) -> None:
     storage = S3Storage.from_settings(s3_settings)  # its bucket was never created
     with pytest.raises(s3_module.StorageError, match="'a/b'"):
         storage.put_bytes("a/b", b"x")
+
+
+def test_urls_for_browsers_can_be_signed_for_a_public_endpoint(s3_settings: Settings, s3_storage: S3Storage) -> None:
+    public = S3Storage(
+        s3_storage.client,
+        s3_storage.bucket,
+        signing_client=S3Storage.make_client(s3_settings, "https://files.example.com"),
+    )
+    public.put_bytes("a/photo.jpg", b"jpeg")
+    url = public.presigned_url("a/photo.jpg", 60)
+    assert url is not None and url.startswith(f"https://files.example.com/{s3_storage.bucket}/a/photo.jpg?")
+    assert public.get_bytes("a/photo.jpg") == b"jpeg"  # the app itself still uses the internal endpoint
