@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote
 
@@ -258,8 +259,20 @@ ERROR_TITLES = {
 }
 
 
+FRIENDLY_MESSAGES = {
+    404: "We could not find that page. The link may be wrong, or what it showed was deleted.",
+    405: "That address does not take this kind of request.",
+}
+
+
 def error_page(request: Request, status_code: int, detail: Any, headers: dict[str, str] | None = None) -> Response:
     message = detail if isinstance(detail, str) else "The request could not be processed."
+    try:
+        generic = message == HTTPStatus(status_code).phrase  # Starlette's default detail: say something useful
+    except ValueError:
+        generic = False
+    if generic:
+        message = FRIENDLY_MESSAGES.get(status_code, message)
     title = ERROR_TITLES.get(status_code, "Something went wrong")
     return render(
         request, "error.html", {"status_code": status_code, "title": title, "message": message},

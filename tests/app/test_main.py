@@ -185,6 +185,7 @@ def test_page_errors_render_the_error_page(client: TestClient) -> None:
     assert response.status_code == 404
     assert page_template(response) == "error.html"
     assert page_context(response)["title"] == "Page not found"
+    assert page_context(response)["message"].startswith("We could not find that page.")
 
 
 def test_private_pages_redirect_to_login_with_next(client: TestClient) -> None:
