@@ -55,10 +55,9 @@ class TooManyActiveJobs(Exception):
     """The owner already has ``limit`` jobs queued or running (answered with 429 and Retry-After)."""
 
     def __init__(self, limit: int) -> None:
-        studios = "studio is" if limit == 1 else "studios are"
-        super().__init__(
-            f"You already have {limit} {studios} in training. Start a new one when one of them has finished."
-        )
+        studios = "a studio" if limit == 1 else f"{limit} studios"
+        finished = "it has" if limit == 1 else "one of them has"
+        super().__init__(f"You already have {studios} in training. Start a new one when {finished} finished.")
         self.limit = limit
         self.retry_after = ACTIVE_JOBS_RETRY_SECONDS
 

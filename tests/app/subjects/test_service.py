@@ -224,7 +224,9 @@ def test_active_job_limit(
     with pytest.raises(TooManyActiveJobs) as caught:
         create_studio(db_session, storage, settings, owner, DOG, valid_photos)
     assert caught.value.retry_after > 0
-    assert "2 studios are in training" in str(caught.value)
+    assert str(caught.value) == (
+        "You already have 2 studios in training. Start a new one when one of them has finished."
+    )
     other = factories.make_user(db_session, "other@example.com")  # the limit is per account
     create_studio(db_session, storage, settings, other, DOG, valid_photos)
 
