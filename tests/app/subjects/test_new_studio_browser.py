@@ -1,16 +1,13 @@
-"""The new-studio page in a real browser (Debian's chromium through Playwright) against a live server:
+"""The new-studio page in a real browser (Debian's chromium through Playwright) against a live server
+(``live_url`` of tests/app/conftest.py):
 kind tiles, photo previews and removal, a refused photo marked with its reason, then the studio created."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import sessionmaker
 
@@ -25,30 +22,6 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture
-def live_url(app: FastAPI) -> Iterator[str]:
-    """The app served by uvicorn on a free loopback port, in a thread, for the length of the test."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the live server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -78,6 +51,11 @@ def test_create_a_studio_in_the_browser(
             page = browser.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
+            # The page runs under the strict CSP: a blocked script or style shows up as a console error.
+            page.on(
+                "console",
+                lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None,
+            )
             page.goto(f"{live_url}/login?next=/studios/new")
             page.fill("#email", user.email)
             page.fill("#password", PASSWORD)
