@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,8 +61,11 @@ def content_security_policy(settings: Settings) -> str:
     origin, so that origin is allowed for images only.
     """
     image_sources = ["'self'", "data:", "blob:"]
-    if settings.storage_backend == "s3" and settings.s3_endpoint_url:
-        image_sources.append(settings.s3_endpoint_url.rstrip("/"))
+    # Browsers fetch signed URLs from the public endpoint when one is set (an optional setting).
+    bucket_url = getattr(settings, "s3_public_endpoint_url", None) or settings.s3_endpoint_url
+    if settings.storage_backend == "s3" and bucket_url:
+        parts = urlsplit(bucket_url)
+        image_sources.append(f"{parts.scheme}://{parts.netloc}")
     directives = [
         "default-src 'self'",
         f"img-src {' '.join(image_sources)}",

@@ -116,10 +116,22 @@ def test_hsts_only_behind_tls(settings: Settings, clean_db: object) -> None:
 def test_csp_allows_the_bucket_for_images_with_s3(settings: Settings) -> None:
     from app.main import content_security_policy
 
-    s3 = settings.model_copy(update={"storage_backend": "s3", "s3_endpoint_url": "https://files.example.com/"})
+    s3 = settings.model_copy(update={"storage_backend": "s3", "s3_endpoint_url": "https://files.example.com/x/"})
     csp = content_security_policy(s3)
     assert "img-src 'self' data: blob: https://files.example.com;" in csp
     assert "files.example.com" not in content_security_policy(settings)
+
+
+def test_csp_prefers_the_public_bucket_endpoint(settings: Settings) -> None:
+    from types import SimpleNamespace
+
+    from app.main import content_security_policy
+
+    # s3_public_endpoint_url is optional: read only when the settings have it.
+    values = {**settings.model_dump(), "storage_backend": "s3", "s3_endpoint_url": "http://minio:9000",
+              "s3_public_endpoint_url": "http://localhost:9000"}
+    csp = content_security_policy(SimpleNamespace(**values))  # type: ignore[arg-type]
+    assert "img-src 'self' data: blob: http://localhost:9000;" in csp and "minio" not in csp
 
 
 def test_trusted_host_refuses_other_hosts(settings: Settings, clean_db: object) -> None:
