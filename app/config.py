@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     storage_backend: Literal["local", "s3"] = "local"
     media_dir: Path | None = None
     s3_endpoint_url: str | None = None
+    # Where browsers reach the bucket when the app reaches it at an internal address (compose: minio:9000).
+    s3_public_endpoint_url: str | None = None
     s3_bucket: str = "studio"
     s3_region: str = "us-east-1"
     s3_access_key: str | None = None
