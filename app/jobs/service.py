@@ -180,7 +180,7 @@ def _running_label(job: Job, class_noun: str) -> str:
     if job.stage == "queued":
         return "Starting…"
     if job.stage == "preparing":
-        return "Preparing your photos"
+        return "Loading your trained model" if job.kind == "generate" else "Preparing your photos"
     if job.stage == "priors":
         return _priors_label(job, class_noun)[0]
     if job.stage == "training":
@@ -243,14 +243,28 @@ def _step_detail(job: Job, key: str, class_noun: str, position: int | None, stat
     return ""
 
 
+def _weights(job: Job) -> dict[str, float]:
+    return TRAIN_WEIGHTS if job.kind == "train" else GENERATE_WEIGHTS
+
+
+def _current_step(job: Job) -> str:
+    """The stepper step the job is in. A "generate more" job's own preparation (loading the trained
+    model) counts as the start of its generating step: it has no separate steps for it."""
+    if job.status == "done":
+        return "done"
+    current = STAGE_TO_STEP.get(job.stage, "queued")
+    if current not in ("queued", "done") and current not in _weights(job):
+        current = "generating"
+    if job.status in ("failed", "cancelled") and current == "done":
+        current = list(_weights(job))[-1]
+    return current
+
+
 def stepper(job: Job, class_noun: str, position: int | None) -> list[StageProgress]:
     """The steps of the job in order, each done, active, pending, failed or cancelled."""
-    weights = TRAIN_WEIGHTS if job.kind == "train" else GENERATE_WEIGHTS
+    weights = _weights(job)
     keys = ["queued", *weights, "done"]
-    current = "done" if job.status == "done" else STAGE_TO_STEP.get(job.stage, "queued")
-    if job.status in ("failed", "cancelled") and current == "done":
-        current = keys[-2]
-    current_index = keys.index(current) if current in keys else 0
+    current_index = keys.index(_current_step(job))
     steps: list[StageProgress] = []
     for index, key in enumerate(keys):
         state: StepState
@@ -272,8 +286,8 @@ def overall_fraction(job: Job) -> float:
     """Progress across every stage, 0..1, weighted by how long each stage usually takes."""
     if job.status == "done":
         return 1.0
-    weights = TRAIN_WEIGHTS if job.kind == "train" else GENERATE_WEIGHTS
-    current = STAGE_TO_STEP.get(job.stage, "queued")
+    weights = _weights(job)
+    current = _current_step(job)
     if current not in weights:
         return 0.0
     completed = 0.0

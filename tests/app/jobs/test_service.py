@@ -219,3 +219,16 @@ def test_plural(noun: str, expected: str) -> None:
 )
 def test_format_eta(seconds: float | None, expected: str) -> None:
     assert service.format_eta(seconds) == expected
+
+
+def test_generate_job_loading_its_model_is_the_start_of_generating(db_session: Session) -> None:
+    subject = make_subject(db_session, make_user(db_session), weights_key="w")
+    job = make_job(db_session, subject, kind="generate", status="running", stage="preparing", step=0, total=4,
+                   details={"images_done": 0, "images_total": 4})
+    status = service.describe_job(job, "dog", None)
+    assert status.stage_label == "Loading your trained model"
+    assert [(step.key, step.state) for step in status.stages] == [
+        ("queued", "done"), ("generating", "active"), ("done", "pending")
+    ]
+    assert status.stages[1].detail == "0/4"
+    assert status.fraction == 0.0
