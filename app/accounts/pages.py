@@ -111,7 +111,14 @@ def logout(request: Request, session: SessionDep, settings: SettingsDep, auth: A
 def _account_page(request: Request, session: SessionDep, user: PageUser, status_code: int = 200,
                   **context: object) -> Response:
     tokens = repository.active_tokens(session, user.id)
-    values: dict[str, object] = {"tokens": tokens, "new_token": None, "errors": []}
+    values: dict[str, object] = {
+        "tokens": tokens,
+        "new_token": None,
+        "errors": [],
+        "password_errors": [],
+        "password_error_field": None,
+        "other_sessions": len(repository.live_sessions(session, user.id)) - 1,
+    }
     values.update(context)
     return render(request, "accounts/account.html", values, status_code=status_code)
 
@@ -137,3 +144,41 @@ def revoke_token(request: Request, session: SessionDep, user: PageUser, token_id
     if not service.revoke_api_token(session, user, token_id):
         raise HTTPException(status_code=404, detail="No such token.")
     return redirect_with_flash(request, "/account", "The token is revoked: it no longer works.")
+
+
+@router.post("/account/password", dependencies=[Depends(require_csrf)])
+def change_password(
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    auth: AuthDep,
+    current_password: FormText = "",
+    new_password: FormText = "",
+) -> Response:
+    limiter = _limiter(request)
+    # Counted per account as well as per address: a stolen cookie must not allow guessing the password.
+    key = f"password:{user.id}"
+    retry_after = limiter.retry_after(key)
+    if retry_after is not None:
+        message = f"Too many wrong attempts. Try again in {retry_after} seconds."
+        return _account_page(request, session, user, status_code=429, password_errors=[message])
+    try:
+        ended = service.change_password(session, user, current_password, new_password, keep=auth.user_session)
+    except service.AccountError as error:
+        session.rollback()
+        if error.field == "current_password":
+            limiter.record_failure(key)
+        return _account_page(request, session, user, status_code=400, password_errors=[error.message],
+                             password_error_field=error.field)
+    limiter.reset(key)
+    others = f" {ended} other device{'s' if ended != 1 else ''} signed out." if ended else ""
+    return redirect_with_flash(request, "/account", f"Your password is changed.{others}")
+
+
+@router.post("/account/sessions/end-others", dependencies=[Depends(require_csrf)])
+def end_other_sessions(request: Request, session: SessionDep, user: PageUser, auth: AuthDep) -> Response:
+    ended = service.end_other_sessions(session, user, keep=auth.user_session)
+    if not ended:
+        return redirect_with_flash(request, "/account", "No other device was signed in.", kind="info")
+    message = f"Signed out {ended} other device{'s' if ended != 1 else ''}."
+    return redirect_with_flash(request, "/account", message)

@@ -7,7 +7,7 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiToken, User
+from app.models import ApiToken, User, UserSession, utcnow
 
 
 def user_by_email(session: Session, email: str) -> User | None:
@@ -30,3 +30,13 @@ def active_token(session: Session, owner_id: uuid.UUID, token_id: uuid.UUID) -> 
         ApiToken.id == token_id, ApiToken.user_id == owner_id, ApiToken.revoked_at.is_(None)
     )
     return session.scalars(query).first()
+
+
+def live_sessions(session: Session, owner_id: uuid.UUID) -> list[UserSession]:
+    """The owner's browser sessions that still work (not revoked, not expired), newest first."""
+    query = (
+        select(UserSession)
+        .where(UserSession.user_id == owner_id, UserSession.revoked_at.is_(None), UserSession.expires_at > utcnow())
+        .order_by(UserSession.created_at.desc())
+    )
+    return list(session.scalars(query))

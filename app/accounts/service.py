@@ -140,6 +140,39 @@ def end_session(session: Session, user_session: UserSession) -> None:
         session.flush()
 
 
+def end_other_sessions(session: Session, user: User, keep: UserSession | None) -> int:
+    """Revoke every live browser session of ``user`` except ``keep``; returns how many ended."""
+    now = utcnow()
+    ended = 0
+    for other in repository.live_sessions(session, user.id):
+        if keep is None or other.id != keep.id:
+            other.revoked_at = now
+            ended += 1
+    session.flush()
+    return ended
+
+
+def change_password(
+    session: Session, user: User, current_password: str, new_password: str, keep: UserSession | None
+) -> int:
+    """Set a new password after checking the current one; signs out every other device.
+
+    Raises AccountError (field "current_password" or "new_password"). Returns the number of other
+    sessions ended: whoever else held a session (say, a stolen cookie) is out.
+    """
+    if not verify_password(user.password_hash, current_password[:MAX_PASSWORD_LENGTH]):
+        raise AccountError("The current password is wrong.", field="current_password")
+    try:
+        validate_password(new_password)
+    except AccountError as error:
+        raise AccountError(error.message, field="new_password") from error
+    if new_password == current_password:
+        raise AccountError("Choose a password different from the current one.", field="new_password")
+    user.password_hash = hash_password(new_password)
+    session.flush()
+    return end_other_sessions(session, user, keep)
+
+
 @dataclass(frozen=True)
 class NewApiToken:
     token: str

@@ -196,6 +196,8 @@ def _post_targets(client: TestClient, make_user: MakeUser, login: Login, clean_d
         "/logout": {},
         "/account/tokens": {"name": "script"},
         f"/account/tokens/{token_id}/revoke": {},
+        "/account/password": {"current_password": PASSWORD, "new_password": "a brand new password"},
+        "/account/sessions/end-others": {},
     }
 
 
@@ -286,3 +288,84 @@ def test_revoking_another_accounts_token_is_404(
     assert response.status_code == 404
     with Session(clean_db) as session:
         assert session.get_one(ApiToken, token_id).revoked_at is None
+
+
+def second_browser(client: TestClient) -> TestClient:
+    return TestClient(client.app, base_url="http://testserver")
+
+
+def test_change_password_signs_out_other_devices(
+    client: TestClient, make_user: MakeUser, login: Login, csrf_token: CsrfToken, clean_db: Engine
+) -> None:
+    user = make_user()
+    with second_browser(client) as laptop:
+        login(laptop, user)
+        login(client, user)
+        assert page_context(client.get("/account"))["other_sessions"] == 1
+
+        response = client.post(
+            "/account/password",
+            data={"current_password": PASSWORD, "new_password": "a brand new password",
+                  "csrf_token": csrf_token(client)},
+        )
+        assert page_context(response)["flash"].message == "Your password is changed. 1 other device signed out."
+        assert page_context(response)["other_sessions"] == 0
+        assert laptop.get("/account", follow_redirects=False).status_code == 303  # the other device is out
+        assert client.get("/account", follow_redirects=False).status_code == 200  # this one stays in
+
+    client.post("/logout", data={"csrf_token": csrf_token(client)})
+    token = csrf_token(client)
+    old = client.post("/login", data={"email": user.email, "password": PASSWORD, "csrf_token": token})
+    assert old.status_code == 400
+    new = client.post("/login", data={"email": user.email, "password": "a brand new password", "csrf_token": token},
+                      follow_redirects=False)
+    assert new.status_code == 303
+
+
+@pytest.mark.parametrize(
+    ("current", "new", "field", "message"),
+    [
+        ("not my password", "a brand new password", "current_password", "current password is wrong"),
+        (PASSWORD, "short", "new_password", "at least 10 characters"),
+        (PASSWORD, PASSWORD, "new_password", "different from the current one"),
+    ],
+)
+def test_change_password_refusals(client: TestClient, make_user: MakeUser, login: Login, csrf_token: CsrfToken,
+                                  current: str, new: str, field: str, message: str) -> None:
+    user = make_user()
+    login(client, user)
+    response = client.post(
+        "/account/password", data={"current_password": current, "new_password": new, "csrf_token": csrf_token(client)}
+    )
+    assert response.status_code == 400
+    context = page_context(response)
+    assert context["password_error_field"] == field and message in context["password_errors"][0]
+    client.post("/logout", data={"csrf_token": csrf_token(client)})
+    login(client, user)  # the old password still works
+
+
+def test_guessing_the_current_password_is_rate_limited(client: TestClient, make_user: MakeUser, login: Login,
+                                                        csrf_token: CsrfToken) -> None:
+    login(client, make_user())
+    token = csrf_token(client)
+    for _ in range(10):
+        wrong = {"current_password": "a wrong guess!", "new_password": "a brand new password", "csrf_token": token}
+        assert client.post("/account/password", data=wrong).status_code == 400
+    right = {"current_password": PASSWORD, "new_password": "a brand new password", "csrf_token": token}
+    response = client.post("/account/password", data=right)
+    assert response.status_code == 429
+    assert "Too many wrong attempts" in page_context(response)["password_errors"][0]
+
+
+def test_sign_out_other_devices(client: TestClient, make_user: MakeUser, login: Login, csrf_token: CsrfToken) -> None:
+    user = make_user()
+    with second_browser(client) as phone, second_browser(client) as tablet:
+        login(phone, user)
+        login(tablet, user)
+        login(client, user)
+        response = client.post("/account/sessions/end-others", data={"csrf_token": csrf_token(client)})
+        assert page_context(response)["flash"].message == "Signed out 2 other devices."
+        assert phone.get("/account", follow_redirects=False).status_code == 303
+        assert tablet.get("/account", follow_redirects=False).status_code == 303
+        again = client.post("/account/sessions/end-others", data={"csrf_token": csrf_token(client)})
+        assert page_context(again)["flash"].message == "No other device was signed in."

@@ -83,3 +83,15 @@ def test_tokens_are_named_and_owner_scoped(db_session: Session) -> None:
     assert not service.revoke_api_token(db_session, bob, created.api_token.id)
     assert service.revoke_api_token(db_session, ann, created.api_token.id)
     assert not service.revoke_api_token(db_session, ann, created.api_token.id)
+
+
+def test_change_password_keeps_only_the_given_session(db_session: Session, settings: Settings) -> None:
+    user = service.sign_up(db_session, "ann@example.com", "a long password")
+    here = service.start_session(db_session, user, settings).user_session
+    elsewhere = service.start_session(db_session, user, settings).user_session
+    with pytest.raises(service.AccountError) as wrong:
+        service.change_password(db_session, user, "not the password", "another long password", keep=here)
+    assert wrong.value.field == "current_password" and elsewhere.revoked_at is None
+    assert service.change_password(db_session, user, "a long password", "another long password", keep=here) == 1
+    assert elsewhere.revoked_at is not None and here.revoked_at is None
+    assert service.authenticate(db_session, "ann@example.com", "another long password") is user
