@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
@@ -54,6 +55,10 @@ _KNOWN_SIGNATURES: tuple[tuple[bytes, str], ...] = (
 
 # A truncated upload must fail to load, not come back with grey rows at the bottom.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+# An upload as bytes, or as the (spooled) file object the multipart parser wrote it to.
+UploadSource = bytes | BinaryIO
 
 
 class PhotoRejected(Exception):
@@ -280,12 +285,34 @@ def near_duplicates(photos: Sequence[SanitizedPhoto]) -> list[PhotoRejected]:
     return refusals
 
 
-def sanitize_uploads(files: Sequence[tuple[str, bytes]], settings: Settings) -> SanitizedBatch:
-    """Sanitize every file of one request, collecting every refusal instead of stopping at the first."""
+def read_upload(filename: str, source: UploadSource, settings: Settings) -> bytes:
+    """The bytes of one upload, read from a file object only up to the size limit.
+
+    An over-size file is refused by its size without ever being held in memory whole.
+    """
+    if isinstance(source, bytes):
+        return source
+    source.seek(0, io.SEEK_END)
+    size = source.tell()
+    if size > settings.max_photo_bytes:
+        raise PhotoRejected(
+            display_name(filename),
+            f"{format_megabytes(size)} is over the {format_megabytes(settings.max_photo_bytes)} limit",
+        )
+    source.seek(0)
+    return source.read()
+
+
+def sanitize_uploads(files: Sequence[tuple[str, UploadSource]], settings: Settings) -> SanitizedBatch:
+    """Sanitize every file of one request, collecting every refusal instead of stopping at the first.
+
+    Files are read and re-encoded one at a time, so a request of 20 large photos holds one original
+    in memory at once (plus the small sanitized copies), not all twenty.
+    """
     batch = SanitizedBatch()
-    for filename, data in files:
+    for filename, source in files:
         try:
-            batch.photos.append(sanitize_upload(filename, data, settings))
+            batch.photos.append(sanitize_upload(filename, read_upload(filename, source, settings), settings))
         except PhotoRejected as refusal:
             batch.rejections.append(refusal)
     batch.rejections.extend(near_duplicates(batch.photos))

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import Settings
 from app.deps import MAX_FORM_FIELD_BYTES
+from app.photos.sanitize import UploadSource
 from app.subjects.schemas import CreateStudio
 from app.subjects.service import too_many_photos_message
 
@@ -29,11 +30,14 @@ PHOTO_FIELD = "photos"
 
 @dataclass
 class StudioUpload:
-    """A parsed creation request: the filled-in form, the photos (name, bytes), and the raw text
-    values to fill the form in again when it is shown with errors."""
+    """A parsed creation request: the filled-in form, the photos (name, spooled file), and the raw
+    text values to fill the form in again when it is shown with errors.
+
+    The photos stay in the parser's spooled temporary files (on disk past 1 MB) and are read one at
+    a time by the sanitizer, so the request never holds all of them in memory."""
 
     form: CreateStudio
-    files: list[tuple[str, bytes]]
+    files: list[tuple[str, UploadSource]]
     values: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -71,14 +75,14 @@ async def read_studio_upload(request: Request) -> StudioUpload:
         raise _limit_error(str(error.detail), settings) from None
 
     values: dict[str, list[str]] = {}
-    files: list[tuple[str, bytes]] = []
+    files: list[tuple[str, UploadSource]] = []
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             if name != PHOTO_FIELD:
                 continue
             if not value.filename and not value.size:
                 continue  # an empty file input sends one nameless, empty part
-            files.append((value.filename or "unnamed file", await value.read()))
+            files.append((value.filename or "unnamed file", value.file))
         else:
             values.setdefault(name, []).append(value)
     return StudioUpload(form=CreateStudio.from_form(values), files=files, values=values)

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.models import SUBJECT_KINDS, Job, Photo, Subject, User, utcnow
 from app.photos import sanitize_uploads
+from app.photos.sanitize import UploadSource
 from app.storage import Storage
 from app.storage.base import photo_key
 from app.subjects import repository
@@ -199,7 +200,7 @@ def create_studio(
     settings: Settings,
     owner: User,
     form: CreateStudio,
-    files: Sequence[tuple[str, bytes]],
+    files: Sequence[tuple[str, UploadSource]],
 ) -> tuple[Subject, Job]:
     """Create a studio from a filled-in form and its photos, and enqueue its training.
 

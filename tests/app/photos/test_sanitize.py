@@ -215,3 +215,27 @@ def test_batch_collects_every_refusal(upload_settings: Settings) -> None:
     batch = sanitize_uploads(files, upload_settings)
     assert [photo.original_name for photo in batch.photos] == ["good.jpg"]
     assert sorted(r.filename for r in batch.rejections) == ["bad.jpg", "blur.jpg"]
+
+
+class CountingFile(io.BytesIO):
+    """A file object that records how many bytes were read from it."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.bytes_read = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        self.bytes_read += len(chunk)
+        return chunk
+
+
+def test_spooled_uploads_are_sanitized_and_an_oversized_one_is_never_read(upload_settings: Settings) -> None:
+    limit = upload_settings.model_copy(update={"max_photo_bytes": 2 * 1024 * 1024})
+    good = CountingFile(factory.make_photo(16))
+    oversized = CountingFile(b"\xff\xd8" + b"\x00" * (3 * 1024 * 1024))
+    batch = sanitize_uploads([("good.jpg", good), ("huge.jpg", oversized)], limit)
+    assert [photo.original_name for photo in batch.photos] == ["good.jpg"]
+    assert [str(r) for r in batch.rejections] == ["huge.jpg: 3 MB is over the 2 MB limit"]
+    assert good.bytes_read == len(good.getvalue())
+    assert oversized.bytes_read == 0
