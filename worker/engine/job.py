@@ -67,7 +67,8 @@ class JobSpec:
     ``train_overrides`` are :class:`TrainConfig` fields that replace the recipe's values
     (``method``, ``steps``, ``learning_rate``, ``rank``, ...). ``prior_images`` (None: the recipe's
     ``num_class_images``), ``resolution`` (None: the base model's) and ``seed`` win over both.
-    ``prompts`` are free prompts; ``{subject}`` marks where "[V] [class noun]" goes.
+    ``prompts`` are free prompts; ``{subject}`` marks where "[V] [class noun]" goes. ``guidance``
+    and ``sample_steps`` are the gallery's; ``prior_*`` the class-prior bank's (they key the bank).
     """
 
     photos: list[Path]
@@ -88,6 +89,7 @@ class JobSpec:
     guidance: float = 7.5
     score: bool = True
     prior_steps: int = 25
+    prior_guidance: float = 7.5  # kept apart from ``guidance``: it is part of the bank's key
     prior_negative_prompt: str = DEFAULT_NEGATIVE
     sample_negative_prompt: str = DEFAULT_SAMPLE_NEGATIVE
     batch_size: int = 4  # images per sampling call, for the priors and the gallery
@@ -136,10 +138,7 @@ def training_config(spec: JobSpec, model: BaseModel, preview_prompts: list[str])
         overrides["resolution"] = spec.resolution
     overrides.setdefault("resolution", model.resolution)
     overrides["seed"] = spec.seed
-    try:
-        config = recipe(spec.subject_kind, spec.quality, **overrides)  # type: ignore[arg-type]
-    except TypeError as exc:  # an override that is not a TrainConfig field
-        raise EngineInputError(f"unknown training setting in {sorted(spec.train_overrides)}: {exc}") from exc
+    config = recipe(spec.subject_kind, spec.quality, **overrides)  # type: ignore[arg-type]
     if not config.preview_prompts and config.preview_every:
         config.preview_prompts = preview_prompts
     config.validate()
@@ -192,11 +191,16 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
     prior_count = spec.prior_images if spec.prior_images is not None else config.num_class_images
     if not config.with_prior:
         prior_count = 0
-    bank = fill_prior_bank(model, spec.bank_root, class_prompt, prior_count, resolution=config.resolution,
-                           steps=spec.prior_steps, guidance=spec.guidance, negative_prompt=spec.prior_negative_prompt,
-                           batch_size=spec.batch_size, progress=progress, should_cancel=should_cancel)
-    if prior_count == 0 and config.with_prior:
-        config.with_prior = False  # asked for no class images: train without the prior term
+    if prior_count > 0:
+        bank = fill_prior_bank(model, spec.bank_root, class_prompt, prior_count, resolution=config.resolution,
+                               steps=spec.prior_steps, guidance=spec.prior_guidance,
+                               negative_prompt=spec.prior_negative_prompt, batch_size=spec.batch_size,
+                               progress=progress, should_cancel=should_cancel)
+        class_images, prior_generated, prior_reused, bank_key = bank.images, bank.generated, bank.reused, bank.key
+    else:
+        config.with_prior = False  # no class images asked for: train without the prior term
+        class_images, prior_generated, prior_reused, bank_key = [], 0, 0, None
+        _emit(progress, Progress(stage="priors", step=0, total=0, reused=0, message="no class-prior images"))
 
     # 3. training
     check_cancel(should_cancel)
@@ -210,12 +214,12 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
         "prompts": prompts,
         "base_model": {"spec": model.spec, "fingerprint": model.fingerprint},
         "quality": spec.quality,
-        "prior": {"key": bank.key, "count": prior_count, "generated": bank.generated, "reused": bank.reused},
+        "prior": {"key": bank_key, "count": prior_count, "generated": prior_generated, "reused": prior_reused},
         "photos": {"used": len(prepared.images), "problems": [str(p) for p in prepared.problems],
                    "faces_found": prepared.faces_found},
     }
     trained = train(model, config, instance_images=prepared.images, instance_prompt=instance_prompt,
-                    class_images=bank.images, class_prompt=class_prompt, run_dir=run_dir, progress=progress,
+                    class_images=class_images, class_prompt=class_prompt, run_dir=run_dir, progress=progress,
                     should_cancel=should_cancel, run_info=run_info)
 
     # 4. sampling
@@ -240,8 +244,8 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
     if scores:
         _write_scores(samples_dir, records, scores, ranking)
     return JobResult(identifier=identifier, class_prompt=class_prompt, instance_prompt=instance_prompt,
-                     run_dir=run_dir, images=records, scores=scores, prior_generated=bank.generated,
-                     prior_reused=bank.reused, photo_problems=prepared.problems, train=trained, ranking=ranking,
+                     run_dir=run_dir, images=records, scores=scores, prior_generated=prior_generated,
+                     prior_reused=prior_reused, photo_problems=prepared.problems, train=trained, ranking=ranking,
                      faces_found=prepared.faces_found)
 
 

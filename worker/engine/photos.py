@@ -30,6 +30,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.engine.errors import EngineInputError
 
+try:  # HEIC/HEIF from phones, when pillow-heif is installed (a project dependency)
+    from pillow_heif import register_heif_opener
+except ImportError:  # pragma: no cover - only without the optional decoder
+    pass
+else:
+    register_heif_opener()
+
 SubjectKind = Literal["pet", "person"]
 SUBJECT_KINDS: tuple[str, ...] = ("pet", "person")
 

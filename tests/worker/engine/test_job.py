@@ -175,6 +175,7 @@ def test_a_given_scorer_is_used(tiny_model: BaseModel, subject_photos: list[Path
         ({"resolution": 60}, "multiple of 8"),
         ({"photos": []}, "no photos given"),
         ({"train_overrides": {"steps": 0}}, "steps"),
+        ({"train_overrides": {"epochs": 3}}, "unknown training setting"),
     ],
 )
 def test_bad_specs_fail_before_any_work(

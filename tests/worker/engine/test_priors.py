@@ -127,9 +127,10 @@ def test_cancel_stops_the_fill(tiny_model: BaseModel, tmp_path: Path) -> None:
         fill_prior_bank(tiny_model, tmp_path, "a photo of a dog", 4, should_cancel=lambda: True, **FAST)
 
 
-def _fill_in_another_process(bank_root: str, count: int, queue: Any) -> None:
+def _fill_in_another_process(bank_root: str, count: int, queue: Any, start_together: Any) -> None:
     torch.set_num_threads(1)
     model = build_builtin("tiny", seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    start_together.wait(timeout=60)  # both processes reach the bank at the same moment
     result = fill_prior_bank(model, Path(bank_root), "a photo of a dog", count, **FAST)
     queue.put((result.generated, result.reused))
 
@@ -141,7 +142,9 @@ def test_two_processes_filling_one_bank_leave_exactly_k_valid_images(tmp_path: P
     monkeypatch.setenv("PYTHONHASHSEED", "0")
     context = multiprocessing.get_context("spawn")  # fork and torch's thread pools do not mix
     queue = context.Queue()
-    workers = [context.Process(target=_fill_in_another_process, args=(str(tmp_path), count, queue)) for _ in range(2)]
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_fill_in_another_process, args=(str(tmp_path), count, queue, barrier))
+               for _ in range(2)]
     for worker in workers:
         worker.start()
     for worker in workers:
