@@ -236,6 +236,6 @@ def test_spooled_uploads_are_sanitized_and_an_oversized_one_is_never_read(upload
     oversized = CountingFile(b"\xff\xd8" + b"\x00" * (3 * 1024 * 1024))
     batch = sanitize_uploads([("good.jpg", good), ("huge.jpg", oversized)], limit)
     assert [photo.original_name for photo in batch.photos] == ["good.jpg"]
-    assert [str(r) for r in batch.rejections] == ["huge.jpg: 3 MB is over the 2 MB limit"]
+    assert [str(r) for r in batch.rejections] == ["huge.jpg: 3.0 MB is over the 2.0 MB limit"]
     assert good.bytes_read == len(good.getvalue())
     assert oversized.bytes_read == 0
