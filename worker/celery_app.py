@@ -19,14 +19,18 @@ settings below only make the broker's side as safe as it can be:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from celery.schedules import crontab
+from celery.signals import worker_init
 
 from app import config as studio_config
 from app.config import Settings
+
+log = logging.getLogger(__name__)
 
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
@@ -122,3 +126,17 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
 # The app the `celery -A worker.celery_app worker|beat` command lines load.
 celery_app = create_celery()
+
+
+@worker_init.connect
+def preload_engine(**_: Any) -> None:
+    """Import the engine once in a worker's main process, before its pool forks.
+
+    Every job runs in a fresh child (``worker_max_tasks_per_child = 1``); forked from a parent that
+    already imported torch and diffusers, a child starts in milliseconds instead of seconds. Only
+    imports happen here: CUDA is initialised in the child that runs the job, never in the parent.
+    """
+    try:
+        import worker.engine.job  # noqa: F401
+    except ImportError:
+        log.warning("the engine could not be preloaded; each job will import it itself", exc_info=True)

@@ -21,8 +21,9 @@ DEFAULT_GPU_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 class WorkerSettings(Settings):
     # Passed to the engine as JobSpec.train_overrides (TrainConfig field names); empty: the preset decides.
     train_overrides: dict[str, Any] = {}
-    # Class-prior images per job and sampling steps; None: the engine's preset decides.
+    # Class-prior images per job, and sampler steps for the bank and the gallery; None: the engine decides.
     prior_images: int | None = None
+    prior_steps: int | None = None
     sample_steps: int | None = None
     # A local cache of the shared class-prior bank (the bank itself lives in storage). Default var/prior-bank.
     prior_cache_dir: Path | None = None

@@ -86,6 +86,7 @@ class TrainingInputs:
     images_per_prompt: int = 4
     seed: int = 0
     sample_steps: int | None = None
+    prior_steps: int | None = None
 
 
 @dataclass
@@ -159,6 +160,8 @@ class DiffusersEngine:
         }
         if inputs.sample_steps is not None:
             spec_fields["sample_steps"] = inputs.sample_steps
+        if inputs.prior_steps is not None:
+            spec_fields["prior_steps"] = inputs.prior_steps
         return run_job(JobSpec(**spec_fields), model, progress=progress,  # type: ignore[arg-type]
                        should_cancel=should_cancel)
 

@@ -151,6 +151,7 @@ class _TrainingRun:
             images_per_prompt=self.subject.images_per_prompt,
             seed=_seed_of(self.job.id),
             sample_steps=self.ctx.settings.sample_steps,
+            prior_steps=self.ctx.settings.prior_steps,
         )
         result = self.engine.train(inputs, model, self._on_progress, attempt.should_cancel)
 

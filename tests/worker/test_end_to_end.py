@@ -1,0 +1,279 @@
+"""End to end with real processes: a `celery worker` subprocess, Redis or the file-system broker, the
+test database, local storage and the tiny model on the CPU.
+
+Each test starts its own worker with STUDIO_* variables pointing at the test's database, var/ and
+media folders, creates a studio's rows and photos directly, enqueues its job through app.queue (sent
+after commit, as the web does) and watches the database. Redis runs in a private database number,
+emptied before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import config as config_module
+from app import queue
+from app.config import Settings
+from app.models import GeneratedImage, Job, Photo, PriorBank, Subject
+from app.storage import LocalStorage
+from app.storage.base import subject_prefix
+from tests.worker.factories import make_job, make_subject, make_user
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = os.environ.get("STUDIO_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+JOB_TIMEOUT = 150.0
+FAST_TRAINING = {"steps": 10, "checkpoint_every": 5, "preview_every": 0}
+
+
+@dataclass
+class Studio:
+    """The test's side of a running worker: settings, database sessions, storage."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    storage: LocalStorage
+    worker: subprocess.Popen[bytes]
+    log_path: Path
+
+    def session(self) -> Session:
+        return self.sessions()
+
+    def create_studio(self, class_noun: str = "dog") -> Job:
+        """A subject with 4 photos and its queued training job, enqueued after commit like the web does."""
+        with self.session() as session:
+            subject = make_subject(session, self.storage, make_user(session), photos=4, class_noun=class_noun,
+                                   kind="dog" if class_noun == "dog" else "animal", images_per_prompt=1)
+            job = make_job(session, subject, max_attempts=3)
+            queue.enqueue(session, "training.run", job_id=str(job.id))
+            session.commit()
+        return job
+
+    def job(self, job_id: uuid.UUID) -> Job:
+        with self.session() as session:
+            found = session.get(Job, job_id)
+            assert found is not None
+            return found
+
+    def wait_for(self, job_id: uuid.UUID, predicate: Callable[[Job], bool], what: str,
+                 timeout: float = JOB_TIMEOUT) -> Job:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if predicate(job):
+                return job
+            if self.worker.poll() is not None:
+                pytest.fail(f"the worker exited ({self.worker.returncode}) waiting for {what}\n{self.log_tail()}")
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for {what}; job is {self.job(job_id).status}/{self.job(job_id).stage}\n"
+                    f"{self.log_tail()}")
+
+    def wait_finished(self, job_id: uuid.UUID) -> Job:
+        return self.wait_for(job_id, lambda job: job.status in ("done", "failed", "cancelled"), "the job to end")
+
+    def images_of(self, job_id: uuid.UUID) -> list[GeneratedImage]:
+        with self.session() as session:
+            return list(session.execute(select(GeneratedImage).where(GeneratedImage.job_id == job_id)).scalars())
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+
+def _worker_env(settings: Settings, training: dict[str, Any]) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STUDIO_")}
+    env.update({
+        "STUDIO_ENVIRONMENT": "test",
+        "STUDIO_SECRET_KEY": settings.secret_key,
+        "STUDIO_VAR_DIR": str(settings.var_dir),
+        "STUDIO_DATABASE_URL": settings.resolved_database_url,
+        "STUDIO_BROKER_URL": settings.broker_url,
+        "STUDIO_MEDIA_DIR": str(settings.resolved_media_dir),
+        "STUDIO_BASE_MODEL": "tiny",
+        "STUDIO_TRAIN_OVERRIDES": json.dumps(training),
+        "STUDIO_PRIOR_IMAGES": "4",
+        "STUDIO_PRIOR_STEPS": "4",
+        "STUDIO_SAMPLE_STEPS": "4",
+        "STUDIO_HEARTBEAT_SECONDS": "1",
+        "STUDIO_LEASE_SECONDS": "6",
+        "STUDIO_CANCEL_POLL_SECONDS": "0.3",
+        "STUDIO_PROGRESS_WRITE_SECONDS": "0.2",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "2",
+    })
+    return env
+
+
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is None:
+        # Cold shutdown of the worker we started, by its own process group id.
+        os.killpg(worker.pid, signal.SIGQUIT)
+        try:
+            worker.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=15)
+
+
+def _empty_redis() -> None:
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+@pytest.fixture
+def start_studio(settings: Settings, clean_db: Engine, monkeypatch: pytest.MonkeyPatch,
+                 tmp_path: Path) -> Iterator[Callable[..., Studio]]:
+    """Starts a worker subprocess (once per test) on the chosen broker and returns the test's handle."""
+    started: list[Studio] = []
+
+    def start(broker: str = "redis", training: dict[str, Any] | None = None) -> Studio:
+        broker_url = REDIS_URL if broker == "redis" else ""
+        if broker == "redis":
+            _empty_redis()
+        values = settings.model_copy(update={"broker_url": broker_url, "media_dir": tmp_path / "media",
+                                             "lease_seconds": 6})
+        monkeypatch.setattr(config_module, "get_settings", lambda: values)
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        with log_path.open("wb") as log_file:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "-Q", "gpu,cpu",
+                 "-c", "1", "-l", "INFO", "-n", f"e2e-{uuid.uuid4().hex[:8]}@localhost", "--without-gossip",
+                 "--without-mingle", "--without-heartbeat"],
+                cwd=ROOT, env=_worker_env(values, training or FAST_TRAINING), stdout=log_file,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        studio = Studio(values, sessionmaker(bind=clean_db, expire_on_commit=False),
+                        LocalStorage(values.resolved_media_dir), worker, log_path)
+        started.append(studio)
+        return studio
+
+    yield start
+    for studio in started:
+        _stop_worker(studio.worker)
+    if any(studio.settings.broker_url for studio in started):
+        _empty_redis()
+
+
+def _assert_published(studio: Studio, job: Job) -> list[GeneratedImage]:
+    assert job.status == "done", f"{job.status}: {job.failure_reason}\n{studio.log_tail()}"
+    images = studio.images_of(job.id)
+    assert len(images) == 2  # 2 prompts x 1 image
+    assert all(studio.storage.exists(image.storage_key) for image in images)
+    with studio.session() as session:
+        subject = session.get(Subject, job.subject_id)
+        assert subject is not None and subject.identifier and subject.weights_key
+        assert studio.storage.list(subject.weights_key)
+        assert subject.photos_deleted_at is not None
+        assert session.execute(select(Photo).where(Photo.subject_id == subject.id)).first() is None
+    assert job.details["demo_model"] is True and job.details["base_model"] == "tiny"
+    return images
+
+
+@pytest.mark.parametrize("broker_name", ["redis", "filesystem"])
+def test_a_studio_runs_to_done_and_its_gallery_is_published(start_studio: Callable[..., Studio],
+                                                            broker_name: str) -> None:
+    studio = start_studio(broker_name)
+    job = studio.create_studio()
+    done = studio.wait_finished(job.id)
+    _assert_published(studio, done)
+    assert done.details["prior_generated"] == 4 and done.attempts == 1
+
+
+def test_duplicate_delivery_bank_reuse_and_deletion(start_studio: Callable[..., Studio]) -> None:
+    studio = start_studio("redis")
+    first = studio.create_studio()
+    done = studio.wait_finished(first.id)
+    images = _assert_published(studio, done)
+
+    # A forced duplicate delivery of the finished job exits at the claim.
+    queue.send_now("training.run", job_id=str(first.id))
+    # A second studio of the same class queues behind it on the one-process worker.
+    second = studio.create_studio()
+    second_done = studio.wait_finished(second.id)
+    _assert_published(studio, second_done)
+    assert second_done.details["prior_generated"] == 0 and second_done.details["prior_reused"] == 4
+    again = studio.job(first.id)
+    assert again.attempts == 1 and again.status == "done"
+    assert len(studio.images_of(first.id)) == len(images)
+    assert "not claimable" in studio.log_tail(200_000)
+    with studio.session() as session:
+        assert session.execute(select(func.count()).select_from(PriorBank)).scalar_one() == 1
+
+    # Deleting the first studio leaves no file of it and no row pointing to it; the bank stays.
+    from app.subjects.deletion import delete_subject
+
+    with studio.session() as session:
+        subject = session.get(Subject, first.subject_id)
+        assert subject is not None
+        delete_subject(session, studio.storage, subject)
+        session.commit()
+    assert studio.storage.list(subject_prefix(first.owner_id, first.subject_id)) == []
+    with studio.session() as session:
+        for model in (Job, GeneratedImage, Photo):
+            count = session.execute(select(func.count()).select_from(model).where(
+                model.subject_id == first.subject_id)).scalar_one()  # type: ignore[attr-defined]
+            assert count == 0
+    assert studio.storage.list("priors/")
+
+
+def test_cancel_during_training_stops_within_a_few_steps(start_studio: Callable[..., Studio]) -> None:
+    studio = start_studio("redis", {"steps": 2000, "checkpoint_every": 3, "preview_every": 0})
+    job = studio.create_studio()
+    training = studio.wait_for(job.id, lambda j: j.stage == "training" and bool(j.details.get("checkpoint")),
+                               "training with a checkpoint")
+    with studio.session() as session:
+        found = session.get(Job, job.id)
+        assert found is not None
+        found.cancel_requested = True
+        session.commit()
+    cancelled = studio.wait_finished(job.id)
+    assert cancelled.status == "cancelled", cancelled.failure_reason
+    assert cancelled.step <= training.step + 10  # within a few steps of the request, not at the end
+    assert studio.images_of(job.id) == []
+    leftovers = studio.storage.list(subject_prefix(job.owner_id, job.subject_id))
+    assert all("/photos/" in key for key in leftovers), leftovers
+    assert not (studio.settings.scratch_dir / str(job.id)).exists()
+
+
+def test_a_killed_worker_child_resumes_from_its_checkpoint_and_publishes_once(
+        start_studio: Callable[..., Studio]) -> None:
+    studio = start_studio("redis", {"steps": 24, "checkpoint_every": 4, "preview_every": 0})
+    job = studio.create_studio()
+    recorded = studio.wait_for(job.id, lambda j: bool(j.details.get("checkpoint")), "the first checkpoint")
+    checkpoint_step = recorded.details["checkpoint"]["step"]
+    children = psutil.Process(studio.worker.pid).children()
+    assert len(children) == 1
+    children[0].send_signal(signal.SIGKILL)
+
+    # The broker hands the task out again at once; the lease is still fresh, so that delivery exits.
+    # Once the heartbeat is older than the lease, the reaper (beat runs it every 30 s; here the test) re-queues it.
+    time.sleep(studio.settings.lease_seconds + 1)
+    from worker.settings import worker_settings_from
+    from worker.tasks.maintenance import reap
+
+    with studio.session() as session:
+        report = reap(session, studio.storage, worker_settings_from(studio.settings))
+        session.commit()
+    assert str(job.id) in report.requeued + report.resent or studio.job(job.id).attempts >= 2
+    done = studio.wait_finished(job.id)
+    _assert_published(studio, done)
+    assert done.attempts == 2
+    assert done.details["resumed_from"] >= checkpoint_step > 0
+    assert studio.storage.list(subject_prefix(job.owner_id, job.subject_id) + f"jobs/{job.id}/checkpoint/") == []
+    assert not (studio.settings.scratch_dir / str(job.id)).exists()
