@@ -62,6 +62,6 @@ def cancel_job_form(
     try:
         service.cancel_job(session, job)
     except service.JobNotCancellable as error:
-        return redirect_with_flash(request, back, str(error).capitalize(), "warning")
+        return redirect_with_flash(request, back, str(error), "warning")
     message = "The job was cancelled." if job.status == "cancelled" else "Cancelling: the job stops within a few steps."
     return redirect_with_flash(request, back, message, "info")

@@ -63,7 +63,7 @@ def cancel_job(session: Session, job: Job) -> None:
     elif job.status == "running":
         job.cancel_requested = True
     else:
-        raise JobNotCancellable(f"this job has already ended ({job.status}); there is nothing to cancel")
+        raise JobNotCancellable(f"This job has already ended ({job.status}): there is nothing to cancel.")
     session.flush()
 
 
