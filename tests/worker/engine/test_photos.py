@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from tests.worker.engine.conftest import make_subject_photo
 from worker.engine import photos
@@ -159,6 +159,35 @@ def test_person_photos_are_cropped_on_the_largest_face(monkeypatch, subject_phot
     assert prepared.faces_found == 2 and len(seen) == 2
     square, used_face = photos.crop_square(load_photo(subject_photos[0]), "person")
     assert used_face and square.size == (104, 104)
+
+
+def _drawn_face(size: tuple[int, int], centre: tuple[int, int], scale: float) -> Image.Image:
+    """A flat cartoon face (skin oval, hair, eyes, brows, nose, mouth) that the Haar cascade detects."""
+    image = Image.new("RGB", size, (90, 110, 140))
+    draw = ImageDraw.Draw(image)
+    cx, cy, s = centre[0], centre[1], scale
+    draw.ellipse([cx - 60 * s, cy - 80 * s, cx + 60 * s, cy + 80 * s], fill=(225, 185, 160))
+    draw.chord([cx - 60 * s - 5, cy - 80 * s - 15, cx + 60 * s + 5, cy - 20 * s], 180, 360, fill=(60, 40, 30))
+    for side in (-1, 1):
+        x, y = cx + side * 27 * s, cy - 15 * s
+        draw.ellipse([x - 14 * s, y - 6 * s, x + 14 * s, y + 6 * s], fill=(250, 250, 250))
+        draw.ellipse([x - 6 * s, y - 6 * s, x + 6 * s, y + 6 * s], fill=(30, 20, 20))
+        draw.line([x - 16 * s, y - 16 * s, x + 16 * s, y - 18 * s], fill=(50, 35, 30), width=int(5 * s))
+    draw.polygon([(cx, cy - 5 * s), (cx - 10 * s, cy + 25 * s), (cx + 10 * s, cy + 25 * s)], fill=(200, 150, 130))
+    draw.ellipse([cx - 25 * s, cy + 42 * s, cx + 25 * s, cy + 55 * s], fill=(150, 60, 60))
+    return image.filter(ImageFilter.GaussianBlur(2))
+
+
+def test_a_detected_face_off_centre_stays_whole_in_the_crop() -> None:
+    # The face spans x 572-788 of a 900 px wide photo: a centre crop (150-750) would cut it.
+    photo = _drawn_face((900, 600), centre=(680, 300), scale=1.8)
+    faces = photos.detect_faces(photo)
+    assert len(faces) == 1
+    left, top, right, bottom = faces[0]
+    assert left < 680 < right and top < 300 < bottom
+    assert face_crop_box(photo.size, faces[0]) == (300, 0, 900, 600)
+    square, used_face = photos.crop_square(photo, "person")
+    assert used_face and square.size == (600, 600)
 
 
 def test_face_detector_runs_on_a_photo_without_faces(subject_photos: list[Path]) -> None:
