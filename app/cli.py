@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from pydantic import ValidationError
+
 from app.config import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,6 +258,16 @@ def run_passthrough(command: str, extra: list[str], settings_loader: Callable[[]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``studio`` command; returns its exit status. Invalid settings are one clear line, not a traceback."""
+    try:
+        return _run(argv)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        print(f"studio: the STUDIO_* settings are invalid: {problems}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _run(argv: Sequence[str] | None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] in PASSTHROUGH_COMMANDS:
         try:

@@ -214,3 +214,11 @@ def test_up_forwards_ctrl_c_once(fresh_settings: Settings) -> None:
     assert code == 130
     assert [process.signals for process in started] == [[signal.SIGTERM], [signal.SIGTERM]]
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+def test_invalid_settings_are_one_clear_line(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "get_settings", lambda: Settings(environment="production", secret_key="short"))
+    assert cli.main(["migrate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("studio: the STUDIO_* settings are invalid:") and "at least 32 characters" in err
