@@ -89,10 +89,12 @@ def get_image_file(
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, IMAGE_NOT_FOUND)
     image, subject = found
-    filename = service.download_filename(subject, image, repository.position_in_prompt(session, image))
-    return file_response(
-        storage, settings, image.storage_key, "image/png", filename, "attachment" if download else "inline"
-    )
+    if download:
+        filename = service.download_filename(subject, image, repository.position_in_prompt(session, image))
+        return file_response(storage, settings, image.storage_key, "image/png", filename, "attachment")
+    # Inline (an <img> in a gallery of many): no position, so no extra query per picture.
+    filename = service.download_filename(subject, image)
+    return file_response(storage, settings, image.storage_key, "image/png", filename, "inline")
 
 
 @router.patch("/images/{image_id:uuid}", response_model=ImageOut, dependencies=[Depends(require_csrf)])

@@ -143,7 +143,8 @@ def image_file(
     settings: SettingsDep,
 ) -> Response:
     image, subject = owned_image(session, subject_id, image_id, user)
-    filename = service.download_filename(subject, image, repository.position_in_prompt(session, image))
+    # The gallery shows many of these: no position in the name, so no extra query per picture.
+    filename = service.download_filename(subject, image)
     return file_response(storage, settings, image.storage_key, "image/png", filename, "inline")
 
 

@@ -72,9 +72,11 @@ def prompt_slug(template: str, subject_name: str) -> str:
     return slugify(_BOILERPLATE.sub("", readable_prompt(template, subject_name).strip()))
 
 
-def download_filename(subject: Subject, image: GeneratedImage, position: int) -> str:
-    """The file name of a single download: "rex-on-the-beach-3.png"."""
-    return f"{prompt_slug(image.prompt_template, subject.name)}-{position}.png"
+def download_filename(subject: Subject, image: GeneratedImage, position: int | None = None) -> str:
+    """The file name of a single download: "rex-on-the-beach-3.png", or without a position
+    "rex-on-the-beach.png" (for inline views, which then need no extra query)."""
+    slug = prompt_slug(image.prompt_template, subject.name)
+    return f"{slug}-{position}.png" if position is not None else f"{slug}.png"
 
 
 # --- the gallery ----------------------------------------------------------------------------------

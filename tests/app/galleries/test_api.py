@@ -66,7 +66,7 @@ def test_image_detail_file_and_download(client: TestClient, db: Session, app_sto
     inline = client.get(f"/api/v1/images/{image.id}/file", headers=headers)
     assert inline.status_code == 200
     assert inline.content == png_bytes(4)
-    assert inline.headers["content-disposition"].startswith('inline; filename="rex-on-the-beach-1.png"')
+    assert inline.headers["content-disposition"].startswith('inline; filename="rex-on-the-beach.png"')
     attachment = client.get(f"/api/v1/images/{image.id}/file?download=true", headers=headers)
     assert attachment.headers["content-disposition"].startswith('attachment; filename="rex-on-the-beach-1.png"')
 
