@@ -105,6 +105,9 @@ class LoginRateLimiter:
     which still bounds guessing to ``max_failures`` × processes per window.
     """
 
+    # Past this many tracked clients, expired entries are swept, so rotating addresses cannot grow memory forever.
+    SWEEP_ABOVE_KEYS = 10_000
+
     def __init__(self, max_failures: int = 10, window_seconds: float = 300.0) -> None:
         if max_failures < 1:
             raise ValueError(f"max_failures must be at least 1, got {max_failures}")
@@ -142,6 +145,14 @@ class LoginRateLimiter:
             failures = self._prune(key, now)
             failures.append(now)
             self._failures[key] = failures
+            if len(self._failures) > self.SWEEP_ABOVE_KEYS:
+                for other in list(self._failures):
+                    self._prune(other, now)
+
+    def tracked_keys(self) -> int:
+        """How many clients have failures in memory (for tests and monitoring)."""
+        with self._lock:
+            return len(self._failures)
 
     def reset(self, key: str) -> None:
         """Forget ``key``'s failures (after a successful sign-in)."""

@@ -55,3 +55,13 @@ def test_rate_limiter_rejects_nonsense() -> None:
         LoginRateLimiter(max_failures=0)
     with pytest.raises(ValueError, match="window_seconds"):
         LoginRateLimiter(window_seconds=0)
+
+
+def test_rate_limiter_forgets_expired_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(LoginRateLimiter, "SWEEP_ABOVE_KEYS", 5)
+    limiter = LoginRateLimiter(max_failures=3, window_seconds=60)
+    for number in range(5):
+        limiter.record_failure(f"10.0.0.{number}", now=0.0)
+    assert limiter.tracked_keys() == 5
+    limiter.record_failure("10.0.1.1", now=100.0)  # the sixth client: the old ones have expired and go
+    assert limiter.tracked_keys() == 1
