@@ -168,8 +168,9 @@ def test_status_carries_previews_losses_and_the_demo_flag(db_session: Session, s
     job = make_job(
         db_session, make_subject(db_session, make_user(db_session)), status="running", stage="training",
         loss=float("nan"), preview_keys=["a/p-10.png", "a/p-20.png"],
-        details={"demo_model": True, "loss_history": [[1, 0.5], [2, float("inf")], 0.25, "junk"]},
     )
+    # Set after the flush: PostgreSQL's JSON refuses Infinity, but describe_job must survive odd values.
+    job.details = {"demo_model": True, "loss_history": [[1, 0.5], [2, float("inf")], 0.25, "junk"]}
     status = service.describe_job(job, "dog", None)
     assert status.loss is None
     assert status.loss_history == [0.5, 0.25]
