@@ -20,6 +20,7 @@ of a {class_noun}".
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,8 @@ from worker.engine.sample import (
 )
 from worker.engine.train import TrainConfig, TrainResult, train
 from worker.engine.weights import load_trained_pipeline, read_run_file
+
+logger = logging.getLogger(__name__)
 
 PREPARED_DIR = "prepared"
 RUN_DIR = "run"
@@ -298,14 +301,21 @@ def generate_more(model: BaseModel, run_dir: Path, prompts: list[str], *, identi
 
     Images are added to ``out_dir`` after those already there. ``resolution`` defaults to the
     run's training resolution. Raises :class:`EngineInputError` when the run holds no trained
-    weights or the base model is not the one the run was trained on.
+    weights or was trained on another base model spec (a different fingerprint of the same spec
+    is logged as a warning).
     """
     record = read_run_file(run_dir)
-    trained_on = (record.get("base_model") or {}).get("fingerprint")
-    if trained_on and trained_on != model.fingerprint:
+    trained_on = record.get("base_model") or {}
+    if trained_on.get("spec") and trained_on["spec"] != model.spec:
         raise EngineInputError(
-            f"{run_dir} was trained on base model {trained_on}, not on the loaded {model.spec!r} ({model.fingerprint})"
+            f"{run_dir} was trained on base model {trained_on['spec']!r}, not on the loaded {model.spec!r}"
         )
+    if trained_on.get("fingerprint") and trained_on["fingerprint"] != model.fingerprint:
+        # Same spec, other fingerprint: the checkpoint behind the spec changed, or (today)
+        # models.fingerprint is not stable across processes (it hashes a diffusers config list
+        # whose order follows string hashing). Warn rather than refuse until that is fixed.
+        logger.warning("%s was trained on %s fingerprint %s; the loaded model's is %s", run_dir, model.spec,
+                       trained_on["fingerprint"], model.fingerprint)
     if resolution is None:
         resolution = int((record.get("config") or {}).get("resolution") or model.resolution)
     # Prompts already expanded by run_job pass through unchanged: they hold no {subject}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def test_a_crashed_job_resumes_training_from_its_checkpoint(
 
 
 def test_generate_more_appends_and_checks_the_base_model(
-    tiny_model: BaseModel, subject_photos: list[Path], tmp_path: Path
+    tiny_model: BaseModel, subject_photos: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     result = run_job(_spec(subject_photos, tmp_path, "more", images_per_prompt=1, score=False), tiny_model)
     details = run_details(result.run_dir)
@@ -144,9 +145,15 @@ def test_generate_more_appends_and_checks_the_base_model(
                          out_dir=tmp_path / "more" / "samples", seed=7, steps=2)
     assert [r.path.name for r in more] == ["sample-0002.png", "sample-0003.png"]
     assert more[0].prompt == f"a photo of {result.identifier} dog on the moon"
-    other = build_builtin("tiny", seed=1)
-    with pytest.raises(EngineInputError, match="was trained on base model"):
-        generate_more(other, result.run_dir, ["{subject}"], identifier=result.identifier, class_noun="dog",
+    other_weights = build_builtin("tiny", seed=1)
+    with caplog.at_level(logging.WARNING, logger="worker.engine.job"):
+        generate_more(other_weights, result.run_dir, ["{subject}"], identifier=result.identifier, class_noun="dog",
+                      images_per_prompt=1, out_dir=tmp_path / "x", seed=0, steps=1)
+    assert "fingerprint" in caplog.text
+    other_spec = build_builtin("tiny", seed=0)
+    other_spec.spec = "sd15-arch"
+    with pytest.raises(EngineInputError, match="was trained on base model 'tiny', not on the loaded 'sd15-arch'"):
+        generate_more(other_spec, result.run_dir, ["{subject}"], identifier=result.identifier, class_noun="dog",
                       images_per_prompt=1, out_dir=tmp_path / "x", seed=0, steps=1)
 
 
