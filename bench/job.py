@@ -1,0 +1,227 @@
+"""Job benchmark: seconds from a studio's upload (the commit of its rows and photos) to a finished gallery.
+
+Runs the whole pipeline with real processes, as production does: a private SQLite database built by
+the migrations, local storage, a broker (Redis in a private database number, or the file-system
+broker), and one ``celery worker -Q gpu,cpu -c 1`` subprocess with the built-in ``tiny`` model on
+the CPU. For each run it records:
+
+- commit -> start: from the commit that enqueues the job (after-commit send) to the worker's claim;
+- upload -> gallery: from that commit to the job's ``finished_at`` (images and rows published);
+- cold: an empty class-prior bank (the job generates the class images);
+  warm: a second studio of the same class (the bank is reused, 0 generated).
+
+    python bench/job.py [--broker redis|filesystem] [--repeat 1] [--steps 30] [--prior-images 8]
+                        [--append docs/benchmarks.md]
+
+Prints a table; with ``--append`` the table, the machine, the command and the date go to the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from statistics import median
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from sqlalchemy import delete  # noqa: E402
+from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
+
+from app import config as config_module  # noqa: E402
+from app import queue  # noqa: E402
+from app.config import Settings  # noqa: E402
+from app.db import make_engine  # noqa: E402
+from app.models import Job, PriorBank  # noqa: E402
+from app.storage import LocalStorage  # noqa: E402
+from tests.worker.factories import make_job, make_subject, make_user  # noqa: E402
+
+REDIS_URL = os.environ.get("STUDIO_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--broker", choices=["redis", "filesystem"], default="redis")
+    parser.add_argument("--repeat", type=int, default=1, help="cold and warm runs each (default 1)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    parser.add_argument("--prior-images", type=int, default=8, help="class-prior images (default 8)")
+    parser.add_argument("--prior-steps", type=int, default=10, help="sampler steps of a class image (default 10)")
+    parser.add_argument("--sample-steps", type=int, default=10, help="sampler steps of a gallery image (default 10)")
+    parser.add_argument("--photos", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one job")
+    parser.add_argument("--machine", default="2-core CPU dev box", help="machine name written with --append")
+    parser.add_argument("--append", type=Path, help="append the results to this markdown file")
+    return parser.parse_args()
+
+
+def migrate(url: str) -> None:
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url)
+    command.upgrade(cfg, "head")
+
+
+def worker_env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STUDIO_")}
+    env.update({
+        "STUDIO_ENVIRONMENT": "test",
+        "STUDIO_SECRET_KEY": settings.secret_key,
+        "STUDIO_VAR_DIR": str(settings.var_dir),
+        "STUDIO_DATABASE_URL": settings.resolved_database_url,
+        "STUDIO_BROKER_URL": settings.broker_url,
+        "STUDIO_BASE_MODEL": "tiny",
+        "STUDIO_TRAIN_OVERRIDES": json.dumps({"steps": args.steps, "preview_every": 0,
+                                              "checkpoint_every": max(1, args.steps // 2)}),
+        "STUDIO_PRIOR_IMAGES": str(args.prior_images),
+        "STUDIO_PRIOR_STEPS": str(args.prior_steps),
+        "STUDIO_SAMPLE_STEPS": str(args.sample_steps),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def wait_until_ready(log_path: Path, worker: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for the worker's "ready" line: its start-up is not part of a job's time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if " ready." in log_path.read_text(errors="replace"):
+            return
+        if worker.poll() is not None:
+            raise SystemExit(f"the worker exited with {worker.returncode}")
+        time.sleep(0.2)
+    raise SystemExit("the worker did not become ready")
+
+
+def reset_bank(sessions: sessionmaker[Session], storage: LocalStorage, var_dir: Path) -> None:
+    """Empty the class-prior bank everywhere (storage, rows, the worker's cache): the next run is cold again."""
+    storage.delete_prefix("priors/")
+    with sessions() as session:
+        session.execute(delete(PriorBank))
+        session.commit()
+    shutil.rmtree(var_dir / "prior-bank", ignore_errors=True)
+
+
+def run_one(sessions: sessionmaker[Session], storage: LocalStorage, photos: int, timeout: float) -> dict[str, float]:
+    """One studio from commit to finished gallery; returns its timings and prior-bank facts."""
+    with sessions() as session:
+        subject = make_subject(session, storage, make_user(session), photos=photos, images_per_prompt=1)
+        job = make_job(session, subject)
+        queue.enqueue(session, "training.run", job_id=str(job.id))
+        committed = datetime.now(UTC)
+        session.commit()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            found = session.get(Job, job.id)
+            assert found is not None
+            if found.status in ("done", "failed", "cancelled"):
+                break
+        time.sleep(0.1)
+    else:
+        raise SystemExit(f"job {job.id} did not finish within {timeout} s")
+    if found.status != "done":
+        raise SystemExit(f"job {job.id} ended {found.status}: {found.failure_reason}")
+    assert found.started_at is not None and found.finished_at is not None
+    return {
+        "start": (found.started_at - committed).total_seconds(),
+        "total": (found.finished_at - committed).total_seconds(),
+        "generated": float(found.details.get("prior_generated", -1)),
+        "reused": float(found.details.get("prior_reused", -1)),
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="studio-bench-") as folder:
+        var_dir = Path(folder) / "var"
+        var_dir.mkdir()
+        database_url = f"sqlite:///{var_dir / 'studio.db'}"
+        migrate(database_url)
+        settings = Settings(environment="test", var_dir=var_dir, database_url=database_url,
+                            broker_url=REDIS_URL if args.broker == "redis" else "",
+                            secret_key="bench-secret-key-0123456789abcdef0123456789")
+        config_module.get_settings = lambda: settings  # app.queue sends with these settings
+        if args.broker == "redis":
+            import redis
+
+            redis.Redis.from_url(REDIS_URL).flushdb()
+        storage = LocalStorage(settings.resolved_media_dir)
+        sessions = sessionmaker(bind=make_engine(database_url), expire_on_commit=False)
+        log_path = Path(folder) / "worker.log"
+        with log_path.open("wb") as log_file:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "-Q", "gpu,cpu",
+                 "-c", "1", "-l", "INFO", "-n", f"bench-{uuid.uuid4().hex[:8]}@localhost", "--without-gossip",
+                 "--without-mingle", "--without-heartbeat"],
+                cwd=ROOT, env=worker_env(settings, args), stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_until_ready(log_path, worker, args.timeout)
+            rows: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
+            for _ in range(args.repeat):
+                rows["cold"].append(run_one(sessions, storage, args.photos, args.timeout))
+                rows["warm"].append(run_one(sessions, storage, args.photos, args.timeout))
+                print(f"cold {rows['cold'][-1]}  warm {rows['warm'][-1]}", flush=True)
+                reset_bank(sessions, storage, var_dir)
+        except BaseException:
+            print(log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
+            raise
+        finally:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGQUIT)
+                try:
+                    worker.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+            if args.broker == "redis":
+                import redis
+
+                redis.Redis.from_url(REDIS_URL).flushdb()
+
+    table = render(rows, args)
+    print(table)
+    if args.append:
+        command_line = "python bench/job.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+        with args.append.open("a") as handle:
+            handle.write(f"\n## Job: upload to finished gallery (bench/job.py)\n\n"
+                         f"Machine: {args.machine} ({platform.machine()}, {os.cpu_count()} CPUs, "
+                         f"Python {platform.python_version()}). Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.  \n"
+                         f"Command: `{command_line}`\n\n{table}\n")
+    return 0
+
+
+def render(rows: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
+    lines = [
+        f"tiny model on the CPU, {args.broker} broker, {args.photos} photos, {args.steps} training steps, "
+        f"{args.prior_images} class images x {args.prior_steps} steps, 2 prompts x 1 image x {args.sample_steps} "
+        f"steps; median of {args.repeat} run(s)",
+        "",
+        "| bank | commit -> start (s) | upload -> gallery (s) | class images generated / reused | goal |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, goal in (("cold", "< 60 s"), ("warm", "< 30 s")):
+        runs = rows[name]
+        start = median(run["start"] for run in runs)
+        total = median(run["total"] for run in runs)
+        generated, reused = int(runs[-1]["generated"]), int(runs[-1]["reused"])
+        lines.append(f"| {name} | {start:.2f} | {total:.1f} | {generated} / {reused} | {goal} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
