@@ -62,7 +62,7 @@ def content_security_policy(settings: Settings) -> str:
     """
     image_sources = ["'self'", "data:", "blob:"]
     # Browsers fetch signed URLs from the public endpoint when one is set (an optional setting).
-    bucket_url = getattr(settings, "s3_public_endpoint_url", None) or settings.s3_endpoint_url
+    bucket_url = settings.s3_public_endpoint_url or settings.s3_endpoint_url
     if settings.storage_backend == "s3" and bucket_url:
         parts = urlsplit(bucket_url)
         image_sources.append(f"{parts.scheme}://{parts.netloc}")

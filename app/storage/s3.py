@@ -74,7 +74,7 @@ class S3Storage:
         """A backend on ``settings.s3_bucket``; URLs for browsers are signed for the public endpoint when
         the settings name one (``s3_public_endpoint_url``), else for ``s3_endpoint_url``."""
         # Read defensively: the public endpoint is an optional setting that older settings lack.
-        public_endpoint: str | None = getattr(settings, "s3_public_endpoint_url", None)
+        public_endpoint: str | None = settings.s3_public_endpoint_url
         signing_client = cls.make_client(settings, public_endpoint) if public_endpoint else None
         return cls(cls.make_client(settings, settings.s3_endpoint_url), settings.s3_bucket, signing_client)
 

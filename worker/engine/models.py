@@ -66,15 +66,17 @@ class BaseModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
+        vae: Any = self.vae  # diffusers registers ``config`` at run time; mypy cannot see it
+        return int(2 ** (len(vae.config.block_out_channels) - 1))
 
     def pipeline(self, unet: UNet2DConditionModel | None = None,
                  text_encoder: CLIPTextModel | None = None) -> StableDiffusionPipeline:
         """A sampling pipeline on DPM-Solver++ over these components (or trained replacements)."""
+        noise_scheduler: Any = self.noise_scheduler
         scheduler = DPMSolverMultistepScheduler.from_config(
-            self.noise_scheduler.config, algorithm_type="dpmsolver++", steps_offset=1
+            noise_scheduler.config, algorithm_type="dpmsolver++", steps_offset=1
         )
-        pipe = StableDiffusionPipeline(
+        pipe: Any = StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=text_encoder or self.text_encoder,
             tokenizer=self.tokenizer,
@@ -265,7 +267,8 @@ def load_base_model(spec: str, *, seed: int = 0, device: torch.device | None = N
 
 
 def _finish(model: BaseModel) -> BaseModel:
-    for module in (model.text_encoder, model.vae, model.unet):
+    modules: tuple[Any, ...] = (model.text_encoder, model.vae, model.unet)
+    for module in modules:
         module.requires_grad_(False)
         module.eval()
     model.fingerprint = fingerprint(model)
@@ -279,7 +282,8 @@ def fingerprint(model: BaseModel) -> str:
     each tensor tells checkpoints apart just as well, since fine-tunes change every tensor.
     """
     digest = hashlib.sha256()
-    for name, module in (("text_encoder", model.text_encoder), ("vae", model.vae), ("unet", model.unet)):
+    named: tuple[tuple[str, Any], ...] = (("text_encoder", model.text_encoder), ("vae", model.vae), ("unet", model.unet))
+    for name, module in named:
         config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
         digest.update(name.encode())
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
@@ -290,5 +294,6 @@ def fingerprint(model: BaseModel) -> str:
             digest.update(key.encode())
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(sample)
-    digest.update(json.dumps(dict(model.noise_scheduler.config), sort_keys=True, default=str).encode())
+    noise_scheduler: Any = model.noise_scheduler
+    digest.update(json.dumps(dict(noise_scheduler.config), sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
