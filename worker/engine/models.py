@@ -282,7 +282,9 @@ def fingerprint(model: BaseModel) -> str:
     each tensor tells checkpoints apart just as well, since fine-tunes change every tensor.
     """
     digest = hashlib.sha256()
-    named: tuple[tuple[str, Any], ...] = (("text_encoder", model.text_encoder), ("vae", model.vae), ("unet", model.unet))
+    named: tuple[tuple[str, Any], ...] = (
+        ("text_encoder", model.text_encoder), ("vae", model.vae), ("unet", model.unet)
+    )
     for name, module in named:
         config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
         digest.update(name.encode())
