@@ -119,3 +119,18 @@ def test_cancel_form_checks_the_job_belongs_to_the_studio(
     login(client, user)
     response = client.post(f"/studios/{second.id}/jobs/{job.id}/cancel", data={"csrf_token": csrf_token(client)})
     assert response.status_code == 404
+
+
+def test_studio_page_renders_the_stepper_without_javascript(
+    client: TestClient, db: Session, make_user: Callable[..., User], login: Callable[..., TestClient]
+) -> None:
+    user = make_user()
+    subject = make_subject(db, user)
+    make_job(db, subject, status="running", stage="training", step=3, total=10)
+    db.commit()
+    login(client, user)
+    html = client.get(f"/studios/{subject.id}").text
+    assert 'class="stepper__item is-done" data-step="priors"' in html
+    assert 'class="stepper__item is-current" data-step="training"' in html
+    assert 'class="stepper__item " data-step="generating"' in html
+    assert 'value="0.3000" data-step-bar' in html  # the training bar, drawn by the browser from the markup
