@@ -13,9 +13,13 @@ Configurations (all LoRA rank 16 + prior preservation, batch 1 instance + 1 clas
 Each configuration runs in a fresh process, so its peak memory is its own: on CUDA the peak
 allocated by PyTorch, on the CPU the process's peak resident set (which includes the ~0.5 GB
 of the imported libraries). Steps/s is measured over the training loop after ``--warmup``
-steps; "setup" is the time before the loop (copying the model, encoding and caching latents).
+steps; "setup" is the wall time before the loop (copying the model, encoding and caching latents).
 
-    python bench/train.py [--steps 12] [--warmup 3] [--only tiny-lora-cached,...]
+On a CPU shared with other work, wall-clock rates swing with the load, so CPU runs use
+``--threads`` PyTorch threads (default 1) and also report steps per CPU-second of the process,
+which the load hardly moves; the cached/uncached speed-up is computed from that column.
+
+    python bench/train.py [--steps 8] [--warmup 2] [--threads 1] [--only tiny-lora-cached,...]
 
 Prints a table; the numbers go into docs/benchmarks.md by hand, with the machine and command.
 """
@@ -88,9 +92,12 @@ def build_medium(device, dtype):  # type: ignore[no-untyped-def]
                      device=device, dtype=dtype)
 
 
-def run_case(case: Case, steps: int, warmup: int) -> dict[str, object]:
+def run_case(case: Case, steps: int, warmup: int, threads: int) -> dict[str, object]:
     """Train one configuration in this process and return its measurements."""
     import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(threads)
 
     from tests.worker.engine.conftest import make_subject_photo
     from worker.engine.models import build_builtin, select_device
@@ -111,7 +118,9 @@ def run_case(case: Case, steps: int, warmup: int) -> dict[str, object]:
                              learning_rate=1e-4 if case.method == "lora" else 5e-6,
                              cache_latents=case.cache_latents, with_prior=True)
         step_starts: list[float] = []
+        cpu_starts: list[float] = []
         finished: list[float] = []
+        cpu_finished: list[float] = []
 
         def at_step_start() -> bool:
             # Called by the loop before every step; the GPU is synchronised at the end of the
@@ -119,12 +128,14 @@ def run_case(case: Case, steps: int, warmup: int) -> dict[str, object]:
             if len(step_starts) == warmup and device.type == "cuda":
                 torch.cuda.synchronize()
             step_starts.append(time.monotonic())
+            cpu_starts.append(time.process_time())
             return False
 
         def on_progress(event: Progress) -> None:
             # The last step's event always goes out, after its loss was read back (a GPU sync).
             if event.step == event.total and not finished and step_starts:
                 finished.append(time.monotonic())
+                cpu_finished.append(time.process_time())
 
         started = time.monotonic()
         result = train(model, config, instance_images=photos, instance_prompt="a photo of sks dog",
@@ -132,25 +143,28 @@ def run_case(case: Case, steps: int, warmup: int) -> dict[str, object]:
                        progress=on_progress, should_cancel=at_step_start)
     setup = step_starts[0] - started
     loop = finished[0] - step_starts[warmup]
+    cpu_loop = cpu_finished[0] - cpu_starts[warmup]
     return {
         "name": case.name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "resolution": case.resolution, "method": case.method, "cache_latents": case.cache_latents,
-        "steps_per_second": steps / loop, "peak_memory_mb": result.peak_memory_mb,
+        "steps_per_second": steps / loop, "steps_per_cpu_second": steps / cpu_loop, "threads": threads,
+        "peak_memory_mb": result.peak_memory_mb,
         "setup_seconds": setup, "final_loss": result.loss_history[-1],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads (CPU runs only)")
     parser.add_argument("--only", default="", help="comma-separated configuration names")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
 
     by_name = {case.name: case for case in CASES}
     if args.one:
-        print(json.dumps(run_case(by_name[args.one], args.steps, args.warmup)))
+        print(json.dumps(run_case(by_name[args.one], args.steps, args.warmup, args.threads)))
         return
 
     import torch
@@ -167,27 +181,35 @@ def main() -> None:
             continue
         if not case.cuda_only and has_cuda and not args.only:
             continue  # the CPU configurations describe a CPU machine
-        output = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
-                                 "--warmup", str(args.warmup)], capture_output=True, text=True, check=False)
+        command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads)]
+        output = subprocess.run(command, capture_output=True, text=True, check=False)
         if output.returncode != 0:
             print(f"{name}: failed\n{output.stderr[-3000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
         print(f"done: {name}", file=sys.stderr, flush=True)
 
-    header = f"{'configuration':<22} {'device':<7} {'dtype':<9} {'px':>4} {'steps/s':>8} {'speed-up':>8} " \
-             f"{'peak MB':>8} {'setup s':>8}"
+    header = (f"{'configuration':<22} {'device':<6} {'dtype':<9} {'px':>4} {'steps/s':>8} {'steps/CPU-s':>11} "
+              f"{'speed-up':>8} {'peak MB':>8} {'setup s':>8}")
     print(header)
     print("-" * len(header))
+
     def family(name: object) -> str:
         return str(name).replace("-uncached", "").replace("-cached", "")
 
-    uncached_rate = {family(r["name"]): r["steps_per_second"] for r in rows if not r["cache_latents"]}
+    # On the CPU the speed-up compares CPU time per step (robust to a shared machine); on CUDA, wall time.
+    def rate(row: dict[str, object]) -> float:
+        key = "steps_per_second" if str(row["device"]).startswith("cuda") else "steps_per_cpu_second"
+        return float(row[key])  # type: ignore[arg-type]
+
+    uncached_rate = {family(r["name"]): rate(r) for r in rows if not r["cache_latents"]}
     for row in rows:
         base = uncached_rate.get(family(row["name"]))
-        speedup = f"{row['steps_per_second'] / base:.2f}x" if row["cache_latents"] and base else ""
-        print(f"{row['name']:<22} {row['device']:<7} {row['dtype']:<9} {row['resolution']:>4} "
-              f"{row['steps_per_second']:>8.2f} {speedup:>8} {row['peak_memory_mb']:>8.0f} "
+        speedup = f"{rate(row) / base:.2f}x" if row["cache_latents"] and base else ""
+        cpu_rate = f"{row['steps_per_cpu_second']:.2f}" if row["device"] == "cpu" else ""
+        print(f"{row['name']:<22} {row['device']:<6} {row['dtype']:<9} {row['resolution']:>4} "
+              f"{row['steps_per_second']:>8.2f} {cpu_rate:>11} {speedup:>8} {row['peak_memory_mb']:>8.0f} "
               f"{row['setup_seconds']:>8.1f}")
 
 

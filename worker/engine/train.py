@@ -269,7 +269,9 @@ def load_training_image(path: Path, resolution: int) -> torch.Tensor:
     top = (resized.height - resolution) // 2
     cropped = resized.crop((left, top, left + resolution, top + resolution))
     pixels = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8)
-    return pixels.view(resolution, resolution, 3).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    # contiguous(): the permuted view is channels-last in memory, which would carry through the
+    # VAE into the cached latents and the UNet and send the CPU convolutions down a slow path.
+    return pixels.view(resolution, resolution, 3).permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()
 
 
 def _latent_scale(vae: AutoencoderKL) -> tuple[float, float]:
@@ -496,7 +498,7 @@ def _resume_key(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in RESUME_NEUTRAL_FIELDS}
 
 
-def _all_finite(parameters: dict[str, torch.nn.Parameter]) -> str | None:
+def _first_non_finite(parameters: dict[str, torch.nn.Parameter]) -> str | None:
     """The name of the first parameter holding a NaN or infinity, or None."""
     for name, parameter in parameters.items():
         if not bool(torch.isfinite(parameter.detach()).all()):
@@ -638,6 +640,8 @@ def _finished_result(run_dir: Path, config: TrainConfig) -> TrainResult | None:
         return None
     if not record.get("complete") or record.get("config") != config.to_dict():
         return None
+    if not all((run_dir / name).exists() for name in record.get("outputs", [])):
+        return None  # the weights were removed since: train again
     timings = record.get("timings", {})
     return TrainResult(run_dir=run_dir, final_step=int(record["final_step"]),
                        loss_history=[float(v) for v in record["loss_history"]],
@@ -786,7 +790,7 @@ def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path],
 
     def save_checkpoint(step: int) -> Path:
         trainer.flush_losses(step - len(trainer.pending_losses) + 1)
-        bad = _all_finite(trainables.parameters)
+        bad = _first_non_finite(trainables.parameters)
         if bad is not None:
             raise TrainingDiverged(f"training diverged at step {step} (weight {bad} is not finite); nothing was saved")
         state = {
@@ -866,7 +870,7 @@ def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path],
         trainer.flush_losses(config.steps - len(trainer.pending_losses) + 1)
         loop_seconds = time.monotonic() - loop_started
 
-        bad = _all_finite(trainables.parameters)
+        bad = _first_non_finite(trainables.parameters)
         if bad is not None:
             raise TrainingDiverged(f"training diverged by step {config.steps} (weight {bad} is not finite); "
                                    "nothing was saved")

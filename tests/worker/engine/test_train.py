@@ -381,6 +381,15 @@ def test_a_finished_run_is_not_trained_again(tiny_model: BaseModel, subject_phot
                 should_cancel=must_not_train)
     assert again.loss_history == first.loss_history
 
+    # With its weights gone, the run is trained again.
+    (tmp_path / "run" / LORA_WEIGHTS_FILE).unlink()
+    checks: list[bool] = []
+    retrained = run(tiny_model, small_config(steps=2), subject_photos, class_images, tmp_path / "run",
+                    should_cancel=lambda: checks.append(True) or False)
+    assert len(checks) == 2
+    assert retrained.loss_history == first.loss_history
+    assert (tmp_path / "run" / LORA_WEIGHTS_FILE).is_file()
+
 
 def test_cancel_stops_at_the_next_step(tiny_model: BaseModel, subject_photos: list[Path],
                                        class_images: list[Path], tmp_path: Path) -> None:
