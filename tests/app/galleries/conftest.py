@@ -1,4 +1,5 @@
-"""Fixtures for the gallery web tests: a committed session to make rows with, and storage the app reads."""
+"""Fixtures for the gallery tests: a committed session to make rows with, the storage the app reads, and the
+tasks the queue sends after a commit, captured instead of reaching a broker."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import queue
 from app.storage import Storage
+
+SentTasks = list[tuple[str, dict[str, str]]]
 
 
 @pytest.fixture
@@ -26,3 +30,12 @@ def app_storage(app: FastAPI) -> Storage:
     """The storage the app serves from."""
     storage: Storage = app.state.storage
     return storage
+
+
+@pytest.fixture
+def sent_tasks() -> Iterator[SentTasks]:
+    """(task name, ids) of every task sent after a commit, in order."""
+    sent: SentTasks = []
+    queue.set_sender(lambda name, kwargs, queue_name: sent.append((name, kwargs)))
+    yield sent
+    queue.set_sender(None)

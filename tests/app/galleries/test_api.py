@@ -5,27 +5,20 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import queue
 from app.models import GeneratedImage, Job, Subject, User
 from app.storage import Storage
 from tests.app.factories import make_image, make_job, make_subject, png_bytes
+from tests.app.galleries.conftest import SentTasks
 
 Headers = Callable[[User], dict[str, str]]
 
-
-@pytest.fixture
-def sent_tasks() -> Iterator[list[tuple[str, dict[str, str]]]]:
-    sent: list[tuple[str, dict[str, str]]] = []
-    queue.set_sender(lambda name, kwargs, queue_name: sent.append((name, kwargs)))
-    yield sent
-    queue.set_sender(None)
 
 
 def test_list_images_flat_and_grouped(client: TestClient, db: Session, app_storage: Storage,
@@ -111,7 +104,7 @@ def test_favourite_through_patch(client: TestClient, db: Session, app_storage: S
 
 
 def test_generate_more_through_the_api(client: TestClient, db: Session, make_user: Callable[..., User],
-                                       api_headers: Headers, sent_tasks: list[tuple[str, dict[str, str]]]) -> None:
+                                       api_headers: Headers, sent_tasks: SentTasks) -> None:
     user = make_user()
     subject = make_subject(db, user, weights_key="users/x/weights/lora.safetensors")
     make_job(db, subject, status="done", stage="finished")
@@ -133,7 +126,7 @@ def test_generate_more_through_the_api(client: TestClient, db: Session, make_use
 
 def test_generate_more_refuses_an_untrained_studio_and_bad_input(
     client: TestClient, db: Session, make_user: Callable[..., User], api_headers: Headers,
-    sent_tasks: list[object],
+    sent_tasks: SentTasks,
 ) -> None:
     user = make_user()
     untrained = make_subject(db, user)
@@ -175,7 +168,7 @@ def test_zip_download_streams_the_gallery(client: TestClient, db: Session, app_s
 
 def test_delete_through_the_api_removes_everything(
     client: TestClient, db: Session, app_storage: Storage, make_user: Callable[..., User], api_headers: Headers,
-    sent_tasks: list[tuple[str, dict[str, str]]],
+    sent_tasks: SentTasks,
 ) -> None:
     user = make_user()
     subject = make_subject(db, user)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -12,22 +12,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import queue
 from app.models import GeneratedImage, GenerationRequest, Job, Photo, Subject, User, utcnow
 from app.storage import Storage
 from tests.app.factories import make_image, make_job, make_photo, make_subject, png_bytes
+from tests.app.galleries.conftest import SentTasks
 
 Login = Callable[..., TestClient]
 Csrf = Callable[[TestClient], str]
 Studio = tuple[User, Subject, list[GeneratedImage]]
 
-
-@pytest.fixture
-def sent_tasks() -> Iterator[list[tuple[str, dict[str, str]]]]:
-    sent: list[tuple[str, dict[str, str]]] = []
-    queue.set_sender(lambda name, kwargs, queue_name: sent.append((name, kwargs)))
-    yield sent
-    queue.set_sender(None)
 
 
 @pytest.fixture
@@ -131,7 +124,7 @@ def test_image_of_another_studio_of_the_same_account_is_404(
 
 def test_generate_more_form(client: TestClient, db: Session, login: Login, csrf_token: Csrf,
                             studio: Studio,
-                            sent_tasks: list[tuple[str, dict[str, str]]]) -> None:
+                            sent_tasks: SentTasks) -> None:
     user, subject, _ = studio
     login(client, user)
     response = client.post(
@@ -169,7 +162,7 @@ def test_zip_from_the_page(client: TestClient, login: Login, studio: Studio) -> 
 
 def test_delete_after_confirmation_removes_everything(
     client: TestClient, db: Session, app_storage: Storage, login: Login, csrf_token: Csrf,
-    studio: Studio, sent_tasks: list[tuple[str, dict[str, str]]],
+    studio: Studio, sent_tasks: SentTasks,
 ) -> None:
     user, subject, images = studio
     photo = make_photo(db, app_storage, subject)

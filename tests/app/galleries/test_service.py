@@ -7,28 +7,18 @@ import json
 import os
 import tracemalloc
 import zipfile
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import queue
 from app.config import Settings
 from app.galleries import repository, service
 from app.models import GenerationRequest, Job, utcnow
 from app.storage import LocalStorage
 from tests.app.factories import make_image, make_job, make_subject, make_user
-
-
-@pytest.fixture
-def sent_tasks() -> Iterator[list[tuple[str, dict[str, str], str]]]:
-    """Tasks the queue sends after commit, captured instead of going to a broker."""
-    sent: list[tuple[str, dict[str, str], str]] = []
-    queue.set_sender(lambda name, kwargs, queue_name: sent.append((name, kwargs, queue_name)))
-    yield sent
-    queue.set_sender(None)
+from tests.app.galleries.conftest import SentTasks
 
 
 @pytest.mark.parametrize(
@@ -93,7 +83,7 @@ def test_favourites_filter(db_session: Session, storage: LocalStorage) -> None:
 
 
 def test_generate_more_creates_the_job_and_enqueues_after_commit(
-    db_session: Session, settings: Settings, sent_tasks: list[tuple[str, dict[str, str], str]]
+    db_session: Session, settings: Settings, sent_tasks: SentTasks
 ) -> None:
     subject = make_subject(db_session, make_user(db_session), weights_key="users/x/weights/lora.safetensors")
     job = service.request_generation(
@@ -107,10 +97,10 @@ def test_generate_more_creates_the_job_and_enqueues_after_commit(
     assert job.details["images_total"] == 6
     assert sent_tasks == []  # nothing leaves before the commit
     db_session.commit()
-    assert [(name, kwargs) for name, kwargs, _ in sent_tasks] == [("generation.run", {"job_id": str(job.id)})]
+    assert sent_tasks == [("generation.run", {"job_id": str(job.id)})]
 
 
-def test_generate_more_refusals(db_session: Session, settings: Settings, sent_tasks: list[object]) -> None:
+def test_generate_more_refusals(db_session: Session, settings: Settings, sent_tasks: SentTasks) -> None:
     owner = make_user(db_session)
     untrained = make_subject(db_session, owner)
     with pytest.raises(service.GenerationNotPossible, match="no trained model"):
