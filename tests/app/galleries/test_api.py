@@ -20,7 +20,6 @@ from tests.app.galleries.conftest import SentTasks
 Headers = Callable[[User], dict[str, str]]
 
 
-
 def test_list_images_flat_and_grouped(client: TestClient, db: Session, app_storage: Storage,
                                       make_user: Callable[..., User], api_headers: Headers) -> None:
     user = make_user()

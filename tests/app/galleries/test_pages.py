@@ -22,7 +22,6 @@ Csrf = Callable[[TestClient], str]
 Studio = tuple[User, Subject, list[GeneratedImage]]
 
 
-
 @pytest.fixture
 def studio(db: Session, app_storage: Storage, make_user: Callable[..., User]) -> Studio:
     """A trained studio with two prompts: three beach pictures (ranked) and one in the snow."""
