@@ -87,3 +87,22 @@ def test_mean_scores_and_strip_identifier() -> None:
     assert mean is not None and mean.dino == pytest.approx(0.3) and mean.clip_t == pytest.approx(0.2)
     assert mean_scores([]) is None
     assert strip_identifier("a photo of xqz dog, on a skateboard", "xqz") == "a photo of dog, on a skateboard"
+
+
+def test_from_pretrained_loads_saved_encoders_and_scores_the_same(scorer: Scorer, tmp_path: Path) -> None:
+    scorer.dino.save_pretrained(tmp_path / "dino")
+    scorer.clip.save_pretrained(tmp_path / "clip")
+    scorer.tokenizer.save_pretrained(tmp_path / "clip")
+    loaded = Scorer.from_pretrained(str(tmp_path / "dino"), str(tmp_path / "clip"))
+    photo = make_subject_photo(tmp_path / "a.jpg", seed=1)
+    other = make_subject_photo(tmp_path / "b.jpg", seed=2)
+    expected = scorer.score([other], [photo], ["a photo of dog"])[0]
+    actual = loaded.score([other], [photo], ["a photo of dog"])[0]
+    assert actual.dino == pytest.approx(expected.dino, abs=1e-5)
+    assert actual.clip_i == pytest.approx(expected.clip_i, abs=1e-5)
+    assert actual.clip_t == pytest.approx(expected.clip_t, abs=1e-5)
+
+
+def test_from_pretrained_names_what_it_could_not_load(tmp_path: Path) -> None:
+    with pytest.raises(EngineInputError, match="could not load the scoring models"):
+        Scorer.from_pretrained(str(tmp_path / "missing-dino"), str(tmp_path / "missing-clip"))
