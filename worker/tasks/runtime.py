@@ -17,6 +17,7 @@ Every GPU task (training, generation) runs the same way:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -235,7 +236,8 @@ class LeasedAttempt:
         self.referenced.clear()
 
     def record_loss(self, loss: float | None) -> None:
-        if loss is None:
+        # JSON has no NaN or Infinity (PostgreSQL refuses them): a non-finite loss is left out.
+        if loss is None or not math.isfinite(loss):
             return
         history = list(self.details.get("loss_history", []))
         history.append(round(float(loss), 6))

@@ -21,6 +21,7 @@ the files it uploaded and did not publish.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -210,7 +211,7 @@ class _TrainingRun:
         values: dict[str, Any] = {"stage": event.stage, "step": event.step, "total": event.total,
                                   "eta_seconds": event.eta_seconds}
         force = False
-        if event.loss is not None:
+        if event.loss is not None and math.isfinite(event.loss):
             values["loss"] = float(event.loss)
             if event.stage == "training":
                 attempt.record_loss(event.loss)
