@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import subprocess
 import tracemalloc
 import zipfile
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -211,3 +214,26 @@ def test_zip_streams_with_flat_memory(db_session: Session, storage: LocalStorage
     assert total > 50 * image_bytes
     assert pieces > 50  # it really came out piece by piece
     assert peak < 6 * image_bytes, f"peak {peak} bytes while streaming {total}"
+
+
+@pytest.mark.parametrize("zip64_limit", [None, 1000])
+def test_zip_passes_an_independent_unzip(
+    db_session: Session, storage: LocalStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    zip64_limit: int | None,
+) -> None:
+    """Info-ZIP's ``unzip -t`` accepts the archive: stored entries with data descriptors and, once offsets
+    pass the ZIP64 limit (lowered here from 4 GiB to 1000 bytes), ZIP64 offsets and end records."""
+    unzip = shutil.which("unzip")
+    if unzip is None:
+        pytest.skip("needs Info-ZIP's unzip")
+    if zip64_limit is not None:
+        monkeypatch.setattr(zipfile, "ZIP64_LIMIT", zip64_limit)
+    subject = make_subject(db_session, make_user(db_session))
+    job = make_job(db_session, subject)
+    images = [make_image(db_session, storage, subject, job, seed=s) for s in range(20)]
+    archive = tmp_path / "gallery.zip"
+    archive.write_bytes(b"".join(service.iter_zip(storage, service.zip_entries(subject, images), {})))
+    assert (b"PK\x06\x06" in archive.read_bytes()) == (zip64_limit is not None)
+    result = subprocess.run([unzip, "-t", str(archive)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No errors detected" in result.stdout
