@@ -39,7 +39,8 @@ def owned_subject(session: Session, subject_id: uuid.UUID, user: User) -> Subjec
 def gallery_error(error: service.GalleryError) -> HTTPException:
     """The HTTP answer to a refused request; a 429 says when to come back."""
     code = ERROR_STATUS.get(type(error), status.HTTP_400_BAD_REQUEST)
-    headers = {"Retry-After": "60"} if code == status.HTTP_429_TOO_MANY_REQUESTS else None
+    too_many = code == status.HTTP_429_TOO_MANY_REQUESTS
+    headers = {"Retry-After": str(service.RETRY_AFTER_SECONDS)} if too_many else None
     return HTTPException(code, str(error), headers=headers)
 
 

@@ -204,9 +204,10 @@ def generate_form(
         context = gallery_context(session, settings, subject, user, False, None)
         context["generate_form"] = {"prompts": prompts, "images_per_prompt": images_per_prompt}
         context["generate_error"] = str(error)
-        code = status.HTTP_429_TOO_MANY_REQUESTS if isinstance(error, service.TooManyActiveJobs) else 422
-        if isinstance(error, service.GenerationNotPossible):
-            code = status.HTTP_409_CONFLICT
+        if isinstance(error, service.TooManyActiveJobs):
+            headers = {"Retry-After": str(service.RETRY_AFTER_SECONDS)}
+            return render(request, "galleries/gallery.html", context, status_code=429, headers=headers)
+        code = status.HTTP_409_CONFLICT if isinstance(error, service.GenerationNotPossible) else 422
         return render(request, "galleries/gallery.html", context, status_code=code)
     return redirect_with_flash(
         request, f"/studios/{subject.id}", "New pictures are on their way: follow them here.", "success"

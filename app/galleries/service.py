@@ -23,6 +23,8 @@ from app.storage import ObjectNotFound, Storage
 from worker.engine.prompts import SUBJECT_PLACEHOLDER, normalize_free_prompt
 
 MAX_PROMPT_CHARS = 300
+# What a 429 tells a client with too many active jobs: jobs take minutes, so asking again in one is soon enough.
+RETRY_AFTER_SECONDS = 60
 SLUG_MAX_CHARS = 60
 # Leading words every prompt shares; dropped from file names so "a photo of {subject} on the beach"
 # names its files "rex-on-the-beach-1.png".

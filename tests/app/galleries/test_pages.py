@@ -190,3 +190,19 @@ def test_delete_after_confirmation_removes_everything(
     assert [name for name, _ in sent_tasks] == ["maintenance.purge_subject"]
     assert client.get(f"/studios/{subject.id}/gallery").status_code == 404
     assert client.get(f"/studios/{subject.id}/images/{images[0].id}/file").status_code == 404
+
+
+def test_generate_more_form_at_the_account_limit_says_when_to_come_back(
+    client: TestClient, db: Session, login: Login, csrf_token: Csrf, studio: Studio, sent_tasks: SentTasks,
+) -> None:
+    user, subject, _ = studio
+    for name in ("Tom", "Kit"):
+        make_job(db, make_subject(db, user, name=name))
+    db.commit()
+    login(client, user)
+    response = client.post(f"/studios/{subject.id}/generate",
+                           data={"prompts": "in the rain", "images_per_prompt": "1", "csrf_token": csrf_token(client)})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "60"
+    assert "2 jobs in progress" in response.context["generate_error"]  # type: ignore[attr-defined]
+    assert sent_tasks == []
