@@ -57,14 +57,15 @@ class StageBars:
             self.stage = event.stage
             self.bar = tqdm(total=event.total, desc=f"{event.stage:<9}", unit="img" if event.stage != "training"
                             else "step", file=sys.stderr, dynamic_ncols=True, leave=True)
-        if self.bar.total != event.total:
-            self.bar.total = event.total
-        self.bar.n = event.step
         postfix: dict[str, Any] = {}
         if event.loss is not None:
             postfix["loss"] = f"{event.loss:.4f}"
         if event.reused is not None:
             postfix["reused"] = event.reused
+        if self.bar.total == event.total and self.bar.n == event.step and not postfix:
+            return  # nothing new to draw
+        self.bar.total = event.total
+        self.bar.n = event.step
         if postfix:
             self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
