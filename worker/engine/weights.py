@@ -125,12 +125,18 @@ def load_trained_pipeline(model: BaseModel, run_dir: Path) -> StableDiffusionPip
 
 
 def _lora_fused_copies(model: BaseModel, lora_file: Path) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Copies of the base UNet and text encoder with the LoRA in ``lora_file`` merged into their weights."""
+    """Copies of the base UNet and text encoder with the LoRA in ``lora_file`` merged into their weights.
+
+    The text encoder is copied only when the file has layers for it; otherwise the base one is returned.
+    """
     base = components(model)
-    unet, text_encoder = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
-    for module in (unet, text_encoder):
-        move(module, "cpu", torch.float32)
     state = load_file(str(lora_file))
+    unet = copy.deepcopy(base.unet)
+    move(unet, "cpu", torch.float32)
+    text_encoder = base.text_encoder
+    if any(key.startswith(DIFFUSERS_PREFIXES["text_encoder"]) for key in state):
+        text_encoder = copy.deepcopy(base.text_encoder)
+        move(text_encoder, "cpu", torch.float32)
     alphas = _lora_alphas_from_metadata(lora_file)
     for component, module in (("unet", unet), ("text_encoder", text_encoder)):
         prefix = DIFFUSERS_PREFIXES[component]
@@ -147,8 +153,8 @@ def _lora_fused_copies(model: BaseModel, lora_file: Path) -> tuple[UNet2DConditi
         alpha = alphas.get(component, float(rank))
         # LoraConfig is annotated with an int alpha; peft computes alpha / r in floats either way.
         config = LoraConfig(r=rank, lora_alpha=cast(int, alpha), target_modules=targets)
-        # We inject with peft directly rather than through transformers' integration, which refuses
-        # the installed peft version; diffusers' stock loader goes through it for the text encoder.
+        # peft directly, for both modules: transformers' own add_adapter refuses peft releases
+        # older than the one it was built against.
         inject_adapter_in_model(config, module)
         result = set_peft_model_state_dict(module, peft_state)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])

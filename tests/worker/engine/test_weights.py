@@ -19,6 +19,8 @@ from worker.engine.train import TrainConfig, train
 from worker.engine.weights import (
     KOHYA_LORA_FILE,
     LORA_WEIGHTS_FILE,
+    base_pipeline,
+    components,
     export_kohya_lora,
     load_trained_pipeline,
     lora_deltas_from_diffusers,
@@ -53,8 +55,7 @@ def lora_te_run(tiny_model: BaseModel, tmp_path_factory: pytest.TempPathFactory)
 
 def fresh_pipeline() -> StableDiffusionPipeline:
     """A pipeline over freshly built tiny components: nothing shared with the training model."""
-    model = build_builtin("tiny", seed=0, device=torch.device("cpu"), dtype=torch.float32)
-    return model.pipeline()  # type: ignore[no-any-return]
+    return base_pipeline(build_builtin("tiny", seed=0, device=torch.device("cpu"), dtype=torch.float32))
 
 
 def sample(pipe: StableDiffusionPipeline) -> np.ndarray:
@@ -76,8 +77,9 @@ def test_fused_loader_matches_stock_loading(tiny_model: BaseModel, lora_run: Pat
     stock.load_lora_weights(str(lora_run))
     ours = load_trained_pipeline(tiny_model, lora_run)
     assert np.abs(sample(ours) - sample(stock)).max() < 1e-3
-    # The base model's UNet stays without adapters.
-    assert not any("lora" in name for name, _ in tiny_model.unet.named_parameters())
+    # The base model's UNet stays without adapters; the untrained text encoder is the base one.
+    assert not any("lora" in name for name, _ in components(tiny_model).unet.named_parameters())
+    assert ours.text_encoder is tiny_model.text_encoder
 
 
 def test_lora_alpha_and_text_encoder_load_like_stock_diffusers(tiny_model: BaseModel, lora_te_run: Path) -> None:
@@ -92,7 +94,7 @@ def test_lora_alpha_and_text_encoder_load_like_stock_diffusers(tiny_model: BaseM
     with torch.no_grad():
         assert torch.allclose(ours.unet(x, 500, hidden).sample, stock.unet(x, 500, hidden).sample, atol=1e-5)
         assert torch.allclose(ours.text_encoder(ids)[0], stock.text_encoder(ids)[0], atol=1e-5)
-        assert not torch.allclose(ours.unet(x, 500, hidden).sample, tiny_model.unet(x, 500, hidden).sample,
+        assert not torch.allclose(ours.unet(x, 500, hidden).sample, components(tiny_model).unet(x, 500, hidden).sample,
                                   atol=1e-4)
     assert np.abs(sample(ours) - sample(stock)).max() < 1e-3
 
@@ -152,7 +154,7 @@ def test_full_fine_tune_loads(tiny_model: BaseModel, tmp_path: Path) -> None:
     saved = load_file(str(run_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert torch.equal(pipe.unet.state_dict()[key], saved[key])
-    assert not torch.equal(tiny_model.unet.state_dict()[key], saved[key])
+    assert not torch.equal(components(tiny_model).unet.state_dict()[key], saved[key])
     assert pipe.text_encoder is tiny_model.text_encoder  # not trained: the base one
     with pytest.raises(EngineInputError, match="only LoRA runs"):
         export_kohya_lora(run_dir)
