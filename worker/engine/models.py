@@ -47,6 +47,13 @@ SD_SCHEDULE: dict[str, Any] = {
 }
 
 
+# What identifies a model's noise schedule (a saved pipeline may carry any sampler's config).
+SCHEDULE_IDENTITY = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                     "prediction_type")
+
+SAVE_TIME_CONFIG_KEYS = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version"})
+
+
 @dataclass
 class BaseModel:
     """The frozen components of a text-to-image model, ready for training and sampling."""
@@ -231,14 +238,14 @@ def load_base_model(spec: str, *, seed: int = 0, device: torch.device | None = N
         if path.is_dir():
             if not (path / "model_index.json").exists():
                 raise EngineInputError(f"base model folder {spec!r} has no model_index.json (not a diffusers folder)")
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, torch_dtype=torch.float32)
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, dtype=torch.float32)
         elif path.is_file():
             if path.suffix not in {".safetensors", ".ckpt"}:
                 raise EngineInputError(f"base model file {spec!r} is not a .safetensors or .ckpt file")
-            pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, torch_dtype=torch.float32)
+            pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, dtype=torch.float32)
         elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
             pipe = StableDiffusionPipeline.from_pretrained(
-                spec, safety_checker=None, torch_dtype=torch.float32, cache_dir=cache_dir
+                spec, safety_checker=None, dtype=torch.float32, cache_dir=cache_dir
             )
         else:
             raise EngineInputError(
@@ -287,6 +294,11 @@ def fingerprint(model: BaseModel) -> str:
     )
     for name, module in named:
         config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        # Keys that describe how a config was made or saved, not the model: private ones
+        # (diffusers' "_use_default_values" is even ordered by the process's string hashing) and
+        # the ones transformers adds when saving.
+        config = {key: value for key, value in config.items()
+                  if not key.startswith("_") and key not in SAVE_TIME_CONFIG_KEYS}
         digest.update(name.encode())
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for key, tensor in sorted(module.state_dict().items()):
@@ -297,5 +309,7 @@ def fingerprint(model: BaseModel) -> str:
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(sample)
     noise_scheduler: Any = model.noise_scheduler
-    digest.update(json.dumps(dict(noise_scheduler.config), sort_keys=True, default=str).encode())
+    # Only the noise schedule the model was trained with; the sampler is chosen per use.
+    schedule = {key: dict(noise_scheduler.config).get(key) for key in SCHEDULE_IDENTITY}
+    digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]

@@ -1,0 +1,99 @@
+"""Base models: the built-ins are seeded and cheap, loading fails clearly, fingerprints are stable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.engine.errors import EngineInputError
+from worker.engine.models import BaseModel, _sd15_components, build_builtin, load_base_model, tiny_tokenizer
+
+CPU = torch.device("cpu")
+
+
+def test_tiny_builds_fast_and_the_same_seed_gives_identical_weights() -> None:
+    started = time.monotonic()
+    first = build_builtin("tiny", seed=7, device=CPU, dtype=torch.float32)
+    assert time.monotonic() - started < 2.0
+    second = build_builtin("tiny", seed=7, device=CPU, dtype=torch.float32)
+    for name, tensor in first.unet.state_dict().items():
+        assert torch.equal(tensor, second.unet.state_dict()[name]), name
+    assert first.fingerprint == second.fingerprint
+    assert build_builtin("tiny", seed=8, device=CPU, dtype=torch.float32).fingerprint != first.fingerprint
+
+
+def test_tiny_is_a_few_megabytes_at_64_px(tiny_model: BaseModel) -> None:
+    parameters = sum(p.numel() for m in (tiny_model.unet, tiny_model.vae, tiny_model.text_encoder)
+                     for p in m.parameters())
+    assert parameters * 4 < 8 * 1024 * 1024
+    assert tiny_model.resolution == 64
+    assert tiny_model.vae_scale_factor == 8
+    assert tiny_model.is_demo
+
+
+def test_building_does_not_disturb_the_global_random_state() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_builtin("tiny", seed=0, device=CPU, dtype=torch.float32)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_fingerprint_is_the_same_in_every_process() -> None:
+    script = "from worker.engine.models import build_builtin; print(build_builtin('tiny', seed=0).fingerprint)"
+    prints = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "CUDA_VISIBLE_DEVICES": ""}
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True,
+                                cwd=Path(__file__).resolve().parents[3])
+        prints.add(result.stdout.strip().splitlines()[-1])
+    assert len(prints) == 1
+
+
+def test_sd15_arch_has_the_real_sd15_sizes() -> None:
+    # Built on the meta device: the shapes without the 4 GB of weights.
+    with torch.device("meta"):
+        text_encoder, vae, unet = _sd15_components(tiny_tokenizer())
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(unet) == 859_520_964
+    assert count(vae) == 83_653_863
+    assert count(text_encoder) == 123_060_480
+    assert unet.config.cross_attention_dim == 768
+
+
+def test_a_saved_diffusers_folder_loads_with_the_same_fingerprint(tiny_model: BaseModel, tmp_path: Path) -> None:
+    tiny_model.pipeline().save_pretrained(tmp_path / "tiny")
+    loaded = load_base_model(str(tmp_path / "tiny"), device=CPU, dtype=torch.float32)
+    assert loaded.fingerprint == tiny_model.fingerprint
+    assert loaded.resolution == 64
+    assert not loaded.is_demo
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no-such-model", "unknown base model 'no-such-model'"),
+        ("./missing/folder", "unknown base model './missing/folder'"),
+    ],
+)
+def test_unknown_base_models_are_refused_by_name(spec: str, message: str) -> None:
+    with pytest.raises(EngineInputError, match=message):
+        load_base_model(spec, device=CPU, dtype=torch.float32)
+
+
+def test_a_folder_that_is_not_a_diffusers_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(EngineInputError, match="no model_index.json"):
+        load_base_model(str(tmp_path), device=CPU, dtype=torch.float32)
+
+
+def test_a_weights_file_of_another_kind_is_refused(tmp_path: Path) -> None:
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"\0" * 16)
+    with pytest.raises(EngineInputError, match="not a .safetensors or .ckpt file"):
+        load_base_model(str(weights), device=CPU, dtype=torch.float32)
