@@ -32,7 +32,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -654,44 +654,193 @@ def _finished_result(run_dir: Path, config: TrainConfig) -> TrainResult | None:
 # The loop
 
 
-class _Trainer:
-    """State of one :func:`train` call; the public function is the only entry point."""
+class _Run:
+    """One :func:`train` call: the modules, optimizer and data of the run, and its loop."""
 
     def __init__(self, model: BaseModel, config: TrainConfig, run_dir: Path, progress: ProgressCallback | None,
                  should_cancel: CancelCheck | None) -> None:
         self.model, self.config, self.run_dir = model, config, run_dir
+        self.base = components(model)
         self.device = model.device
         self.on_cuda = self.device.type == "cuda"
         self.amp_dtype = model.dtype if self.on_cuda and model.dtype in (torch.bfloat16, torch.float16) else None
         self.emit = Throttle(progress)
         self.should_cancel = should_cancel
-        self.base = components(model)
         scheduler_config = self.base.noise_scheduler.config
         self.prediction_type = str(scheduler_config["prediction_type"])
         self.num_timesteps = int(scheduler_config["num_train_timesteps"])
         self.alphas_cumprod = self.base.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.loss_history: list[float] = []
-        self.pending_losses: list[torch.Tensor] = []
+        self.pending_losses: list[torch.Tensor] = []  # on the device, not yet read back
+        self.start_step = 0
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def flush_losses(self, first_step: int) -> None:
-        """Read the pending losses back; raise :class:`TrainingDiverged` at the first non-finite one."""
+    # Setup ------------------------------------------------------------------------------------
+
+    def prepare(self, instance_pixels: torch.Tensor, class_pixels: torch.Tensor | None, instance_prompt: str,
+                class_prompt: str) -> None:
+        """Trainable copies, optimizer, generator, cached prompts and latents, batch order."""
+        config, device, base = self.config, self.device, self.base
+        if self.on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        # Frozen base components leave the GPU; only what is needed goes (back) on it below.
+        move(base.unet, "cpu")
+        self.trainables = _prepare_trainables(self.model, config, device, self.amp_dtype or torch.float32)
+        self.optimizer = _make_optimizer(config, self.trainables, device)
+        self.lr_schedule = _warmup_schedule(config, self.optimizer)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+
+        # Prompts: embeddings once when the text encoder is frozen, token ids when it is trained.
+        prompts = [instance_prompt] + ([class_prompt] if class_pixels is not None else [])
+        self.token_ids = [_tokenize(self.model, p).to(device) for p in prompts]
+        self.cached_embeddings: list[torch.Tensor] = []
+        if self.trainables.text_encoder is None:
+            with _on_device([base.text_encoder], device), torch.no_grad():
+                self.cached_embeddings = [base.text_encoder(ids)[0].float() for ids in self.token_ids]
+
+        # Latents: the VAE stays on the device only when it must encode every step.
+        move(base.vae, device)
+        self.instance_latents = _LatentSource(instance_pixels, base.vae, device, self.autocast,
+                                              config.cache_latents, config.random_flip)
+        self.class_latents = (_LatentSource(class_pixels, base.vae, device, self.autocast, config.cache_latents,
+                                            config.random_flip) if class_pixels is not None else None)
+        if config.cache_latents:
+            move(base.vae, "cpu")
+        self.scale, self.shift = _latent_scale(base.vae)
+        self.instance_order = _EpochOrder(instance_pixels.shape[0], config.seed, 1, config.random_flip)
+        self.class_order = (_EpochOrder(class_pixels.shape[0], config.seed, 2, config.random_flip)
+                            if class_pixels is not None else None)
+
+    def resume(self) -> int | None:
+        """Continue from the newest complete checkpoint, if any; returns its step."""
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            return None
+        state = _load_checkpoint(checkpoint, self.trainables, self.config)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(state["generator"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.loss_history = list(state["loss_history"])
+        self.start_step = int(state["step"])
+        return self.start_step
+
+    # The loop ---------------------------------------------------------------------------------
+
+    def run_loop(self) -> float:
+        """Train from ``start_step`` to ``config.steps`` with events, checkpoints and previews; returns seconds."""
+        config = self.config
+        started = time.monotonic()
+        for step in range(self.start_step + 1, config.steps + 1):
+            check_cancel(self.should_cancel)
+            self.pending_losses.append(self.step(step))
+            if not self.on_cuda or len(self.pending_losses) >= LOSS_READBACK_INTERVAL or step == config.steps:
+                self.flush_losses(step)
+            elapsed, remaining = eta(started, step - self.start_step, config.steps - self.start_step)
+            event = Progress(stage=STAGE, step=step, total=config.steps,
+                             loss=self.loss_history[-1] if self.loss_history else None,
+                             elapsed=elapsed, eta_seconds=remaining)
+            self.emit(event)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                path = self.save_checkpoint(step)
+                self.emit(replace(event, loss=self.loss_history[-1], checkpoint=path,
+                                  message=f"checkpoint at step {step}"), force=True)
+            if config.preview_every and step % config.preview_every == 0:
+                self.flush_losses(step)
+                previews = _write_previews(self, step)
+                self.emit(replace(event, loss=self.loss_history[-1], previews=previews,
+                                  message=f"previews at step {step}"), force=True)
+        self.flush_losses(config.steps)
+        return time.monotonic() - started
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step (``step`` counts from 1); returns its loss, still on the device."""
+        config, device, generator = self.config, self.device, self.generator
+        batch = config.batch_size
+        indices, flips = self.instance_order.batch(step - 1, batch)
+        means, stds = self.instance_latents.distribution(indices, flips)
+        if self.class_order is not None and self.class_latents is not None:
+            class_indices, class_flips = self.class_order.batch(step - 1, batch)
+            class_means, class_stds = self.class_latents.distribution(class_indices, class_flips)
+            means, stds = torch.cat([means, class_means]), torch.cat([stds, class_stds])
+        # Sample the latent as the uncached loop would: a fresh draw from the VAE's distribution.
+        sampled = means + stds * torch.randn(means.shape, generator=generator, device=device)
+        latents = (sampled - self.shift) * self.scale
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        if config.offset_noise:
+            noise = noise + config.offset_noise * torch.randn(
+                (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
+        timesteps = torch.randint(0, self.num_timesteps, (latents.shape[0],), generator=generator, device=device)
+        signal = self.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
+        sigma = (1.0 - self.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+        noisy = signal * latents + sigma * noise
+        target = noise if self.prediction_type == "epsilon" else signal * noise - sigma * latents
+        with self.autocast():
+            prediction = self.trainables.unet(noisy, timesteps, self.embeddings(batch)).sample
+        loss = dreambooth_loss(prediction, target, timesteps, with_prior=config.with_prior,
+                               prior_loss_weight=config.prior_loss_weight, min_snr_gamma=config.min_snr_gamma,
+                               alphas_cumprod=self.alphas_cumprod, prediction_type=self.prediction_type).total
+        parameters = list(self.trainables.parameters.values())
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def embeddings(self, batch: int) -> torch.Tensor:
+        """Text conditioning of one batch: ``batch`` instance rows, then ``batch`` class rows with prior."""
+        if self.trainables.text_encoder is not None:
+            ids = torch.cat([t.expand(batch, -1) for t in self.token_ids])
+            return self.trainables.text_encoder(ids)[0]
+        return torch.cat([e.expand(batch, -1, -1) for e in self.cached_embeddings])
+
+    def flush_losses(self, last_step: int) -> None:
+        """Read the pending losses (up to ``last_step``) back; raise :class:`TrainingDiverged` at a non-finite one."""
         if not self.pending_losses:
             return
+        first_step = last_step - len(self.pending_losses) + 1
         values = torch.stack(self.pending_losses).float().cpu().tolist()
         self.pending_losses.clear()
         for offset, value in enumerate(values):
             if not math.isfinite(value):
-                step = first_step + offset
                 raise TrainingDiverged(
-                    f"training diverged at step {step} (loss {value}); nothing was saved from this run. "
-                    f"Lower the learning rate (now {self.config.learning_rate:g}) or the number of steps."
+                    f"training diverged at step {first_step + offset} (loss {value}); nothing was saved from this "
+                    f"run. Lower the learning rate (now {self.config.learning_rate:g}) or the number of steps."
                 )
             self.loss_history.append(value)
+
+    def check_weights(self, step: int) -> None:
+        """Raise :class:`TrainingDiverged` if any trained weight is NaN or infinite: such weights are never saved."""
+        bad = _first_non_finite(self.trainables.parameters)
+        if bad is not None:
+            raise TrainingDiverged(f"training diverged by step {step} (weight {bad} is not finite); nothing was saved")
+
+    def save_checkpoint(self, step: int) -> Path:
+        self.flush_losses(step)
+        self.check_weights(step)
+        state = {
+            "step": step, "resume_key": _resume_key(self.config), "loss_history": list(self.loss_history),
+            "generator": self.generator.get_state(), "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_schedule.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler else {},
+        }
+        return _save_checkpoint(self.run_dir, step, self.trainables, state)
 
 
 def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path], instance_prompt: str,
@@ -713,18 +862,7 @@ def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path],
     says so (checked every step), :class:`TrainingDiverged` on a non-finite loss.
     """
     started = time.monotonic()
-    config.validate()
-    for name, prompt in (("instance_prompt", instance_prompt), ("class_prompt", class_prompt)):
-        if not isinstance(prompt, str) or not prompt.strip():
-            if name == "class_prompt" and not config.with_prior:
-                continue
-            raise EngineInputError(f"{name} is empty")
-    if config.resolution % model.vae_scale_factor:
-        raise EngineInputError(f"training setting resolution={config.resolution} is invalid: it must be a "
-                               f"multiple of the model's VAE scale factor {model.vae_scale_factor}")
-    if config.with_prior and not class_images:
-        raise EngineInputError("class_images is empty but with_prior is set: give class-prior images "
-                               "or set with_prior=False")
+    _check_inputs(model, config, instance_prompt, class_prompt, class_images)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     finished = _finished_result(run_dir, config)
@@ -733,155 +871,24 @@ def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path],
     instance_pixels = _load_pixels(instance_images, config.resolution, "instance_images")
     class_pixels = _load_pixels(class_images, config.resolution, "class_images") if config.with_prior else None
 
-    trainer = _Trainer(model, config, run_dir, progress, should_cancel)
-    device = trainer.device
-    trainer.emit(Progress(stage=STAGE, step=0, total=config.steps, message="preparing training"), force=True)
-    if trainer.on_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-
-    # Frozen base components leave the GPU; only what is needed goes (back) on it below.
-    base = trainer.base
-    move(base.unet, "cpu")
-    trainables = _prepare_trainables(model, config, device, trainer.amp_dtype or torch.float32)
-    optimizer = _make_optimizer(config, trainables, device)
-    lr_schedule = _warmup_schedule(config, optimizer)
-    scaler = torch.amp.GradScaler("cuda") if trainer.amp_dtype == torch.float16 else None
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-
-    # Prompts: embeddings once when the text encoder is frozen, token ids when it is trained.
-    prompts = [instance_prompt] + ([class_prompt] if config.with_prior else [])
-    token_ids = [_tokenize(model, p).to(device) for p in prompts]
-    cached_embeddings: list[torch.Tensor] = []
-    if trainables.text_encoder is None:
-        with _on_device([base.text_encoder], device), torch.no_grad():
-            cached_embeddings = [base.text_encoder(ids)[0].float() for ids in token_ids]
-
-    # Latents: the VAE stays on the device only when it must encode every step.
-    move(base.vae, device)
-    instance_latents = _LatentSource(instance_pixels, base.vae, device, trainer.autocast, config.cache_latents,
-                                     config.random_flip)
-    class_latents = (_LatentSource(class_pixels, base.vae, device, trainer.autocast, config.cache_latents,
-                                   config.random_flip) if class_pixels is not None else None)
-    if config.cache_latents:
-        move(base.vae, "cpu")
-    scale, shift = _latent_scale(base.vae)
-    instance_order = _EpochOrder(len(instance_images), config.seed, 1, config.random_flip)
-    class_order = _EpochOrder(len(class_images), config.seed, 2, config.random_flip) if config.with_prior else None
-
-    start_step = 0
-    resumed_from: int | None = None
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, trainables, config)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_scheduler"])
-        generator.set_state(state["generator"])
-        if scaler is not None and state.get("grad_scaler"):
-            scaler.load_state_dict(state["grad_scaler"])
-        trainer.loss_history = list(state["loss_history"])
-        start_step = resumed_from = int(state["step"])
-
-    def embeddings_for_batch(batch: int) -> torch.Tensor:
-        if trainables.text_encoder is not None:
-            ids = torch.cat([t.expand(batch, -1) for t in token_ids])
-            with trainer.autocast():
-                return trainables.text_encoder(ids)[0]
-        return torch.cat([e.expand(batch, -1, -1) for e in cached_embeddings])
-
-    def save_checkpoint(step: int) -> Path:
-        trainer.flush_losses(step - len(trainer.pending_losses) + 1)
-        bad = _first_non_finite(trainables.parameters)
-        if bad is not None:
-            raise TrainingDiverged(f"training diverged at step {step} (weight {bad} is not finite); nothing was saved")
-        state = {
-            "step": step, "resume_key": _resume_key(config), "loss_history": list(trainer.loss_history),
-            "generator": generator.get_state(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_schedule.state_dict(), "grad_scaler": scaler.state_dict() if scaler else {},
-        }
-        return _save_checkpoint(run_dir, step, trainables, state)
-
-    loop_started = time.monotonic()
-    batch = config.batch_size
-    step = start_step
-    trainer.emit(Progress(stage=STAGE, step=start_step, total=config.steps,
-                          message=f"resumed from step {start_step}" if resumed_from is not None else "training"),
-                 force=True)
+    run = _Run(model, config, run_dir, progress, should_cancel)
+    run.emit(Progress(stage=STAGE, step=0, total=config.steps, message="preparing training"), force=True)
     try:
-        for step in range(start_step + 1, config.steps + 1):
-            check_cancel(should_cancel)
-            indices, flips = instance_order.batch(step - 1, batch)
-            means, stds = instance_latents.distribution(indices, flips)
-            if class_order is not None and class_latents is not None:
-                class_indices, class_flips = class_order.batch(step - 1, batch)
-                class_means, class_stds = class_latents.distribution(class_indices, class_flips)
-                means, stds = torch.cat([means, class_means]), torch.cat([stds, class_stds])
-            # Sample the latent as the uncached loop would: a fresh draw from the VAE's distribution.
-            latents = (means + stds * torch.randn(means.shape, generator=generator, device=device) - shift) * scale
-            noise = torch.randn(latents.shape, generator=generator, device=device)
-            if config.offset_noise:
-                noise = noise + config.offset_noise * torch.randn(
-                    (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
-            timesteps = torch.randint(0, trainer.num_timesteps, (latents.shape[0],), generator=generator,
-                                      device=device)
-            signal = trainer.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
-            sigma = (1.0 - trainer.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
-            noisy = signal * latents + sigma * noise
-            target = noise if trainer.prediction_type == "epsilon" else signal * noise - sigma * latents
-            with trainer.autocast():
-                hidden = embeddings_for_batch(batch)
-                prediction = trainables.unet(noisy, timesteps, hidden).sample
-            loss = dreambooth_loss(prediction, target, timesteps, with_prior=config.with_prior,
-                                   prior_loss_weight=config.prior_loss_weight, min_snr_gamma=config.min_snr_gamma,
-                                   alphas_cumprod=trainer.alphas_cumprod,
-                                   prediction_type=trainer.prediction_type).total
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(list(trainables.parameters.values()), config.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            trainer.pending_losses.append(loss.detach())
-
-            if not trainer.on_cuda or len(trainer.pending_losses) >= LOSS_READBACK_INTERVAL or step == config.steps:
-                trainer.flush_losses(step - len(trainer.pending_losses) + 1)
-            elapsed, remaining = eta(loop_started, step - start_step, config.steps - start_step)
-            last_loss = trainer.loss_history[-1] if trainer.loss_history else None
-            trainer.emit(Progress(stage=STAGE, step=step, total=config.steps, loss=last_loss, elapsed=elapsed,
-                                  eta_seconds=remaining))
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
-                path = save_checkpoint(step)
-                trainer.emit(Progress(stage=STAGE, step=step, total=config.steps, loss=trainer.loss_history[-1],
-                                      elapsed=elapsed, eta_seconds=remaining, checkpoint=path,
-                                      message=f"checkpoint at step {step}"), force=True)
-            if config.preview_every and step % config.preview_every == 0:
-                trainer.flush_losses(step - len(trainer.pending_losses) + 1)
-                previews = _write_previews(trainer, trainables, step)
-                trainer.emit(Progress(stage=STAGE, step=step, total=config.steps, loss=trainer.loss_history[-1],
-                                      elapsed=elapsed, eta_seconds=remaining, previews=previews,
-                                      message=f"previews at step {step}"), force=True)
-        trainer.flush_losses(config.steps - len(trainer.pending_losses) + 1)
-        loop_seconds = time.monotonic() - loop_started
-
-        bad = _first_non_finite(trainables.parameters)
-        if bad is not None:
-            raise TrainingDiverged(f"training diverged by step {config.steps} (weight {bad} is not finite); "
-                                   "nothing was saved")
-        outputs = _save_outputs(run_dir, trainables)
+        run.prepare(instance_pixels, class_pixels, instance_prompt, class_prompt)
+        resumed_from = run.resume()
+        run.emit(Progress(stage=STAGE, step=run.start_step, total=config.steps,
+                          message=f"resumed from step {resumed_from}" if resumed_from is not None else "training"),
+                 force=True)
+        loop_seconds = run.run_loop()
+        run.check_weights(config.steps)
+        outputs = _save_outputs(run_dir, run.trainables)
     finally:
-        move(base.vae, "cpu")
-    steps_done = config.steps - start_step
+        move(run.base.vae, "cpu")
+    steps_done = config.steps - run.start_step
     result = TrainResult(
-        run_dir=run_dir, final_step=config.steps, loss_history=list(trainer.loss_history),
+        run_dir=run_dir, final_step=config.steps, loss_history=list(run.loss_history),
         steps_per_second=steps_done / loop_seconds if loop_seconds > 0 else 0.0,
-        peak_memory_mb=_peak_memory_mb(device), seconds=time.monotonic() - started, resumed_from=resumed_from,
+        peak_memory_mb=_peak_memory_mb(run.device), seconds=time.monotonic() - started, resumed_from=resumed_from,
     )
     _write_json_atomically(run_dir / RUN_FILE, {
         "complete": True,
@@ -894,35 +901,50 @@ def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path],
         "loss_history": result.loss_history,
         "outputs": outputs,
         "counts": {"instance_images": len(instance_images), "class_images": len(class_images)},
-        "device": str(device),
+        "device": str(run.device),
         "timings": {"steps_per_second": result.steps_per_second, "peak_memory_mb": result.peak_memory_mb,
                     "seconds": result.seconds, "steps_this_call": steps_done},
     })
     # The run is finished and its outputs are written: checkpoints would only take disk space.
     shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
-    trainer.emit(Progress(stage=STAGE, step=config.steps, total=config.steps,
-                          loss=result.loss_history[-1] if result.loss_history else None,
-                          elapsed=result.seconds, eta_seconds=0.0, message="training finished"), force=True)
+    run.emit(Progress(stage=STAGE, step=config.steps, total=config.steps,
+                      loss=result.loss_history[-1] if result.loss_history else None,
+                      elapsed=result.seconds, eta_seconds=0.0, message="training finished"), force=True)
     return result
 
 
+def _check_inputs(model: BaseModel, config: TrainConfig, instance_prompt: str, class_prompt: str,
+                  class_images: list[Path]) -> None:
+    config.validate()
+    for name, prompt in (("instance_prompt", instance_prompt), ("class_prompt", class_prompt)):
+        if not isinstance(prompt, str) or not prompt.strip():
+            if name == "class_prompt" and not config.with_prior:
+                continue
+            raise EngineInputError(f"{name} is empty")
+    if config.resolution % model.vae_scale_factor:
+        raise EngineInputError(f"training setting resolution={config.resolution} is invalid: it must be a "
+                               f"multiple of the model's VAE scale factor {model.vae_scale_factor}")
+    if config.with_prior and not class_images:
+        raise EngineInputError("class_images is empty but with_prior is set: give class-prior images "
+                               "or set with_prior=False")
+
+
 @torch.no_grad()
-def _write_previews(trainer: _Trainer, trainables: _Trainables, step: int) -> list[Path]:
+def _write_previews(run: _Run, step: int) -> list[Path]:
     """Sample the preview prompts with fixed seeds into ``previews/step-<step>-<i>.png``."""
-    config, model, device = trainer.config, trainer.model, trainer.device
-    folder = trainer.run_dir / PREVIEWS_DIR
+    config, device, base, trainables = run.config, run.device, run.base, run.trainables
+    folder = run.run_dir / PREVIEWS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    base = trainer.base
     text_encoder = trainables.text_encoder or base.text_encoder
     movable: list[torch.nn.Module] = [base.vae]
     if trainables.text_encoder is None:
         movable.append(base.text_encoder)
-    pipe = base_pipeline(model, unet=trainables.unet, text_encoder=text_encoder)
+    pipe = base_pipeline(run.model, unet=trainables.unet, text_encoder=text_encoder)
     paths: list[Path] = []
     for module in trainables.modules():
         module.eval()
     try:
-        with _on_device(movable, device), trainer.autocast():
+        with _on_device(movable, device), run.autocast():
             for index, prompt in enumerate(config.preview_prompts):
                 generator = torch.Generator(device=device).manual_seed(config.preview_seed + index)
                 image = pipe(prompt, num_inference_steps=config.preview_steps, generator=generator,
