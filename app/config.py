@@ -30,6 +30,11 @@ class Settings(BaseSettings):
 
     # Data, queue, storage. Empty means "the embedded default under var_dir".
     database_url: str = ""
+    # Connections per process. The web app lets at most half this many requests work at once
+    # (a page may hold two sessions), so a burst waits in the event loop instead of deadlocking
+    # threads that hold connections while others wait for one.
+    database_pool_size: int = 10
+    database_max_overflow: int = 20
     broker_url: str = ""
     storage_backend: Literal["local", "s3"] = "local"
     media_dir: Path | None = None

@@ -13,8 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import get_settings
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 10, max_overflow: int = 20) -> Engine:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if not url.startswith("sqlite://") or url.startswith("sqlite:///"):
+        kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)
@@ -34,7 +36,8 @@ def make_engine(url: str) -> Engine:
 
 @lru_cache
 def get_engine() -> Engine:
-    return make_engine(get_settings().resolved_database_url)
+    settings = get_settings()
+    return make_engine(settings.resolved_database_url, settings.database_pool_size, settings.database_max_overflow)
 
 
 @lru_cache

@@ -15,8 +15,9 @@ response must load what it needs first, or open its own ``app.db.session_scope()
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
@@ -24,6 +25,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from app.config import Settings
@@ -81,20 +83,30 @@ def get_app_settings(request: Request) -> Settings:
     return settings
 
 
-def get_db_session(request: Request) -> Iterator[Session]:
-    """One session per request; commits on success, rolls back on error (see the module docstring)."""
+async def get_db_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request; commits on success, rolls back on error (see the module docstring).
+
+    At most ``app.state.session_slots`` requests hold a session at once; the others wait here, in
+    the event loop. Sync handlers run in a thread pool, and a request keeps its connection from
+    its first query until the commit, across several thread hops. Unbounded, a burst fills every
+    thread with requests waiting for a connection while the requests that hold the connections
+    wait for a thread: a deadlock until the pool times out. With fewer slots than connections, no
+    thread ever waits for one.
+    """
     factory: sessionmaker[Session] = request.app.state.sessionmaker
-    session = factory()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        # The rollback expired the cached Auth's rows; an error page re-resolves them in a new session.
-        request.state.auth = None
-        raise
-    finally:
-        session.close()
+    slots: asyncio.Semaphore = request.app.state.session_slots
+    async with slots:
+        session = factory()
+        try:
+            yield session
+            await run_in_threadpool(session.commit)
+        except BaseException:
+            await run_in_threadpool(session.rollback)
+            # The rollback expired the cached Auth's rows; an error page re-resolves them in a new session.
+            request.state.auth = None
+            raise
+        finally:
+            await run_in_threadpool(session.close)
 
 
 def get_app_storage(request: Request) -> Storage:

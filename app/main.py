@@ -8,6 +8,7 @@ The web process never imports torch: only ``worker.engine.prompts`` of the worke
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -327,7 +328,9 @@ def _session_factory(settings: Settings) -> tuple[sessionmaker[Session], Engine 
         shared = False
     if shared:
         return db_module.get_sessionmaker(), None
-    engine = db_module.make_engine(settings.resolved_database_url)
+    engine = db_module.make_engine(
+        settings.resolved_database_url, settings.database_pool_size, settings.database_max_overflow
+    )
     return sessionmaker(bind=engine, expire_on_commit=False), engine
 
 
@@ -366,6 +369,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessionmaker = session_factory
+    # Half the pool: a request may also open a short second session (see app.deps.get_db_session).
+    app.state.session_slots = asyncio.Semaphore(
+        max(1, (settings.database_pool_size + settings.database_max_overflow) // 2)
+    )
     app.state.storage = _storage(settings)
     app.state.login_limiter = LoginRateLimiter()
 
