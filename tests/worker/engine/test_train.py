@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,9 +19,11 @@ from worker.engine.progress import Progress
 from worker.engine.train import (
     CHECKPOINT_MARKER,
     TrainConfig,
+    _EpochOrder,
     denoising_loss,
     dreambooth_loss,
     latest_checkpoint,
+    load_training_image,
     min_snr_weights,
     train,
 )
@@ -121,6 +125,46 @@ def test_prior_weight_scales_the_class_half_only() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_training_image_is_centre_cropped_and_scaled(tmp_path: Path) -> None:
+    # 200 x 100, white from x = 75 to 125: resized to 128 x 64 and cropped to x = 32..96, the
+    # band lands at 16..48 of the crop, black on either side.
+    pixels = np.zeros((100, 200, 3), dtype=np.uint8)
+    pixels[:, 75:125] = 255
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    tensor = load_training_image(tmp_path / "wide.png", 64)
+    assert tensor.shape == (3, 64, 64)
+    assert tensor.is_contiguous()
+    assert tensor.min() >= -1.0 and tensor.max() <= 1.0
+    assert tensor[:, :, 20:44].min().item() == pytest.approx(1.0)
+    assert tensor[:, :, :12].max().item() == pytest.approx(-1.0)
+    assert tensor[:, :, 52:].max().item() == pytest.approx(-1.0)
+
+
+def test_epoch_order_covers_every_image_once_per_pass() -> None:
+    order = _EpochOrder(count=5, seed=3, salt=1, flip=True)
+    seen = [int(i) for step in range(5) for i in order.batch(step, 2)[0]]  # two passes of 5
+    assert sorted(seen[:5]) == [0, 1, 2, 3, 4]
+    assert sorted(seen[5:]) == [0, 1, 2, 3, 4]
+    assert seen[:5] != seen[5:]  # reshuffled
+    again = _EpochOrder(count=5, seed=3, salt=1, flip=True)
+    assert torch.equal(again.batch(3, 2)[0], order.batch(3, 2)[0])  # a pure function of (seed, step)
+    flips = torch.cat([order.batch(step, 2)[1] for step in range(50)])
+    assert 0.3 < flips.float().mean().item() < 0.7
+    unflipped = _EpochOrder(count=5, seed=3, salt=1, flip=False)
+    assert not any(bool(unflipped.batch(step, 2)[1].any()) for step in range(10))
+
+
+def test_config_round_trips_and_refuses_unknown_keys() -> None:
+    config = small_config(preview_prompts=["a photo of sks dog"])
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(EngineInputError, match="learnig_rate"):
+        TrainConfig.from_dict({**config.to_dict(), "learnig_rate": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------
 # Validation
 
 
@@ -208,6 +252,19 @@ def test_cached_and_uncached_latents_train_identically(tiny_model: BaseModel, su
     uncached = run(tiny_model, small_config(steps=3, cache_latents=False), subject_photos, class_images,
                    tmp_path / "uncached")
     assert uncached.loss_history == pytest.approx(cached.loss_history, rel=1e-4)
+
+
+def test_v_prediction_models_train(tiny_model: BaseModel, subject_photos: list[Path], class_images: list[Path],
+                                   tmp_path: Path) -> None:
+    scheduler = DDPMScheduler.from_config(components(tiny_model).noise_scheduler.config,
+                                          prediction_type="v_prediction")
+    v_model = dataclasses.replace(tiny_model, noise_scheduler=scheduler)
+    epsilon = run(tiny_model, small_config(steps=2, min_snr_gamma=5.0), subject_photos, class_images,
+                  tmp_path / "epsilon")
+    velocity = run(v_model, small_config(steps=2, min_snr_gamma=5.0), subject_photos, class_images,
+                   tmp_path / "velocity")
+    assert all(np.isfinite(velocity.loss_history))
+    assert velocity.loss_history != epsilon.loss_history
 
 
 def test_gradient_checkpointing_does_not_change_the_math(tiny_model: BaseModel, subject_photos: list[Path],
