@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from PIL import Image
 from safetensors.torch import load_file
@@ -228,6 +229,34 @@ def test_training_learns_and_prior_preservation_keeps_the_class(
     # (The tiny model is random, so any training also improves generic denoising and moves both
     # losses down; the comparison between the two runs is what isolates the prior term.)
     assert class_prior < class_alone - 0.01 * class_before
+
+
+def test_instance_and_class_examples_share_one_batch(tiny_model: BaseModel, subject_photos: list[Path],
+                                                     class_images: list[Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    conditioning: list[torch.Tensor] = []
+    original_forward = UNet2DConditionModel.forward
+
+    def recording_forward(self: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor,
+                          encoder_hidden_states: torch.Tensor, *args: object, **kwargs: object) -> object:
+        conditioning.append(encoder_hidden_states.detach().clone())
+        return original_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)  # type: ignore
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
+    run(tiny_model, small_config(steps=2, batch_size=3), subject_photos, class_images, tmp_path / "run")
+
+    text_encoder, tokenizer = components(tiny_model).text_encoder, tiny_model.tokenizer
+    with torch.no_grad():
+        embed = {prompt: text_encoder(tokenizer(prompt, padding="max_length", max_length=77,
+                                                return_tensors="pt").input_ids)[0][0]
+                 for prompt in (INSTANCE_PROMPT, CLASS_PROMPT)}
+    assert len(conditioning) == 2
+    for hidden in conditioning:
+        assert hidden.shape[0] == 6  # 3 instance examples, then 3 class examples, one forward pass
+        for row in hidden[:3]:
+            assert torch.allclose(row, embed[INSTANCE_PROMPT], atol=1e-5)
+        for row in hidden[3:]:
+            assert torch.allclose(row, embed[CLASS_PROMPT], atol=1e-5)
 
 
 def test_same_seed_gives_the_same_loss_curve(tiny_model: BaseModel, subject_photos: list[Path],
