@@ -133,13 +133,18 @@ def test_kohya_export_converts_back_to_the_same_deltas(lora_te_run: Path) -> Non
         assert delta.abs().max() > 0, key
 
 
-def test_diffusers_reads_the_kohya_file_like_the_original(lora_run: Path) -> None:
+@pytest.mark.parametrize("which", ["unet only", "unet and text encoder, alpha 8"])
+def test_diffusers_reads_the_kohya_file_like_the_original(which: str, request: pytest.FixtureRequest) -> None:
     # diffusers converts A1111/kohya files itself: a third-party reader of our export.
+    run_dir: Path = request.getfixturevalue("lora_run" if which == "unet only" else "lora_te_run")
     original = fresh_pipeline()
-    original.load_lora_weights(str(lora_run))
+    original.load_lora_weights(str(run_dir))
     converted = fresh_pipeline()
-    converted.load_lora_weights(str(lora_run), weight_name=KOHYA_LORA_FILE)
+    converted.load_lora_weights(str(run_dir), weight_name=KOHYA_LORA_FILE)
     assert np.abs(sample(converted) - sample(original)).max() < 1e-3
+    ids = converted.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(converted.text_encoder(ids)[0], original.text_encoder(ids)[0], atol=1e-5)
 
 
 def test_export_rewrites_the_file(lora_run: Path) -> None:
