@@ -868,6 +868,8 @@ def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path],
     finished = _finished_result(run_dir, config)
     if finished is not None:
         return finished
+    # A record of another run in this folder must not outlive the weights this run replaces.
+    (run_dir / RUN_FILE).unlink(missing_ok=True)
     instance_pixels = _load_pixels(instance_images, config.resolution, "instance_images")
     class_pixels = _load_pixels(class_images, config.resolution, "class_images") if config.with_prior else None
 
