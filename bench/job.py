@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
@@ -65,7 +68,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one job")
     parser.add_argument("--machine", default="2-core CPU dev box", help="machine name written with --append")
     parser.add_argument("--append", type=Path, help="append the results to this markdown file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (database, media, worker log)")
     return parser.parse_args()
+
+
+@contextmanager
+def work_folder(keep: bool) -> Iterator[str]:
+    """A temporary folder for the database, media and worker log; removed afterwards unless ``keep``."""
+    folder = tempfile.mkdtemp(prefix="studio-bench-")
+    try:
+        yield folder
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def migrate(url: str) -> None:
@@ -115,8 +130,25 @@ def reset_bank(sessions: sessionmaker[Session], storage: LocalStorage, var_dir: 
     shutil.rmtree(var_dir / "prior-bank", ignore_errors=True)
 
 
+STAGE_LINE = re.compile(r"^\[(?P<time>[\d-]+ [\d:]+,\d+): [^\]]*\] job (?P<job>[0-9a-f-]{36})"
+                        r"(?:: stage (?P<stage>\w+)| (?P<published>published))")
+STAGES = ("preparing", "priors", "training", "sampling", "scoring", "publishing")
+
+
+def stage_seconds(log_text: str, job_id: str) -> dict[str, float]:
+    """Seconds each stage of ``job_id`` took, from the worker's "stage" log lines up to "published"."""
+    marks: list[tuple[str, datetime]] = []
+    for line in log_text.splitlines():
+        found = STAGE_LINE.match(line)
+        if found and found["job"] == job_id:
+            when = datetime.strptime(found["time"], "%Y-%m-%d %H:%M:%S,%f")
+            marks.append((found["stage"] or "published", when))
+    return {stage: (marks[i + 1][1] - when).total_seconds()
+            for i, (stage, when) in enumerate(marks[:-1])}
+
+
 def run_one(sessions: sessionmaker[Session], storage: LocalStorage, photos: int, timeout: float) -> dict[str, float]:
-    """One studio from commit to finished gallery; returns its timings and prior-bank facts."""
+    """One studio from commit to finished gallery; returns its timings, prior-bank facts and job id (as an int)."""
     with sessions() as session:
         subject = make_subject(session, storage, make_user(session), photos=photos, images_per_prompt=1)
         job = make_job(session, subject)
@@ -137,6 +169,7 @@ def run_one(sessions: sessionmaker[Session], storage: LocalStorage, photos: int,
         raise SystemExit(f"job {job.id} ended {found.status}: {found.failure_reason}")
     assert found.started_at is not None and found.finished_at is not None
     return {
+        "job": job.id.int,
         "start": (found.started_at - committed).total_seconds(),
         "total": (found.finished_at - committed).total_seconds(),
         "generated": float(found.details.get("prior_generated", -1)),
@@ -146,7 +179,7 @@ def run_one(sessions: sessionmaker[Session], storage: LocalStorage, photos: int,
 
 def main() -> int:
     args = parse_args()
-    with tempfile.TemporaryDirectory(prefix="studio-bench-") as folder:
+    with work_folder(args.keep) as folder:
         var_dir = Path(folder) / "var"
         var_dir.mkdir()
         database_url = f"sqlite:///{var_dir / 'studio.db'}"
@@ -174,9 +207,11 @@ def main() -> int:
             wait_until_ready(log_path, worker, args.timeout)
             rows: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
             for _ in range(args.repeat):
-                rows["cold"].append(run_one(sessions, storage, args.photos, args.timeout))
-                rows["warm"].append(run_one(sessions, storage, args.photos, args.timeout))
-                print(f"cold {rows['cold'][-1]}  warm {rows['warm'][-1]}", flush=True)
+                for kind in ("cold", "warm"):
+                    run = run_one(sessions, storage, args.photos, args.timeout)
+                    run.update(stage_seconds(log_path.read_text(errors="replace"), str(uuid.UUID(int=int(run["job"])))))
+                    rows[kind].append(run)
+                    print(kind, {key: round(value, 2) for key, value in run.items() if key != "job"}, flush=True)
                 reset_bank(sessions, storage, var_dir)
         except BaseException:
             print(log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
@@ -193,6 +228,8 @@ def main() -> int:
 
                 redis.Redis.from_url(REDIS_URL).flushdb()
 
+    if args.keep:
+        print(f"kept {folder}", file=sys.stderr)
     table = render(rows, args)
     print(table)
     if args.append:
@@ -211,15 +248,17 @@ def render(rows: dict[str, list[dict[str, float]]], args: argparse.Namespace) ->
         f"{args.prior_images} class images x {args.prior_steps} steps, 2 prompts x 1 image x {args.sample_steps} "
         f"steps; median of {args.repeat} run(s)",
         "",
-        "| bank | commit -> start (s) | upload -> gallery (s) | class images generated / reused | goal |",
-        "|---|---:|---:|---:|---|",
+        "| bank | commit -> start (s) | upload -> gallery (s) | " + " | ".join(STAGES)
+        + " | class images generated / reused | goal |",
+        "|---|---:|---:|" + "---:|" * len(STAGES) + "---:|---|",
     ]
     for name, goal in (("cold", "< 60 s"), ("warm", "< 30 s")):
         runs = rows[name]
         start = median(run["start"] for run in runs)
         total = median(run["total"] for run in runs)
         generated, reused = int(runs[-1]["generated"]), int(runs[-1]["reused"])
-        lines.append(f"| {name} | {start:.2f} | {total:.1f} | {generated} / {reused} | {goal} |")
+        stages = " | ".join(f"{median(run.get(stage, 0.0) for run in runs):.1f}" for stage in STAGES)
+        lines.append(f"| {name} | {start:.2f} | {total:.1f} | {stages} | {generated} / {reused} | {goal} |")
     return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("STUDIO_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-JOB_TIMEOUT = 150.0
+JOB_TIMEOUT = 300.0  # generous: CI machines are shared; a healthy job takes seconds
 FAST_TRAINING = {"steps": 10, "checkpoint_every": 5, "preview_every": 0}
 
 
@@ -233,7 +233,7 @@ def test_duplicate_delivery_bank_reuse_and_deletion(start_studio: Callable[..., 
 
 
 def test_cancel_during_training_stops_within_a_few_steps(start_studio: Callable[..., Studio]) -> None:
-    studio = start_studio("redis", {"steps": 2000, "checkpoint_every": 3, "preview_every": 0})
+    studio = start_studio("redis", {"steps": 100_000, "checkpoint_every": 3, "preview_every": 0})
     job = studio.create_studio()
     training = studio.wait_for(job.id, lambda j: j.stage == "training" and bool(j.details.get("checkpoint")),
                                "training with a checkpoint")
@@ -242,9 +242,11 @@ def test_cancel_during_training_stops_within_a_few_steps(start_studio: Callable[
         assert found is not None
         found.cancel_requested = True
         session.commit()
+        requested_at_step = max(training.step, found.step)
     cancelled = studio.wait_finished(job.id)
     assert cancelled.status == "cancelled", cancelled.failure_reason
-    assert cancelled.step <= training.step + 10  # within a few steps of the request, not at the end
+    # The worker reads the flag every 0.3 s here: it stops within about a second of steps, far from the end.
+    assert requested_at_step <= cancelled.step <= requested_at_step + 60
     assert studio.images_of(job.id) == []
     leftovers = studio.storage.list(subject_prefix(job.owner_id, job.subject_id))
     assert all("/photos/" in key for key in leftovers), leftovers
@@ -253,7 +255,8 @@ def test_cancel_during_training_stops_within_a_few_steps(start_studio: Callable[
 
 def test_a_killed_worker_child_resumes_from_its_checkpoint_and_publishes_once(
         start_studio: Callable[..., Studio]) -> None:
-    studio = start_studio("redis", {"steps": 24, "checkpoint_every": 4, "preview_every": 0})
+    # Long enough that the kill lands between the first checkpoint and the end on a slow machine too.
+    studio = start_studio("redis", {"steps": 150, "checkpoint_every": 10, "preview_every": 0})
     job = studio.create_studio()
     recorded = studio.wait_for(job.id, lambda j: bool(j.details.get("checkpoint")), "the first checkpoint")
     checkpoint_step = recorded.details["checkpoint"]["step"]

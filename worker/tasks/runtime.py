@@ -212,6 +212,7 @@ class LeasedAttempt:
         """
         self._pending_values.update(values)
         if "stage" in values and values["stage"] != self.stage:
+            log.info("job %s: stage %s", self.job_id, values["stage"])
             self.stage = values["stage"]
             force = True
         now = time.monotonic()
