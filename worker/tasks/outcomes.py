@@ -61,6 +61,7 @@ def job_files_prefix(attempt: LeasedAttempt) -> str:
 
 def end_failed(attempt: LeasedAttempt, reason: str) -> str:
     """Mark the job failed (fenced) and remove the attempt's unpublished files and checkpoints."""
+    attempt.details.pop("checkpoint", None)  # removed below: nothing may point to a missing file
     attempt.stop_heartbeat()
     with attempt.ctx.transaction() as session:
         won = lease.finish(session, attempt.job_id, attempt.token, "failed", failure_reason=reason,
@@ -77,6 +78,7 @@ def end_stopped(attempt: LeasedAttempt, reason: str) -> str:
     """End an attempt that was told to stop: cancelled, lost its lease, or its job was deleted."""
     storage = attempt.ctx.storage
     if reason == "cancelled":
+        attempt.details.pop("checkpoint", None)
         attempt.stop_heartbeat()
         with attempt.ctx.transaction() as session:
             won = lease.finish(session, attempt.job_id, attempt.token, "cancelled", details=dict(attempt.details),

@@ -106,7 +106,7 @@ def test_cancel_during_training_ends_cancelled_and_removes_partial_files(ctx: Wo
     assert run_training_job(job.id, ctx=ctx, engine=engine) == "cancelled"
     cancelled, subject, images, photos = load(ctx, job)
     assert cancelled.status == "cancelled" and cancelled.step <= 5
-    assert images == [] and cancelled.preview_keys == []
+    assert images == [] and cancelled.preview_keys == [] and "checkpoint" not in cancelled.details
     assert subject_files(storage, job, f"jobs/{job.id}/") == []
     assert not [key for key in subject_files(storage, job) if "/weights/" in key or "/images/" in key]
     assert len(photos) == 4  # nothing was trained, so the photos stay
@@ -200,7 +200,7 @@ def test_failures_end_with_a_reason_a_person_understands(ctx: WorkerContext, sto
     failed, subject, images, photos = load(ctx, job)
     assert failed.status == "failed" and (failed.failure_reason or "").startswith(reason)
     assert images == [] and len(photos) == 4 and subject is not None and subject.weights_key is None
-    assert subject_files(storage, job, f"jobs/{job.id}/checkpoint/") == []
+    assert subject_files(storage, job, f"jobs/{job.id}/checkpoint/") == [] and "checkpoint" not in failed.details
     assert not (ctx.settings.scratch_dir / str(job.id)).exists()
 
 
