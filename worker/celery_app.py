@@ -20,6 +20,7 @@ settings below only make the broker's side as safe as it can be:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,14 @@ def preload_engine(**_: Any) -> None:
     already imported torch and diffusers, a child starts in milliseconds instead of seconds. Only
     imports happen here: CUDA is initialised in the child that runs the job, never in the parent.
     """
+    # CUDA must not be initialised before a fork; with this, torch.cuda.is_available() asks NVML instead.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     try:
+        import torch
+
         import worker.engine.job  # noqa: F401
     except ImportError:
         log.warning("the engine could not be preloaded; each job will import it itself", exc_info=True)
+        return
+    if torch.cuda.is_initialized():
+        log.error("CUDA was initialised in the worker's main process; forked jobs may fail to use the GPU")
