@@ -19,9 +19,16 @@ On a CPU shared with other work, wall-clock rates swing with the load, so CPU ru
 ``--threads`` PyTorch threads (default 1) and also report steps per CPU-second of the process,
 which the load hardly moves; the cached/uncached speed-up is computed from that column.
 
-    python bench/train.py [--steps 8] [--warmup 2] [--threads 1] [--only tiny-lora-cached,...]
+A second table times whole jobs through ``worker.engine.job.run_job`` (4 photos, pet recipe
+"fast", 24 gallery images = 6 prompts x 4): class-prior generation (images/s, DPM-Solver++
+25 steps with guidance), training and sampling, first with an empty prior bank (cold) and then
+again with the bank filled (warm: 0 priors generated). On the CPU this uses ``tiny``; on CUDA
+``sd15-arch`` at 512 px.
 
-Prints a table; the numbers go into docs/benchmarks.md by hand, with the machine and command.
+    python bench/train.py [--steps 8] [--warmup 2] [--threads 1] [--only tiny-lora-cached,...]
+                          [--no-jobs] [--job-priors K]
+
+Prints the tables; the numbers go into docs/benchmarks.md by hand, with the machine and command.
 """
 
 from __future__ import annotations
@@ -153,18 +160,90 @@ def run_case(case: Case, steps: int, warmup: int, threads: int) -> dict[str, obj
     }
 
 
+class StageClock:
+    """A progress callback that times each stage from its first event to the next stage's first."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.started = 0.0
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, event: object) -> None:
+        stage = str(getattr(event, "stage", ""))
+        if stage != self.current:
+            self.finish()
+            self.current, self.started = stage, time.monotonic()
+
+    def finish(self) -> dict[str, float]:
+        if self.current is not None:
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + time.monotonic() - self.started
+            self.current = None
+        return self.seconds
+
+
+def run_job_case(model_name: str, prior_images: int, threads: int) -> dict[str, object]:
+    """A whole job, cold bank then warm bank, timed per stage from the engine's progress events."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+
+    from tests.worker.engine.conftest import make_subject_photo
+    from worker.engine.job import JobSpec, run_job
+    from worker.engine.models import build_builtin, select_device
+    from worker.engine.prompts import STYLE_PACKS
+
+    device, dtype = select_device()
+    model = build_builtin(model_name, seed=0, device=device, dtype=dtype)
+    row: dict[str, object] = {"name": f"{model_name} job", "device": str(device), "resolution": model.resolution}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        # Photos as a phone would give them: larger than the training resolution.
+        side = max(256, model.resolution)
+        photos = [make_subject_photo(folder / f"photo{i}.jpg", seed=i, size=(side * 5 // 4, side)) for i in range(4)]
+        for run in ("cold", "warm"):
+            clock = StageClock()
+            spec = JobSpec(photos=photos, class_noun="dog", subject_kind="pet", work_dir=folder / f"work-{run}",
+                           bank_root=folder / "bank", quality="fast", prior_images=prior_images,
+                           prompts=list(STYLE_PACKS["pet-adventures"].prompts[:6]), images_per_prompt=4, score=False,
+                           train_overrides={"checkpoint_every": 0, "preview_every": 0})
+            started = time.monotonic()
+            result = run_job(spec, model, progress=clock)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            total = time.monotonic() - started
+            stage_seconds = clock.finish()
+            row[f"{run}_seconds"] = total
+            row[f"{run}_priors_generated"] = result.prior_generated
+            row[f"{run}_priors_seconds"] = stage_seconds.get("priors", 0.0)
+            row[f"{run}_training_seconds"] = stage_seconds.get("training", 0.0)
+            row[f"{run}_sampling_seconds"] = stage_seconds.get("sampling", 0.0)
+            row["images"] = len(result.images)
+            row["steps"] = result.train.final_step
+            row["steps_per_second"] = result.train.steps_per_second
+    generated = int(row["cold_priors_generated"])  # type: ignore[call-overload]
+    row["prior_images_per_second"] = generated / float(row["cold_priors_seconds"])  # type: ignore[arg-type]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads (CPU runs only)")
     parser.add_argument("--only", default="", help="comma-separated configuration names")
+    parser.add_argument("--no-jobs", action="store_true", help="skip the whole-job table")
+    parser.add_argument("--job-priors", type=int, default=0, help="prior images of a job (default 16 CPU, 200 CUDA)")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    parser.add_argument("--one-job", default="", help=argparse.SUPPRESS)  # internal: one whole job, print JSON
     args = parser.parse_args()
 
     by_name = {case.name: case for case in CASES}
     if args.one:
         print(json.dumps(run_case(by_name[args.one], args.steps, args.warmup, args.threads)))
+        return
+    if args.one_job:
+        print(json.dumps(run_job_case(args.one_job, args.job_priors, args.threads)))
         return
 
     import torch
@@ -211,6 +290,33 @@ def main() -> None:
         print(f"{row['name']:<22} {row['device']:<6} {row['dtype']:<9} {row['resolution']:>4} "
               f"{row['steps_per_second']:>8.2f} {cpu_rate:>11} {speedup:>8} {row['peak_memory_mb']:>8.0f} "
               f"{row['setup_seconds']:>8.1f}")
+
+    if not args.no_jobs:
+        print_job_table(has_cuda, args.job_priors or (200 if has_cuda else 16), args.threads)
+
+
+def print_job_table(has_cuda: bool, prior_images: int, threads: int) -> None:
+    model_name = "sd15-arch" if has_cuda else "tiny"
+    command = [sys.executable, __file__, "--one-job", model_name, "--job-priors", str(prior_images),
+               "--threads", str(threads)]
+    output = subprocess.run(command, capture_output=True, text=True, check=False)
+    if output.returncode != 0:
+        print(f"{model_name} job: failed\n{output.stderr[-3000:]}", file=sys.stderr)
+        return
+    row = json.loads(output.stdout.strip().splitlines()[-1])
+    print()
+    print(f"whole job: {row['name']} on {row['device']} at {row['resolution']} px, {prior_images} prior images, "
+          f"{row['steps']} LoRA steps ({row['steps_per_second']:.1f} steps/s), {row['images']} gallery images")
+    header = f"{'bank':<5} {'priors made':>11} {'priors s':>9} {'prior img/s':>11} {'training s':>10} " \
+             f"{'sampling s':>10} {'total s':>8}"
+    print(header)
+    print("-" * len(header))
+    for run in ("cold", "warm"):
+        made = row[f"{run}_priors_generated"]
+        rate = f"{made / row[f'{run}_priors_seconds']:.2f}" if made else ""
+        print(f"{run:<5} {made:>11} {row[f'{run}_priors_seconds']:>9.1f} {rate:>11} "
+              f"{row[f'{run}_training_seconds']:>10.1f} {row[f'{run}_sampling_seconds']:>10.1f} "
+              f"{row[f'{run}_seconds']:>8.1f}")
 
 
 if __name__ == "__main__":
