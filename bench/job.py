@@ -52,6 +52,7 @@ from app.db import make_engine  # noqa: E402
 from app.models import Job, PriorBank  # noqa: E402
 from app.storage import LocalStorage  # noqa: E402
 from tests.worker.factories import make_job, make_subject, make_user  # noqa: E402
+from worker.engine.prompts import DEFAULT_PACK  # noqa: E402
 
 REDIS_URL = os.environ.get("STUDIO_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 
@@ -65,6 +66,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prior-steps", type=int, default=10, help="sampler steps of a class image (default 10)")
     parser.add_argument("--sample-steps", type=int, default=10, help="sampler steps of a gallery image (default 10)")
     parser.add_argument("--photos", type=int, default=4)
+    parser.add_argument("--preset", action="store_true",
+                        help="the studio's defaults instead: the pet 'fast' recipe, its class-image count, the "
+                             "default pet pack at 4 images per prompt (the step options are ignored)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one job")
     parser.add_argument("--machine", default="2-core CPU dev box", help="machine name written with --append")
     parser.add_argument("--append", type=Path, help="append the results to this markdown file")
@@ -99,13 +103,16 @@ def worker_env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
         "STUDIO_DATABASE_URL": settings.resolved_database_url,
         "STUDIO_BROKER_URL": settings.broker_url,
         "STUDIO_BASE_MODEL": "tiny",
-        "STUDIO_TRAIN_OVERRIDES": json.dumps({"steps": args.steps, "preview_every": 0,
-                                              "checkpoint_every": max(1, args.steps // 2)}),
-        "STUDIO_PRIOR_IMAGES": str(args.prior_images),
-        "STUDIO_PRIOR_STEPS": str(args.prior_steps),
-        "STUDIO_SAMPLE_STEPS": str(args.sample_steps),
         "PYTHONUNBUFFERED": "1",
     })
+    if not args.preset:
+        env.update({
+            "STUDIO_TRAIN_OVERRIDES": json.dumps({"steps": args.steps, "preview_every": 0,
+                                                  "checkpoint_every": max(1, args.steps // 2)}),
+            "STUDIO_PRIOR_IMAGES": str(args.prior_images),
+            "STUDIO_PRIOR_STEPS": str(args.prior_steps),
+            "STUDIO_SAMPLE_STEPS": str(args.sample_steps),
+        })
     return env
 
 
@@ -147,10 +154,15 @@ def stage_seconds(log_text: str, job_id: str) -> dict[str, float]:
             for i, (stage, when) in enumerate(marks[:-1])}
 
 
-def run_one(sessions: sessionmaker[Session], storage: LocalStorage, photos: int, timeout: float) -> dict[str, float]:
+def run_one(sessions: sessionmaker[Session], storage: LocalStorage, args: argparse.Namespace) -> dict[str, float]:
     """One studio from commit to finished gallery; returns its timings, prior-bank facts and job id (as an int)."""
+    timeout = args.timeout
     with sessions() as session:
-        subject = make_subject(session, storage, make_user(session), photos=photos, images_per_prompt=1)
+        if args.preset:
+            subject = make_subject(session, storage, make_user(session), photos=args.photos, prompts=[],
+                                   images_per_prompt=4, style_pack=DEFAULT_PACK["pet"])
+        else:
+            subject = make_subject(session, storage, make_user(session), photos=args.photos, images_per_prompt=1)
         job = make_job(session, subject)
         queue.enqueue(session, "training.run", job_id=str(job.id))
         committed = datetime.now(UTC)
@@ -173,6 +185,7 @@ def run_one(sessions: sessionmaker[Session], storage: LocalStorage, photos: int,
         "start": (found.started_at - committed).total_seconds(),
         "total": (found.finished_at - committed).total_seconds(),
         "generated": float(found.details.get("prior_generated", -1)),
+        "images": float(found.details.get("images_total", 0)),
         "reused": float(found.details.get("prior_reused", -1)),
     }
 
@@ -208,7 +221,7 @@ def main() -> int:
             rows: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
             for _ in range(args.repeat):
                 for kind in ("cold", "warm"):
-                    run = run_one(sessions, storage, args.photos, args.timeout)
+                    run = run_one(sessions, storage, args)
                     run.update(stage_seconds(log_path.read_text(errors="replace"), str(uuid.UUID(int=int(run["job"])))))
                     rows[kind].append(run)
                     print(kind, {key: round(value, 2) for key, value in run.items() if key != "job"}, flush=True)
@@ -243,10 +256,16 @@ def main() -> int:
 
 
 def render(rows: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
+    images = int(rows["cold"][-1]["images"])
+    if args.preset:
+        workload = (f"the studio's defaults (pet 'fast' recipe and class-image count, default pet pack: {images} "
+                    "images)")
+    else:
+        workload = (f"{args.steps} training steps, {args.prior_images} class images x {args.prior_steps} steps, "
+                    f"{images} images x {args.sample_steps} steps")
     lines = [
-        f"tiny model on the CPU, {args.broker} broker, {args.photos} photos, {args.steps} training steps, "
-        f"{args.prior_images} class images x {args.prior_steps} steps, 2 prompts x 1 image x {args.sample_steps} "
-        f"steps; median of {args.repeat} run(s)",
+        f"tiny model on the CPU, {args.broker} broker, {args.photos} photos, {workload}; "
+        f"median of {args.repeat} run(s)",
         "",
         "| bank | commit -> start (s) | upload -> gallery (s) | " + " | ".join(STAGES)
         + " | class images generated / reused | goal |",
