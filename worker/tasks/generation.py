@@ -12,6 +12,7 @@ import logging
 import uuid
 from pathlib import Path
 
+from celery import Task
 from PIL import Image
 from sqlalchemy import select
 
@@ -24,7 +25,7 @@ from worker.engine.progress import Progress
 from worker.scratch import scratch_folder
 from worker.tasks.engine_adapter import DiffusersEngine, Engine, GenerationInputs, SampleLike
 from worker.tasks.outcomes import JobFailure, end_failed, end_stopped, failure_reason
-from worker.tasks.runtime import LeasedAttempt, StopRun, WorkerContext, claim_job, default_context
+from worker.tasks.runtime import LeasedAttempt, StopRun, WorkerContext, claim_job, default_context, is_redelivery
 from worker.tasks.training import template_for
 
 log = logging.getLogger(__name__)
@@ -32,17 +33,18 @@ log = logging.getLogger(__name__)
 NOT_TRAINED_REASON = "This studio has no trained model yet (or it expired), so no new pictures can be made."
 
 
-@celery_app.task(name="generation.run")
-def generation_run(job_id: str) -> str:
+@celery_app.task(name="generation.run", bind=True)
+def generation_run(self: Task, job_id: str) -> str:
     """Run one attempt of a "generate more" job; returns the outcome."""
-    return run_generation_job(uuid.UUID(job_id))
+    return run_generation_job(uuid.UUID(job_id), redelivered=is_redelivery(self))
 
 
-def run_generation_job(job_id: uuid.UUID, *, ctx: WorkerContext | None = None, engine: Engine | None = None) -> str:
+def run_generation_job(job_id: uuid.UUID, *, ctx: WorkerContext | None = None, engine: Engine | None = None,
+                       redelivered: bool = False) -> str:
     """Claim and run ``job_id``; the engine and context are injectable for tests."""
     ctx = ctx or default_context()
     engine = engine or DiffusersEngine()
-    token = claim_job(ctx, job_id)
+    token = claim_job(ctx, job_id, redelivered=redelivered)
     if token is None:
         return "skipped"
     with ctx.transaction() as session:

@@ -26,16 +26,18 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import db as studio_db
 from app import storage as studio_storage
 from app.jobs import lease
-from app.models import Job
+from app.models import Job, utcnow
 from app.storage import Storage
 from worker.settings import WorkerSettings, get_worker_settings
 
@@ -76,16 +78,30 @@ class WorkerContext:
             session.close()
 
 
+def is_redelivery(task: Any) -> bool:
+    """Whether the broker marked the running task's message as handed out again (Redis does)."""
+    delivery_info = getattr(task.request, "delivery_info", None) or {}
+    return bool(delivery_info.get("redelivered"))
+
+
 def default_context() -> WorkerContext:
     return WorkerContext(
         settings=get_worker_settings(), storage=studio_storage.get_storage(), sessions=studio_db.get_sessionmaker()
     )
 
 
-def claim_job(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
-    """The lease token, or None after logging why this delivery has nothing to do."""
+def claim_job(ctx: WorkerContext, job_id: uuid.UUID, redelivered: bool = False) -> str | None:
+    """The lease token, or None after logging why this delivery has nothing to do.
+
+    ``redelivered``: the broker handed this task out again, typically because the worker running it
+    died. The job then still shows that worker's last heartbeat; rather than leave it to the reaper,
+    this delivery waits until the heartbeat is older than the lease and claims it, unless the
+    heartbeat moves meanwhile (a live worker holds it: then this is a plain duplicate and exits).
+    """
     with ctx.transaction() as session:
         token = lease.claim(session, job_id, ctx.worker_id, ctx.settings.lease_seconds)
+    if token is None and redelivered:
+        token = _claim_after_dead_lease(ctx, job_id)
     if token is not None:
         log.info("job %s claimed by %s", job_id, ctx.worker_id)
         return token
@@ -100,6 +116,26 @@ def claim_job(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
             log.info("job %s not claimable (status %s, attempt %d/%d, cancel %s); duplicate or stale delivery",
                      job_id, job.status, job.attempts, job.max_attempts, job.cancel_requested)
     return None
+
+
+def _claim_after_dead_lease(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
+    with ctx.transaction() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "running" or job.cancel_requested or job.heartbeat_at is None:
+            return None
+        last_beat = job.heartbeat_at
+    stale_at = last_beat + timedelta(seconds=ctx.settings.lease_seconds)
+    poll = max(0.1, float(ctx.settings.heartbeat_seconds))
+    log.info("job %s: redelivered while its lease looks held; waiting up to %.0f s for it to go stale",
+             job_id, max(0.0, (stale_at - utcnow()).total_seconds()))
+    while utcnow() <= stale_at:
+        time.sleep(min(poll, max(0.05, (stale_at - utcnow()).total_seconds() + 0.05)))
+        with ctx.transaction() as session:
+            beat = session.execute(select(Job.heartbeat_at).where(Job.id == job_id)).scalar_one_or_none()
+        if beat != last_beat:
+            return None  # a live worker renewed it (or the job ended or is gone)
+    with ctx.transaction() as session:
+        return lease.claim(session, job_id, ctx.worker_id, ctx.settings.lease_seconds)
 
 
 class LeasedAttempt:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from celery import Task
 from PIL import Image
 from sqlalchemy import delete, select
 
@@ -52,7 +53,15 @@ from worker.tasks.engine_adapter import (
 )
 from worker.tasks.outcomes import JobFailure, end_failed, end_stopped, failure_reason
 from worker.tasks.prior_bank import pull_banks, push_banks
-from worker.tasks.runtime import PREVIEWS_KEPT, LeasedAttempt, StopRun, WorkerContext, claim_job, default_context
+from worker.tasks.runtime import (
+    PREVIEWS_KEPT,
+    LeasedAttempt,
+    StopRun,
+    WorkerContext,
+    claim_job,
+    default_context,
+    is_redelivery,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +73,10 @@ PHOTOS_GONE_REASON = (
 )
 
 
-@celery_app.task(name="training.run")
-def training_run(job_id: str) -> str:
+@celery_app.task(name="training.run", bind=True)
+def training_run(self: Task, job_id: str) -> str:
     """Run one attempt of a training job; returns the outcome (done, failed, cancelled, skipped, lost, deleted)."""
-    return run_training_job(uuid.UUID(job_id))
+    return run_training_job(uuid.UUID(job_id), redelivered=is_redelivery(self))
 
 
 @dataclass
@@ -77,11 +86,12 @@ class _Loaded:
     photos: list[Photo]
 
 
-def run_training_job(job_id: uuid.UUID, *, ctx: WorkerContext | None = None, engine: Engine | None = None) -> str:
+def run_training_job(job_id: uuid.UUID, *, ctx: WorkerContext | None = None, engine: Engine | None = None,
+                     redelivered: bool = False) -> str:
     """Claim and run ``job_id``; the engine and context are injectable for tests."""
     ctx = ctx or default_context()
     engine = engine or DiffusersEngine()
-    token = claim_job(ctx, job_id)
+    token = claim_job(ctx, job_id, redelivered=redelivered)
     if token is None:
         return "skipped"
     with ctx.transaction() as session:

@@ -248,3 +248,42 @@ def test_rank_images_orders_by_likeness_and_leaves_unscored_images_unranked() ->
 
 def _unused(_: Callable[[], None], __: Session, ___: uuid.UUID) -> None:  # keeps imports honest for mypy
     return None
+
+
+def test_a_redelivery_after_a_lost_worker_waits_for_the_dead_lease_and_takes_over(ctx: WorkerContext,
+                                                                                  storage: LocalStorage) -> None:
+    quick = WorkerContext(settings=ctx.settings.model_copy(update={"lease_seconds": 2}), storage=ctx.storage,
+                          sessions=ctx.sessions, worker_id="w2")
+    job = new_job(quick, storage)
+    with quick.transaction() as session:
+        assert lease.claim(session, job.id, "dead-worker", 2)  # claimed, then never heard of again
+    assert run_training_job(job.id, ctx=quick, engine=FakeEngine(), redelivered=True) == "done"
+    done, *_ = load(quick, job)
+    assert done.attempts == 2 and done.status == "done"
+
+
+def test_a_redelivery_of_a_job_whose_worker_is_alive_exits(ctx: WorkerContext, storage: LocalStorage) -> None:
+    import threading
+
+    quick = WorkerContext(settings=ctx.settings.model_copy(update={"lease_seconds": 2}), storage=ctx.storage,
+                          sessions=ctx.sessions, worker_id="w2")
+    job = new_job(quick, storage)
+    with quick.transaction() as session:
+        token = lease.claim(session, job.id, "live-worker", 2)
+    assert token is not None
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(0.3):
+            with quick.transaction() as session:
+                lease.heartbeat(session, job.id, token)
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        assert run_training_job(job.id, ctx=quick, engine=FakeEngine(), redelivered=True) == "skipped"
+    finally:
+        stop.set()
+        beating.join()
+    running, *_ = load(quick, job)
+    assert running.attempts == 1 and running.lease_token == token
