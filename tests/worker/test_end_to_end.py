@@ -273,3 +273,22 @@ def test_a_killed_worker_child_resumes_from_its_checkpoint_and_publishes_once(
     assert "redelivered while its lease looks held" in studio.log_tail(200_000)
     assert studio.storage.list(subject_prefix(job.owner_id, job.subject_id) + f"jobs/{job.id}/checkpoint/") == []
     assert not (studio.settings.scratch_dir / str(job.id)).exists()
+
+
+def test_a_job_that_kills_its_worker_every_time_ends_failed_without_a_loop(
+        start_studio: Callable[..., Studio]) -> None:
+    studio = start_studio("redis", {"steps": 100_000, "checkpoint_every": 0, "preview_every": 0})
+    job = studio.create_studio()
+    for attempt in (1, 2, 3):
+        studio.wait_for(job.id, lambda j, n=attempt: j.status == "running" and j.attempts == n,  # type: ignore[misc]
+                        f"attempt {attempt} to start")
+        children = psutil.Process(studio.worker.pid).children()
+        assert len(children) == 1
+        children[0].send_signal(signal.SIGKILL)
+    failed = studio.wait_finished(job.id)
+    assert failed.status == "failed" and failed.attempts == 3
+    assert "stopped unexpectedly 3 times" in (failed.failure_reason or "")
+    assert studio.images_of(job.id) == []
+    # No loop: the last delivery was acknowledged and nothing is left to run.
+    time.sleep(studio.settings.lease_seconds + 1)
+    assert studio.job(job.id).attempts == 3
