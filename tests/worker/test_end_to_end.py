@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import config as config_module
 from app import queue
 from app.config import Settings
-from app.models import GeneratedImage, Job, Photo, PriorBank, Subject
+from app.models import GeneratedImage, GenerationRequest, Job, Photo, PriorBank, Subject
 from app.storage import LocalStorage
 from app.storage.base import subject_prefix
 from tests.worker.factories import make_job, make_subject, make_user
@@ -214,6 +214,22 @@ def test_duplicate_delivery_bank_reuse_and_deletion(start_studio: Callable[..., 
     assert "not claimable" in studio.log_tail(200_000)
     with studio.session() as session:
         assert session.execute(select(func.count()).select_from(PriorBank)).scalar_one() == 1
+
+    # "Generate more" on the second studio samples its published weights, without retraining.
+    with studio.session() as session:
+        more = Job(subject_id=second.subject_id, owner_id=second.owner_id, kind="generate")
+        session.add(more)
+        session.flush()
+        session.add(GenerationRequest(subject_id=second.subject_id, job_id=more.id,
+                                      prompts=["a photo of {subject} as an astronaut"], images_per_prompt=2))
+        queue.enqueue(session, "generation.run", job_id=str(more.id))
+        session.commit()
+    generated = studio.wait_finished(more.id)
+    assert generated.status == "done", f"{generated.failure_reason}\n{studio.log_tail()}"
+    more_images = studio.images_of(more.id)
+    assert len(more_images) == 2 and all(studio.storage.exists(image.storage_key) for image in more_images)
+    assert all("astronaut" in image.prompt and image.prompt_template == "a photo of {subject} as an astronaut"
+               for image in more_images)
 
     # Deleting the first studio leaves no file of it and no row pointing to it; the bank stays.
     from app.subjects.deletion import delete_subject
