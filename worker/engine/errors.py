@@ -9,6 +9,10 @@ class EngineInputError(EngineError, ValueError):
     """The caller's input (photos, model, config) is unusable; the message names the problem."""
 
 
+class PhotosUnusable(EngineInputError):
+    """None of the subject's photos can be trained on; the message names each photo and why."""
+
+
 class TrainingDiverged(EngineError):
     """The loss became non-finite; nothing from the diverged run is saved."""
 

@@ -52,6 +52,7 @@ RUN_DIR = "run"
 SAMPLES_DIR = "samples"
 SCORES_FILE = "scores.json"
 PREVIEW_PROMPT_COUNT = 2  # the first prompts of the pack are sampled as training previews
+PREVIEWS_PER_RUN = 4  # preview rounds over a training run, when the caller does not set preview_every
 QUALITIES = ("fast", "balanced", "best")
 
 
@@ -141,9 +142,11 @@ def training_config(spec: JobSpec, model: BaseModel, preview_prompts: list[str])
         overrides["resolution"] = spec.resolution
     overrides.setdefault("resolution", model.resolution)
     overrides["seed"] = spec.seed
+    overrides.setdefault("preview_prompts", preview_prompts)
     config = recipe(spec.subject_kind, spec.quality, **overrides)  # type: ignore[arg-type]
-    if not config.preview_prompts and config.preview_every:
-        config.preview_prompts = preview_prompts
+    # Live previews on the studio page: a few over the run, unless the caller decided.
+    if "preview_every" not in spec.train_overrides and config.preview_prompts:
+        config.preview_every = max(1, config.steps // PREVIEWS_PER_RUN)
     config.validate()
     return config
 

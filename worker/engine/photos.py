@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from worker.engine.errors import EngineInputError
+from worker.engine.errors import EngineInputError, PhotosUnusable
 
 try:  # HEIC/HEIF from phones, when pillow-heif is installed (a project dependency)
     from pillow_heif import register_heif_opener
@@ -272,7 +272,7 @@ def prepare_photos(paths: list[Path], out_dir: Path, resolution: int, subject_ki
     message names each photo and its problem).
     """
     if not paths:
-        raise EngineInputError("no photos given")
+        raise PhotosUnusable("no photos given")
     if subject_kind not in SUBJECT_KINDS:
         raise EngineInputError(f"unknown subject kind {subject_kind!r}; choose one of {', '.join(SUBJECT_KINDS)}")
     if resolution <= 0 or resolution % 8:
@@ -313,5 +313,5 @@ def prepare_photos(paths: list[Path], out_dir: Path, resolution: int, subject_ki
 
     if not result.images:
         details = "; ".join(str(problem) for problem in result.problems)
-        raise EngineInputError(f"no usable photo among {len(paths)}: {details}")
+        raise PhotosUnusable(f"no usable photo among {len(paths)}: {details}")
     return result

@@ -13,7 +13,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from app.jobs import lease
 from app.storage import StorageError
 from app.storage.base import checkpoint_prefix, subject_prefix
-from worker.engine.errors import EngineInputError, TrainingDiverged
+from worker.engine.errors import EngineInputError, PhotosUnusable, TrainingDiverged
 from worker.tasks.engine_adapter import is_out_of_memory
 from worker.tasks.runtime import LeasedAttempt
 
@@ -40,8 +40,10 @@ def failure_reason(exc: BaseException, hard_limit_seconds: int) -> str:
     """The sentence a person reads for ``exc``."""
     if isinstance(exc, JobFailure):
         return exc.reason
-    if isinstance(exc, EngineInputError):
+    if isinstance(exc, PhotosUnusable):
         return f"Some photos could not be used: {exc}"
+    if isinstance(exc, EngineInputError):
+        return f"The studio could not start this job: {exc}"
     if isinstance(exc, TrainingDiverged):
         return DIVERGED_REASON
     if is_out_of_memory(exc):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from worker.engine.errors import Cancelled, EngineInputError
 from worker.engine.evaluate import Scorer
-from worker.engine.job import JobSpec, generate_more, job_prompts, run_details, run_job
+from worker.engine.job import JobSpec, generate_more, job_prompts, run_details, run_job, training_config
 from worker.engine.models import BaseModel, build_builtin
 from worker.engine.progress import Progress
 from worker.engine.sample import DEFAULT_PACKS, PROMPT_PACKS, expand_prompts, read_index
@@ -191,3 +191,20 @@ def test_bad_specs_fail_before_any_work(
     with pytest.raises(EngineInputError, match=message):
         run_job(_spec(subject_photos, tmp_path, "bad", **changes), tiny_model)
     assert not (tmp_path / "bank").exists()
+
+
+def test_training_shows_previews_by_default_and_honours_the_callers_choice(
+    tiny_model: BaseModel, subject_photos: list[Path], tmp_path: Path
+) -> None:
+    spec = JobSpec(photos=subject_photos, class_noun="dog", subject_kind="pet", work_dir=tmp_path / "w",
+                   bank_root=tmp_path / "bank", quality="fast")
+    default = training_config(spec, tiny_model, ["a photo of qzx dog on the beach"])
+    assert default.preview_prompts == ["a photo of qzx dog on the beach"]
+    assert default.preview_every == default.steps // 4
+
+    spec.train_overrides = {"preview_every": 5, "steps": 10}
+    chosen = training_config(spec, tiny_model, ["a photo of qzx dog in the snow"])
+    assert (chosen.preview_every, chosen.preview_prompts) == (5, ["a photo of qzx dog in the snow"])
+
+    spec.train_overrides = {"preview_every": 0}
+    assert training_config(spec, tiny_model, ["a photo of qzx dog"]).preview_every == 0

@@ -15,7 +15,7 @@ from app.storage import LocalStorage
 from app.storage.base import subject_prefix
 from tests.worker.factories import make_job, make_subject, make_user
 from tests.worker.fakes import FakeEngine
-from worker.engine.errors import EngineInputError, TrainingDiverged
+from worker.engine.errors import EngineInputError, PhotosUnusable, TrainingDiverged
 from worker.tasks.runtime import WorkerContext
 from worker.tasks.training import rank_images, run_training_job
 
@@ -187,7 +187,8 @@ def test_a_delivery_after_the_last_attempt_ends_the_job_failed(ctx: WorkerContex
 @pytest.mark.parametrize(
     ("error", "reason"),
     [
-        (EngineInputError("photo 2 is too blurry"), "Some photos could not be used: photo 2 is too blurry"),
+        (PhotosUnusable("photo 2 is too blurry"), "Some photos could not be used: photo 2 is too blurry"),
+        (EngineInputError("unknown base model 'x'"), "The studio could not start this job: unknown base model 'x'"),
         (TrainingDiverged("nan"), "Training diverged (the loss became NaN); try the fast preset or fewer steps."),
         (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "The GPU ran out of memory"),
         (ValueError("something internal"), "Something went wrong in the worker"),
