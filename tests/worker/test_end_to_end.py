@@ -9,7 +9,6 @@ emptied before and after.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -33,10 +32,10 @@ from app.models import GeneratedImage, GenerationRequest, Job, Photo, PriorBank,
 from app.storage import LocalStorage
 from app.storage.base import subject_prefix
 from tests.worker.factories import make_job, make_subject, make_user
+from tests.worker.processes import ROOT, stop_worker, worker_env
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("STUDIO_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 JOB_TIMEOUT = 300.0  # generous: CI machines are shared; a healthy job takes seconds
 FAST_TRAINING = {"steps": 10, "checkpoint_every": 5, "preview_every": 0}
@@ -95,41 +94,6 @@ class Studio:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
 
-def _worker_env(settings: Settings, training: dict[str, Any]) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("STUDIO_")}
-    env.update({
-        "STUDIO_ENVIRONMENT": "test",
-        "STUDIO_SECRET_KEY": settings.secret_key,
-        "STUDIO_VAR_DIR": str(settings.var_dir),
-        "STUDIO_DATABASE_URL": settings.resolved_database_url,
-        "STUDIO_BROKER_URL": settings.broker_url,
-        "STUDIO_MEDIA_DIR": str(settings.resolved_media_dir),
-        "STUDIO_BASE_MODEL": "tiny",
-        "STUDIO_TRAIN_OVERRIDES": json.dumps(training),
-        "STUDIO_PRIOR_IMAGES": "4",
-        "STUDIO_PRIOR_STEPS": "4",
-        "STUDIO_SAMPLE_STEPS": "4",
-        "STUDIO_HEARTBEAT_SECONDS": "1",
-        "STUDIO_LEASE_SECONDS": "6",
-        "STUDIO_CANCEL_POLL_SECONDS": "0.3",
-        "STUDIO_PROGRESS_WRITE_SECONDS": "0.2",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "2",
-    })
-    return env
-
-
-def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    if worker.poll() is None:
-        # Cold shutdown of the worker we started, by its own process group id.
-        os.killpg(worker.pid, signal.SIGQUIT)
-        try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(timeout=15)
-
-
 def _empty_redis() -> None:
     import redis
 
@@ -155,7 +119,7 @@ def start_studio(settings: Settings, clean_db: Engine, monkeypatch: pytest.Monke
                 [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "-Q", "gpu,cpu",
                  "-c", "1", "-l", "INFO", "-n", f"e2e-{uuid.uuid4().hex[:8]}@localhost", "--without-gossip",
                  "--without-mingle", "--without-heartbeat"],
-                cwd=ROOT, env=_worker_env(values, training or FAST_TRAINING), stdout=log_file,
+                cwd=ROOT, env=worker_env(values, training or FAST_TRAINING), stdout=log_file,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
         studio = Studio(values, sessionmaker(bind=clean_db, expire_on_commit=False),
@@ -165,7 +129,7 @@ def start_studio(settings: Settings, clean_db: Engine, monkeypatch: pytest.Monke
 
     yield start
     for studio in started:
-        _stop_worker(studio.worker)
+        stop_worker(studio.worker)
     if any(studio.settings.broker_url for studio in started):
         _empty_redis()
 
