@@ -24,13 +24,14 @@ from argon2 import PasswordHasher
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from app import security
 from app.accounts import service as accounts_service
 from app.config import Settings
 from app.main import create_app
 from app.models import User
+from app.storage import Storage
 
 PASSWORD = "correct horse battery"
 
@@ -154,3 +155,19 @@ def csrf_token() -> Callable[[TestClient], str]:
         return value
 
     return token
+
+
+@pytest.fixture
+def db(clean_db: Engine) -> Iterator[Session]:
+    """A session for arranging rows; the test commits so the app's own sessions see them."""
+    session = sessionmaker(bind=clean_db, expire_on_commit=False)()
+    yield session
+    session.rollback()
+    session.close()
+
+
+@pytest.fixture
+def app_storage(app: FastAPI) -> Storage:
+    """The storage the app serves from."""
+    storage: Storage = app.state.storage
+    return storage
