@@ -121,6 +121,9 @@
       box.hidden = box.getAttribute("data-outcome") !== status.status;
     });
     setText(root.querySelector("[data-failure-reason]"), status.failure_reason || "It stopped without a reason.");
+    // The worker says which model it loaded once the job starts; the page may predate that.
+    var demoNotice = document.querySelector("[data-demo-notice]");
+    if (demoNotice && status.demo_model) demoNotice.hidden = false;
     if (status.status === "done") {
       var galleryLink = document.querySelector("[data-gallery-link]");
       if (galleryLink) galleryLink.hidden = false;
