@@ -30,7 +30,7 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest
-	STUDIO_TEST_DB=postgres $(BIN)/pytest tests/app tests/worker --ignore=tests/worker/engine
+	STUDIO_TEST_DB=postgres $(BIN)/pytest tests/app tests/worker tests/e2e --ignore=tests/worker/engine
 
 bench: install
 	$(BIN)/python bench/train.py

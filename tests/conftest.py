@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -94,12 +95,19 @@ def settings(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch)
     )
     values.var_dir.mkdir(parents=True, exist_ok=True)
     caches = (config_module.get_settings, db_module.get_engine, db_module.get_sessionmaker, storage_module.get_storage)
-    for cached in caches:
-        cached.cache_clear()
+    reset_caches(caches)
     monkeypatch.setattr(config_module, "get_settings", lambda: values)
     monkeypatch.setattr(db_module, "get_settings", lambda: values)
     monkeypatch.setattr(storage_module, "get_settings", lambda: values)
     yield values
+    reset_caches(caches)
+
+
+def reset_caches(caches: tuple[Any, ...]) -> None:
+    """Forget the cached settings, engine and storage; the engine's pooled connections are closed first
+    (left to the garbage collector, a suite's worth of engines would exhaust PostgreSQL's connections)."""
+    if db_module.get_engine.cache_info().currsize:
+        db_module.get_engine().dispose()
     for cached in caches:
         cached.cache_clear()
 
