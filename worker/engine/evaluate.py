@@ -17,8 +17,10 @@ crop, normalize), the same recipe as the reference processors, so torchvision is
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -228,3 +230,15 @@ def mean_scores(scores: Sequence[Scores]) -> Scores | None:
         clip_i=float(np.mean([s.clip_i for s in scores])),
         clip_t=float(np.mean([s.clip_t for s in scores])),
     )
+
+
+@lru_cache(maxsize=1)
+def default_scorer() -> Scorer | None:
+    """The paper's encoders (DINO ViT-S/16, CLIP ViT-L/14) by hub id, loaded once per process; None,
+    with a warning, where this machine cannot have them (offline, no cache): the gallery then keeps
+    its order instead of a likeness ranking."""
+    try:
+        return Scorer.from_pretrained()
+    except EngineInputError as error:
+        logging.getLogger(__name__).warning("samples will not be scored: %s", error)
+        return None

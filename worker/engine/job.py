@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from worker.engine.errors import EngineInputError
-from worker.engine.evaluate import Scorer, Scores, rank, strip_identifier
+from worker.engine.evaluate import Scorer, Scores, default_scorer, rank, strip_identifier
 from worker.engine.identifiers import choose_identifier, validate_identifier
 from worker.engine.models import BaseModel
 from worker.engine.photos import PhotoProblem, prepare_photos
@@ -241,7 +241,8 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
     # 5. scoring
     scores: list[Scores] = []
     if spec.score:
-        scorer = scorer or (Scorer.random(seed=0) if model.is_demo else None)
+        # The demo model's pictures are noise: real encoders would only spend time on them.
+        scorer = scorer or (Scorer.random(seed=0) if model.is_demo else default_scorer())
     if spec.score and scorer is not None:
         scores = scorer.score([r.path for r in records], prepared.images,
                               [strip_identifier(r.prompt, identifier) for r in records],

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.worker.engine.conftest import make_subject_photo
 from worker.engine.errors import EngineInputError
-from worker.engine.evaluate import Scorer, Scores, mean_scores, preprocess, rank, strip_identifier
+from worker.engine.evaluate import Scorer, Scores, default_scorer, mean_scores, preprocess, rank, strip_identifier
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,19 @@ def test_from_pretrained_loads_saved_encoders_and_scores_the_same(scorer: Scorer
 def test_from_pretrained_names_what_it_could_not_load(tmp_path: Path) -> None:
     with pytest.raises(EngineInputError, match="could not load the scoring models"):
         Scorer.from_pretrained(str(tmp_path / "missing-dino"), str(tmp_path / "missing-clip"))
+
+
+def test_the_default_scorer_is_none_with_a_warning_when_the_encoders_cannot_be_loaded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unavailable(cls: type[Scorer], *args: object, **kwargs: object) -> Scorer:
+        raise EngineInputError("could not load the scoring models: offline")
+
+    monkeypatch.setattr(Scorer, "from_pretrained", classmethod(unavailable))
+    default_scorer.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert default_scorer() is None
+    finally:
+        default_scorer.cache_clear()
+    assert "will not be scored" in caplog.text

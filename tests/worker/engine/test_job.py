@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from worker.engine import job as job_module
 from worker.engine.errors import Cancelled, EngineInputError
 from worker.engine.evaluate import Scorer
 from worker.engine.job import JobSpec, generate_more, job_prompts, run_details, run_job, training_config
@@ -208,3 +210,16 @@ def test_training_shows_previews_by_default_and_honours_the_callers_choice(
 
     spec.train_overrides = {"preview_every": 0}
     assert training_config(spec, tiny_model, ["a photo of qzx dog"]).preview_every == 0
+
+
+def test_a_real_model_is_scored_by_the_papers_encoders_when_the_machine_has_them(
+    tiny_model: BaseModel, subject_photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_model = dataclasses.replace(tiny_model, is_demo=False)
+    monkeypatch.setattr(job_module, "default_scorer", lambda: Scorer.random(seed=5))
+    scored = run_job(_spec(subject_photos, tmp_path, "real", images_per_prompt=1), real_model)
+    assert len(scored.scores) == len(scored.images) and scored.ranking
+
+    monkeypatch.setattr(job_module, "default_scorer", lambda: None)  # offline: no encoders to be had
+    unscored = run_job(_spec(subject_photos, tmp_path, "offline", images_per_prompt=1), real_model)
+    assert unscored.scores == [] and unscored.ranking == [] and len(unscored.images) == 2
