@@ -46,9 +46,10 @@ def get_sessionmaker() -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A session whose transaction commits when the block ends and rolls back on an exception."""
-    session = get_sessionmaker()()
+def session_scope(factory: sessionmaker[Session] | None = None) -> Iterator[Session]:
+    """A session (of ``factory``, default the process's) whose transaction commits when the block ends
+    and rolls back on an exception."""
+    session = (factory or get_sessionmaker())()
     try:
         yield session
         session.commit()
