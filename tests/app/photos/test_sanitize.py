@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from app.config import Settings
 from app.photos.sanitize import (
@@ -239,3 +240,19 @@ def test_spooled_uploads_are_sanitized_and_an_oversized_one_is_never_read(upload
     assert [str(r) for r in batch.rejections] == ["huge.jpg: 3.0 MB is over the 2.0 MB limit"]
     assert good.bytes_read == len(good.getvalue())
     assert oversized.bytes_read == 0
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(upload_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded_sizes: list[tuple[int, int]] = []
+    original_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def recording_draft(self: JpegImagePlugin.JpegImageFile, *args: Any, **kwargs: Any) -> Any:
+        result = original_draft(self, *args, **kwargs)
+        decoded_sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
+    photo = sanitize_upload("big.jpg", factory.make_photo(17, size=(4200, 3000)), upload_settings)
+    # Decoded at 1/2 (both sides stay >= 1024), then resized to the stored maximum.
+    assert decoded_sizes == [(2100, 1500)]
+    assert (photo.width, photo.height) == (MAX_LONG_SIDE, 1463)
