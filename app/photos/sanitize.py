@@ -15,6 +15,7 @@ Torch-free on purpose: the web process imports this (Pillow, pillow-heif and num
 from __future__ import annotations
 
 import io
+import tempfile
 import unicodedata
 import warnings
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from app.config import Settings
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF")
 MIN_SHORT_SIDE = 256  # below this a photo carries too little of the subject to learn from
 DRAFT_SIDE = 1024
+SPOOL_MEMORY = 256 * 1024  # a sanitized photo larger than this waits on disk
 MAX_LONG_SIDE = 2048  # stored photos are downscaled to this; training crops far smaller anyway
 JPEG_QUALITY = 92
 # Variance of the 4-neighbour Laplacian on a grayscale copy whose shorter side is SHARPNESS_SIDE px.
@@ -73,13 +75,26 @@ class PhotoRejected(Exception):
 
 @dataclass(frozen=True)
 class SanitizedPhoto:
-    """A photo re-encoded from its pixels: upright, RGB, at most 2048 px long, JPEG with no metadata."""
+    """A photo re-encoded from its pixels: upright, RGB, at most 2048 px long, JPEG with no metadata.
 
-    jpeg_bytes: bytes
+    The JPEG waits in a spooled temporary file (on disk past SPOOL_MEMORY bytes) until the whole
+    request has been checked, so a request of 20 photos never holds 20 encoded copies in memory.
+    """
+
+    spool: BinaryIO
     width: int
     height: int
     perceptual_hash: str  # 64-bit dHash as 16 hex digits
     original_name: str  # for display only (escaped); never a path or key
+
+    @property
+    def jpeg_bytes(self) -> bytes:
+        self.spool.seek(0)
+        return self.spool.read()
+
+    @property
+    def byte_size(self) -> int:
+        return self.spool.seek(0, io.SEEK_END)
 
 
 @dataclass
@@ -261,10 +276,10 @@ def sanitize_upload(filename: str, data: bytes, settings: Settings) -> Sanitized
         rgb.thumbnail((MAX_LONG_SIDE, MAX_LONG_SIDE), Image.Resampling.LANCZOS)
     # A fresh image from the pixels alone, so no info (EXIF, XMP, ICC, comment) can ride along.
     clean = Image.frombytes("RGB", rgb.size, rgb.tobytes())
-    buffer = io.BytesIO()
-    clean.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115  # outlives this call, closed when collected
+    clean.save(spool, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     return SanitizedPhoto(
-        jpeg_bytes=buffer.getvalue(),
+        spool=spool,  # type: ignore[arg-type]  # SpooledTemporaryFile is a binary file, not a BinaryIO subclass
         width=clean.width,
         height=clean.height,
         perceptual_hash=f"{dhash(clean):016x}",

@@ -260,7 +260,7 @@ def create_studio(
                     original_name=sanitized.original_name,
                     width=sanitized.width,
                     height=sanitized.height,
-                    byte_size=len(sanitized.jpeg_bytes),
+                    byte_size=sanitized.byte_size,
                     perceptual_hash=sanitized.perceptual_hash,
                 )
             )

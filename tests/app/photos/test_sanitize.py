@@ -256,3 +256,11 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale(upload_settings: Settings, m
     # Decoded at 1/2 (both sides stay >= 1024), then resized to the stored maximum.
     assert decoded_sizes == [(2100, 1500)]
     assert (photo.width, photo.height) == (MAX_LONG_SIDE, 1463)
+
+
+def test_sanitized_photos_wait_in_a_spool_that_reads_back_whole(upload_settings: Settings) -> None:
+    photo = sanitize_upload("a.jpg", factory.make_photo(18, size=(1600, 1200)), upload_settings)
+    data = photo.jpeg_bytes
+    assert photo.byte_size == len(data) > 0
+    assert photo.jpeg_bytes == data  # reading again gives the same bytes
+    assert decode(photo).size == (photo.width, photo.height)
