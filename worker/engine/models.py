@@ -34,7 +34,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from worker.engine.errors import EngineInputError
 
 TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny-tokenizer"
-BUILTIN_MODELS = ("tiny", "sd15-arch")
 
 # The noise schedule every SD 1.x checkpoint was trained with.
 SD_SCHEDULE: dict[str, Any] = {
@@ -111,84 +110,79 @@ def tiny_tokenizer() -> CLIPTokenizer:
     )
 
 
-def _tiny_components(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=64,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    return text_encoder, vae, unet
+@dataclass(frozen=True)
+class Architecture:
+    """The sizes of a built-in model. The layer types are SD 1.x's: a CLIP text encoder, a VAE with
+    8x downsampling, and a UNet whose levels all have cross-attention but the deepest."""
+
+    resolution: int
+    text_width: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_vocab: int | None  # None: the tokenizer's own size
+    vae_channels: tuple[int, ...]
+    vae_layers: int
+    vae_groups: int
+    unet_channels: tuple[int, ...]
+    unet_layers: int
 
 
-def _sd15_components(tokenizer: CLIPTokenizer) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
+ARCHITECTURES: dict[str, Architecture] = {
+    "tiny": Architecture(resolution=64, text_width=32, text_intermediate=64, text_layers=2, text_heads=4,
+                         text_vocab=None, vae_channels=(16, 32, 32, 32), vae_layers=1, vae_groups=16,
+                         unet_channels=(32, 64), unet_layers=1),
+    # SD 1.5: CLIP ViT-L/14's text encoder (its 49408-token vocabulary; our tokenizer uses a prefix of
+    # it), the 83.7M-parameter VAE and the 859.5M-parameter UNet.
+    "sd15-arch": Architecture(resolution=512, text_width=768, text_intermediate=3072, text_layers=12, text_heads=12,
+                              text_vocab=49408, vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32,
+                              unet_channels=(320, 640, 1280, 1280), unet_layers=2),
+}
+BUILTIN_MODELS = tuple(ARCHITECTURES)
+
+
+def build_components(arch: Architecture, tokenizer: CLIPTokenizer
+                     ) -> tuple[CLIPTextModel, AutoencoderKL, UNet2DConditionModel]:
+    """Text encoder, VAE and UNet of ``arch`` with random weights from the current RNG, in that order."""
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=49408,  # CLIP ViT-L/14's vocabulary size; our tokenizer uses a prefix of it
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
+            vocab_size=arch.text_vocab or len(tokenizer),
+            hidden_size=arch.text_width,
+            intermediate_size=arch.text_intermediate,
+            num_hidden_layers=arch.text_layers,
+            num_attention_heads=arch.text_heads,
             max_position_embeddings=77,
             hidden_act="quick_gelu",
-            projection_dim=768,
+            projection_dim=arch.text_width,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    vae_levels = len(arch.vae_channels)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+        up_block_types=("UpDecoderBlock2D",) * vae_levels,
+        block_out_channels=arch.vae_channels,
+        layers_per_block=arch.vae_layers,
         latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
+        norm_num_groups=arch.vae_groups,
+        sample_size=arch.resolution,
     )
+    attention_levels = len(arch.unet_channels) - 1
     unet = UNet2DConditionModel(
-        sample_size=64,
+        sample_size=arch.resolution // 8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
+        block_out_channels=arch.unet_channels,
+        layers_per_block=arch.unet_layers,
+        down_block_types=("CrossAttnDownBlock2D",) * attention_levels + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * attention_levels,
+        cross_attention_dim=arch.text_width,
         attention_head_dim=8,
+        norm_num_groups=32,
     )
     return text_encoder, vae, unet
 
@@ -201,11 +195,11 @@ def build_builtin(name: str, seed: int = 0, device: torch.device | None = None,
     if device is None or dtype is None:
         device, dtype = select_device()
     tokenizer = tiny_tokenizer()
-    builder = _tiny_components if name == "tiny" else _sd15_components
+    arch = ARCHITECTURES[name]
     # Build on the CPU under a private RNG so the weights depend on the seed alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder, vae, unet = builder(tokenizer)
+        text_encoder, vae, unet = build_components(arch, tokenizer)
     model = BaseModel(
         spec=name,
         tokenizer=tokenizer,
@@ -213,7 +207,7 @@ def build_builtin(name: str, seed: int = 0, device: torch.device | None = None,
         vae=vae,
         unet=unet,
         noise_scheduler=DDPMScheduler(**SD_SCHEDULE),
-        resolution=64 if name == "tiny" else 512,
+        resolution=arch.resolution,
         fingerprint="",
         device=device,
         dtype=dtype,

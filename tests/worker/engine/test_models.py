@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from worker.engine.errors import EngineInputError
-from worker.engine.models import BaseModel, _sd15_components, build_builtin, load_base_model, tiny_tokenizer
+from worker.engine.models import (
+    ARCHITECTURES,
+    BaseModel,
+    build_builtin,
+    build_components,
+    load_base_model,
+    tiny_tokenizer,
+)
 
 CPU = torch.device("cpu")
 
@@ -59,7 +66,7 @@ def test_fingerprint_is_the_same_in_every_process() -> None:
 def test_sd15_arch_has_the_real_sd15_sizes() -> None:
     # Built on the meta device: the shapes without the 4 GB of weights.
     with torch.device("meta"):
-        text_encoder, vae, unet = _sd15_components(tiny_tokenizer())
+        text_encoder, vae, unet = build_components(ARCHITECTURES["sd15-arch"], tiny_tokenizer())
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(unet) == 859_520_964
     assert count(vae) == 83_653_863
