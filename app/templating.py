@@ -27,6 +27,7 @@ from starlette.responses import Response
 
 from app.config import Settings
 from app.deps import Auth, anonymous_csrf_token, resolve_auth
+from app.jobs.service import format_duration
 from app.security import ANONYMOUS_CSRF_COOKIE, CSRF_FORM_FIELD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,19 +71,6 @@ def format_date(value: datetime | None) -> str:
 def format_datetime(value: datetime | None) -> str:
     """25 Nov 2026, 14:05 UTC."""
     return "" if value is None else f"{value.day} {value:%b %Y, %H:%M} UTC"
-
-
-def format_duration(seconds: float | None) -> str:
-    """A rounded, human duration for ETAs: "under a minute", "about 4 min", "about 1 h 20 min"."""
-    if seconds is None or seconds < 0:
-        return ""
-    if seconds < 60:
-        return "under a minute"
-    minutes = round(seconds / 60)
-    if minutes < 60:
-        return f"about {minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    return f"about {hours} h {minutes} min" if minutes else f"about {hours} h"
 
 
 def _make_templates() -> Jinja2Templates:

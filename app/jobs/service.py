@@ -92,17 +92,23 @@ def plural(noun: str) -> str:
     return " ".join([*words[:-1], plural_last])
 
 
-def format_eta(seconds: float | None) -> str:
-    """ "about 2 min left", "less than a minute left"; empty when unknown."""
+def format_duration(seconds: float | None) -> str:
+    """A rounded, human duration for ETAs: "under a minute", "about 4 min", "about 1 h 20 min"; empty when unknown."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return ""
     if seconds < 60:
-        return "less than a minute left"
+        return "under a minute"
     minutes = round(seconds / 60)
     if minutes < 60:
-        return f"about {minutes} min left"
+        return f"about {minutes} min"
     hours, minutes = divmod(minutes, 60)
-    return f"about {hours} h {minutes} min left" if minutes else f"about {hours} h left"
+    return f"about {hours} h {minutes} min" if minutes else f"about {hours} h"
+
+
+def format_eta(seconds: float | None) -> str:
+    """ "about 2 min left", "under a minute left"; empty when unknown."""
+    duration = format_duration(seconds)
+    return f"{duration} left" if duration else ""
 
 
 def ordinal(position: int) -> str:

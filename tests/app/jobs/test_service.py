@@ -215,7 +215,7 @@ def test_plural(noun: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "expected"),
-    [(None, ""), (30, "less than a minute left"), (130, "about 2 min left"), (3600, "about 1 h left"),
+    [(None, ""), (30, "under a minute left"), (130, "about 2 min left"), (3600, "about 1 h left"),
      (3900, "about 1 h 5 min left"), (float("nan"), "")],
 )
 def test_format_eta(seconds: float | None, expected: str) -> None:
