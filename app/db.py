@@ -14,11 +14,15 @@ from app.config import get_settings
 
 
 def make_engine(url: str, pool_size: int = 10, max_overflow: int = 20) -> Engine:
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    kwargs: dict[str, Any] = {}
     if not url.startswith("sqlite://") or url.startswith("sqlite:///"):
         kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        # A server may have closed an idle connection (restart, failover): test it on checkout.
+        # A SQLite file cannot go stale, and the ping would cost every request a query.
+        kwargs["pool_pre_ping"] = True
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy import select
@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from app.config import Settings
+from app.db import session_scope
 from app.models import ApiToken, User, UserSession, utcnow
 from app.security import (
     ANONYMOUS_CSRF_COOKIE,
@@ -40,6 +41,8 @@ from app.security import (
     tokens_equal,
 )
 from app.storage import Storage
+
+T = TypeVar("T")
 
 # last_used_at of an API token is refreshed at most this often, so reads stay reads.
 TOKEN_TOUCH_INTERVAL = timedelta(minutes=5)
@@ -77,7 +80,7 @@ class Auth:
 # --- settings, session, storage -------------------------------------------------------------------
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was created with (``create_app(settings)``)."""
     settings: Settings = request.app.state.settings
     return settings
@@ -99,17 +102,37 @@ async def get_db_session(request: Request) -> AsyncIterator[Session]:
         session = factory()
         try:
             yield session
-            await run_in_threadpool(session.commit)
         except BaseException:
-            await run_in_threadpool(session.rollback)
+            await run_in_threadpool(rollback_and_close, session)
             # The rollback expired the cached Auth's rows; an error page re-resolves them in a new session.
             request.state.auth = None
             raise
-        finally:
-            await run_in_threadpool(session.close)
+        try:
+            await run_in_threadpool(commit_and_close, session)
+        except BaseException:
+            request.state.auth = None
+            raise
 
 
-def get_app_storage(request: Request) -> Storage:
+def commit_and_close(session: Session) -> None:
+    """Commit and give the connection back, in one trip to the thread pool (each trip costs latency)."""
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def rollback_and_close(session: Session) -> None:
+    try:
+        session.rollback()
+    finally:
+        session.close()
+
+
+async def get_app_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
 
@@ -199,12 +222,12 @@ def get_auth(request: Request, session: SessionDep) -> Auth:
 AuthDep = Annotated[Auth, Depends(get_auth)]
 
 
-def get_optional_user(auth: AuthDep) -> User | None:
+async def get_optional_user(auth: AuthDep) -> User | None:
     """The signed-in user of a page (cookie), or None for a visitor."""
     return auth.user if auth.user_session is not None else None
 
 
-def get_page_user(request: Request, auth: AuthDep) -> User:
+async def get_page_user(request: Request, auth: AuthDep) -> User:
     """The signed-in user of a page; a visitor is sent to /login?next=<this page>."""
     if auth.user is None or auth.user_session is None:
         next_path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -212,7 +235,7 @@ def get_page_user(request: Request, auth: AuthDep) -> User:
     return auth.user
 
 
-def get_api_user(auth: AuthDep) -> User:
+def api_user_of(auth: Auth) -> User:
     """The user of an API request: a bearer token, or the browser's session cookie; 401 otherwise."""
     if auth.user is None:
         detail = "The bearer token is invalid or revoked." if auth.bearer_given else "Not authenticated."
@@ -222,9 +245,37 @@ def get_api_user(auth: AuthDep) -> User:
     return auth.user
 
 
+async def get_api_user(auth: AuthDep) -> User:
+    return api_user_of(auth)
+
+
 OptionalUser = Annotated[User | None, Depends(get_optional_user)]
 PageUser = Annotated[User, Depends(get_page_user)]
 ApiUser = Annotated[User, Depends(get_api_user)]
+
+
+async def run_as_api_user(request: Request, work: Callable[[Session, User], T]) -> T:
+    """``work(session, user)`` for the API user of ``request``, in a single trip to the thread pool.
+
+    For the endpoints browsers poll. A plain route with ``ApiUser`` and ``SessionDep`` makes three
+    trips (who is asking, the handler, the commit), and under load each one waits its turn behind
+    the event loop and the other threads for the GIL: most of a poll's latency is that waiting, not
+    the queries. The rules are the same as ``SessionDep``'s: a session slot, commit on success,
+    rollback when ``work`` raises (an ``HTTPException`` included), 401 without a valid user.
+    """
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    slots: asyncio.Semaphore = request.app.state.session_slots
+
+    def in_thread() -> T:
+        try:
+            with session_scope(factory) as session:
+                return work(session, api_user_of(resolve_auth(request, session)))
+        except BaseException:
+            request.state.auth = None
+            raise
+
+    async with slots:
+        return await run_in_threadpool(in_thread)
 
 
 # --- forms and CSRF -------------------------------------------------------------------------------
@@ -250,7 +301,7 @@ async def read_form(request: Request) -> FormData:
     A form over a limit is a 400 naming it. The route should depend on ``close_form_after_request``
     (``require_csrf`` does) so spooled files are closed.
     """
-    settings = get_app_settings(request)
+    settings: Settings = request.app.state.settings
     return await request.form(
         max_files=settings.max_photos, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_FIELD_BYTES
     )
