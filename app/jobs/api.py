@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from functools import partial
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from sqlalchemy.orm import Session
 from starlette.responses import Response
 
-from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, require_csrf
+from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, require_csrf, run_as_api_user
 from app.galleries.files import file_response
 from app.jobs import repository, service
 from app.jobs.schemas import JobStatus
+from app.models import User
 from app.subjects import repository as subject_repository
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
@@ -20,14 +23,19 @@ SUBJECT_NOT_FOUND = "No such studio."
 
 
 @router.get("/jobs/{job_id:uuid}", response_model=JobStatus)
-def get_job_status(job_id: uuid.UUID, user: ApiUser, session: SessionDep, response: Response) -> JobStatus:
-    """Where a job is. Browsers poll this every second or two: one query for the job and its subject's
-    class noun, one count for the queue position while queued, and no storage calls."""
+async def get_job_status(job_id: uuid.UUID, request: Request, response: Response) -> JobStatus:
+    """Where a job is. Every open studio page polls this every second or two, so it answers in one trip
+    to the thread pool: who is asking, one query for the job and its subject's class noun, one count
+    for the queue position while queued, and no storage calls."""
+    response.headers["Cache-Control"] = "no-store"
+    return await run_as_api_user(request, partial(owned_job_status, job_id=job_id))
+
+
+def owned_job_status(session: Session, user: User, job_id: uuid.UUID) -> JobStatus:
     found = repository.get_job_and_class_noun(session, job_id, user.id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, JOB_NOT_FOUND)
     job, class_noun = found
-    response.headers["Cache-Control"] = "no-store"
     return service.job_status(session, job, class_noun)
 
 

@@ -20,6 +20,7 @@ from app.deps import (
     parse_uuid,
     read_form,
     require_csrf,
+    run_as_api_user,
 )
 from app.main import create_app
 from app.models import User
@@ -34,6 +35,18 @@ def add_user(email: str, session: SessionDep, fail: bool = False) -> dict[str, s
     if fail:
         raise HTTPException(status_code=400, detail="refused after writing")
     return {"email": email}
+
+
+@router.post("/test/one-trip/{email}")
+async def add_user_in_one_trip(email: str, request: Request, fail: bool = False) -> dict[str, str]:
+    def work(session: Session, user: User) -> dict[str, str]:
+        session.add(User(email=email, password_hash="x"))
+        session.flush()
+        if fail:
+            raise HTTPException(status_code=400, detail="refused after writing")
+        return {"email": email, "by": user.email}
+
+    return await run_as_api_user(request, work)
 
 
 @router.get("/test/page")
@@ -87,6 +100,28 @@ def test_a_failed_commit_is_an_error_not_a_success(test_client: TestClient, clea
     # The unique email is only checked at flush/commit: the client must not be told it worked.
     with pytest.raises(Exception, match="UNIQUE|unique"):
         test_client.post("/test/users/same@example.com")
+
+
+def test_one_trip_work_has_the_same_rules_as_a_route(
+    test_client: TestClient, clean_db: Engine, make_user: Callable[..., User],
+    api_headers: Callable[[User], dict[str, str]],
+) -> None:
+    """``run_as_api_user``: 401 without a user, commit on success, rollback on error, a failed commit is an error."""
+    headers = api_headers(make_user("owner@example.com"))
+    refused = test_client.post("/test/one-trip/nobody@example.com")
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == "Bearer"
+    bad_token = test_client.post("/test/one-trip/nobody@example.com", headers={"Authorization": "Bearer nope"})
+    assert bad_token.status_code == 401
+    assert "The bearer token is invalid or revoked." in bad_token.text
+
+    kept = test_client.post("/test/one-trip/kept@example.com", headers=headers)
+    assert kept.json() == {"email": "kept@example.com", "by": "owner@example.com"}
+    assert test_client.post("/test/one-trip/dropped@example.com?fail=true", headers=headers).status_code == 400
+    assert sorted(emails(clean_db)) == ["kept@example.com", "owner@example.com"]
+    with pytest.raises(Exception, match="UNIQUE|unique"):
+        test_client.post("/test/one-trip/kept@example.com", headers=headers)
+    assert sorted(emails(clean_db)) == ["kept@example.com", "owner@example.com"]
 
 
 def test_who_is_asking(
