@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.config import DEFAULT_SECRET_KEY, Settings
-from app.main import create_app
+from app.main import create_app, request_slots
 from tests.app.conftest import page_context, page_template
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +37,27 @@ def test_web_app_does_not_import_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("environment", "frozen"), [("development", True), ("test", False)])
+def test_start_up_objects_are_frozen_outside_tests(tmp_path: Path, environment: str, frozen: bool) -> None:
+    """Full garbage collections walk only what requests made, not the whole app (a 40-75 ms pause each)."""
+    code = (
+        "import gc; from fastapi.testclient import TestClient; from app.main import create_app\n"
+        "with TestClient(create_app()): print(gc.get_freeze_count() > 10_000)"
+    )
+    env = {"PATH": "/usr/bin:/bin", "STUDIO_VAR_DIR": str(tmp_path), "STUDIO_ENVIRONMENT": environment}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(frozen)
+
+
+def test_requests_hold_at_most_the_pool_and_half_of_all_connections() -> None:
+    assert request_slots(10, 20) == 10  # the pool, so steady polling never opens overflow connections
+    assert request_slots(10, 0) == 5  # half, so a request's second session always finds a connection
+    assert request_slots(1, 0) == 1
 
 
 def test_importing_main_creates_no_app() -> None:

@@ -7,7 +7,6 @@ from typing import Any
 
 import anyio.to_thread
 import pytest
-
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 from sqlalchemy.orm import Session
