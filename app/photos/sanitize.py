@@ -131,8 +131,9 @@ def format_megabytes(size: int) -> str:
     return f"{megabytes:.1f} MB" if megabytes < 10 else f"{megabytes:.0f} MB"
 
 
-def _format_hint(data: bytes) -> str:
-    head = data[:16].lstrip()
+def _format_hint(stream: BinaryIO) -> str:
+    stream.seek(0)
+    head = stream.read(16).lstrip()
     for signature, label in _KNOWN_SIGNATURES:
         if head.startswith(signature):
             return f" ({label}?)"
@@ -197,10 +198,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _decode(name: str, data: bytes, settings: Settings) -> Image.Image:
+def _decode(name: str, stream: BinaryIO, settings: Settings) -> Image.Image:
     """Open with the allow-list, check the size before decoding, then decode every pixel."""
     _register_heif()
     limit = f"{settings.max_image_pixels / 1_000_000:.0f} megapixels"
@@ -212,7 +213,8 @@ def _decode(name: str, data: bytes, settings: Settings) -> Image.Image:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning is a refusal here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+            stream.seek(0)
+            image = Image.open(stream, formats=list(ALLOWED_FORMATS))
             width, height = image.size
             if width * height > settings.max_image_pixels:
                 # Checked again by hand: not every plugin (HEIF) runs Pillow's own check.
@@ -231,7 +233,7 @@ def _decode(name: str, data: bytes, settings: Settings) -> Image.Image:
             raise PhotoRejected(name, f"more pixels than the {limit} we accept") from None
         except UnidentifiedImageError:
             raise PhotoRejected(
-                name, f"not an image we can read{_format_hint(data)}; use JPEG, PNG, WebP or HEIC"
+                name, f"not an image we can read{_format_hint(stream)}; use JPEG, PNG, WebP or HEIC"
             ) from None
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             detail = "incomplete (truncated)" if "truncated" in str(exc) else "damaged and cannot be decoded"
@@ -241,28 +243,31 @@ def _decode(name: str, data: bytes, settings: Settings) -> Image.Image:
     return image
 
 
-def sanitize_upload(filename: str, data: bytes, settings: Settings) -> SanitizedPhoto:
+def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> SanitizedPhoto:
     """Decode, check and re-encode one uploaded file, or raise :class:`PhotoRejected` saying why.
 
     Checks, in order: byte size (settings.max_photo_bytes), decodable as JPEG/PNG/WebP/HEIF, pixel
     count (settings.max_image_pixels, decompression bombs), a single frame, fully decodable (not
-    truncated), shorter side at least 256 px after the EXIF orientation, and not too blurry.
+    truncated), shorter side at least 256 px after the EXIF orientation, and not too blurry. A file
+    object is decoded where it lies (the multipart parser's spooled file), never copied whole into memory.
     """
     name = display_name(filename)
-    if not data:
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    size = stream.seek(0, io.SEEK_END)
+    if not size:
         raise PhotoRejected(name, "empty (0 bytes)")
-    if len(data) > settings.max_photo_bytes:
+    if size > settings.max_photo_bytes:
         raise PhotoRejected(
-            name, f"{format_megabytes(len(data))} is over the {format_megabytes(settings.max_photo_bytes)} limit"
+            name, f"{format_megabytes(size)} is over the {format_megabytes(settings.max_photo_bytes)} limit"
         )
-    image = _decode(name, data, settings)
+    image = _decode(name, stream, settings)
     try:
-        upright = ImageOps.exif_transpose(image)
-        rgb = _to_rgb(_to_srgb(upright))
+        # In place: a photo already upright (most are) is not copied.
+        ImageOps.exif_transpose(image, in_place=True)
+        rgb = _to_rgb(_to_srgb(image))
     except (OSError, ValueError, SyntaxError) as exc:
         raise PhotoRejected(name, "damaged and cannot be decoded; try exporting it again") from exc
-    finally:
-        image.close()
+    del image  # with a colour conversion, the decoded original is freed before the copies below
 
     width, height = rgb.size
     if min(width, height) < MIN_SHORT_SIDE:
@@ -275,7 +280,9 @@ def sanitize_upload(filename: str, data: bytes, settings: Settings) -> Sanitized
     if max(width, height) > MAX_LONG_SIDE:
         rgb.thumbnail((MAX_LONG_SIDE, MAX_LONG_SIDE), Image.Resampling.LANCZOS)
     # A fresh image from the pixels alone, so no info (EXIF, XMP, ICC, comment) can ride along.
-    clean = Image.frombytes("RGB", rgb.size, rgb.tobytes())
+    clean = Image.new("RGB", rgb.size)
+    clean.paste(rgb)
+    del rgb
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115  # outlives this call, closed when collected
     clean.save(spool, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     return SanitizedPhoto(
@@ -306,34 +313,16 @@ def near_duplicates(photos: Sequence[SanitizedPhoto]) -> list[PhotoRejected]:
     return refusals
 
 
-def read_upload(filename: str, source: UploadSource, settings: Settings) -> bytes:
-    """The bytes of one upload, read from a file object only up to the size limit.
-
-    An over-size file is refused by its size without ever being held in memory whole.
-    """
-    if isinstance(source, bytes):
-        return source
-    source.seek(0, io.SEEK_END)
-    size = source.tell()
-    if size > settings.max_photo_bytes:
-        raise PhotoRejected(
-            display_name(filename),
-            f"{format_megabytes(size)} is over the {format_megabytes(settings.max_photo_bytes)} limit",
-        )
-    source.seek(0)
-    return source.read()
-
-
 def sanitize_uploads(files: Sequence[tuple[str, UploadSource]], settings: Settings) -> SanitizedBatch:
     """Sanitize every file of one request, collecting every refusal instead of stopping at the first.
 
-    Files are read and re-encoded one at a time, so a request of 20 large photos holds one original
-    in memory at once (plus the small sanitized copies), not all twenty.
+    Files are decoded and re-encoded one at a time, so a request of 20 large photos holds the pixels
+    of one at once (the originals stay in the parser's files, the sanitized copies in their spools).
     """
     batch = SanitizedBatch()
     for filename, source in files:
         try:
-            batch.photos.append(sanitize_upload(filename, read_upload(filename, source, settings), settings))
+            batch.photos.append(sanitize_upload(filename, source, settings))
         except PhotoRejected as refusal:
             batch.rejections.append(refusal)
     batch.rejections.extend(near_duplicates(batch.photos))
