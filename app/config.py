@@ -27,12 +27,15 @@ class Settings(BaseSettings):
     allowed_hosts: list[str] = ["*"]
     cookie_secure: bool = False
     session_days: int = 30
+    # False closes the sign-up page and API: only `studio createuser` makes accounts. For a studio
+    # that others can reach, whose GPUs and storage the operator pays for.
+    signups_open: bool = True
 
     # Data, queue, storage. Empty means "the embedded default under var_dir".
     database_url: str = ""
-    # Connections per process. The web app lets at most half this many requests work at once
-    # (a page may hold two sessions), so a burst waits in the event loop instead of deadlocking
-    # threads that hold connections while others wait for one.
+    # Connections per process. At most pool_size requests (and at most half of all connections,
+    # as a page may hold two sessions) work at once; a burst waits in the event loop instead of
+    # deadlocking threads that hold connections while others wait for one (app.main.request_slots).
     database_pool_size: int = 10
     database_max_overflow: int = 20
     broker_url: str = ""

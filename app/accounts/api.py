@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from app.accounts import repository, service
 from app.accounts.schemas import NewTokenOut, SignupIn, TokenNameIn, TokenOut, TokenRequestIn, UserOut
-from app.deps import ApiUser, SessionDep, client_key, require_csrf
+from app.deps import ApiUser, SessionDep, SettingsDep, client_key, require_csrf
 from app.security import LoginRateLimiter
 
 router = APIRouter(prefix="/api/v1", tags=["accounts"])
@@ -24,10 +24,14 @@ def _new_token_out(created: service.NewApiToken) -> NewTokenOut:
 
 
 @router.post("/auth/signup", status_code=status.HTTP_201_CREATED, response_model=UserOut)
-def api_signup(body: SignupIn, session: SessionDep) -> UserOut:
-    """Create an account. 400 names a bad email or password; 409 when the email is taken."""
+def api_signup(body: SignupIn, session: SessionDep, settings: SettingsDep) -> UserOut:
+    """Create an account. 400 names a bad email or password; 409 when the email is taken; 403 when
+    the operator closed sign-ups."""
     try:
+        service.check_signups_open(settings)
         user = service.sign_up(session, body.email, body.password)
+    except service.SignupsClosed as error:
+        raise HTTPException(status_code=403, detail=error.message) from error
     except service.EmailTaken as error:
         session.rollback()
         raise HTTPException(status_code=409, detail=error.message) from error

@@ -40,10 +40,15 @@ def _signed_in_redirect(
 
 
 @router.get("/signup", name="signup")
-def signup_page(request: Request, user: OptionalUser, next: str = "") -> Response:
+def signup_page(request: Request, user: OptionalUser, settings: SettingsDep, next: str = "") -> Response:
     if user is not None:
         return RedirectResponse(safe_next(next, AFTER_LOGIN), status_code=303)
-    return render(request, "accounts/signup.html", {"errors": [], "email": "", "next": safe_next(next, "")})
+    context = {"errors": [], "email": "", "next": safe_next(next, "")}
+    try:
+        service.check_signups_open(settings)
+    except service.SignupsClosed as closed:
+        return render(request, "accounts/signup.html", {**context, "closed": closed.message})
+    return render(request, "accounts/signup.html", context)
 
 
 @router.post("/signup", dependencies=[Depends(require_csrf)])
@@ -56,10 +61,14 @@ def signup(
     next: FormText = "",
 ) -> Response:
     try:
+        service.check_signups_open(settings)
         user = service.sign_up(session, email, password)
+    except service.SignupsClosed as closed:
+        closed_context = {"errors": [], "email": "", "next": safe_next(next, ""), "closed": closed.message}
+        return render(request, "accounts/signup.html", closed_context, status_code=403)
     except service.AccountError as error:
         session.rollback()
-        context = {"errors": [error.message], "error_field": error.field, "email": email.strip(),
+        context: dict[str, object] = {"errors": [error.message], "error_field": error.field, "email": email.strip(),
                    "next": safe_next(next, "")}
         status = 409 if isinstance(error, service.EmailTaken) else 400
         return render(request, "accounts/signup.html", context, status_code=status)

@@ -44,6 +44,16 @@ class EmailTaken(AccountError):
     pass
 
 
+class SignupsClosed(AccountError):
+    pass
+
+
+def check_signups_open(settings: Settings) -> None:
+    """Raise :class:`SignupsClosed` when the operator closed sign-ups (``STUDIO_SIGNUPS_OPEN=false``)."""
+    if not settings.signups_open:
+        raise SignupsClosed("Sign-ups are closed on this studio. Ask the person who runs it for an account.")
+
+
 def normalize_email(email: str) -> str:
     """Trimmed and lower-cased, so "Ann@Example.com " and "ann@example.com" are one account."""
     return email.strip().lower()

@@ -10,6 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from app.config import Settings
+from app.main import create_app
 from app.models import ApiToken, User, UserSession, utcnow
 from app.security import ANONYMOUS_CSRF_COOKIE, SESSION_COOKIE, hash_token
 from tests.app.conftest import PASSWORD, page_context, page_template
@@ -369,3 +371,32 @@ def test_sign_out_other_devices(client: TestClient, make_user: MakeUser, login: 
         assert tablet.get("/account", follow_redirects=False).status_code == 303
         again = client.post("/account/sessions/end-others", data={"csrf_token": csrf_token(client)})
         assert page_context(again)["flash"].message == "No other device was signed in."
+
+
+def test_closed_sign_ups_say_so_and_create_nothing(settings: Settings, clean_db: Engine, make_user: MakeUser,
+                                                   login: Login) -> None:
+    closed = settings.model_copy(update={"signups_open": False})
+    with TestClient(create_app(closed), base_url="http://testserver") as client:
+        page = client.get("/signup")
+        assert page.status_code == 200
+        assert "Sign-ups are closed on this studio" in page.text
+        assert 'action="/signup"' not in page.text  # no form to fill in for nothing
+        refused = sign_up(client, "late@example.com")
+        assert refused.status_code == 403  # type: ignore[attr-defined]
+        assert "Sign-ups are closed" in refused.text  # type: ignore[attr-defined]
+        api = client.post("/api/v1/auth/signup", json={"email": "api@example.com", "password": PASSWORD})
+        assert api.status_code == 403
+        assert api.json()["detail"].startswith("Sign-ups are closed")
+        # Nowhere does the site invite a visitor to sign up; existing accounts still log in.
+        for path in ("/", "/login"):
+            assert 'href="/signup' not in client.get(path).text, path
+        user = make_user("member@example.com")
+        login(client, user)
+        assert client.get("/studios").status_code == 200
+    with Session(clean_db) as session:
+        assert list(session.scalars(select(User.email))) == ["member@example.com"]
+
+
+def test_open_sign_ups_are_offered(client: TestClient) -> None:
+    for path in ("/", "/login"):
+        assert 'href="/signup' in client.get(path).text, path
