@@ -12,11 +12,13 @@ import asyncio
 import base64
 import gc
 import hashlib
+import importlib.resources
 import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -81,17 +83,25 @@ def content_security_policy(settings: Settings) -> str:
     return "; ".join(directives)
 
 
-SWAGGER_CDN = "https://cdn.jsdelivr.net"
+# Swagger UI's own files, from the fastapi-offline package: the docs page loads nothing from a CDN.
+SWAGGER_ASSETS_DIR = Path(str(importlib.resources.files("fastapi_offline") / "static"))
+SWAGGER_ASSETS_PREFIX = "/static/api-docs"
 INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 
 
 def api_docs_response(openapi_url: str) -> Response:
-    """Swagger UI for the JSON API, with a CSP of its own.
+    """Swagger UI for the JSON API, served from this site, with a CSP of its own.
 
-    The page loads Swagger UI from its CDN and starts it with one inline script. Rather than allow
-    inline scripts, the CSP names that exact script by its SHA-256, so nothing else inline can run.
+    The page starts Swagger UI with one inline script. Rather than allow inline scripts, the CSP
+    names that exact script by its SHA-256, so nothing else inline can run.
     """
-    page = get_swagger_ui_html(openapi_url=openapi_url, title="Photo Studio API")
+    page = get_swagger_ui_html(
+        openapi_url=openapi_url,
+        title="Photo Studio API",
+        swagger_js_url=f"{SWAGGER_ASSETS_PREFIX}/swagger-ui-bundle.js",
+        swagger_css_url=f"{SWAGGER_ASSETS_PREFIX}/swagger-ui.css",
+        swagger_favicon_url="/static/favicon.svg",
+    )
     body = bytes(page.body).decode()
     hashes = " ".join(
         "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
@@ -99,10 +109,10 @@ def api_docs_response(openapi_url: str) -> Response:
     )
     policy = "; ".join([
         "default-src 'self'",
-        f"script-src 'self' {SWAGGER_CDN} {hashes}",
+        f"script-src 'self' {hashes}",
         # Swagger UI sets styles from its script; the page shows no user content.
-        f"style-src 'self' {SWAGGER_CDN} 'unsafe-inline'",
-        "img-src 'self' data: https://fastapi.tiangolo.com",
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data:",
         "object-src 'none'",
         "base-uri 'self'",
         "frame-ancestors 'none'",
@@ -410,6 +420,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(LoginRequired, login_required_handler)
     app.add_exception_handler(Exception, server_error_handler)
 
+    # Before /static, which would otherwise answer these paths.
+    app.mount(SWAGGER_ASSETS_PREFIX, StaticFiles(directory=SWAGGER_ASSETS_DIR), name="api-docs-assets")
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
 
     @app.get("/", include_in_schema=False, name="home")

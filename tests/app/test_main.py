@@ -243,6 +243,13 @@ def test_api_docs_allow_exactly_their_own_inline_script(client: TestClient) -> N
     digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
     assert f"'sha256-{digest}'" in script_src
     assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    # Everything the page loads comes from this site: no CDN sees who reads the docs.
+    assets = re.findall(r'(?:src|href)="([^"]+)"', response.text)
+    assert assets and all(url.startswith("/") and not url.startswith("//") for url in assets), assets
+    assert "http" not in response.headers["content-security-policy"]
+    for url in assets:
+        asset = client.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 100, url
 
 
 def test_openapi_lists_the_accounts_api(client: TestClient) -> None:
