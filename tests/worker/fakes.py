@@ -76,9 +76,19 @@ class FakeEngine:
     preview_every: int = 3
     prior_images: int = 3
     on_step: Callable[[int], None] | None = None
-    fail_with: BaseException | None = None
+    fail_with: BaseException | None = None  # raised halfway through training, or while sampling more
+    fail_times: int | None = None  # how many runs raise ``fail_with``; None: every one
     calls: list[str] = field(default_factory=list)
     started_at_steps: list[int] = field(default_factory=list)
+    inputs_seen: list[TrainingInputs | GenerationInputs] = field(default_factory=list)
+    memory_freed: int = 0
+
+    def _should_fail(self) -> bool:
+        failed_runs = sum(1 for call in self.calls if call.startswith("failed"))
+        return self.fail_with is not None and (self.fail_times is None or failed_runs < self.fail_times)
+
+    def free_memory(self) -> None:
+        self.memory_freed += 1
 
     def load_model(self, spec: str) -> FakeModel:
         self.calls.append(f"load:{spec}")
@@ -87,6 +97,7 @@ class FakeEngine:
     def train(self, inputs: TrainingInputs, model: Any, progress: ProgressCallback,
               should_cancel: CancelCheck) -> FakeResult:
         self.calls.append("train")
+        self.inputs_seen.append(inputs)
         progress(Progress(stage="preparing", step=len(inputs.photos), total=len(inputs.photos)))
         assert all(path.is_file() for path in inputs.photos)
         generated, reused = self._fill_bank(inputs, model, progress)
@@ -96,7 +107,9 @@ class FakeEngine:
         for step in range(start + 1, self.steps + 1):
             if should_cancel():
                 raise Cancelled("cancelled by the caller")
-            if self.fail_with is not None and step == self.steps // 2:
+            if step == self.steps // 2 and self._should_fail():
+                self.calls.append("failed:train")
+                assert self.fail_with is not None
                 raise self.fail_with
             event = Progress(stage="training", step=step, total=self.steps, loss=1.0 / step)
             if self.checkpoint_every and step % self.checkpoint_every == 0:
@@ -155,7 +168,12 @@ class FakeEngine:
     def generate(self, inputs: GenerationInputs, model: Any, progress: ProgressCallback,
                  should_cancel: CancelCheck) -> Sequence[FakeSample]:
         self.calls.append("generate")
+        self.inputs_seen.append(inputs)
         assert (inputs.run_dir / "pytorch_lora_weights.safetensors").is_file()
+        if self._should_fail():
+            self.calls.append("failed:generate")
+            assert self.fail_with is not None
+            raise self.fail_with
         samples = []
         total = len(inputs.prompts) * inputs.images_per_prompt
         for index in range(total):

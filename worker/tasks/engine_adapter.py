@@ -7,10 +7,10 @@ a fake engine with the same shape.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from worker.engine.progress import CancelCheck, ProgressCallback
 
@@ -87,6 +87,7 @@ class TrainingInputs:
     seed: int = 0
     sample_steps: int | None = None
     prior_steps: int | None = None
+    sample_batch_size: int | None = None  # images per sampling call (priors and gallery); None: the engine's
 
 
 @dataclass
@@ -101,6 +102,7 @@ class GenerationInputs:
     out_dir: Path
     seed: int = 0
     sample_steps: int | None = None
+    batch_size: int | None = None  # images per sampling call; None: the engine's
 
 
 class Engine(Protocol):
@@ -111,6 +113,9 @@ class Engine(Protocol):
 
     def generate(self, inputs: GenerationInputs, model: ModelLike, progress: ProgressCallback,
                  should_cancel: CancelCheck) -> Sequence[SampleLike]: ...
+
+    def free_memory(self) -> None:
+        """Give back the memory a failed run left cached (the GPU allocator's cache)."""
 
 
 def default_base_model(configured: str) -> str:
@@ -129,6 +134,64 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if type(exc).__name__ == "OutOfMemoryError":
         return True
     return isinstance(exc, RuntimeError | MemoryError) and "out of memory" in str(exc).lower()
+
+
+Inputs = TypeVar("Inputs")
+Result = TypeVar("Result")
+
+
+def lighter_training(inputs: TrainingInputs) -> tuple[TrainingInputs, list[str]] | None:
+    """The same run with settings that need less GPU memory, and the changes in words; None when
+    there is nothing left to lighten.
+
+    Both changes cost speed, not quality: gradient checkpointing recomputes activations in the
+    backward pass instead of keeping them (same gradients, so the run may resume from a checkpoint
+    of the heavier one), and sampling one image per call instead of a batch.
+    """
+    overrides = dict(inputs.train_overrides)
+    changes = []
+    if not overrides.get("gradient_checkpointing"):
+        overrides["gradient_checkpointing"] = True
+        changes.append("gradient checkpointing")
+    if inputs.sample_batch_size != 1:
+        changes.append("one image per sampling call")
+    if not changes:
+        return None
+    return replace(inputs, train_overrides=overrides, sample_batch_size=1), changes
+
+
+def lighter_generation(inputs: GenerationInputs) -> tuple[GenerationInputs, list[str]] | None:
+    """One image per sampling call instead of a batch; None when it already is."""
+    if inputs.batch_size == 1:
+        return None
+    return replace(inputs, batch_size=1), ["one image per sampling call"]
+
+
+def run_within_memory(
+    run: Callable[[Inputs], Result],
+    inputs: Inputs,
+    lighter: Callable[[Inputs], tuple[Inputs, list[str]] | None],
+    engine: Engine,
+    on_lighter: Callable[[list[str]], None],
+) -> Result:
+    """``run(inputs)``; when the GPU runs out of memory, once more with ``lighter(inputs)``.
+
+    A card that is a little too small for the recipe (an 8–12 GB one) then finishes the job more
+    slowly instead of failing it. Other errors, and running out again, propagate.
+    """
+    try:
+        return run(inputs)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        lightened = lighter(inputs)
+        if lightened is None:
+            raise
+    # Out of the handler first: its traceback kept the failed run's tensors alive.
+    engine.free_memory()
+    lighter_inputs, changes = lightened
+    on_lighter(changes)
+    return run(lighter_inputs)
 
 
 class DiffusersEngine:
@@ -162,6 +225,8 @@ class DiffusersEngine:
             spec_fields["sample_steps"] = inputs.sample_steps
         if inputs.prior_steps is not None:
             spec_fields["prior_steps"] = inputs.prior_steps
+        if inputs.sample_batch_size is not None:
+            spec_fields["batch_size"] = inputs.sample_batch_size
         return run_job(JobSpec(**spec_fields), model, progress=progress,  # type: ignore[arg-type]
                        should_cancel=should_cancel)
 
@@ -172,6 +237,8 @@ class DiffusersEngine:
         extra: dict[str, Any] = {}
         if inputs.sample_steps is not None:
             extra["steps"] = inputs.sample_steps
+        if inputs.batch_size is not None:
+            extra["batch_size"] = inputs.batch_size
         records: Sequence[SampleLike] = generate_more(
             model,  # type: ignore[arg-type]
             inputs.run_dir,
@@ -186,3 +253,12 @@ class DiffusersEngine:
             **extra,
         )
         return records
+
+    def free_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -23,7 +23,14 @@ from worker.celery_app import celery_app
 from worker.engine.errors import Cancelled
 from worker.engine.progress import Progress
 from worker.scratch import scratch_folder
-from worker.tasks.engine_adapter import DiffusersEngine, Engine, GenerationInputs, SampleLike
+from worker.tasks.engine_adapter import (
+    DiffusersEngine,
+    Engine,
+    GenerationInputs,
+    SampleLike,
+    lighter_generation,
+    run_within_memory,
+)
 from worker.tasks.outcomes import JobFailure, end_failed, end_stopped, failure_reason
 from worker.tasks.runtime import LeasedAttempt, StopRun, WorkerContext, claim_job, default_context, is_redelivery
 from worker.tasks.training import template_for
@@ -102,7 +109,14 @@ def _generate(ctx: WorkerContext, engine: Engine, attempt: LeasedAttempt, job: J
         seed=job.id.int % (2**31),
         sample_steps=ctx.settings.sample_steps,
     )
-    records = engine.generate(inputs, model, on_progress, attempt.should_cancel)
+    def on_lighter(changes: list[str]) -> None:
+        log.warning("generation job %s: the GPU ran out of memory; trying again with %s", job.id, ", ".join(changes))
+        attempt.details["memory_fallback"] = changes
+
+    records = run_within_memory(
+        lambda run_inputs: engine.generate(run_inputs, model, on_progress, attempt.should_cancel),
+        inputs, lighter_generation, engine, on_lighter,
+    )
     attempt.raise_if_stopped()
     attempt.write(stage="publishing", step=0, total=len(records), force=True)
     images = [_store(attempt, job, subject, record, request.prompts) for record in records]

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 DIVERGED_REASON = "Training diverged (the loss became NaN); try the fast preset or fewer steps."
 OUT_OF_MEMORY_REASON = (
-    "The GPU ran out of memory while running this job. Try the fast preset or fewer photos; "
-    "if it keeps happening the worker needs a GPU with more memory."
+    "The GPU ran out of memory while running this job, even with lighter settings. Try the fast preset "
+    "or fewer photos; if it keeps happening the worker needs a GPU with more memory."
 )
 STORAGE_REASON = "The studio could not read or write its files (storage error). Please try again later."
 UNKNOWN_REASON = "Something went wrong in the worker while running this job. The error was logged; please try again."

@@ -50,6 +50,8 @@ from worker.tasks.engine_adapter import (
     ScoresLike,
     TrainingInputs,
     default_base_model,
+    lighter_training,
+    run_within_memory,
 )
 from worker.tasks.outcomes import JobFailure, end_failed, end_stopped, failure_reason
 from worker.tasks.prior_bank import pull_banks, push_banks
@@ -164,7 +166,10 @@ class _TrainingRun:
             sample_steps=self.ctx.settings.sample_steps,
             prior_steps=self.ctx.settings.prior_steps,
         )
-        result = self.engine.train(inputs, model, self._on_progress, attempt.should_cancel)
+        result = run_within_memory(
+            lambda run_inputs: self.engine.train(run_inputs, model, self._on_progress, attempt.should_cancel),
+            inputs, lighter_training, self.engine, self._on_lighter,
+        )
 
         with self.ctx.transaction() as session:
             pushed = push_banks(session, self.ctx.storage, bank_root, model.fingerprint)
@@ -213,6 +218,10 @@ class _TrainingRun:
             log.exception("job %s: base model %r failed to load", self.job.id, spec)
             raise JobFailure(f"The base model {spec!r} could not be loaded; ask the studio's operator to check it.") \
                 from exc
+
+    def _on_lighter(self, changes: list[str]) -> None:
+        log.warning("job %s: the GPU ran out of memory; trying again with %s", self.job.id, ", ".join(changes))
+        self.attempt.details["memory_fallback"] = changes
 
     # -- progress ------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from app.models import GeneratedImage, GenerationRequest, Job
 from app.storage import LocalStorage
 from tests.worker.factories import make_job, make_subject, make_user
 from tests.worker.fakes import FakeEngine
+from worker.tasks.engine_adapter import GenerationInputs
 from worker.tasks.generation import run_generation_job
 from worker.tasks.runtime import WorkerContext
 from worker.tasks.training import run_training_job
@@ -54,3 +55,18 @@ def test_generate_more_on_an_untrained_subject_fails_clearly(ctx: WorkerContext,
     with ctx.transaction() as session:
         failed = session.get(Job, job.id)
     assert failed is not None and "no trained model yet" in (failed.failure_reason or "")
+
+
+def test_generate_more_out_of_gpu_memory_goes_on_one_image_at_a_time(ctx: WorkerContext,
+                                                                     storage: LocalStorage) -> None:
+    train_job = trained_subject_job(ctx, storage)
+    job = generate_job(ctx, train_job, ["a photo of {subject} as an astronaut"])
+    engine = FakeEngine(fail_with=RuntimeError("CUDA out of memory."), fail_times=1)
+    assert run_generation_job(job.id, ctx=ctx, engine=engine) == "done"
+    first, second = engine.inputs_seen
+    assert isinstance(first, GenerationInputs) and isinstance(second, GenerationInputs)
+    assert first.batch_size is None and second.batch_size == 1
+    with ctx.transaction() as session:
+        done = session.get(Job, job.id)
+    assert done is not None and done.details["memory_fallback"] == ["one image per sampling call"]
+    assert done.details["images_done"] == 2

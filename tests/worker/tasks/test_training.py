@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -16,6 +18,7 @@ from app.storage.base import subject_prefix
 from tests.worker.factories import make_job, make_subject, make_user
 from tests.worker.fakes import FakeEngine
 from worker.engine.errors import EngineInputError, PhotosUnusable, TrainingDiverged
+from worker.tasks.engine_adapter import TrainingInputs, lighter_training
 from worker.tasks.runtime import WorkerContext
 from worker.tasks.training import rank_images, run_training_job
 
@@ -203,6 +206,49 @@ def test_failures_end_with_a_reason_a_person_understands(ctx: WorkerContext, sto
     assert images == [] and len(photos) == 4 and subject is not None and subject.weights_key is None
     assert subject_files(storage, job, f"jobs/{job.id}/checkpoint/") == [] and "checkpoint" not in failed.details
     assert not (ctx.settings.scratch_dir / str(job.id)).exists()
+
+
+OUT_OF_MEMORY = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_running_out_of_gpu_memory_once_finishes_with_lighter_settings(ctx: WorkerContext,
+                                                                       storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+    engine = FakeEngine(steps=6, checkpoint_every=2, fail_with=OUT_OF_MEMORY, fail_times=1)
+    assert run_training_job(job.id, ctx=ctx, engine=engine) == "done"
+    first, second = engine.inputs_seen
+    assert isinstance(first, TrainingInputs) and isinstance(second, TrainingInputs)
+    assert not first.train_overrides.get("gradient_checkpointing") and first.sample_batch_size is None
+    assert second.train_overrides["gradient_checkpointing"] is True and second.sample_batch_size == 1
+    assert engine.memory_freed == 1
+    assert engine.started_at_steps == [0, 2]  # the lighter run went on from the heavier one's checkpoint
+    done, _subject, images, _photos = load(ctx, job)
+    assert done.details["memory_fallback"] == ["gradient checkpointing", "one image per sampling call"]
+    assert len(images) > 0 and done.attempts == 1
+
+
+def test_running_out_of_memory_again_fails_after_one_lighter_try(ctx: WorkerContext, storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+    engine = FakeEngine(steps=6, fail_with=OUT_OF_MEMORY)
+    assert run_training_job(job.id, ctx=ctx, engine=engine) == "failed"
+    assert engine.calls.count("train") == 2
+    failed, *_ = load(ctx, job)
+    assert (failed.failure_reason or "").startswith("The GPU ran out of memory")
+
+
+def test_other_errors_are_not_retried_lighter(ctx: WorkerContext, storage: LocalStorage) -> None:
+    job = new_job(ctx, storage)
+    engine = FakeEngine(steps=6, fail_with=ValueError("something internal"), fail_times=1)
+    assert run_training_job(job.id, ctx=ctx, engine=engine) == "failed"
+    assert engine.calls.count("train") == 1 and engine.memory_freed == 0
+
+
+def test_nothing_left_to_lighten() -> None:
+    lightest = TrainingInputs(photos=[], class_noun="dog", subject_kind="pet", work_dir=Path("w"), bank_root=Path("b"),
+                              train_overrides={"gradient_checkpointing": True}, sample_batch_size=1)
+    assert lighter_training(lightest) is None
+    lightened = lighter_training(replace(lightest, sample_batch_size=None))
+    assert lightened is not None and lightened[1] == ["one image per sampling call"]
 
 
 def test_missing_photos_fail_the_job_clearly(ctx: WorkerContext, storage: LocalStorage) -> None:
