@@ -135,6 +135,25 @@ def test_a_crashed_job_resumes_training_from_its_checkpoint(
     assert len(read_index(tmp_path / "crash" / "samples")) == 2
 
 
+def test_a_run_goes_on_from_its_checkpoint_with_the_lighter_memory_settings(
+    tiny_model: BaseModel, subject_photos: list[Path], tmp_path: Path
+) -> None:
+    """What the worker does after running out of GPU memory: the same job again with gradient
+    checkpointing and one image per sampling call continues from the heavier run's checkpoint."""
+    overrides = {**FAST_TRAIN, "steps": 3, "checkpoint_every": 1}
+    checkpoints: list[Progress] = []
+    with pytest.raises(Cancelled):
+        run_job(_spec(subject_photos, tmp_path, "oom", train_overrides=overrides), tiny_model,
+                progress=lambda e: checkpoints.append(e) if e.checkpoint else None,
+                should_cancel=lambda: bool(checkpoints))
+    lighter = {**overrides, "gradient_checkpointing": True}
+    spec = _spec(subject_photos, tmp_path, "oom", train_overrides=lighter, batch_size=1, images_per_prompt=1,
+                 score=False)
+    resumed = run_job(spec, tiny_model)
+    assert resumed.train.resumed_from is not None and resumed.train.resumed_from >= 1
+    assert resumed.train.final_step == 3 and len(resumed.images) == 2
+
+
 def test_generate_more_appends_and_checks_the_base_model(
     tiny_model: BaseModel, subject_photos: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
