@@ -260,8 +260,10 @@ async def run_as_api_user(request: Request, work: Callable[[Session, User], T]) 
     For the endpoints browsers poll. A plain route with ``ApiUser`` and ``SessionDep`` makes three
     trips or more (who is asking, the handler, the commit; a sync handler's response is validated
     in another), and under load each one waits its turn behind the event loop and the other
-    threads for the GIL: most of a poll's latency was that waiting, not the queries. The rules are the same as ``SessionDep``'s: a session slot, commit on success,
-    rollback when ``work`` raises (an ``HTTPException`` included), 401 without a valid user.
+    threads for the GIL: most of a poll's latency was that waiting, not the queries.
+
+    The rules are the same as ``SessionDep``'s: a session slot, commit on success, rollback when
+    ``work`` raises (an ``HTTPException`` included), 401 without a valid user.
     """
     factory: sessionmaker[Session] = request.app.state.sessionmaker
     slots: asyncio.Semaphore = request.app.state.session_slots
