@@ -11,9 +11,18 @@ from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, require_csrf
-from app.galleries import repository, service
-from app.galleries.files import file_response, zip_response
-from app.galleries.schemas import FavouriteUpdate, GenerateAccepted, GenerateRequest, ImageGroup, ImageList, ImageOut
+from app.galleries import model_export, repository, service
+from app.galleries.files import file_response, model_download_response, zip_response
+from app.galleries.schemas import (
+    FavouriteUpdate,
+    GenerateAccepted,
+    GenerateRequest,
+    ImageGroup,
+    ImageList,
+    ImageOut,
+    ModelDownloadOut,
+    TrainedModelOut,
+)
 from app.jobs import service as job_service
 from app.models import Subject, User
 from app.subjects import repository as subject_repository
@@ -139,6 +148,39 @@ def download_zip(
     subject = owned_subject(session, subject_id, user)
     images = repository.images_of_subject(session, subject.id, user.id, favourites_only=favourites)
     return zip_response(storage, subject, images)
+
+
+@router.get("/subjects/{subject_id:uuid}/model", response_model=TrainedModelOut)
+def get_trained_model(subject_id: uuid.UUID, user: ApiUser, session: SessionDep) -> TrainedModelOut:
+    """The studio's trained model: what to load it on, the words that call up the subject, and its downloads."""
+    subject = owned_subject(session, subject_id, user)
+    try:
+        model = model_export.require_trained_model(subject)
+    except model_export.NoTrainedModel as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    base = f"/api/v1/subjects/{subject.id}/model"
+    return TrainedModelOut(
+        method=model.method, base_model=model.base_model, demo_model=model.demo_model, trigger=model.trigger,
+        downloads=[ModelDownloadOut(variant=d.variant, label=d.label, filename=d.filename, url=f"{base}/{d.variant}")
+                   for d in model.downloads],
+    )
+
+
+@router.get("/subjects/{subject_id:uuid}/model/{variant}", response_class=Response)
+def download_trained_model(
+    subject_id: uuid.UUID,
+    variant: model_export.DownloadVariant,
+    user: ApiUser,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> Response:
+    """The model file to use elsewhere: ``a1111`` and ``diffusers`` (LoRA studios), or ``zip`` (every weights file)."""
+    subject = owned_subject(session, subject_id, user)
+    try:
+        return model_download_response(storage, settings, subject, variant)
+    except model_export.NoTrainedModel as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
 
 
 @router.delete(

@@ -11,7 +11,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.responses import Response
 
 from app.config import Settings
-from app.galleries import service
+from app.galleries import model_export, service
 from app.galleries.service import open_chunks
 from app.models import GeneratedImage, Subject
 from app.storage import ObjectNotFound, Storage
@@ -50,6 +50,20 @@ def file_response(
         "X-Content-Type-Options": "nosniff",
     }
     return StreamingResponse(chunks, media_type=media_type, headers=headers)
+
+
+def model_download_response(
+    storage: Storage, settings: Settings, subject: Subject, variant: model_export.DownloadVariant
+) -> Response:
+    """One of the studio's model downloads (see app.galleries.model_export); NoTrainedModel when there is none."""
+    model = model_export.require_trained_model(subject)
+    download = model.download(variant)
+    if download.storage_key is not None:
+        return file_response(storage, settings, download.storage_key, "application/octet-stream", download.filename,
+                             "attachment", cache_control="no-store")
+    headers = {"Content-Disposition": content_disposition("attachment", download.filename), "Cache-Control": "no-store"}
+    return StreamingResponse(model_export.iter_model_zip(storage, subject, model), media_type="application/zip",
+                             headers=headers)
 
 
 def zip_response(storage: Storage, subject: Subject, images: list[GeneratedImage]) -> StreamingResponse:

@@ -14,8 +14,8 @@ from starlette.responses import Response
 
 from app.config import Settings
 from app.deps import PageUser, SessionDep, SettingsDep, StorageDep, require_csrf
-from app.galleries import repository, service
-from app.galleries.files import file_response, zip_response
+from app.galleries import model_export, repository, service
+from app.galleries.files import file_response, model_download_response, zip_response
 from app.jobs import repository as job_repository
 from app.models import GeneratedImage, Subject, User
 from app.subjects import repository as subject_repository
@@ -74,6 +74,7 @@ def gallery_context(
         "scored": scored,
         "active_job": active_job,
         "can_generate": subject.weights_key is not None and active_job is None,
+        "trained_model": model_export.trained_model(subject),
         "max_prompts": settings.max_prompts,
         "max_images_per_prompt": settings.max_images_per_prompt,
         "generate_form": {"prompts": "", "images_per_prompt": min(4, settings.max_images_per_prompt)},
@@ -225,6 +226,23 @@ def gallery_zip(
     subject = owned_subject(session, subject_id, user)
     images = repository.images_of_subject(session, subject.id, user.id, favourites_only=favourites)
     return zip_response(storage, subject, images)
+
+
+@router.get("/studios/{subject_id:uuid}/model/{variant}", name="model_download")
+def model_download(
+    subject_id: uuid.UUID,
+    variant: model_export.DownloadVariant,
+    user: PageUser,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> Response:
+    """The trained model to use in other tools (see the gallery's "Your model" card)."""
+    subject = owned_subject(session, subject_id, user)
+    try:
+        return model_download_response(storage, settings, subject, variant)
+    except model_export.NoTrainedModel as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
 
 
 @router.get("/studios/{subject_id:uuid}/delete", name="delete_studio_confirm")

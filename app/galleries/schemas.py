@@ -64,6 +64,21 @@ class ImageGroup(BaseModel):
     images: list[ImageOut]
 
 
+class ModelDownloadOut(BaseModel):
+    variant: str = Field(description="a1111 (kohya-format LoRA), diffusers (LoRA for load_lora_weights) or zip")
+    label: str
+    filename: str
+    url: str
+
+
+class TrainedModelOut(BaseModel):
+    method: str = Field(description="lora or full")
+    base_model: str = Field(description="what to load the weights on: a hub id, a path, or tiny (the demo model)")
+    demo_model: bool = Field(description="trained on the built-in demo model, which exists only in this studio")
+    trigger: str = Field(description='the words that call up the subject in a prompt, e.g. "qzx dog"')
+    downloads: list[ModelDownloadOut]
+
+
 class ImageList(BaseModel):
     subject_id: uuid.UUID
     count: int

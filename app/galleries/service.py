@@ -304,13 +304,15 @@ def open_chunks(storage: Storage, key: str) -> Iterator[bytes]:
     return rest()
 
 
-def iter_zip(storage: Storage, entries: list[ZipEntry], about: dict[str, Any]) -> Iterator[bytes]:
+def iter_zip(
+    storage: Storage, entries: list[ZipEntry], about: dict[str, Any], listing: str = "images"
+) -> Iterator[bytes]:
     """A ZIP archive of ``entries`` plus a manifest.json, produced piece by piece.
 
-    Memory stays flat however large the gallery: each image is read with ``storage.iter_chunks`` and
-    every chunk leaves as soon as zipfile has framed it. Images are stored (PNGs do not compress);
-    ZIP64 records are written when the archive passes 4 GiB or 65,535 entries. ``about`` goes into the
-    manifest next to the list of images.
+    Memory stays flat however large the archive: each file is read with ``storage.iter_chunks`` and
+    every chunk leaves as soon as zipfile has framed it. Files are stored (PNGs and weights do not
+    compress); ZIP64 records are written when the archive passes 4 GiB or 65,535 entries. ``about``
+    goes into the manifest next to the entries' manifests, listed under ``listing``.
     """
     import zipfile
 
@@ -336,7 +338,7 @@ def iter_zip(storage: Storage, entries: list[ZipEntry], about: dict[str, Any]) -
             if data := sink.drain():
                 yield data
             included.append(entry.manifest)
-        manifest = {**about, "images": included, "missing": missing}
+        manifest = {**about, listing: included, "missing": missing}
         archive.writestr("manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
     yield sink.drain()
 

@@ -60,6 +60,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("PATCH", "/api/v1/images/{image_id:uuid}"): Case(json={"favourite": True}),
     ("POST", "/api/v1/subjects/{subject_id:uuid}/generate"): Case(json={"prompts": ["in the snow"]}),
     ("GET", "/api/v1/subjects/{subject_id:uuid}/download.zip"): Case(),
+    ("GET", "/api/v1/subjects/{subject_id:uuid}/model"): Case(),
+    ("GET", "/api/v1/subjects/{subject_id:uuid}/model/{variant}"): Case(),
     ("DELETE", "/api/v1/subjects/{subject_id:uuid}"): Case(),
     ("GET", "/studios/{subject_id:uuid}/gallery"): Case(),
     ("GET", "/studios/{subject_id:uuid}/images/{image_id:uuid}"): Case(),
@@ -68,6 +70,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/studios/{subject_id:uuid}/images/{image_id:uuid}/favourite"): Case(form={"favourite": "true"}),
     ("POST", "/studios/{subject_id:uuid}/generate"): Case(form={"prompts": "in the snow", "images_per_prompt": "1"}),
     ("GET", "/studios/{subject_id:uuid}/download.zip"): Case(),
+    ("GET", "/studios/{subject_id:uuid}/model/{variant}"): Case(),
     ("GET", "/studios/{subject_id:uuid}/delete"): Case(),
     ("POST", "/studios/{subject_id:uuid}/delete"): Case(form={}),
 }
@@ -136,6 +139,7 @@ def owned(app: FastAPI, clean_db: Engine, make_user: Callable[..., User],
             "image_id": str(image.id),
             "token_id": str(token.id),
             "index": "0",
+            "variant": "zip",
         }
     return Owned(owner=owner, ids=ids, owner_headers=owner_headers)
 

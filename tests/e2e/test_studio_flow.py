@@ -10,6 +10,7 @@ With STUDIO_SCREENSHOTS=DIR the main pages are saved there as PNGs (docs/screens
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -149,6 +150,14 @@ def test_a_person_creates_follows_downloads_and_deletes_a_studio(
             names = archive.namelist()
             assert "manifest.json" in names
             assert len([name for name in names if name.endswith(".png")]) == images.count()
+
+            # The trained LoRA, as AUTOMATIC1111 and ComfyUI load it: kohya-ss names in a safetensors file.
+            expect(page.locator("#model")).to_contain_text("demo model")
+            with page.expect_download() as model_download:
+                page.click("#model a[href$='/model/a1111']")
+            lora = Path(model_download.value.path()).read_bytes()
+            header = json.loads(lora[8:8 + int.from_bytes(lora[:8], "little")])
+            assert any(name.startswith("lora_unet_") for name in header), list(header)[:5]
 
             page.goto(studio_url + "/delete")
             shots(page, "delete")

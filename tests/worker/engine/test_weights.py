@@ -170,3 +170,11 @@ def test_missing_weights_are_reported(tiny_model: BaseModel, tmp_path: Path) -> 
         load_trained_pipeline(tiny_model, tmp_path)
     with pytest.raises(EngineInputError, match=LORA_WEIGHTS_FILE):
         lora_deltas_from_diffusers(tmp_path)
+
+
+def test_the_web_app_offers_the_files_a_run_writes() -> None:
+    """The gallery's model downloads name these files without importing the engine (no torch in the web)."""
+    from app.galleries import model_export
+
+    assert model_export.KOHYA_LORA_FILE == KOHYA_LORA_FILE
+    assert model_export.DIFFUSERS_LORA_FILE == LORA_WEIGHTS_FILE
