@@ -43,6 +43,7 @@ class JobStatus(BaseModel):
     preview_urls: list[str]
     failure_reason: str | None
     demo_model: bool = Field(description="the job ran on the built-in demo model: noise-like pictures")
+    notes: list[str] = Field(default_factory=list, description="things worth knowing about this run, as sentences")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -139,6 +139,17 @@ def loss_history(details: dict[str, Any]) -> list[float]:
     return values
 
 
+MEMORY_FALLBACK_NOTE = (
+    "The GPU ran out of memory, so this job went on with lighter settings: slower, with the same result."
+)
+
+
+def job_notes(job: Job) -> list[str]:
+    """Sentences about how the run went that a person would want to know (from the worker's details)."""
+    details = job.details or {}
+    return [MEMORY_FALLBACK_NOTE] if details.get("memory_fallback") else []
+
+
 def is_demo_model(job: Job) -> bool:
     details = job.details or {}
     return bool(details.get("demo_model")) or details.get("base_model") == "tiny"
@@ -339,6 +350,7 @@ def describe_job(job: Job, class_noun: str, position: int | None) -> JobStatus:
         preview_urls=preview_urls(job),
         failure_reason=job.failure_reason,
         demo_model=is_demo_model(job),
+        notes=job_notes(job),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

@@ -62,6 +62,17 @@
     box.hidden = urls.length === 0;
   }
 
+  function updateNotes(root, notes) {
+    var list = root.querySelector("[data-notes]");
+    if (!list) return;
+    list.replaceChildren.apply(list, notes.map(function (note) {
+      var item = document.createElement("li");
+      item.textContent = note;
+      return item;
+    }));
+    list.hidden = notes.length === 0;
+  }
+
   function updateSteps(root, stages) {
     stages.forEach(function (stage) {
       var item = root.querySelector('[data-step="' + stage.key + '"]');
@@ -114,6 +125,7 @@
       setText(root.querySelector("[data-started]"), new Date(status.started_at).toLocaleString());
     }
     updatePreviews(root, status.preview_urls || []);
+    updateNotes(root, status.notes || []);
 
     var cancelForm = root.querySelector("[data-cancel-form]");
     if (cancelForm) cancelForm.hidden = status.finished || status.cancel_requested;

@@ -37,6 +37,7 @@ def test_status_of_a_training_job(client: TestClient, db: Session, make_user: Ca
     assert body["queue_position"] is None
     assert body["finished"] is False
     assert 0.2 < body["fraction"] < 0.8
+    assert body["notes"] == []
     assert response.headers["cache-control"] == "no-store"
 
 

@@ -180,6 +180,13 @@ def test_status_carries_previews_losses_and_the_demo_flag(db_session: Session, s
     assert status.preview_urls[0] != status.preview_urls[1].replace("/1?", "/0?")
 
 
+def test_a_run_that_went_on_lighter_says_so(db_session: Session) -> None:
+    job = make_job(db_session, make_subject(db_session, make_user(db_session)), status="running", stage="training")
+    assert service.describe_job(job, "dog", None).notes == []
+    job.details = {"memory_fallback": ["gradient checkpointing", "one image per sampling call"]}
+    assert service.describe_job(job, "dog", None).notes == [service.MEMORY_FALLBACK_NOTE]
+
+
 def test_repository_scopes_jobs_to_their_owner(db_session: Session) -> None:
     alice, bob = make_user(db_session), make_user(db_session)
     subject = make_subject(db_session, alice)

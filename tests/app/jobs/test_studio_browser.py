@@ -91,6 +91,11 @@ def test_studio_page_follows_the_job_until_done(
     expect(page.locator("[data-preview-grid] img")).to_have_js_property("naturalWidth", 64)  # the preview loaded
     expect(page.locator("[data-sparkline-line]")).to_have_attribute("points", re.compile(r"\d"))  # the loss history
     expect(page.locator("[data-cancel-form]")).to_be_visible()
+    expect(page.locator("[data-notes]")).to_be_hidden()
+
+    update_job(clean_db, job.id, step=21, details={"demo_model": True, "loss_history": [0.5, 0.4, 0.3, 0.25],
+                                                   "memory_fallback": ["gradient checkpointing"]})
+    expect(page.locator("[data-notes]")).to_contain_text("The GPU ran out of memory", timeout=10000)
 
     with Session(clean_db) as session:
         make_image(session, storage, session.merge(subject), session.merge(job))
