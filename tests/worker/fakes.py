@@ -18,7 +18,8 @@ from PIL import Image
 
 from worker.engine.errors import Cancelled
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback
-from worker.tasks.engine_adapter import GenerationInputs, TrainingInputs
+from worker.engine.spec import JobSpec
+from worker.tasks.engine_adapter import GenerationInputs
 
 
 @dataclass
@@ -80,7 +81,7 @@ class FakeEngine:
     fail_times: int | None = None  # how many runs raise ``fail_with``; None: every one
     calls: list[str] = field(default_factory=list)
     started_at_steps: list[int] = field(default_factory=list)
-    inputs_seen: list[TrainingInputs | GenerationInputs] = field(default_factory=list)
+    inputs_seen: list[JobSpec | GenerationInputs] = field(default_factory=list)
     memory_freed: int = 0
 
     def _should_fail(self) -> bool:
@@ -94,7 +95,7 @@ class FakeEngine:
         self.calls.append(f"load:{spec}")
         return FakeModel(spec=spec, fingerprint=f"fp-{spec}")
 
-    def train(self, inputs: TrainingInputs, model: Any, progress: ProgressCallback,
+    def train(self, inputs: JobSpec, model: Any, progress: ProgressCallback,
               should_cancel: CancelCheck) -> FakeResult:
         self.calls.append("train")
         self.inputs_seen.append(inputs)
@@ -140,7 +141,7 @@ class FakeEngine:
                           images=samples, scores=scores, prior_generated=generated, prior_reused=reused,
                           train=FakeTrain(final_step=self.steps, resumed_from=start or None))
 
-    def _fill_bank(self, inputs: TrainingInputs, model: Any, progress: ProgressCallback) -> tuple[int, int]:
+    def _fill_bank(self, inputs: JobSpec, model: Any, progress: ProgressCallback) -> tuple[int, int]:
         key = f"bank-{model.fingerprint}-{inputs.class_noun}"
         folder = inputs.bank_root / key
         folder.mkdir(parents=True, exist_ok=True)

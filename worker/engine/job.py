@@ -24,24 +24,24 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from worker.engine.errors import EngineInputError
 from worker.engine.evaluate import Scorer, Scores, default_scorer, rank, strip_identifier
 from worker.engine.identifiers import choose_identifier, validate_identifier
 from worker.engine.models import BaseModel
 from worker.engine.photos import PhotoProblem, prepare_photos
-from worker.engine.priors import DEFAULT_NEGATIVE, fill_prior_bank
+from worker.engine.priors import fill_prior_bank
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, check_cancel
 from worker.engine.recipes import recipe
 from worker.engine.sample import (
-    DEFAULT_SAMPLE_NEGATIVE,
     INDEX_FILE,
     SampleRecord,
     expand_prompts,
     pack_templates,
     sample_images,
 )
+from worker.engine.spec import DEFAULT_SAMPLE_NEGATIVE, JobSpec
 from worker.engine.train import TrainConfig, TrainResult, train
 from worker.engine.weights import load_trained_pipeline, read_run_file
 
@@ -62,41 +62,6 @@ def instance_prompt_for(identifier: str, class_noun: str) -> str:
 
 def class_prompt_for(class_noun: str) -> str:
     return f"a photo of a {class_noun}"
-
-
-@dataclass
-class JobSpec:
-    """What a person asked for: their photos, what the subject is, and how to train and sample.
-
-    ``train_overrides`` are :class:`TrainConfig` fields that replace the recipe's values
-    (``method``, ``steps``, ``learning_rate``, ``rank``, ...). ``prior_images`` (None: the recipe's
-    ``num_class_images``), ``resolution`` (None: the base model's) and ``seed`` win over both.
-    ``prompts`` are free prompts; ``{subject}`` marks where "[V] [class noun]" goes. ``guidance``
-    and ``sample_steps`` are the gallery's; ``prior_*`` the class-prior bank's (they key the bank).
-    """
-
-    photos: list[Path]
-    class_noun: str
-    subject_kind: Literal["pet", "person"]
-    work_dir: Path
-    bank_root: Path
-    quality: str = "balanced"
-    train_overrides: dict[str, Any] = field(default_factory=dict)
-    prior_images: int | None = None
-    pack: str | None = None
-    prompts: list[str] = field(default_factory=list)
-    images_per_prompt: int = 4
-    identifier: str | None = None
-    seed: int = 0
-    resolution: int | None = None
-    sample_steps: int = 25
-    guidance: float = 7.5
-    score: bool = True
-    prior_steps: int = 25
-    prior_guidance: float = 7.5  # kept apart from ``guidance``: it is part of the bank's key
-    prior_negative_prompt: str = DEFAULT_NEGATIVE
-    sample_negative_prompt: str = DEFAULT_SAMPLE_NEGATIVE
-    batch_size: int = 4  # images per sampling call, for the priors and the gallery
 
 
 @dataclass

@@ -36,9 +36,9 @@ from PIL import Image
 from worker.engine.errors import EngineError, EngineInputError
 from worker.engine.models import BaseModel
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
+from worker.engine.spec import DEFAULT_NEGATIVE
 
 SAMPLER_NAME = "dpmsolver++"
-DEFAULT_NEGATIVE = "blurry, low quality, deformed, watermark, text, cropped, out of frame"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
 IMAGE_SUFFIX = ".png"

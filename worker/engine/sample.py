@@ -33,11 +33,11 @@ from PIL.PngImagePlugin import PngInfo
 from worker.engine.errors import EngineInputError
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
 from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, expand, normalize_free_prompt
+from worker.engine.spec import DEFAULT_SAMPLE_NEGATIVE
 
 PROMPT_PACKS: dict[str, tuple[str, ...]] = {name: pack.prompts for name, pack in STYLE_PACKS.items()}
 PACK_KINDS: dict[str, str] = {name: pack.kind for name, pack in STYLE_PACKS.items()}
 DEFAULT_PACKS: dict[str, str] = {str(kind): name for kind, name in DEFAULT_PACK.items()}
-DEFAULT_SAMPLE_NEGATIVE = "blurry, low quality, deformed, watermark, text"
 INDEX_FILE = "index.json"
 SAMPLE_PATTERN = re.compile(r"^sample-(\d+)\.png$")
 

@@ -8,13 +8,12 @@ a fake engine with the same shape.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from worker.engine.progress import CancelCheck, ProgressCallback
-
-SubjectKind = Literal["pet", "person"]
+from worker.engine.spec import JobSpec
 
 
 class ModelLike(Protocol):
@@ -70,27 +69,6 @@ class JobResultLike(Protocol):
 
 
 @dataclass
-class TrainingInputs:
-    """Everything one training run needs, in the worker's terms (converted to the engine's JobSpec)."""
-
-    photos: list[Path]
-    class_noun: str
-    subject_kind: SubjectKind
-    work_dir: Path
-    bank_root: Path
-    quality: str = "balanced"
-    train_overrides: dict[str, Any] = field(default_factory=dict)
-    prior_images: int | None = None
-    pack: str | None = None
-    prompts: list[str] = field(default_factory=list)
-    images_per_prompt: int = 4
-    seed: int = 0
-    sample_steps: int | None = None
-    prior_steps: int | None = None
-    sample_batch_size: int | None = None  # images per sampling call (priors and gallery); None: the engine's
-
-
-@dataclass
 class GenerationInputs:
     """A "generate more" run on trained weights."""
 
@@ -108,7 +86,7 @@ class GenerationInputs:
 class Engine(Protocol):
     def load_model(self, spec: str) -> ModelLike: ...
 
-    def train(self, inputs: TrainingInputs, model: ModelLike, progress: ProgressCallback,
+    def train(self, spec: JobSpec, model: ModelLike, progress: ProgressCallback,
               should_cancel: CancelCheck) -> JobResultLike: ...
 
     def generate(self, inputs: GenerationInputs, model: ModelLike, progress: ProgressCallback,
@@ -140,7 +118,7 @@ Inputs = TypeVar("Inputs")
 Result = TypeVar("Result")
 
 
-def lighter_training(inputs: TrainingInputs) -> tuple[TrainingInputs, list[str]] | None:
+def lighter_training(spec: JobSpec) -> tuple[JobSpec, list[str]] | None:
     """The same run with settings that need less GPU memory, and the changes in words; None when
     there is nothing left to lighten.
 
@@ -148,16 +126,16 @@ def lighter_training(inputs: TrainingInputs) -> tuple[TrainingInputs, list[str]]
     backward pass instead of keeping them (same gradients, so the run may resume from a checkpoint
     of the heavier one), and sampling one image per call instead of a batch.
     """
-    overrides = dict(inputs.train_overrides)
+    overrides = dict(spec.train_overrides)
     changes = []
     if not overrides.get("gradient_checkpointing"):
         overrides["gradient_checkpointing"] = True
         changes.append("gradient checkpointing")
-    if inputs.sample_batch_size != 1:
+    if spec.batch_size != 1:
         changes.append("one image per sampling call")
     if not changes:
         return None
-    return replace(inputs, train_overrides=overrides, sample_batch_size=1), changes
+    return replace(spec, train_overrides=overrides, batch_size=1), changes
 
 
 def lighter_generation(inputs: GenerationInputs) -> tuple[GenerationInputs, list[str]] | None:
@@ -203,32 +181,11 @@ class DiffusersEngine:
         model: ModelLike = load_base_model(spec)
         return model
 
-    def train(self, inputs: TrainingInputs, model: ModelLike, progress: ProgressCallback,
+    def train(self, spec: JobSpec, model: ModelLike, progress: ProgressCallback,
               should_cancel: CancelCheck) -> JobResultLike:
-        from worker.engine.job import JobSpec, run_job
+        from worker.engine.job import run_job
 
-        spec_fields: dict[str, Any] = {
-            "photos": inputs.photos,
-            "class_noun": inputs.class_noun,
-            "subject_kind": inputs.subject_kind,
-            "work_dir": inputs.work_dir,
-            "bank_root": inputs.bank_root,
-            "quality": inputs.quality,
-            "train_overrides": dict(inputs.train_overrides),
-            "prior_images": inputs.prior_images,
-            "pack": inputs.pack,
-            "prompts": list(inputs.prompts),
-            "images_per_prompt": inputs.images_per_prompt,
-            "seed": inputs.seed,
-        }
-        if inputs.sample_steps is not None:
-            spec_fields["sample_steps"] = inputs.sample_steps
-        if inputs.prior_steps is not None:
-            spec_fields["prior_steps"] = inputs.prior_steps
-        if inputs.sample_batch_size is not None:
-            spec_fields["batch_size"] = inputs.sample_batch_size
-        return run_job(JobSpec(**spec_fields), model, progress=progress,  # type: ignore[arg-type]
-                       should_cancel=should_cancel)
+        return run_job(spec, model, progress=progress, should_cancel=should_cancel)  # type: ignore[arg-type]
 
     def generate(self, inputs: GenerationInputs, model: ModelLike, progress: ProgressCallback,
                  should_cancel: CancelCheck) -> Sequence[SampleLike]:

@@ -40,6 +40,7 @@ from worker.celery_app import celery_app
 from worker.engine.errors import Cancelled
 from worker.engine.progress import Progress
 from worker.engine.prompts import STYLE_PACKS, expand, subject_kind
+from worker.engine.spec import JobSpec
 from worker.scratch import scratch_folder
 from worker.tasks.engine_adapter import (
     DiffusersEngine,
@@ -48,7 +49,6 @@ from worker.tasks.engine_adapter import (
     ModelLike,
     SampleLike,
     ScoresLike,
-    TrainingInputs,
     default_base_model,
     lighter_training,
     run_within_memory,
@@ -150,25 +150,29 @@ class _TrainingRun:
         log.info("job %s: prior bank synced from storage (%d banks, %d files)", self.job.id, pulled.banks, pulled.files)
         attempt.raise_if_stopped()
 
-        inputs = TrainingInputs(
+        settings = self.ctx.settings
+        job_spec = JobSpec(
             photos=photo_paths,
             class_noun=self.subject.class_noun,
             subject_kind=subject_kind(self.subject.kind),
             work_dir=self.work_dir,
             bank_root=bank_root,
             quality=self.subject.quality,
-            train_overrides=dict(self.ctx.settings.train_overrides),
-            prior_images=self.ctx.settings.prior_images,
+            train_overrides=dict(settings.train_overrides),
+            prior_images=settings.prior_images,
             pack=self.subject.style_pack or None,
             prompts=list(self.subject.prompts or []),
             images_per_prompt=self.subject.images_per_prompt,
             seed=_seed_of(self.job.id),
-            sample_steps=self.ctx.settings.sample_steps,
-            prior_steps=self.ctx.settings.prior_steps,
         )
+        # The operator's step counts when set; otherwise the engine's defaults.
+        if settings.sample_steps is not None:
+            job_spec.sample_steps = settings.sample_steps
+        if settings.prior_steps is not None:
+            job_spec.prior_steps = settings.prior_steps
         result = run_within_memory(
-            lambda run_inputs: self.engine.train(run_inputs, model, self._on_progress, attempt.should_cancel),
-            inputs, lighter_training, self.engine, self._on_lighter,
+            lambda run_spec: self.engine.train(run_spec, model, self._on_progress, attempt.should_cancel),
+            job_spec, lighter_training, self.engine, self._on_lighter,
         )
 
         with self.ctx.transaction() as session:

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from worker.engine import job as engine_job
+from worker.engine.spec import JobSpec
 from worker.tasks.engine_adapter import (
     DiffusersEngine,
     GenerationInputs,
-    TrainingInputs,
     lighter_generation,
     lighter_training,
 )
@@ -20,8 +20,8 @@ from worker.tasks.engine_adapter import (
 def test_lighter_training_reaches_the_job_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
     monkeypatch.setattr(engine_job, "run_job", lambda spec, model, **kwargs: seen.setdefault("spec", spec))
-    inputs = TrainingInputs(photos=[tmp_path / "a.jpg"], class_noun="dog", subject_kind="pet",
-                            work_dir=tmp_path / "work", bank_root=tmp_path / "bank")
+    inputs = JobSpec(photos=[tmp_path / "a.jpg"], class_noun="dog", subject_kind="pet",
+                     work_dir=tmp_path / "work", bank_root=tmp_path / "bank")
     lightened = lighter_training(inputs)
     assert lightened is not None
     DiffusersEngine().train(lightened[0], object(), lambda event: None, lambda: False)  # type: ignore[arg-type]

@@ -18,7 +18,8 @@ from app.storage.base import subject_prefix
 from tests.worker.factories import make_job, make_subject, make_user
 from tests.worker.fakes import FakeEngine
 from worker.engine.errors import EngineInputError, PhotosUnusable, TrainingDiverged
-from worker.tasks.engine_adapter import TrainingInputs, lighter_training
+from worker.engine.spec import JobSpec
+from worker.tasks.engine_adapter import lighter_training
 from worker.tasks.runtime import WorkerContext
 from worker.tasks.training import rank_images, run_training_job
 
@@ -217,9 +218,9 @@ def test_running_out_of_gpu_memory_once_finishes_with_lighter_settings(ctx: Work
     engine = FakeEngine(steps=6, checkpoint_every=2, fail_with=OUT_OF_MEMORY, fail_times=1)
     assert run_training_job(job.id, ctx=ctx, engine=engine) == "done"
     first, second = engine.inputs_seen
-    assert isinstance(first, TrainingInputs) and isinstance(second, TrainingInputs)
-    assert not first.train_overrides.get("gradient_checkpointing") and first.sample_batch_size is None
-    assert second.train_overrides["gradient_checkpointing"] is True and second.sample_batch_size == 1
+    assert isinstance(first, JobSpec) and isinstance(second, JobSpec)
+    assert not first.train_overrides.get("gradient_checkpointing") and first.batch_size == 4
+    assert second.train_overrides["gradient_checkpointing"] is True and second.batch_size == 1
     assert engine.memory_freed == 1
     assert engine.started_at_steps == [0, 2]  # the lighter run went on from the heavier one's checkpoint
     done, _subject, images, _photos = load(ctx, job)
@@ -244,10 +245,10 @@ def test_other_errors_are_not_retried_lighter(ctx: WorkerContext, storage: Local
 
 
 def test_nothing_left_to_lighten() -> None:
-    lightest = TrainingInputs(photos=[], class_noun="dog", subject_kind="pet", work_dir=Path("w"), bank_root=Path("b"),
-                              train_overrides={"gradient_checkpointing": True}, sample_batch_size=1)
+    lightest = JobSpec(photos=[], class_noun="dog", subject_kind="pet", work_dir=Path("w"), bank_root=Path("b"),
+                       train_overrides={"gradient_checkpointing": True}, batch_size=1)
     assert lighter_training(lightest) is None
-    lightened = lighter_training(replace(lightest, sample_batch_size=None))
+    lightened = lighter_training(replace(lightest, batch_size=4))
     assert lightened is not None and lightened[1] == ["one image per sampling call"]
 
 
