@@ -75,10 +75,12 @@ def worker(studio_settings: Settings, tmp_path: Path) -> Iterator[subprocess.Pop
 def shots() -> Callable[..., None]:
     folder = os.environ.get("STUDIO_SCREENSHOTS")
 
-    def shoot(page: object, name: str, full_page: bool = True) -> None:
+    def shoot(target: object, name: str, full_page: bool = True) -> None:
+        """A page (whole, or its first screenful) or one element of it (a Playwright locator)."""
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=full_page)  # type: ignore[attr-defined]
+            options = {"full_page": full_page} if hasattr(target, "goto") else {}
+            target.screenshot(path=str(Path(folder) / f"{name}.png"), **options)  # type: ignore[attr-defined]
 
     return shoot
 
@@ -153,6 +155,7 @@ def test_a_person_creates_follows_downloads_and_deletes_a_studio(
 
             # The trained LoRA, as AUTOMATIC1111 and ComfyUI load it: kohya-ss names in a safetensors file.
             expect(page.locator("#model")).to_contain_text("demo model")
+            shots(page.locator("#model"), "model")
             with page.expect_download() as model_download:
                 page.click("#model a[href$='/model/a1111']")
             lora = Path(model_download.value.path()).read_bytes()
