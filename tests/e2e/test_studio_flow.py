@@ -136,6 +136,8 @@ def test_a_person_creates_follows_downloads_and_deletes_a_studio(
             expect(label).to_have_text(re.compile("Training step|Failed|ready|Done"), timeout=150_000)
             assert "Failed" not in label.inner_text()
             expect(page.locator("[data-demo-notice]")).to_be_visible()  # the worker runs the tiny demo model
+            # Live previews of the model being trained appear on the page as training goes.
+            expect(page.locator("[data-preview-grid] img").first).to_be_visible(timeout=150_000)
             shots(page, "studio")
             expect(page.locator("[data-outcome=done]")).to_be_visible(timeout=180_000)
             assert page.url == studio_url
