@@ -222,17 +222,51 @@ def get_auth(request: Request, session: SessionDep) -> Auth:
 AuthDep = Annotated[Auth, Depends(get_auth)]
 
 
+async def get_auth_briefly(request: Request) -> Auth:
+    """Who is asking, looked up in a session of its own that is closed again before this returns.
+
+    For the routes that go on to read a large body (photo uploads) and open their own session for
+    the work afterwards (:func:`run_in_request_session`). With ``SessionDep`` the request would
+    keep a session slot and a connection while a phone sends 200 MB, and a handful of slow uploads
+    would stall every other request of the process. The user it holds is detached: read its
+    columns, do not follow its relationships.
+    """
+    cached: Auth | None = getattr(request.state, "auth", None)
+    if cached is not None:
+        return cached
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    slots: asyncio.Semaphore = request.app.state.session_slots
+
+    def lookup() -> Auth:
+        with session_scope(factory) as session:
+            return resolve_auth(request, session)
+
+    async with slots:
+        return await run_in_threadpool(lookup)
+
+
+BriefAuthDep = Annotated[Auth, Depends(get_auth_briefly)]
+
+
 async def get_optional_user(auth: AuthDep) -> User | None:
     """The signed-in user of a page (cookie), or None for a visitor."""
     return auth.user if auth.user_session is not None else None
 
 
-async def get_page_user(request: Request, auth: AuthDep) -> User:
+def page_user_of(request: Request, auth: Auth) -> User:
     """The signed-in user of a page; a visitor is sent to /login?next=<this page>."""
     if auth.user is None or auth.user_session is None:
         next_path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequired(next_path)
     return auth.user
+
+
+async def get_page_user(request: Request, auth: AuthDep) -> User:
+    return page_user_of(request, auth)
+
+
+async def get_page_user_briefly(request: Request, auth: BriefAuthDep) -> User:
+    return page_user_of(request, auth)
 
 
 def api_user_of(auth: Auth) -> User:
@@ -249,9 +283,36 @@ async def get_api_user(auth: AuthDep) -> User:
     return api_user_of(auth)
 
 
+async def get_api_user_briefly(auth: BriefAuthDep) -> User:
+    return api_user_of(auth)
+
+
 OptionalUser = Annotated[User | None, Depends(get_optional_user)]
 PageUser = Annotated[User, Depends(get_page_user)]
 ApiUser = Annotated[User, Depends(get_api_user)]
+
+
+async def run_in_request_session(request: Request, work: Callable[[Session, Auth], T]) -> T:
+    """``work(session, auth)`` in a session of its own, in a single trip to the thread pool.
+
+    The rules are ``SessionDep``'s: a session slot, commit when ``work`` returns, rollback when it
+    raises (an ``HTTPException`` included). Who is asking is looked up again in this session, so
+    ``work`` gets rows it may follow and change.
+    """
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    slots: asyncio.Semaphore = request.app.state.session_slots
+
+    def in_thread() -> T:
+        request.state.auth = None
+        try:
+            with session_scope(factory) as session:
+                return work(session, resolve_auth(request, session))
+        except BaseException:
+            request.state.auth = None
+            raise
+
+    async with slots:
+        return await run_in_threadpool(in_thread)
 
 
 async def run_as_api_user(request: Request, work: Callable[[Session, User], T]) -> T:
@@ -265,19 +326,7 @@ async def run_as_api_user(request: Request, work: Callable[[Session, User], T]) 
     The rules are the same as ``SessionDep``'s: a session slot, commit on success, rollback when
     ``work`` raises (an ``HTTPException`` included), 401 without a valid user.
     """
-    factory: sessionmaker[Session] = request.app.state.sessionmaker
-    slots: asyncio.Semaphore = request.app.state.session_slots
-
-    def in_thread() -> T:
-        try:
-            with session_scope(factory) as session:
-                return work(session, api_user_of(resolve_auth(request, session)))
-        except BaseException:
-            request.state.auth = None
-            raise
-
-    async with slots:
-        return await run_in_threadpool(in_thread)
+    return await run_in_request_session(request, lambda session, auth: work(session, api_user_of(auth)))
 
 
 # --- forms and CSRF -------------------------------------------------------------------------------
@@ -335,6 +384,17 @@ async def require_csrf(
     with a bearer token are exempt: a browser never attaches one on its own, so another site
     cannot forge them.
     """
+    await check_csrf(request, auth)
+
+
+async def require_csrf_briefly(
+    request: Request, auth: BriefAuthDep, _form_cleanup: Annotated[None, Depends(close_form_after_request)]
+) -> None:
+    """:func:`require_csrf` for the routes that look up who is asking with :func:`get_auth_briefly`."""
+    await check_csrf(request, auth)
+
+
+async def check_csrf(request: Request, auth: Auth) -> None:
     if auth.bearer_given:
         return
     given = request.headers.get(CSRF_HEADER)

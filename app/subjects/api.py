@@ -5,15 +5,22 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, get_api_user, require_csrf
+from app.deps import (
+    ApiUser,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    get_api_user_briefly,
+    require_csrf_briefly,
+    run_as_api_user,
+)
 from app.galleries.files import file_response
-from app.models import SUBJECT_KINDS, Job, Photo, Subject
+from app.models import SUBJECT_KINDS, Job, Photo, Subject, User
 from app.subjects import repository, service
 from app.subjects.forms import UploadDep, read_studio_upload
 from app.subjects.schemas import (
@@ -166,8 +173,8 @@ def owned_subject(session: Session, owner_id: uuid.UUID, subject_id: uuid.UUID) 
     status_code=status.HTTP_201_CREATED,
     response_model=StudioCreated,
     # Who is asking first (no parsing for strangers), then the upload with the studio's limits, then
-    # the CSRF check, which reads that same cached parse.
-    dependencies=[Depends(get_api_user), Depends(read_studio_upload), Depends(require_csrf)],
+    # the CSRF check, which reads that same cached parse. No session is held while the body arrives.
+    dependencies=[Depends(get_api_user_briefly), Depends(read_studio_upload), Depends(require_csrf_briefly)],
     openapi_extra={"requestBody": CREATE_STUDIO_BODY},
     responses={
         413: {"description": "More photos, or a bigger request, than allowed"},
@@ -175,19 +182,18 @@ def owned_subject(session: Session, owner_id: uuid.UUID, subject_id: uuid.UUID) 
         429: {"description": "Too many studios in training; see Retry-After"},
     },
 )
-async def create_subject(
-    upload: UploadDep, user: ApiUser, session: SessionDep, storage: StorageDep, settings: SettingsDep
-) -> Response:
+async def create_subject(request: Request, upload: UploadDep, storage: StorageDep, settings: SettingsDep) -> Response:
     """Create a studio from multipart fields (name, kind, class_noun, style_pack, prompts (repeated or one
     per line), images_per_prompt, quality, consent) and 3–20 ``photos`` files; training is queued."""
 
-    def create() -> StudioCreated:
+    def create(session: Session, user: User) -> StudioCreated:
         subject, job = service.create_studio(session, storage, settings, user, upload.form, upload.files)
         return StudioCreated(subject=subject_detail(session, subject), job=job_summary(job))
 
     try:
-        # Decoding and re-encoding photos is CPU work, and the queries block: keep both off the event loop.
-        created = await run_in_threadpool(create)
+        # Decoding and re-encoding photos is CPU work, and the queries block: both run off the event loop,
+        # in a session opened only now that the whole body has arrived.
+        created = await run_as_api_user(request, create)
     except service.TooManyActiveJobs as error:
         return JSONResponse(
             {"detail": str(error)},

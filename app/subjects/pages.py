@@ -7,12 +7,23 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from app.config import Settings
-from app.deps import PageUser, SessionDep, SettingsDep, StorageDep, get_page_user, require_csrf
+from app.deps import (
+    Auth,
+    PageUser,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    get_page_user_briefly,
+    page_user_of,
+    require_csrf_briefly,
+    run_in_request_session,
+)
 from app.galleries.files import file_response
+from app.models import Subject
 from app.photos.sanitize import format_megabytes
 from app.subjects import repository, service
 from app.subjects.forms import StudioUpload, UploadDep, read_studio_upload
@@ -144,23 +155,22 @@ def _with_class_noun(upload: StudioUpload) -> StudioUpload:
     "/studios",
     name="create_studio",
     # Who is asking first (no parsing for strangers), then the upload with the studio's limits, then
-    # the CSRF check, which reads that same cached parse.
-    dependencies=[Depends(get_page_user), Depends(read_studio_upload), Depends(require_csrf)],
+    # the CSRF check, which reads that same cached parse. No session is held while the body arrives.
+    dependencies=[Depends(get_page_user_briefly), Depends(read_studio_upload), Depends(require_csrf_briefly)],
 )
-async def create_studio(
-    request: Request,
-    user: PageUser,
-    session: SessionDep,
-    storage: StorageDep,
-    settings: SettingsDep,
-    upload: UploadDep,
-) -> Response:
+async def create_studio(request: Request, storage: StorageDep, settings: SettingsDep, upload: UploadDep) -> Response:
     """The form's post: 303 to the new studio, or the form again (422/413/429) listing every problem."""
     upload = _with_class_noun(upload)
-    try:
-        subject, _job = await run_in_threadpool(
-            service.create_studio, session, storage, settings, user, upload.form, upload.files
+
+    def create(session: Session, auth: Auth) -> Subject:
+        subject, _job = service.create_studio(
+            session, storage, settings, page_user_of(request, auth), upload.form, upload.files
         )
+        return subject
+
+    try:
+        # In a session opened only now that the whole body has arrived (see app.deps.get_auth_briefly).
+        subject = await run_in_request_session(request, create)
     except service.TooManyActiveJobs as error:
         context = new_studio_context(settings, upload.values, message=str(error))
         return render(

@@ -1,15 +1,21 @@
-"""A burst of requests larger than the connection pool is served, not deadlocked.
+"""Requests that wait do not stall the others.
 
-Sync handlers run in a thread pool and keep their connection across thread hops until the
-session dependency commits; without a bound on sessions in flight, threads waiting for a
-connection starve the requests that hold one (see app.deps.get_db_session).
+- A burst of requests larger than the connection pool is served, not deadlocked: sync handlers run
+  in a thread pool and keep their connection across thread hops until the session dependency
+  commits; without a bound on sessions in flight, threads waiting for a connection starve the
+  requests that hold one (see app.deps.get_db_session).
+- A photo upload whose body is still arriving holds no session: with a single session slot, other
+  requests are answered while it trickles in (see app.deps.get_auth_briefly).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import uvicorn
@@ -19,8 +25,12 @@ from app.config import Settings
 from app.main import create_app
 from tests.app.conftest import free_port
 
+CREDENTIALS = {"email": "burst@example.com", "password": "correct horse battery"}
 
-def test_a_burst_bigger_than_the_pool_is_served(settings: Settings, clean_db: Engine) -> None:
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The app under a real uvicorn on loopback, with only one connection in the pool and one spare."""
     tiny_pool = settings.model_copy(update={"database_pool_size": 1, "database_max_overflow": 1})
     server = uvicorn.Server(uvicorn.Config(create_app(tiny_pool), host="127.0.0.1", port=free_port(),
                                            log_level="warning"))
@@ -30,11 +40,22 @@ def test_a_burst_bigger_than_the_pool_is_served(settings: Settings, clean_db: En
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.config.port}"
     try:
-        credentials = {"email": "burst@example.com", "password": "correct horse battery"}
-        assert httpx.post(f"{url}/api/v1/auth/signup", json=credentials).status_code == 201
-        token = httpx.post(f"{url}/api/v1/auth/token", json=credentials).json()["token"]
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def bearer_token(url: str) -> str:
+    assert httpx.post(f"{url}/api/v1/auth/signup", json=CREDENTIALS).status_code == 201
+    token: str = httpx.post(f"{url}/api/v1/auth/token", json=CREDENTIALS).json()["token"]
+    return token
+
+
+def test_a_burst_bigger_than_the_pool_is_served(settings: Settings, clean_db: Engine) -> None:
+    with serving(settings) as url:
+        token = bearer_token(url)
 
         async def burst() -> list[int]:
             async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=15) as client:
@@ -42,6 +63,23 @@ def test_a_burst_bigger_than_the_pool_is_served(settings: Settings, clean_db: En
             return [response.status_code for response in responses]
 
         assert asyncio.run(burst()) == [200] * 60
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+
+
+def test_a_slow_upload_holds_no_session_while_its_body_arrives(settings: Settings, clean_db: Engine) -> None:
+    with serving(settings) as url:
+        token = bearer_token(url)
+        port = int(url.rsplit(":", 1)[1])
+        boundary = "studio-test-boundary"
+        first_part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nRex\r\n"
+                      f"--{boundary}\r\nContent-Disposition: form-data; name=\"photos\"; filename=\"a.jpg\"\r\n"
+                      "Content-Type: image/jpeg\r\n\r\n").encode()
+        head = (f"POST /api/v1/subjects HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {10 * 1024 * 1024}\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", port)) as upload:
+            # A phone on a slow line: the headers and the start of the body, and the rest not yet.
+            upload.sendall(head.encode() + first_part + b"\xff\xd8" + b"\x00" * 4096)
+            time.sleep(0.5)  # the server has authenticated the upload and is waiting for its body
+            started = time.monotonic()
+            other = httpx.get(f"{url}/api/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            assert other.status_code == 200
+            assert time.monotonic() - started < 5, "another request waited for the upload's session"
