@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--port", type=int, default=8000)
     web.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     web.add_argument("--workers", type=int, default=1,
-                     help="web processes (each keeps its own login rate limits); not with --reload")
+                     help="web processes (they share the database, sign-in limits included); not with --reload")
 
     commands.add_parser("worker", help="run a Celery worker; options go to celery (default -Q gpu,cpu)",
                         add_help=False)

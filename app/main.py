@@ -46,7 +46,6 @@ from app.galleries import api as galleries_api
 from app.galleries import pages as galleries_pages
 from app.jobs import api as jobs_api
 from app.jobs import pages as jobs_pages
-from app.security import LoginRateLimiter
 from app.subjects import api as subjects_api
 from app.subjects import pages as subjects_pages
 from app.templating import STATIC_DIR, render
@@ -408,7 +407,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_slots = asyncio.Semaphore(request_slots(settings.database_pool_size,
                                                               settings.database_max_overflow))
     app.state.storage = _storage(settings)
-    app.state.login_limiter = LoginRateLimiter()
 
     # add_middleware wraps: the last added runs first, so security headers land on every answer.
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)

@@ -1,4 +1,4 @@
-"""Security primitives of the web app: password hashing, random tokens, redirect targets, login rate limits.
+"""Security primitives of the web app: password hashing, random tokens, redirect targets.
 
 Nothing here touches the database or the request: the accounts service and the dependencies in
 ``app.deps`` build on these.
@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import secrets
-import threading
-import time
-from collections import deque
 from urllib.parse import urlsplit
 
 from argon2 import PasswordHasher
@@ -96,65 +92,3 @@ def safe_next(target: str | None, default: str = "/") -> str:
     if parts.scheme or parts.netloc:
         return default
     return target
-
-
-class LoginRateLimiter:
-    """Failed sign-in attempts per client key (an IP address) in a sliding window, kept in memory.
-
-    In memory is enough for one web process; behind several processes each counts on its own,
-    which still bounds guessing to ``max_failures`` × processes per window.
-    """
-
-    # Past this many tracked clients, expired entries are swept, so rotating addresses cannot grow memory forever.
-    SWEEP_ABOVE_KEYS = 10_000
-
-    def __init__(self, max_failures: int = 10, window_seconds: float = 300.0) -> None:
-        if max_failures < 1:
-            raise ValueError(f"max_failures must be at least 1, got {max_failures}")
-        if window_seconds <= 0:
-            raise ValueError(f"window_seconds must be positive, got {window_seconds}")
-        self.max_failures = max_failures
-        self.window_seconds = window_seconds
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def _prune(self, key: str, now: float) -> deque[float]:
-        failures = self._failures.get(key, deque())
-        while failures and failures[0] <= now - self.window_seconds:
-            failures.popleft()
-        if failures:
-            self._failures[key] = failures
-        else:
-            self._failures.pop(key, None)
-        return failures
-
-    def retry_after(self, key: str, now: float | None = None) -> int | None:
-        """Seconds until ``key`` may try again, or None when it may try now."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            failures = self._prune(key, now)
-            if len(failures) < self.max_failures:
-                return None
-            # The oldest failure that still counts has to leave the window.
-            oldest = failures[len(failures) - self.max_failures]
-            return max(1, math.ceil(oldest + self.window_seconds - now))
-
-    def record_failure(self, key: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            failures = self._prune(key, now)
-            failures.append(now)
-            self._failures[key] = failures
-            if len(self._failures) > self.SWEEP_ABOVE_KEYS:
-                for other in list(self._failures):
-                    self._prune(other, now)
-
-    def tracked_keys(self) -> int:
-        """How many clients have failures in memory (for tests and monitoring)."""
-        with self._lock:
-            return len(self._failures)
-
-    def reset(self, key: str) -> None:
-        """Forget ``key``'s failures (after a successful sign-in)."""
-        with self._lock:
-            self._failures.pop(key, None)

@@ -8,10 +8,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from app.accounts import repository, service
+from app.accounts import repository, service, throttle
 from app.accounts.schemas import NewTokenOut, SignupIn, TokenNameIn, TokenOut, TokenRequestIn, UserOut
 from app.deps import ApiUser, SessionDep, SettingsDep, client_key, require_csrf
-from app.security import LoginRateLimiter
 
 router = APIRouter(prefix="/api/v1", tags=["accounts"])
 
@@ -44,9 +43,8 @@ def api_signup(body: SignupIn, session: SessionDep, settings: SettingsDep) -> Us
 @router.post("/auth/token", status_code=status.HTTP_201_CREATED, response_model=NewTokenOut)
 def api_token(body: TokenRequestIn, request: Request, session: SessionDep) -> Response | NewTokenOut:
     """Exchange an email and password for a new bearer token (shown once). Failed attempts are rate limited."""
-    limiter: LoginRateLimiter = request.app.state.login_limiter
-    key = client_key(request)
-    retry_after = limiter.retry_after(key)
+    counters = [(throttle.CLIENT, client_key(request)), (throttle.ACCOUNT, body.email)]
+    retry_after = throttle.retry_after(session, counters)
     if retry_after is not None:
         return JSONResponse(
             {"detail": f"Too many failed attempts. Try again in {retry_after} seconds."},
@@ -54,9 +52,10 @@ def api_token(body: TokenRequestIn, request: Request, session: SessionDep) -> Re
         )
     user = service.authenticate(session, body.email, body.password)
     if user is None:
-        limiter.record_failure(key)
+        # Counted in a transaction of its own: this 401 rolls the request's transaction back.
+        throttle.record_failure(request.app.state.sessionmaker, counters)
         raise HTTPException(status_code=401, detail=service.LOGIN_FAILED_MESSAGE)
-    limiter.reset(key)
+    throttle.reset(session, counters[:1])
     try:
         created = service.create_api_token(session, user, body.name)
     except service.AccountError as error:

@@ -10,12 +10,12 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
-from app.accounts import repository, service
+from app.accounts import repository, service, throttle
 from app.accounts.cookies import clear_session_cookie, set_session_cookie
 from app.config import Settings
 from app.deps import AuthDep, OptionalUser, PageUser, SessionDep, SettingsDep, client_key, require_csrf
 from app.models import User
-from app.security import LoginRateLimiter, safe_next
+from app.security import safe_next
 from app.templating import redirect_with_flash, render
 
 router = APIRouter(include_in_schema=False)
@@ -24,9 +24,8 @@ AFTER_LOGIN = "/studios"
 FormText = Annotated[str, Form()]
 
 
-def _limiter(request: Request) -> LoginRateLimiter:
-    limiter: LoginRateLimiter = request.app.state.login_limiter
-    return limiter
+def _sign_in_counters(request: Request, email: str) -> list[throttle.Counter]:
+    return [(throttle.CLIENT, client_key(request)), (throttle.ACCOUNT, email)]
 
 
 def _signed_in_redirect(
@@ -91,20 +90,20 @@ def login(
     password: FormText = "",
     next: FormText = "",
 ) -> Response:
-    limiter = _limiter(request)
-    key = client_key(request)
+    counters = _sign_in_counters(request, email)
     context = {"email": email.strip(), "next": safe_next(next, "")}
-    retry_after = limiter.retry_after(key)
+    retry_after = throttle.retry_after(session, counters)
     if retry_after is not None:
         message = f"Too many failed attempts. Try again in {retry_after} seconds."
         return render(request, "accounts/login.html", {**context, "errors": [message]}, status_code=429,
                       headers={"Retry-After": str(retry_after)})
     user = service.authenticate(session, email, password)
     if user is None:
-        limiter.record_failure(key)
+        throttle.record_failure(request.app.state.sessionmaker, counters)
         return render(request, "accounts/login.html", {**context, "errors": [service.LOGIN_FAILED_MESSAGE]},
                       status_code=400)
-    limiter.reset(key)
+    # This address starts afresh; the account's count stays, or a botnet's one success would clear it.
+    throttle.reset(session, counters[:1])
     return _signed_in_redirect(request, session, settings, user, next, "Welcome back!")
 
 
@@ -164,10 +163,9 @@ def change_password(
     current_password: FormText = "",
     new_password: FormText = "",
 ) -> Response:
-    limiter = _limiter(request)
-    # Counted per account as well as per address: a stolen cookie must not allow guessing the password.
-    key = f"password:{user.id}"
-    retry_after = limiter.retry_after(key)
+    # Counted per account: a stolen cookie must not allow guessing the password.
+    counters = [(throttle.PASSWORD_CHANGE, str(user.id))]
+    retry_after = throttle.retry_after(session, counters)
     if retry_after is not None:
         message = f"Too many wrong attempts. Try again in {retry_after} seconds."
         return _account_page(request, session, user, status_code=429, password_errors=[message])
@@ -176,10 +174,10 @@ def change_password(
     except service.AccountError as error:
         session.rollback()
         if error.field == "current_password":
-            limiter.record_failure(key)
+            throttle.record_failure(request.app.state.sessionmaker, counters)
         return _account_page(request, session, user, status_code=400, password_errors=[error.message],
                              password_error_field=error.field)
-    limiter.reset(key)
+    throttle.reset(session, counters)
     others = f" {ended} other device{'s' if ended != 1 else ''} signed out." if ended else ""
     return redirect_with_flash(request, "/account", f"Your password is changed.{others}")
 

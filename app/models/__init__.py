@@ -4,7 +4,7 @@ from app.models.base import Base, utcnow
 from app.models.image import GeneratedImage, PriorBank
 from app.models.job import ACTIVE_STATUSES, JOB_STAGES, JOB_STATUSES, GenerationRequest, Job
 from app.models.subject import SUBJECT_KINDS, Photo, Subject
-from app.models.user import ApiToken, User, UserSession
+from app.models.user import ApiToken, LoginFailure, User, UserSession
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -16,6 +16,7 @@ __all__ = [
     "GeneratedImage",
     "GenerationRequest",
     "Job",
+    "LoginFailure",
     "Photo",
     "PriorBank",
     "Subject",
