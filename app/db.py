@@ -56,9 +56,25 @@ def session_scope(factory: sessionmaker[Session] | None = None) -> Iterator[Sess
     session = (factory or get_sessionmaker())()
     try:
         yield session
+    except BaseException:
+        rollback_and_close(session)
+        raise
+    commit_and_close(session)
+
+
+def commit_and_close(session: Session) -> None:
+    """Commit (rolling back if the commit fails) and give the connection back to the pool."""
+    try:
         session.commit()
     except BaseException:
         session.rollback()
         raise
+    finally:
+        session.close()
+
+
+def rollback_and_close(session: Session) -> None:
+    try:
+        session.rollback()
     finally:
         session.close()

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from app.config import Settings
-from app.db import session_scope
+from app.db import commit_and_close, rollback_and_close, session_scope
 from app.models import ApiToken, User, UserSession, utcnow
 from app.security import (
     ANONYMOUS_CSRF_COOKIE,
@@ -108,28 +108,11 @@ async def get_db_session(request: Request) -> AsyncIterator[Session]:
             request.state.auth = None
             raise
         try:
+            # Commit and close in one trip to the thread pool: each trip costs latency under load.
             await run_in_threadpool(commit_and_close, session)
         except BaseException:
             request.state.auth = None
             raise
-
-
-def commit_and_close(session: Session) -> None:
-    """Commit and give the connection back, in one trip to the thread pool (each trip costs latency)."""
-    try:
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
-
-
-def rollback_and_close(session: Session) -> None:
-    try:
-        session.rollback()
-    finally:
-        session.close()
 
 
 async def get_app_storage(request: Request) -> Storage:

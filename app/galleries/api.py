@@ -176,11 +176,7 @@ def download_trained_model(
     settings: SettingsDep,
 ) -> Response:
     """The model file to use elsewhere: ``a1111`` and ``diffusers`` (LoRA studios), or ``zip`` (every weights file)."""
-    subject = owned_subject(session, subject_id, user)
-    try:
-        return model_download_response(storage, settings, subject, variant)
-    except model_export.NoTrainedModel as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    return model_download_response(storage, settings, owned_subject(session, subject_id, user), variant)
 
 
 @router.delete(

@@ -55,9 +55,12 @@ def file_response(
 def model_download_response(
     storage: Storage, settings: Settings, subject: Subject, variant: model_export.DownloadVariant
 ) -> Response:
-    """One of the studio's model downloads (see app.galleries.model_export); NoTrainedModel when there is none."""
-    model = model_export.require_trained_model(subject)
-    download = model.download(variant)
+    """One of the studio's model downloads (see app.galleries.model_export); 404 when there is none."""
+    try:
+        model = model_export.require_trained_model(subject)
+        download = model.download(variant)
+    except model_export.NoTrainedModel as error:
+        raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=str(error)) from None
     if download.storage_key is not None:
         return file_response(storage, settings, download.storage_key, "application/octet-stream", download.filename,
                              "attachment", cache_control="no-store")

@@ -238,11 +238,7 @@ def model_download(
     settings: SettingsDep,
 ) -> Response:
     """The trained model to use in other tools (see the gallery's "Your model" card)."""
-    subject = owned_subject(session, subject_id, user)
-    try:
-        return model_download_response(storage, settings, subject, variant)
-    except model_export.NoTrainedModel as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    return model_download_response(storage, settings, owned_subject(session, subject_id, user), variant)
 
 
 @router.get("/studios/{subject_id:uuid}/delete", name="delete_studio_confirm")

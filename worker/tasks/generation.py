@@ -109,6 +109,7 @@ def _generate(ctx: WorkerContext, engine: Engine, attempt: LeasedAttempt, job: J
         seed=job.id.int % (2**31),
         sample_steps=ctx.settings.sample_steps,
     )
+
     def on_lighter(changes: list[str]) -> None:
         log.warning("generation job %s: the GPU ran out of memory; trying again with %s", job.id, ", ".join(changes))
         attempt.details["memory_fallback"] = changes
