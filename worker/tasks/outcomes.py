@@ -6,6 +6,7 @@ Reasons are sentences for the studio's page; the technical detail goes to the wo
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -23,6 +24,10 @@ DIVERGED_REASON = "Training diverged (the loss became NaN); try the fast preset 
 OUT_OF_MEMORY_REASON = (
     "The GPU ran out of memory while running this job, even with lighter settings. Try the fast preset "
     "or fewer photos; if it keeps happening the worker needs a GPU with more memory."
+)
+DISK_FULL_REASON = (
+    "The worker's disk is full, so this job could not save its files. Please try again later; if it keeps "
+    "happening, the studio's operator needs to free disk space."
 )
 STORAGE_REASON = "The studio could not read or write its files (storage error). Please try again later."
 UNKNOWN_REASON = "Something went wrong in the worker while running this job. The error was logged; please try again."
@@ -51,9 +56,23 @@ def failure_reason(exc: BaseException, hard_limit_seconds: int) -> str:
     if isinstance(exc, SoftTimeLimitExceeded):
         minutes = max(1, hard_limit_seconds // 60)
         return f"The job ran longer than the time limit (about {minutes} minutes) and was stopped."
+    if is_disk_full(exc):
+        return DISK_FULL_REASON
     if isinstance(exc, StorageError | OSError):
         return STORAGE_REASON
     return UNKNOWN_REASON
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc``, or an error it was raised from, is "no space left on device"."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a cause chain is short; the bound only guards against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def job_files_prefix(attempt: LeasedAttempt) -> str:

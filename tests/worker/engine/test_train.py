@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 from pathlib import Path
 
@@ -429,6 +430,34 @@ def test_resume_matches_an_uninterrupted_run(tiny_model: BaseModel, subject_phot
     reference = lora_tensors(tmp_path / "straight")
     for key, tensor in lora_tensors(interrupted).items():
         assert torch.allclose(tensor, reference[key], rtol=1e-5, atol=1e-7), key
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
+    tiny_model: BaseModel, subject_photos: list[Path], class_images: list[Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker.engine import train as train_module
+
+    real_save_file = train_module.save_file
+    saves = 0
+
+    def save_until_the_disk_fills(*args: object, **kwargs: object) -> None:
+        nonlocal saves
+        saves += 1
+        if saves == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save_file(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_module, "save_file", save_until_the_disk_fills)
+    run_dir = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        run(tiny_model, small_config(steps=4, checkpoint_every=2), subject_photos, class_images, run_dir)
+    # The half-written checkpoint is gone; the one before it is whole, and the run resumes from it.
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["step-2"]
+    assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step-2"
+    monkeypatch.setattr(train_module, "save_file", real_save_file)
+    resumed = run(tiny_model, small_config(steps=4, checkpoint_every=2), subject_photos, class_images, run_dir)
+    assert resumed.resumed_from == 2 and resumed.final_step == 4
 
 
 def test_incomplete_checkpoints_are_ignored_and_removed(tiny_model: BaseModel, subject_photos: list[Path],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -13,13 +14,14 @@ from sqlalchemy.orm import Session
 
 from app.jobs import lease
 from app.models import GeneratedImage, Job, Photo, PriorBank, Subject, utcnow
-from app.storage import LocalStorage
+from app.storage import LocalStorage, StorageError
 from app.storage.base import subject_prefix
 from tests.worker.factories import make_job, make_subject, make_user
 from tests.worker.fakes import FakeEngine
 from worker.engine.errors import EngineInputError, PhotosUnusable, TrainingDiverged
 from worker.engine.spec import JobSpec
 from worker.tasks.engine_adapter import lighter_training
+from worker.tasks.outcomes import is_disk_full
 from worker.tasks.runtime import WorkerContext
 from worker.tasks.training import rank_images, run_training_job
 
@@ -195,6 +197,7 @@ def test_a_delivery_after_the_last_attempt_ends_the_job_failed(ctx: WorkerContex
         (EngineInputError("unknown base model 'x'"), "The studio could not start this job: unknown base model 'x'"),
         (TrainingDiverged("nan"), "Training diverged (the loss became NaN); try the fast preset or fewer steps."),
         (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "The GPU ran out of memory"),
+        (OSError(errno.ENOSPC, "No space left on device"), "The worker's disk is full"),
         (ValueError("something internal"), "Something went wrong in the worker"),
     ],
 )
@@ -250,6 +253,17 @@ def test_nothing_left_to_lighten() -> None:
     assert lighter_training(lightest) is None
     lightened = lighter_training(replace(lightest, batch_size=4))
     assert lightened is not None and lightened[1] == ["one image per sampling call"]
+
+
+def test_a_full_disk_is_named_even_behind_a_storage_error() -> None:
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as disk:
+            raise StorageError("could not write users/x/weights/run.json") from disk
+    except StorageError as wrapped:
+        assert is_disk_full(wrapped)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
 
 
 def test_missing_photos_fail_the_job_clearly(ctx: WorkerContext, storage: LocalStorage) -> None:
