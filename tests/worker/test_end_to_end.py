@@ -273,3 +273,38 @@ def test_a_job_that_kills_its_worker_every_time_ends_failed_without_a_loop(
     # No loop: the last delivery was acknowledged and nothing is left to run.
     time.sleep(studio.settings.lease_seconds + 1)
     assert studio.job(job.id).attempts == 3
+
+
+def test_jobs_lost_with_an_emptied_redis_are_sent_again_by_the_reaper_and_finish(
+        start_studio: Callable[..., Studio]) -> None:
+    from worker.tasks.maintenance import reap
+
+    studio = start_studio("redis")
+    deadline = time.monotonic() + 60
+    while " ready." not in studio.log_tail(200_000):
+        assert time.monotonic() < deadline, f"the worker did not start\n{studio.log_tail()}"
+        time.sleep(0.1)
+    worker = psutil.Process(studio.worker.pid)
+    group = [worker, *worker.children(recursive=True)]
+    for process in group:
+        process.suspend()  # the worker is busy elsewhere: the jobs wait in Redis...
+    try:
+        jobs = [studio.create_studio() for _ in range(3)]
+        _empty_redis()  # ...and Redis loses them (flushed, or restarted without persistence)
+    finally:
+        for process in group:
+            process.resume()
+    # The worker's blocking read may already have taken one message off the list before the flush;
+    # the others are gone, and their jobs stay queued.
+    time.sleep(3)
+    assert [job for job in jobs if studio.job(job.id).status == "queued"], "no message was lost"
+
+    # Beat's reaper pass, with "sent long ago" shortened from 15 minutes to now.
+    with studio.session() as session:
+        report = reap(session, studio.storage, studio.settings, queued_resend_seconds=0)
+        session.commit()
+    assert report.resent and set(report.resent) <= {str(job.id) for job in jobs}
+    for job in jobs:
+        done = studio.wait_finished(job.id)
+        _assert_published(studio, done)  # once each, even if a re-sent message met a job already claimed
+        assert done.attempts == 1
