@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     task_soft_time_limit: int = 3 * 3600
     task_hard_time_limit: int = 3 * 3600 + 300
     max_active_jobs_per_user: int = 2
+    # Studios one account may create in any hour (0: no limit); deleting one does not give it back.
+    max_studios_per_hour: int = 10
     retention_days: int = 30
     delete_photos_after_training: bool = True
 

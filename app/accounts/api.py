@@ -8,9 +8,10 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from app import rate_limits
 from app.accounts import repository, service, throttle
 from app.accounts.schemas import NewTokenOut, SignupIn, TokenNameIn, TokenOut, TokenRequestIn, UserOut
-from app.deps import ApiUser, SessionDep, SettingsDep, client_key, require_csrf
+from app.deps import ApiUser, SessionDep, SettingsDep, require_csrf
 
 router = APIRouter(prefix="/api/v1", tags=["accounts"])
 
@@ -43,8 +44,8 @@ def api_signup(body: SignupIn, session: SessionDep, settings: SettingsDep) -> Us
 @router.post("/auth/token", status_code=status.HTTP_201_CREATED, response_model=NewTokenOut)
 def api_token(body: TokenRequestIn, request: Request, session: SessionDep) -> Response | NewTokenOut:
     """Exchange an email and password for a new bearer token (shown once). Failed attempts are rate limited."""
-    counters = [(throttle.CLIENT, client_key(request)), (throttle.ACCOUNT, body.email)]
-    retry_after = throttle.retry_after(session, counters)
+    counters = throttle.sign_in_counters(request, body.email)
+    retry_after = rate_limits.retry_after(session, counters)
     if retry_after is not None:
         return JSONResponse(
             {"detail": f"Too many failed attempts. Try again in {retry_after} seconds."},
@@ -53,9 +54,9 @@ def api_token(body: TokenRequestIn, request: Request, session: SessionDep) -> Re
     user = service.authenticate(session, body.email, body.password)
     if user is None:
         # Counted in a transaction of its own: this 401 rolls the request's transaction back.
-        throttle.record_failure(request.app.state.sessionmaker, counters)
+        rate_limits.record_apart(request.app.state.sessionmaker, counters)
         raise HTTPException(status_code=401, detail=service.LOGIN_FAILED_MESSAGE)
-    throttle.reset(session, counters[:1])
+    rate_limits.reset(session, counters[:1])  # this address starts afresh; the account's count stays
     try:
         created = service.create_api_token(session, user, body.name)
     except service.AccountError as error:

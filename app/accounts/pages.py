@@ -10,10 +10,11 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
+from app import rate_limits
 from app.accounts import repository, service, throttle
 from app.accounts.cookies import clear_session_cookie, set_session_cookie
 from app.config import Settings
-from app.deps import AuthDep, OptionalUser, PageUser, SessionDep, SettingsDep, client_key, require_csrf
+from app.deps import AuthDep, OptionalUser, PageUser, SessionDep, SettingsDep, require_csrf
 from app.models import User
 from app.security import safe_next
 from app.templating import redirect_with_flash, render
@@ -22,10 +23,6 @@ router = APIRouter(include_in_schema=False)
 
 AFTER_LOGIN = "/studios"
 FormText = Annotated[str, Form()]
-
-
-def _sign_in_counters(request: Request, email: str) -> list[throttle.Counter]:
-    return [(throttle.CLIENT, client_key(request)), (throttle.ACCOUNT, email)]
 
 
 def _signed_in_redirect(
@@ -90,20 +87,19 @@ def login(
     password: FormText = "",
     next: FormText = "",
 ) -> Response:
-    counters = _sign_in_counters(request, email)
+    counters = throttle.sign_in_counters(request, email)
     context = {"email": email.strip(), "next": safe_next(next, "")}
-    retry_after = throttle.retry_after(session, counters)
+    retry_after = rate_limits.retry_after(session, counters)
     if retry_after is not None:
         message = f"Too many failed attempts. Try again in {retry_after} seconds."
         return render(request, "accounts/login.html", {**context, "errors": [message]}, status_code=429,
                       headers={"Retry-After": str(retry_after)})
     user = service.authenticate(session, email, password)
     if user is None:
-        throttle.record_failure(request.app.state.sessionmaker, counters)
+        rate_limits.record_apart(request.app.state.sessionmaker, counters)
         return render(request, "accounts/login.html", {**context, "errors": [service.LOGIN_FAILED_MESSAGE]},
                       status_code=400)
-    # This address starts afresh; the account's count stays, or a botnet's one success would clear it.
-    throttle.reset(session, counters[:1])
+    rate_limits.reset(session, counters[:1])  # this address starts afresh; the account's count stays
     return _signed_in_redirect(request, session, settings, user, next, "Welcome back!")
 
 
@@ -165,7 +161,7 @@ def change_password(
 ) -> Response:
     # Counted per account: a stolen cookie must not allow guessing the password.
     counters = [(throttle.PASSWORD_CHANGE, str(user.id))]
-    retry_after = throttle.retry_after(session, counters)
+    retry_after = rate_limits.retry_after(session, counters)
     if retry_after is not None:
         message = f"Too many wrong attempts. Try again in {retry_after} seconds."
         return _account_page(request, session, user, status_code=429, password_errors=[message])
@@ -174,10 +170,10 @@ def change_password(
     except service.AccountError as error:
         session.rollback()
         if error.field == "current_password":
-            throttle.record_failure(request.app.state.sessionmaker, counters)
+            rate_limits.record_apart(request.app.state.sessionmaker, counters)
         return _account_page(request, session, user, status_code=400, password_errors=[error.message],
                              password_error_field=error.field)
-    throttle.reset(session, counters)
+    rate_limits.reset(session, counters)
     others = f" {ended} other device{'s' if ended != 1 else ''} signed out." if ended else ""
     return redirect_with_flash(request, "/account", f"Your password is changed.{others}")
 

@@ -4,7 +4,7 @@ from app.models.base import Base, utcnow
 from app.models.image import GeneratedImage, PriorBank
 from app.models.job import ACTIVE_STATUSES, JOB_STAGES, JOB_STATUSES, GenerationRequest, Job
 from app.models.subject import SUBJECT_KINDS, Photo, Subject
-from app.models.user import ApiToken, LoginFailure, User, UserSession
+from app.models.user import ApiToken, RateEvent, User, UserSession
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -16,9 +16,9 @@ __all__ = [
     "GeneratedImage",
     "GenerationRequest",
     "Job",
-    "LoginFailure",
     "Photo",
     "PriorBank",
+    "RateEvent",
     "Subject",
     "User",
     "UserSession",

@@ -43,15 +43,15 @@ class ApiToken(IdMixin, TimestampMixin, Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
-class LoginFailure(IdMixin, Base):
-    """One failed password check, counted by the sign-in throttle (app.accounts.throttle).
+class RateEvent(IdMixin, Base):
+    """One counted event of a rate limit (app.rate_limits): a failed sign-in, a studio created.
 
-    ``key`` names the counter ("client:<hash>", "account:<hash>"): the address or email is hashed,
-    so the table keeps no one's address or typed email. Rows leave after an hour.
+    ``key`` names the counter ("client:<hash>", "account:<hash>", "studios:<hash>"): what it counts
+    is hashed, so the table keeps no one's address or typed email. Rows leave after two hours.
     """
 
-    __tablename__ = "login_failures"
-    __table_args__ = (Index("ix_login_failures_key_failed_at", "key", "failed_at"),)
+    __tablename__ = "rate_events"
+    __table_args__ = (Index("ix_rate_events_key_happened_at", "key", "happened_at"),)
 
     key: Mapped[str] = mapped_column(String(80))
-    failed_at: Mapped[datetime] = mapped_column(index=True)
+    happened_at: Mapped[datetime] = mapped_column(index=True)

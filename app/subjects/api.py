@@ -179,7 +179,7 @@ def owned_subject(session: Session, owner_id: uuid.UUID, subject_id: uuid.UUID) 
     responses={
         413: {"description": "More photos, or a bigger request, than allowed"},
         422: {"description": "Problems: {detail, fields: {name: reason}, files: [{name, reason}]}"},
-        429: {"description": "Too many studios in training; see Retry-After"},
+        429: {"description": "Too many studios in training, or created in the last hour; see Retry-After"},
     },
 )
 async def create_subject(request: Request, upload: UploadDep, storage: StorageDep, settings: SettingsDep) -> Response:
@@ -194,7 +194,7 @@ async def create_subject(request: Request, upload: UploadDep, storage: StorageDe
         # Decoding and re-encoding photos is CPU work, and the queries block: both run off the event loop,
         # in a session opened only now that the whole body has arrived.
         created = await run_as_api_user(request, create)
-    except service.TooManyActiveJobs as error:
+    except service.StudioLimitReached as error:
         return JSONResponse(
             {"detail": str(error)},
             status_code=status.HTTP_429_TOO_MANY_REQUESTS,

@@ -171,7 +171,7 @@ async def create_studio(request: Request, storage: StorageDep, settings: Setting
     try:
         # In a session opened only now that the whole body has arrived (see app.deps.get_auth_briefly).
         subject = await run_in_request_session(request, create)
-    except service.TooManyActiveJobs as error:
+    except service.StudioLimitReached as error:
         context = new_studio_context(settings, upload.values, message=str(error))
         return render(
             request,

@@ -20,7 +20,9 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from app import rate_limits
 from app.config import Settings
+from app.jobs.service import format_duration
 from app.models import SUBJECT_KINDS, Job, Photo, Subject, User, utcnow
 from app.photos import sanitize_uploads
 from app.photos.sanitize import UploadSource
@@ -52,15 +54,37 @@ class StudioRejected(Exception):
         self.too_large = too_large
 
 
-class TooManyActiveJobs(Exception):
-    """The owner already has ``limit`` jobs queued or running (answered with 429 and Retry-After)."""
+class StudioLimitReached(Exception):
+    """The owner may not start another studio now (answered with 429 and ``Retry-After: retry_after``)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyActiveJobs(StudioLimitReached):
+    """The owner already has ``limit`` jobs queued or running."""
 
     def __init__(self, limit: int) -> None:
         studios = "a studio" if limit == 1 else f"{limit} studios"
         finished = "it has" if limit == 1 else "one of them has"
-        super().__init__(f"You already have {studios} in training. Start a new one when {finished} finished.")
+        super().__init__(f"You already have {studios} in training. Start a new one when {finished} finished.",
+                         ACTIVE_JOBS_RETRY_SECONDS)
         self.limit = limit
-        self.retry_after = ACTIVE_JOBS_RETRY_SECONDS
+
+
+class TooManyStudiosThisHour(StudioLimitReached):
+    """The owner created ``limit`` studios in the last hour."""
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        studios = "a studio" if limit == 1 else f"{limit} studios"
+        super().__init__(f"You have created {studios} in the last hour, the most this studio allows. "
+                         f"You can start the next one in {format_duration(retry_after)}.", retry_after)
+        self.limit = limit
+
+
+def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
+    return (rate_limits.Limit("studios", settings.max_studios_per_hour, timedelta(hours=1)), str(owner.id))
 
 
 @dataclass(frozen=True)
@@ -204,7 +228,8 @@ def create_studio(
 ) -> tuple[Subject, Job]:
     """Create a studio from a filled-in form and its photos, and enqueue its training.
 
-    Raises :class:`TooManyActiveJobs` when the owner is at the active-job limit, and
+    Raises :class:`StudioLimitReached` when the owner is at the active-job limit or has created
+    ``settings.max_studios_per_hour`` studios in the last hour, and
     :class:`StudioRejected` listing every problem (fields, photo count, each refused file) when
     anything is wrong; then nothing was stored. On success the Subject, its Photo rows and a queued
     training Job are flushed, the sanitized photos are in storage, and "training.run" is sent once
@@ -212,6 +237,10 @@ def create_studio(
     """
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
         raise TooManyActiveJobs(settings.max_active_jobs_per_user)
+    hourly = studios_per_hour(owner, settings)
+    wait = rate_limits.retry_after(session, [hourly]) if settings.max_studios_per_hour > 0 else None
+    if wait is not None:
+        raise TooManyStudiosThisHour(settings.max_studios_per_hour, wait)
 
     problems = StudioProblems()
     valid = validate_fields(form, settings, problems)
@@ -275,6 +304,8 @@ def create_studio(
         session.add(subject)
         session.flush()  # the subject first: photos and the job refer to it
         session.add_all([*photos, job])
+        # Counted with the studio, in its transaction: a refused request counts for nothing.
+        rate_limits.record(session, [hourly])
         session.flush()
 
         from app.queue import enqueue  # P1's module; imported here to keep this module's import light

@@ -1,57 +1,25 @@
-"""Sign-in throttling in the database: windows, counters, privacy, and several web processes sharing it."""
+"""The sign-in throttle: per address, per account, and several web processes counting together."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from app.accounts import throttle
-from app.accounts.throttle import ACCOUNT, CLIENT, Limit
+from app import rate_limits
+from app.accounts.throttle import ACCOUNT, CLIENT
 from app.config import Settings
 from app.main import create_app
-from app.models import LoginFailure, User, utcnow
+from app.models import RateEvent, User
 from tests.app.conftest import PASSWORD
-
-THREE_A_MINUTE = Limit("client", 3, timedelta(seconds=60))
 
 
 def failures(engine: Engine) -> int:
     with Session(engine) as session:
-        return session.scalar(select(func.count()).select_from(LoginFailure)) or 0
-
-
-def test_a_window_of_failures(db_session: Session, clean_db: Engine) -> None:
-    factory = sessionmaker(bind=clean_db)
-    start = utcnow()
-    counter = [(THREE_A_MINUTE, "1.2.3.4")]
-    for seconds in (0, 10, 20):
-        assert throttle.retry_after(db_session, counter, now=start + timedelta(seconds=seconds)) is None
-        throttle.record_failure(factory, counter, now=start + timedelta(seconds=seconds))
-    # The failure at 0 s leaves the window at 60 s.
-    assert throttle.retry_after(db_session, counter, now=start + timedelta(seconds=21)) == 39
-    assert throttle.retry_after(db_session, [(THREE_A_MINUTE, "5.6.7.8")], now=start + timedelta(seconds=21)) is None
-    assert throttle.retry_after(db_session, counter, now=start + timedelta(seconds=60.5)) is None
-    throttle.record_failure(factory, counter, now=start + timedelta(seconds=61))
-    assert throttle.retry_after(db_session, counter, now=start + timedelta(seconds=61)) is not None
-    throttle.reset(db_session, counter)
-    assert throttle.retry_after(db_session, counter, now=start + timedelta(seconds=61)) is None
-
-
-def test_no_address_or_email_is_stored_and_old_rows_go(db_session: Session, clean_db: Engine) -> None:
-    factory = sessionmaker(bind=clean_db)
-    long_ago = utcnow() - throttle.KEEP_FOR - timedelta(minutes=1)
-    throttle.record_failure(factory, [(CLIENT, "203.0.113.9"), (ACCOUNT, "Ann@Example.com")], now=long_ago)
-    keys = list(db_session.scalars(select(LoginFailure.key)))
-    assert len(keys) == 2 and not any("203.0.113.9" in key or "example" in key.lower() for key in keys)
-    # The same email however it is typed is one counter.
-    assert throttle.counter_key((ACCOUNT, " ann@example.COM")) in keys
-    throttle.record_failure(factory, [(CLIENT, "198.51.100.1")])
-    assert failures(clean_db) == 1  # the hour-old rows were deleted with the new failure
+        return session.scalar(select(func.count()).select_from(RateEvent)) or 0
 
 
 def test_one_account_guessed_from_many_addresses_is_throttled(
@@ -90,5 +58,5 @@ def test_a_success_clears_the_address_but_not_the_account(
         assert client.post("/api/v1/auth/token", json={"email": user.email, "password": "wrong" * 3}).status_code == 401
     assert client.post("/api/v1/auth/token", json={"email": user.email, "password": PASSWORD}).status_code == 201
     with Session(clean_db) as session:
-        keys = set(session.scalars(select(LoginFailure.key)))
-    assert keys == {throttle.counter_key((ACCOUNT, user.email))}
+        keys = set(session.scalars(select(RateEvent.key)))
+    assert keys == {rate_limits.counter_key((ACCOUNT, user.email))}

@@ -12,6 +12,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import sessionmaker
 
 from app.config import Settings
+from app.main import create_app
 from app.models import Job, Photo, Subject, User
 from app.storage import Storage
 from tests.app import factories, photo_factory
@@ -232,6 +233,25 @@ def test_too_many_active_jobs_is_429_with_retry_after(
     assert response.status_code == 429
     assert int(response.headers["retry-after"]) > 0
     assert "in training" in response.json()["detail"]
+
+
+def test_too_many_studios_in_an_hour_is_429_with_retry_after(
+    owner: User,
+    headers: dict[str, str],
+    valid_photos: list[tuple[str, bytes]],
+    settings: Settings,
+    clean_db: Engine,
+    sent_tasks: list[SentTask],
+) -> None:
+    one_an_hour = settings.model_copy(update={"max_studios_per_hour": 1})
+    with TestClient(create_app(one_an_hour)) as client:
+        first = client.post("/api/v1/subjects", data=FIELDS, files=upload(valid_photos), headers=headers)
+        assert first.status_code == 201
+        again = client.post("/api/v1/subjects", data=FIELDS, files=upload(valid_photos), headers=headers)
+    assert again.status_code == 429
+    assert 3000 < int(again.headers["retry-after"]) <= 3600
+    assert again.json()["detail"].startswith("You have created a studio in the last hour")
+    assert len(sent_tasks) == 1
 
 
 def test_creation_needs_an_account(client: TestClient, valid_photos: list[tuple[str, bytes]]) -> None:

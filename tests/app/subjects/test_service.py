@@ -16,7 +16,13 @@ from app.config import Settings
 from app.models import Job, Photo, Subject, User, utcnow
 from app.storage import LocalStorage
 from app.subjects.schemas import CreateStudio
-from app.subjects.service import StudioRejected, TooManyActiveJobs, create_studio, studio_cards
+from app.subjects.service import (
+    StudioRejected,
+    TooManyActiveJobs,
+    TooManyStudiosThisHour,
+    create_studio,
+    studio_cards,
+)
 from tests.app import factories, photo_factory
 from tests.app.subjects.conftest import SentTask
 
@@ -229,6 +235,31 @@ def test_active_job_limit(
     )
     other = factories.make_user(db_session, "other@example.com")  # the limit is per account
     create_studio(db_session, storage, settings, other, DOG, valid_photos)
+
+
+def test_studios_per_hour_limit(
+    db_session: Session,
+    storage: LocalStorage,
+    settings: Settings,
+    owner: User,
+    valid_photos: list[tuple[str, bytes]],
+) -> None:
+    hourly = settings.model_copy(update={"max_studios_per_hour": 2, "max_active_jobs_per_user": 10})
+    first, _ = create_studio(db_session, storage, hourly, owner, DOG, valid_photos)
+    create_studio(db_session, storage, hourly, owner, DOG, valid_photos)
+    db_session.delete(first)  # deleting a studio does not give its place back
+    db_session.flush()
+    with pytest.raises(TooManyStudiosThisHour) as caught:
+        create_studio(db_session, storage, hourly, owner, DOG, valid_photos)
+    assert 3500 < caught.value.retry_after <= 3600
+    assert str(caught.value) == (
+        "You have created 2 studios in the last hour, the most this studio allows. "
+        "You can start the next one in about 1 h."
+    )
+    other = factories.make_user(db_session, "other@example.com")  # the limit is per account
+    create_studio(db_session, storage, hourly, other, DOG, valid_photos)
+    unlimited = hourly.model_copy(update={"max_studios_per_hour": 0})
+    create_studio(db_session, storage, unlimited, owner, DOG, valid_photos)
 
 
 def test_photos_are_deleted_when_the_transaction_rolls_back(
