@@ -16,12 +16,13 @@ from app.deps import (
     SettingsDep,
     StorageDep,
     get_api_user_briefly,
+    require_csrf,
     require_csrf_briefly,
     run_as_api_user,
 )
 from app.galleries.files import file_response
 from app.models import SUBJECT_KINDS, Job, Photo, Subject, User
-from app.subjects import repository, service
+from app.subjects import repository, retention, service
 from app.subjects.forms import UploadDep, read_studio_upload
 from app.subjects.schemas import (
     DEFAULT_IMAGES_PER_PROMPT,
@@ -220,6 +221,14 @@ def list_subjects(user: ApiUser, session: SessionDep) -> SubjectList:
 def get_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep) -> SubjectDetail:
     """One studio: its settings, photos, latest job and counts."""
     return subject_detail(session, owned_subject(session, user.id, subject_id))
+
+
+@router.post("/subjects/{subject_id:uuid}/renew", response_model=SubjectDetail, dependencies=[Depends(require_csrf)])
+def renew_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep) -> SubjectDetail:
+    """Keep the studio for another ``retention_days`` from now (its new ``expires_at`` is in the answer)."""
+    subject = owned_subject(session, user.id, subject_id)
+    retention.renew(session, subject, settings)
+    return subject_detail(session, subject)
 
 
 @router.get("/subjects/{subject_id:uuid}/photos/{photo_id:uuid}", response_class=Response)

@@ -19,13 +19,14 @@ from app.deps import (
     StorageDep,
     get_page_user_briefly,
     page_user_of,
+    require_csrf,
     require_csrf_briefly,
     run_in_request_session,
 )
 from app.galleries.files import file_response
 from app.models import Subject
 from app.photos.sanitize import format_megabytes
-from app.subjects import repository, service
+from app.subjects import repository, retention, service
 from app.subjects.forms import StudioUpload, UploadDep, read_studio_upload
 from app.subjects.schemas import (
     DEFAULT_IMAGES_PER_PROMPT,
@@ -34,7 +35,7 @@ from app.subjects.schemas import (
     QUALITY_PRESETS,
     StudioProblems,
 )
-from app.templating import redirect_with_flash, render
+from app.templating import format_date, redirect_with_flash, render
 from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS
 
 router = APIRouter(include_in_schema=False)
@@ -188,6 +189,19 @@ async def create_studio(request: Request, storage: StorageDep, settings: Setting
         f"/studios/{subject.id}",
         f"“{subject.name}” is created and in line for training. This page updates itself.",
     )
+
+
+@router.post("/studios/{subject_id:uuid}/renew", name="renew_studio", dependencies=[Depends(require_csrf)])
+def renew_studio(
+    subject_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """"Keep longer": the studio is kept for another ``retention_days`` from today."""
+    subject = repository.get_for_owner(session, user.id, subject_id)
+    if subject is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such studio.")
+    expires = retention.renew(session, subject, settings)
+    return redirect_with_flash(request, f"/studios/{subject.id}",
+                               f"“{subject.name}” is now kept until {format_date(expires)}.")
 
 
 @router.get("/studios/{subject_id:uuid}/photos/{photo_id:uuid}", name="studio_photo")

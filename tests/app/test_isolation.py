@@ -46,6 +46,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/api/v1/subjects/{subject_id:uuid}"): Case(),
     ("GET", "/api/v1/subjects/{subject_id:uuid}/photos/{photo_id:uuid}"): Case(),
     ("GET", "/studios/{subject_id:uuid}/photos/{photo_id:uuid}"): Case(),
+    ("POST", "/api/v1/subjects/{subject_id:uuid}/renew"): Case(),
+    ("POST", "/studios/{subject_id:uuid}/renew"): Case(form={}),
     # jobs (W3)
     ("GET", "/api/v1/jobs/{job_id:uuid}"): Case(),
     ("GET", "/api/v1/subjects/{subject_id:uuid}/jobs"): Case(),
@@ -153,6 +155,7 @@ def snapshot(engine: Engine, storage: Storage, owned: Owned) -> dict[str, Any]:
         token = session.get(ApiToken, uuid.UUID(owned.ids["token_id"]))
         return {
             "subject": session.get(Subject, subject_id) is not None,
+            "expires_at": subject.expires_at if (subject := session.get(Subject, subject_id)) else None,
             "job": (job.status, job.cancel_requested) if job else None,
             "jobs": session.scalar(select(func.count()).select_from(Job)),
             "favourite": image.favourite if image else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from sqlalchemy.orm import sessionmaker
 
 from app.config import Settings
 from app.main import create_app
-from app.models import Job, Photo, Subject, User
+from app.models import Job, Photo, Subject, User, utcnow
 from app.storage import Storage
 from tests.app import factories, photo_factory
 from tests.app.subjects.conftest import SentTask
@@ -348,3 +349,20 @@ def test_openapi_describes_the_multipart_body(client: TestClient) -> None:
     assert schema["properties"]["photos"]["items"]["format"] == "binary"
     assert schema["properties"]["kind"]["enum"] == ["dog", "cat", "animal", "person"]
     assert {"413", "422", "429"} <= set(operation["responses"])
+
+
+def test_renew_keeps_the_studio_for_another_retention_period(
+    client: TestClient, owner: User, headers: dict[str, str], settings: Settings, clean_db: Engine
+) -> None:
+    with sessionmaker(bind=clean_db)() as session:
+        subject = factories.make_subject(session, owner, expires_at=utcnow() + timedelta(days=2))
+        session.commit()
+        subject_id = subject.id
+    response = client.post(f"/api/v1/subjects/{subject_id}/renew", headers=headers)
+    assert response.status_code == 200
+    expires = datetime.fromisoformat(response.json()["expires_at"])
+    expected = utcnow() + timedelta(days=settings.retention_days)
+    assert abs((expires - expected).total_seconds()) < 60
+    with sessionmaker(bind=clean_db)() as session:
+        stored = session.get(Subject, subject_id)
+        assert stored is not None and abs((stored.expires_at - expected).total_seconds()) < 60

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -11,7 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import sessionmaker
 
-from app.models import Job, Photo, Subject, User
+from app.config import Settings
+from app.models import Job, Photo, Subject, User, utcnow
 from app.storage import Storage
 from tests.app import factories, photo_factory
 from tests.app.conftest import page_context, page_template
@@ -256,3 +258,25 @@ def test_photo_route_redirects_to_a_signed_url_on_s3(
     signed = response.headers["location"]
     assert signed.startswith(s3_settings.s3_endpoint_url) and "Signature" in signed
     assert httpx.get(signed).content == s3_storage.get_bytes(photo.storage_key)
+
+
+def test_keep_longer_from_the_studio_page(
+    signed_in: TestClient, owner: User, csrf_token: Callable[[TestClient], str], settings: Settings,
+    clean_db: Engine,
+) -> None:
+    with sessionmaker(bind=clean_db)() as session:
+        subject = factories.make_subject(session, owner, expires_at=utcnow() + timedelta(days=1))
+        factories.make_job(session, subject)
+        session.commit()
+        subject_id = subject.id
+    page = signed_in.get(f"/studios/{subject_id}").text
+    assert f'action="/studios/{subject_id}/renew"' in page
+    assert f"Keep it {settings.retention_days} more days" in page
+    response = signed_in.post(f"/studios/{subject_id}/renew", data={"csrf_token": csrf_token(signed_in)},
+                              follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == f"/studios/{subject_id}"
+    expected = utcnow() + timedelta(days=settings.retention_days)
+    with sessionmaker(bind=clean_db)() as session:
+        stored = session.get(Subject, subject_id)
+        assert stored is not None and abs((stored.expires_at - expected).total_seconds()) < 60
+    assert f"is now kept until {expected.day} {expected:%b %Y}" in signed_in.get(f"/studios/{subject_id}").text
