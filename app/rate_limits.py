@@ -18,6 +18,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session_scope
+from app.jobs.service import format_duration
 from app.models import RateEvent, utcnow
 
 
@@ -69,6 +70,11 @@ def record_apart(factory: sessionmaker[Session], counters: Sequence[Counter], no
     transaction rolls back (a 401 answer)."""
     with session_scope(factory) as session:
         record(session, counters, now)
+
+
+def wait_in_words(seconds: int) -> str:
+    """ "45 seconds", "about 14 min": how long until the next try, as a person reads it."""
+    return f"{seconds} seconds" if seconds < 90 else format_duration(seconds)
 
 
 def reset(session: Session, counters: Sequence[Counter]) -> None:

@@ -48,7 +48,7 @@ def api_token(body: TokenRequestIn, request: Request, session: SessionDep) -> Re
     retry_after = rate_limits.retry_after(session, counters)
     if retry_after is not None:
         return JSONResponse(
-            {"detail": f"Too many failed attempts. Try again in {retry_after} seconds."},
+            {"detail": f"Too many failed attempts. Try again in {rate_limits.wait_in_words(retry_after)}."},
             status_code=429, headers={"Retry-After": str(retry_after)},
         )
     user = service.authenticate(session, body.email, body.password)

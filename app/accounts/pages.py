@@ -91,7 +91,7 @@ def login(
     context = {"email": email.strip(), "next": safe_next(next, "")}
     retry_after = rate_limits.retry_after(session, counters)
     if retry_after is not None:
-        message = f"Too many failed attempts. Try again in {retry_after} seconds."
+        message = f"Too many failed attempts. Try again in {rate_limits.wait_in_words(retry_after)}."
         return render(request, "accounts/login.html", {**context, "errors": [message]}, status_code=429,
                       headers={"Retry-After": str(retry_after)})
     user = service.authenticate(session, email, password)
@@ -163,7 +163,7 @@ def change_password(
     counters = [(throttle.PASSWORD_CHANGE, str(user.id))]
     retry_after = rate_limits.retry_after(session, counters)
     if retry_after is not None:
-        message = f"Too many wrong attempts. Try again in {retry_after} seconds."
+        message = f"Too many wrong attempts. Try again in {rate_limits.wait_in_words(retry_after)}."
         return _account_page(request, session, user, status_code=429, password_errors=[message])
     try:
         ended = service.change_password(session, user, current_password, new_password, keep=auth.user_session)

@@ -47,3 +47,8 @@ def test_no_address_or_email_is_stored_and_old_rows_go(db_session: Session, clea
     assert rate_limits.counter_key((ACCOUNT, " ann@example.COM")) in keys
     rate_limits.record_apart(factory, [(CLIENT, "198.51.100.1")])
     assert events(clean_db) == 1  # the rows past KEEP_FOR were deleted with the new event
+
+
+def test_waits_in_words() -> None:
+    assert rate_limits.wait_in_words(45) == "45 seconds"
+    assert rate_limits.wait_in_words(840) == "about 14 min"
