@@ -25,7 +25,7 @@ from app.models import RateEvent, utcnow
 @dataclass(frozen=True)
 class Limit:
     scope: str
-    max_failures: int
+    max_events: int
     window: timedelta
 
 
@@ -50,10 +50,10 @@ def retry_after(session: Session, counters: Sequence[Counter], now: datetime | N
             select(RateEvent.happened_at)
             .where(RateEvent.key == counter_key(counter), RateEvent.happened_at > now - limit.window)
             .order_by(RateEvent.happened_at.desc())
-            .limit(limit.max_failures)
+            .limit(limit.max_events)
         ).all()
-        if len(recent) >= limit.max_failures:
-            # The oldest failure that still counts has to leave the window.
+        if len(recent) >= limit.max_events:
+            # The oldest event that still counts has to leave the window.
             waits.append(max(1, math.ceil((recent[-1] + limit.window - now).total_seconds())))
     return max(waits, default=None)
 

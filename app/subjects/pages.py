@@ -137,9 +137,10 @@ def my_studios(request: Request, user: PageUser, session: SessionDep) -> Respons
 @router.get("/studios/new", name="new_studio")
 def new_studio(request: Request, user: PageUser, session: SessionDep, settings: SettingsDep) -> Response:
     context = new_studio_context(settings)
-    if repository.count_active_jobs(session, user.id) >= settings.max_active_jobs_per_user:
+    limit = service.studio_limit(session, user, settings)
+    if limit is not None:
         # Said before the person picks photos, not only after the upload.
-        context["busy_notice"] = str(service.TooManyActiveJobs(settings.max_active_jobs_per_user))
+        context["busy_notice"] = str(limit)
     return render(request, "subjects/new.html", context)
 
 

@@ -87,6 +87,18 @@ def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
     return (rate_limits.Limit("studios", settings.max_studios_per_hour, timedelta(hours=1)), str(owner.id))
 
 
+def studio_limit(session: Session, owner: User, settings: Settings) -> StudioLimitReached | None:
+    """The limit that keeps ``owner`` from starting a studio now, or None. The new-studio page says it
+    before any photo is picked; :func:`create_studio` raises it."""
+    if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
+        return TooManyActiveJobs(settings.max_active_jobs_per_user)
+    if settings.max_studios_per_hour > 0:
+        wait = rate_limits.retry_after(session, [studios_per_hour(owner, settings)])
+        if wait is not None:
+            return TooManyStudiosThisHour(settings.max_studios_per_hour, wait)
+    return None
+
+
 @dataclass(frozen=True)
 class ValidStudio:
     """A creation request's fields after every check: what the Subject row is made of."""
@@ -235,12 +247,9 @@ def create_studio(
     training Job are flushed, the sanitized photos are in storage, and "training.run" is sent once
     the caller's transaction commits.
     """
-    if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
-        raise TooManyActiveJobs(settings.max_active_jobs_per_user)
-    hourly = studios_per_hour(owner, settings)
-    wait = rate_limits.retry_after(session, [hourly]) if settings.max_studios_per_hour > 0 else None
-    if wait is not None:
-        raise TooManyStudiosThisHour(settings.max_studios_per_hour, wait)
+    limit = studio_limit(session, owner, settings)
+    if limit is not None:
+        raise limit
 
     problems = StudioProblems()
     valid = validate_fields(form, settings, problems)
@@ -305,7 +314,7 @@ def create_studio(
         session.flush()  # the subject first: photos and the job refer to it
         session.add_all([*photos, job])
         # Counted with the studio, in its transaction: a refused request counts for nothing.
-        rate_limits.record(session, [hourly])
+        rate_limits.record(session, [studios_per_hour(owner, settings)])
         session.flush()
 
         from app.queue import enqueue  # P1's module; imported here to keep this module's import light

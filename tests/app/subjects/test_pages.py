@@ -12,9 +12,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import sessionmaker
 
+from app import rate_limits
 from app.config import Settings
 from app.models import Job, Photo, Subject, User, utcnow
 from app.storage import Storage
+from app.subjects.service import studios_per_hour
 from tests.app import factories, photo_factory
 from tests.app.conftest import page_context, page_template
 from tests.app.subjects.conftest import SentTask
@@ -258,6 +260,16 @@ def test_photo_route_redirects_to_a_signed_url_on_s3(
     signed = response.headers["location"]
     assert signed.startswith(s3_settings.s3_endpoint_url) and "Signature" in signed
     assert httpx.get(signed).content == s3_storage.get_bytes(photo.storage_key)
+
+
+def test_the_hourly_limit_is_said_before_any_photo_is_picked(
+    signed_in: TestClient, owner: User, settings: Settings, clean_db: Engine
+) -> None:
+    with sessionmaker(bind=clean_db)() as session:
+        rate_limits.record(session, [studios_per_hour(owner, settings)] * settings.max_studios_per_hour)
+        session.commit()
+    notice = page_context(signed_in.get("/studios/new"))["busy_notice"]
+    assert notice.startswith(f"You have created {settings.max_studios_per_hour} studios in the last hour")
 
 
 def test_keep_longer_from_the_studio_page(
