@@ -29,6 +29,7 @@ from app.photos.sanitize import UploadSource
 from app.storage import Storage
 from app.storage.base import photo_key
 from app.subjects import repository
+from app.subjects.retention import expiry_for
 from app.subjects.schemas import PERSON_NOUNS, QUALITY_PRESETS, CreateStudio, FileProblem, StudioProblems
 from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, normalize_free_prompt, subject_kind
 
@@ -279,7 +280,7 @@ def create_studio(
         images_per_prompt=valid.images_per_prompt,
         quality=valid.quality,
         consent_at=now,
-        expires_at=now + timedelta(days=settings.retention_days),
+        expires_at=expiry_for(now, settings),
     )
     stored: list[str] = []
     try:

@@ -20,7 +20,6 @@ from app.jobs import lease
 from app.models import GeneratedImage, GenerationRequest, Job, Subject
 from app.storage.base import image_key
 from worker.celery_app import celery_app
-from worker.engine.errors import Cancelled
 from worker.engine.progress import Progress
 from worker.scratch import scratch_folder
 from worker.tasks.engine_adapter import (
@@ -31,7 +30,7 @@ from worker.tasks.engine_adapter import (
     lighter_generation,
     run_within_memory,
 )
-from worker.tasks.outcomes import JobFailure, end_failed, end_stopped, failure_reason
+from worker.tasks.outcomes import JobFailure, settle
 from worker.tasks.runtime import LeasedAttempt, StopRun, WorkerContext, claim_job, default_context, is_redelivery
 from worker.tasks.training import template_for
 
@@ -64,17 +63,13 @@ def run_generation_job(job_id: uuid.UUID, *, ctx: WorkerContext | None = None, e
             return "deleted"
     attempt = LeasedAttempt(ctx, job, token)
     with attempt, scratch_folder(ctx.settings.scratch_dir, job_id) as scratch:
-        try:
+
+        def run() -> str:
             if job.kind != "generate" or request is None:
                 raise JobFailure("This job has no 'generate more' request to run.")
             return _generate(ctx, engine, attempt, job, subject, request, scratch)
-        except StopRun as stop:
-            return end_stopped(attempt, stop.reason)
-        except Cancelled:
-            return end_stopped(attempt, attempt.stop_reason or "cancelled")
-        except Exception as exc:
-            log.exception("generation job %s attempt %d failed", job_id, attempt.attempt)
-            return end_failed(attempt, failure_reason(exc, ctx.settings.task_hard_time_limit))
+
+        return settle(attempt, run, ctx.settings.task_hard_time_limit)
 
 
 def _generate(ctx: WorkerContext, engine: Engine, attempt: LeasedAttempt, job: Job, subject: Subject,

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from app.jobs import lease
 from app.storage import StorageError
 from app.storage.base import checkpoint_prefix, subject_prefix
-from worker.engine.errors import EngineInputError, PhotosUnusable, TrainingDiverged
+from worker.engine.errors import Cancelled, EngineInputError, PhotosUnusable, TrainingDiverged
 from worker.tasks.engine_adapter import is_out_of_memory
-from worker.tasks.runtime import LeasedAttempt
+from worker.tasks.runtime import LeasedAttempt, StopRun
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,23 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def settle(attempt: LeasedAttempt, run: Callable[[], str], hard_limit_seconds: int) -> str:
+    """``run()`` the attempt's work and return its outcome; a stop, a cancel or an error ends the job here.
+
+    The one policy both tasks follow: a lost lease or a deleted subject (StopRun) and a cancel end
+    the attempt quietly; any other error is logged and ends the job ``failed`` with its sentence.
+    """
+    try:
+        return run()
+    except StopRun as stop:
+        return end_stopped(attempt, stop.reason)
+    except Cancelled:
+        return end_stopped(attempt, attempt.stop_reason or "cancelled")
+    except Exception as exc:
+        log.exception("job %s attempt %d failed", attempt.job_id, attempt.attempt)
+        return end_failed(attempt, failure_reason(exc, hard_limit_seconds))
 
 
 def job_files_prefix(attempt: LeasedAttempt) -> str:

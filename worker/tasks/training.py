@@ -37,7 +37,6 @@ from app.models import GeneratedImage, Job, Photo, Subject, utcnow
 from app.storage import ObjectNotFound
 from app.storage.base import checkpoint_prefix, image_key, preview_key, subject_prefix, weights_prefix
 from worker.celery_app import celery_app
-from worker.engine.errors import Cancelled
 from worker.engine.progress import Progress
 from worker.engine.prompts import STYLE_PACKS, expand, subject_kind
 from worker.engine.spec import JobSpec
@@ -53,7 +52,7 @@ from worker.tasks.engine_adapter import (
     lighter_training,
     run_within_memory,
 )
-from worker.tasks.outcomes import JobFailure, end_failed, end_stopped, failure_reason
+from worker.tasks.outcomes import JobFailure, settle
 from worker.tasks.prior_bank import pull_banks, push_banks
 from worker.tasks.runtime import (
     PREVIEWS_KEPT,
@@ -107,17 +106,13 @@ def run_training_job(job_id: uuid.UUID, *, ctx: WorkerContext | None = None, eng
         loaded = _Loaded(job, subject, photos)
     attempt = LeasedAttempt(ctx, loaded.job, token)
     with attempt, scratch_folder(ctx.settings.scratch_dir, job_id) as scratch:
-        try:
+
+        def run() -> str:
             if loaded.job.kind != "train":
                 raise JobFailure(f"This job is a {loaded.job.kind!r} job, not a training job.")
             return _TrainingRun(ctx, engine, attempt, loaded, scratch).run()
-        except StopRun as stop:
-            return end_stopped(attempt, stop.reason)
-        except Cancelled:
-            return end_stopped(attempt, attempt.stop_reason or "cancelled")
-        except Exception as exc:
-            log.exception("job %s attempt %d failed", job_id, attempt.attempt)
-            return end_failed(attempt, failure_reason(exc, ctx.settings.task_hard_time_limit))
+
+        return settle(attempt, run, ctx.settings.task_hard_time_limit)
 
 
 class _TrainingRun:
