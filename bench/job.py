@@ -52,6 +52,7 @@ from app.db import make_engine  # noqa: E402
 from app.models import Job, PriorBank  # noqa: E402
 from app.storage import LocalStorage  # noqa: E402
 from tests.worker.factories import make_job, make_subject, make_user  # noqa: E402
+from tests.worker.processes import base_worker_env, wait_until_ready  # noqa: E402
 from worker.engine.prompts import DEFAULT_PACK  # noqa: E402
 
 REDIS_URL = os.environ.get("STUDIO_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
@@ -95,16 +96,7 @@ def migrate(url: str) -> None:
 
 
 def worker_env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("STUDIO_")}
-    env.update({
-        "STUDIO_ENVIRONMENT": "test",
-        "STUDIO_SECRET_KEY": settings.secret_key,
-        "STUDIO_VAR_DIR": str(settings.var_dir),
-        "STUDIO_DATABASE_URL": settings.resolved_database_url,
-        "STUDIO_BROKER_URL": settings.broker_url,
-        "STUDIO_BASE_MODEL": "tiny",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env = base_worker_env(settings)
     if not args.preset:
         env.update({
             "STUDIO_TRAIN_OVERRIDES": json.dumps({"steps": args.steps, "preview_every": 0,
@@ -114,18 +106,6 @@ def worker_env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
             "STUDIO_SAMPLE_STEPS": str(args.sample_steps),
         })
     return env
-
-
-def wait_until_ready(log_path: Path, worker: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait for the worker's "ready" line: its start-up is not part of a job's time."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if " ready." in log_path.read_text(errors="replace"):
-            return
-        if worker.poll() is not None:
-            raise SystemExit(f"the worker exited with {worker.returncode}")
-        time.sleep(0.2)
-    raise SystemExit("the worker did not become ready")
 
 
 def reset_bank(sessions: sessionmaker[Session], storage: LocalStorage, var_dir: Path) -> None:

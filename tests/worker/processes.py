@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ from app.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def worker_env(settings: Settings, training: dict[str, Any]) -> dict[str, str]:
-    """A worker's environment on ``settings``: the tiny model, ``training`` overrides (TrainConfig fields),
-    a small prior bank and quick heartbeats, leases, cancel checks and progress writes."""
+def base_worker_env(settings: Settings) -> dict[str, str]:
+    """This process's environment without its STUDIO_* variables, plus those that put a worker on
+    ``settings``' database, broker and folders with the tiny model."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("STUDIO_")}
     env.update({
         "STUDIO_ENVIRONMENT": "test",
@@ -26,6 +27,16 @@ def worker_env(settings: Settings, training: dict[str, Any]) -> dict[str, str]:
         "STUDIO_BROKER_URL": settings.broker_url,
         "STUDIO_MEDIA_DIR": str(settings.resolved_media_dir),
         "STUDIO_BASE_MODEL": "tiny",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def worker_env(settings: Settings, training: dict[str, Any]) -> dict[str, str]:
+    """:func:`base_worker_env` with ``training`` overrides (TrainConfig fields), a small prior bank and
+    quick heartbeats, leases, cancel checks and progress writes."""
+    env = base_worker_env(settings)
+    env.update({
         "STUDIO_TRAIN_OVERRIDES": json.dumps(training),
         "STUDIO_PRIOR_IMAGES": "4",
         "STUDIO_PRIOR_STEPS": "4",
@@ -34,10 +45,21 @@ def worker_env(settings: Settings, training: dict[str, Any]) -> dict[str, str]:
         "STUDIO_LEASE_SECONDS": "6",
         "STUDIO_CANCEL_POLL_SECONDS": "0.3",
         "STUDIO_PROGRESS_WRITE_SECONDS": "0.2",
-        "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "2",
     })
     return env
+
+
+def wait_until_ready(log_path: Path, worker: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for the worker's "ready" line in its log (it then consumes); RuntimeError if it exits or stalls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log_path.exists() and " ready." in log_path.read_text(errors="replace"):
+            return
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited with {worker.returncode}")
+        time.sleep(0.1)
+    raise RuntimeError(f"the worker was not ready within {timeout:.0f} s")
 
 
 def stop_worker(worker: subprocess.Popen[bytes]) -> None:

@@ -32,7 +32,7 @@ from app.models import GeneratedImage, GenerationRequest, Job, Photo, PriorBank,
 from app.storage import LocalStorage
 from app.storage.base import subject_prefix
 from tests.worker.factories import make_job, make_subject, make_user
-from tests.worker.processes import ROOT, stop_worker, worker_env
+from tests.worker.processes import ROOT, stop_worker, wait_until_ready, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -280,10 +280,7 @@ def test_jobs_lost_with_an_emptied_redis_are_sent_again_by_the_reaper_and_finish
     from worker.tasks.maintenance import reap
 
     studio = start_studio("redis")
-    deadline = time.monotonic() + 60
-    while " ready." not in studio.log_tail(200_000):
-        assert time.monotonic() < deadline, f"the worker did not start\n{studio.log_tail()}"
-        time.sleep(0.1)
+    wait_until_ready(studio.log_path, studio.worker, timeout=60)
     worker = psutil.Process(studio.worker.pid)
     group = [worker, *worker.children(recursive=True)]
     for process in group:
