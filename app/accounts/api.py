@@ -6,12 +6,14 @@ import uuid
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from app import rate_limits
 from app.accounts import repository, service, throttle
 from app.accounts.schemas import NewTokenOut, SignupIn, TokenNameIn, TokenOut, TokenRequestIn, UserOut
 from app.deps import ApiUser, SessionDep, SettingsDep, require_csrf
+from app.models import User
 
 router = APIRouter(prefix="/api/v1", tags=["accounts"])
 
@@ -21,6 +23,16 @@ def _new_token_out(created: service.NewApiToken) -> NewTokenOut:
         id=created.api_token.id, name=created.api_token.name, created_at=created.api_token.created_at,
         last_used_at=created.api_token.last_used_at, token=created.token,
     )
+
+
+def _new_token(session: Session, user: User, name: str) -> NewTokenOut:
+    """A new token for ``user``, shown once; 400 naming a bad name."""
+    try:
+        created = service.create_api_token(session, user, name)
+    except service.AccountError as error:
+        session.rollback()
+        raise HTTPException(status_code=400, detail=error.message) from error
+    return _new_token_out(created)
 
 
 @router.post("/auth/signup", status_code=status.HTTP_201_CREATED, response_model=UserOut)
@@ -57,12 +69,7 @@ def api_token(body: TokenRequestIn, request: Request, session: SessionDep) -> Re
         rate_limits.record_apart(request.app.state.sessionmaker, counters)
         raise HTTPException(status_code=401, detail=service.LOGIN_FAILED_MESSAGE)
     rate_limits.reset(session, counters[:1])  # this address starts afresh; the account's count stays
-    try:
-        created = service.create_api_token(session, user, body.name)
-    except service.AccountError as error:
-        session.rollback()
-        raise HTTPException(status_code=400, detail=error.message) from error
-    return _new_token_out(created)
+    return _new_token(session, user, body.name)
 
 
 @router.get("/me", response_model=UserOut)
@@ -80,12 +87,7 @@ def list_tokens(user: ApiUser, session: SessionDep) -> list[TokenOut]:
     "/tokens", status_code=status.HTTP_201_CREATED, response_model=NewTokenOut, dependencies=[Depends(require_csrf)]
 )
 def create_token(body: TokenNameIn, user: ApiUser, session: SessionDep) -> NewTokenOut:
-    try:
-        created = service.create_api_token(session, user, body.name)
-    except service.AccountError as error:
-        session.rollback()
-        raise HTTPException(status_code=400, detail=error.message) from error
-    return _new_token_out(created)
+    return _new_token(session, user, body.name)
 
 
 @router.delete(

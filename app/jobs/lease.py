@@ -98,6 +98,12 @@ def heartbeat(session: Session, job_id: uuid.UUID | str, token: str, now: dateti
     return _rowcount(result) == 1
 
 
+def _check_progress_fields(values: dict[str, Any]) -> None:
+    unknown = set(values) - PROGRESS_FIELDS
+    if unknown:
+        raise ValueError(f"not progress fields: {', '.join(sorted(unknown))}")
+
+
 def update_progress(session: Session, job_id: uuid.UUID | str, token: str, now: datetime | None = None,
                     **values: Any) -> bool:
     """Write progress columns (stage, step, total, loss, eta_seconds, details, preview_keys) under the lease.
@@ -105,9 +111,7 @@ def update_progress(session: Session, job_id: uuid.UUID | str, token: str, now: 
     Also renews the heartbeat. Returns False when the lease was lost; raises ValueError for a column
     that is not a progress column.
     """
-    unknown = set(values) - PROGRESS_FIELDS
-    if unknown:
-        raise ValueError(f"not progress fields: {', '.join(sorted(unknown))}")
+    _check_progress_fields(values)
     now = now or utcnow()
     result = session.execute(
         _fenced(job_id, token)
@@ -128,9 +132,7 @@ def finish(session: Session, job_id: uuid.UUID | str, token: str, status: str, *
         raise ValueError(f"finish status must be one of {', '.join(TERMINAL_STATUSES)}, got {status!r}")
     if status == "failed" and not failure_reason:
         raise ValueError("a failed job needs a failure_reason a person can read")
-    unknown = set(values) - PROGRESS_FIELDS
-    if unknown:
-        raise ValueError(f"not progress fields: {', '.join(sorted(unknown))}")
+    _check_progress_fields(values)
     now = now or utcnow()
     result = session.execute(
         _fenced(job_id, token)
