@@ -1,13 +1,15 @@
 """Answering with a stored file: a redirect to a short-lived signed URL when the backend has one (S3),
-else the bytes streamed chunk by chunk. Only ever called after the route checked the owner."""
+else the bytes streamed chunk by chunk. Every file answered is one an owner-scoped query found."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Literal
 from urllib.parse import quote
 
 from fastapi import HTTPException, status
 from fastapi.responses import RedirectResponse, StreamingResponse
+from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from app.config import Settings
@@ -15,6 +17,7 @@ from app.galleries import model_export, service
 from app.galleries.service import open_chunks
 from app.models import GeneratedImage, Subject
 from app.storage import ObjectNotFound, Storage
+from app.subjects import repository as subject_repository
 
 Disposition = Literal["inline", "attachment"]
 # Generated images never change under a key, so a browser may keep them; "private": never a shared cache.
@@ -50,6 +53,17 @@ def file_response(
         "X-Content-Type-Options": "nosniff",
     }
     return StreamingResponse(chunks, media_type=media_type, headers=headers)
+
+
+def photo_response(
+    session: Session, storage: Storage, settings: Settings, owner_id: uuid.UUID, subject_id: uuid.UUID,
+    photo_id: uuid.UUID,
+) -> Response:
+    """One of the owner's uploaded photos (the sanitized copy); 404 for another account's or a missing one."""
+    photo = subject_repository.get_photo_for_owner(session, owner_id, subject_id, photo_id)
+    if photo is None:
+        raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail="No such photo.")
+    return file_response(storage, settings, photo.storage_key, "image/jpeg", f"photo-{photo.position + 1}.jpg")
 
 
 def model_download_response(

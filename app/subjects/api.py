@@ -20,7 +20,7 @@ from app.deps import (
     require_csrf_briefly,
     run_as_api_user,
 )
-from app.galleries.files import file_response
+from app.galleries.files import photo_response
 from app.models import SUBJECT_KINDS, Job, Photo, Subject, User
 from app.subjects import repository, retention, service
 from app.subjects.forms import UploadDep, read_studio_upload
@@ -241,10 +241,7 @@ def get_photo(
     settings: SettingsDep,
 ) -> Response:
     """One uploaded photo as stored (sanitized JPEG): streamed, or a redirect to a short-lived signed URL."""
-    photo = repository.get_photo_for_owner(session, user.id, subject_id, photo_id)
-    if photo is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such photo.")
-    return file_response(storage, settings, photo.storage_key, "image/jpeg", f"photo-{photo.position + 1}.jpg")
+    return photo_response(session, storage, settings, user.id, subject_id, photo_id)
 
 
 @router.get("/style-packs", response_model=list[StylePackOut])

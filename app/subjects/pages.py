@@ -23,7 +23,7 @@ from app.deps import (
     require_csrf_briefly,
     run_in_request_session,
 )
-from app.galleries.files import file_response
+from app.galleries.files import photo_response
 from app.models import Subject
 from app.photos.sanitize import format_megabytes
 from app.subjects import repository, retention, service
@@ -215,7 +215,4 @@ def studio_photo(
     settings: SettingsDep,
 ) -> Response:
     """One of the owner's uploaded photos (the sanitized copy): streamed, or a redirect to a signed URL."""
-    photo = repository.get_photo_for_owner(session, user.id, subject_id, photo_id)
-    if photo is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such photo.")
-    return file_response(storage, settings, photo.storage_key, "image/jpeg", f"photo-{photo.position + 1}.jpg")
+    return photo_response(session, storage, settings, user.id, subject_id, photo_id)
