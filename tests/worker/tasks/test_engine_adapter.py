@@ -41,5 +41,14 @@ def test_lighter_generation_reaches_generate_more(tmp_path: Path, monkeypatch: p
     assert seen["batch_size"] == 1
 
 
-def test_free_memory_runs_without_a_gpu() -> None:
+def test_free_memory_empties_the_gpu_allocators_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     DiffusersEngine().free_memory()
+    assert emptied == []  # no GPU: nothing to empty
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    DiffusersEngine().free_memory()
+    assert emptied == [True]
