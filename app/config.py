@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     heartbeat_seconds: int = 10
     task_soft_time_limit: int = 3 * 3600
     task_hard_time_limit: int = 3 * 3600 + 300
+    # A queued job sent this long ago that has not started is sent again, when the broker cannot be
+    # read (the file-system broker) or a worker took its message and never acknowledged it. With
+    # Redis, a message the broker lost is found and re-sent by the reaper's next pass instead.
+    queued_resend_seconds: int = 15 * 60
     max_active_jobs_per_user: int = 2
     # Studios one account may create in any hour (0: no limit); deleting one does not give it back.
     max_studios_per_hour: int = 10

@@ -59,14 +59,18 @@ def count_active_jobs_of_owner(session: Session, owner_id: uuid.UUID) -> int:
 
 
 def count_queued_before(session: Session, job: Job) -> int:
-    """How many queued jobs, of every account, were created before ``job`` (ties broken by id).
+    """How many queued jobs, of every account, a worker will take before ``job``.
 
-    Served by the (status, created_at) index, so the status endpoint can afford it on every poll.
+    Workers take jobs in the order their messages were sent, which ``enqueued_at`` records (it is
+    stamped once the broker took the message; ties broken by id). A job without a stamp has no
+    message waiting (its send failed, or the broker lost it and the reaper has not sent it again),
+    so it is ahead of nobody; such a job itself waits behind every job that has one.
+    Served by the (status, enqueued_at) index, so the status endpoint can afford it on every poll.
     """
-    earlier = or_(
-        Job.created_at < job.created_at,
-        and_(Job.created_at == job.created_at, Job.id < job.id),
-    )
-    return session.scalar(
-        select(func.count()).select_from(Job).where(Job.status == "queued", earlier, Job.id != job.id)
-    ) or 0
+    sent = and_(Job.status == "queued", Job.enqueued_at.is_not(None), Job.id != job.id)
+    if job.enqueued_at is not None:
+        sent = and_(sent, or_(
+            Job.enqueued_at < job.enqueued_at,
+            and_(Job.enqueued_at == job.enqueued_at, Job.id < job.id),
+        ))
+    return session.scalar(select(func.count()).select_from(Job).where(sent)) or 0

@@ -79,7 +79,10 @@ def make_photo(session: Session, storage: Storage, subject: Subject, position: i
 
 
 def make_job(session: Session, subject: Subject, **overrides: Any) -> Job:
-    """A job of ``subject``; status, stage, step, details... can be overridden."""
+    """A job of ``subject``; status, stage, step, details... can be overridden.
+
+    A queued job was sent when it was created (``enqueued_at``), as the web's enqueue does.
+    """
     values: dict[str, Any] = {
         "subject_id": subject.id,
         "owner_id": subject.owner_id,
@@ -90,6 +93,8 @@ def make_job(session: Session, subject: Subject, **overrides: Any) -> Job:
         "preview_keys": [],
     }
     values.update(overrides)
+    if values["status"] == "queued" and "enqueued_at" not in overrides:
+        values["enqueued_at"] = values.get("created_at") or utcnow()
     job = Job(**values)
     session.add(job)
     session.flush()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from sqlalchemy.orm import Session
 
 from app import queue
-from app.models import Job
+from app.models import Job, utcnow
 from app.storage import LocalStorage
 from tests.worker.factories import make_job, make_subject, make_user
 
@@ -93,6 +94,8 @@ def test_a_failed_send_is_logged_and_does_not_undo_the_commit(db_session: Sessio
     def broken(name: str, kwargs: dict[str, str], queue_name: str) -> None:
         raise ConnectionError("broker down")
 
+    job.enqueued_at = utcnow() - timedelta(hours=1)  # sent once before (a re-send, as the reaper does)
+    db_session.commit()
     queue.set_sender(broken)
     try:
         queue.enqueue(db_session, "training.run", job_id=str(job.id))
@@ -103,7 +106,27 @@ def test_a_failed_send_is_logged_and_does_not_undo_the_commit(db_session: Sessio
     assert "the reaper will re-send it" in caplog.text
     db_session.expire_all()
     reloaded = db_session.get(Job, job.id)
-    assert reloaded is not None and reloaded.enqueued_at is not None
+    # The row is committed, and it says that no message is waiting for it.
+    assert reloaded is not None and reloaded.status == "queued" and reloaded.enqueued_at is None
+
+
+def test_a_job_whose_send_failed_is_sent_by_the_next_reaper_pass(db_session: Session, job: Job, storage: LocalStorage,
+                                                                 sent: list[tuple[str, dict[str, str], str]]) -> None:
+    from worker.settings import get_worker_settings
+    from worker.tasks.maintenance import NEVER_SENT_GRACE_SECONDS, reap
+
+    queue.set_sender(lambda *_: (_ for _ in ()).throw(ConnectionError("broker down")))
+    queue.enqueue(db_session, "training.run", job_id=str(job.id))
+    db_session.commit()
+    queue.set_sender(lambda name, kwargs, queue_name: sent.append((name, kwargs, queue_name)))
+    # The broker is back; beat's next pass (every 30 s) finds the job without a stamp and sends it.
+    later = utcnow() + timedelta(seconds=NEVER_SENT_GRACE_SECONDS + 1)
+    report = reap(db_session, storage, get_worker_settings(), now=later)
+    db_session.commit()
+    assert report.resent == [str(job.id)] and sent == [("training.run", {"job_id": str(job.id)}, "gpu")]
+    db_session.expire_all()
+    stamped = db_session.get(Job, job.id)
+    assert stamped is not None and stamped.enqueued_at is not None
 
 
 def test_the_default_sender_puts_the_task_on_the_file_system_broker(db_session: Session, job: Job,

@@ -6,8 +6,13 @@ whatever the broker lost:
 - a running job whose heartbeat is older than the lease lost its worker: it is put back in the
   queue and re-sent (the next attempt resumes from its last checkpoint), or ends ``failed`` when its
   attempts are used up, so a job that kills its worker every time ends instead of looping;
-- a queued job that was never sent (``enqueued_at`` empty: the send after commit failed) or sent
-  long ago without starting (the broker lost it: Redis emptied or restarted) is sent again;
+- a queued job that was never sent (``enqueued_at`` empty: the send after commit failed, for
+  example while Redis was down) is sent again on the next pass;
+- a queued job whose message the broker lost (Redis emptied, or restarted without persistence) is
+  sent again: with Redis the reaper reads the queues and finds the jobs that have no message there
+  (a pass after the loss, so within about 30 s); with a broker it cannot read, or for a message a
+  worker took and never acknowledged, once the job was sent ``queued_resend_seconds`` ago without
+  starting;
 - a job whose cancel was requested and whose worker is gone ends ``cancelled``.
 
 Re-sending a job that is still in the broker is harmless: the second delivery exits at the claim.
@@ -16,6 +21,8 @@ Re-sending a job that is still in the broker is harmless: the second delivery ex
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -27,19 +34,20 @@ from app import storage as studio_storage
 from app.config import Settings
 from app.jobs import lease
 from app.models import Job, utcnow
-from app.queue import enqueue
+from app.queue import BrokerView, broker_view, enqueue
 from app.storage import Storage
 from app.storage.base import subject_prefix
 from app.subjects.deletion import purge_subject_files
 from app.subjects.retention import enforce_retention
-from worker.celery_app import celery_app
+from worker.celery_app import celery_app, queue_for
 from worker.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
 
-# A queued job not started this long after it was sent is sent again (the broker may have lost it).
-QUEUED_RESEND_SECONDS = 15 * 60
+# A job committed without a stamp is being sent right now by the web; only after this long it was not.
+NEVER_SENT_GRACE_SECONDS = 10
 TASK_FOR_KIND = {"train": "training.run", "generate": "generation.run"}
+TASK_QUEUES_OF_JOBS = [queue_for(task) for task in TASK_FOR_KIND.values()]
 BATCH_SIZE = 200
 
 
@@ -49,26 +57,42 @@ class ReapReport:
     resent: list[str] = field(default_factory=list)  # queued jobs sent again
     failed: list[str] = field(default_factory=list)  # attempts exhausted
     cancelled: list[str] = field(default_factory=list)  # cancel requested, worker gone
+    lost: list[str] = field(default_factory=list)  # of ``resent``: sent, but the broker holds no message
+
+
+BrokerReader = Callable[[list[str]], BrokerView | None]
 
 
 def reap(session: Session, storage: Storage, settings: Settings, now: datetime | None = None,
-         queued_resend_seconds: int = QUEUED_RESEND_SECONDS) -> ReapReport:
-    """One reaper pass; flushes and records the tasks to send, which go out when the caller commits."""
+         read_broker: BrokerReader = broker_view) -> ReapReport:
+    """One reaper pass; flushes and records the tasks to send, which go out when the caller commits.
+
+    ``read_broker`` tells which jobs the broker holds messages for (None: it cannot tell).
+    """
+    # The broker first, then the database: a job stamped as sent before this look had its message
+    # in the broker when it was taken, so missing from it means lost (not "sent a moment later").
+    view = read_broker(sorted(set(TASK_QUEUES_OF_JOBS)))
     now = now or utcnow()
     report = ReapReport()
     stale_before = now - timedelta(seconds=settings.lease_seconds)
-    resend_before = now - timedelta(seconds=queued_resend_seconds)
-    stale = session.execute(
+    resend_before = now - timedelta(seconds=settings.queued_resend_seconds)
+    never_sent_before = now - timedelta(seconds=NEVER_SENT_GRACE_SECONDS)
+    stale = list(session.execute(
         select(Job)
         .where(
             or_(
                 and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before)),
-                and_(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < resend_before)),
+                and_(Job.status == "queued", Job.enqueued_at.is_(None), Job.updated_at < never_sent_before),
+                and_(Job.status == "queued", Job.enqueued_at < resend_before),
             )
         )
         .order_by(Job.created_at)
         .limit(BATCH_SIZE)
-    ).scalars().all()
+    ).scalars())
+    if view is not None:
+        lost = _lost_by_the_broker(session, view, now, resend_before, {job.id for job in stale})
+        report.lost = [str(job.id) for job in lost]
+        stale.extend(lost)
     for job in stale:
         job_id = str(job.id)
         if job.cancel_requested:
@@ -80,6 +104,8 @@ def reap(session: Session, storage: Storage, settings: Settings, now: datetime |
             if lease.fail_if_exhausted(session, job.id, settings.lease_seconds, now=now):
                 report.failed.append(job_id)
             continue
+        if job.status == "queued" and view is not None and str(job.id) in view.waiting:
+            continue  # waiting its turn in a long queue: its message is there
         task = TASK_FOR_KIND.get(job.kind)
         if task is None:
             log.error("job %s has unknown kind %r; not re-sent", job_id, job.kind)
@@ -94,9 +120,25 @@ def reap(session: Session, storage: Storage, settings: Settings, now: datetime |
         enqueue(session, task, job_id=job_id)
     session.flush()
     if report.requeued or report.resent or report.failed or report.cancelled:
-        log.info("reaper: %d requeued, %d resent, %d failed, %d cancelled",
-                 len(report.requeued), len(report.resent), len(report.failed), len(report.cancelled))
+        log.info("reaper: %d requeued, %d resent (%d lost by the broker), %d failed, %d cancelled",
+                 len(report.requeued), len(report.resent), len(report.lost), len(report.failed),
+                 len(report.cancelled))
     return report
+
+
+def _lost_by_the_broker(session: Session, view: BrokerView, now: datetime, resend_before: datetime,
+                        already: set[uuid.UUID]) -> list[Job]:
+    """Queued jobs stamped as sent before the broker was read whose message is not in it."""
+    sent = session.execute(
+        select(Job.id)
+        .where(Job.status == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < now,
+               Job.enqueued_at >= resend_before)
+        .order_by(Job.enqueued_at)
+    ).scalars().all()
+    missing = [job_id for job_id in sent if not view.holds(str(job_id)) and job_id not in already][:BATCH_SIZE]
+    if not missing:
+        return []
+    return list(session.execute(select(Job).where(Job.id.in_(missing)).order_by(Job.enqueued_at)).scalars())
 
 
 def _requeue_stale(session: Session, job: Job, stale_before: datetime, now: datetime) -> bool:
@@ -129,8 +171,8 @@ def reap_task() -> dict[str, int]:
     settings = get_worker_settings()
     with studio_db.session_scope() as session:
         report = reap(session, studio_storage.get_storage(), settings)
-    return {"requeued": len(report.requeued), "resent": len(report.resent), "failed": len(report.failed),
-            "cancelled": len(report.cancelled)}
+    return {"requeued": len(report.requeued), "resent": len(report.resent), "lost": len(report.lost),
+            "failed": len(report.failed), "cancelled": len(report.cancelled)}
 
 
 @celery_app.task(name="maintenance.retention")

@@ -13,7 +13,7 @@ from app.storage import LocalStorage
 from tests.app.factories import make_job, make_subject, make_user
 
 
-def test_queue_position_counts_older_queued_jobs_of_every_account(db_session: Session) -> None:
+def test_queue_position_counts_jobs_sent_earlier_of_every_account(db_session: Session) -> None:
     alice, bob = make_user(db_session), make_user(db_session)
     rex, tom = make_subject(db_session, alice), make_subject(db_session, bob, name="Tom", kind="cat", class_noun="cat")
     start = utcnow()
@@ -32,10 +32,38 @@ def test_queue_position_counts_older_queued_jobs_of_every_account(db_session: Se
     assert service.queue_position(db_session, third) == 2
 
 
-def test_queue_position_breaks_ties_on_equal_creation_times(db_session: Session) -> None:
+def test_queue_position_follows_the_order_the_jobs_were_sent_not_created(db_session: Session) -> None:
+    # Three requests at once: created in one order, their commits and sends finish in another, and
+    # workers take the messages in the order they were sent.
+    subject = make_subject(db_session, make_user(db_session))
+    start = utcnow()
+    created_first = make_job(db_session, subject, created_at=start, enqueued_at=start + timedelta(seconds=2))
+    created_second = make_job(db_session, subject, created_at=start + timedelta(milliseconds=5),
+                              enqueued_at=start + timedelta(seconds=1))
+    created_third = make_job(db_session, subject, created_at=start + timedelta(milliseconds=9),
+                             enqueued_at=start + timedelta(seconds=3))
+    positions = [service.queue_position(db_session, job) for job in (created_first, created_second, created_third)]
+    assert positions == [2, 1, 3]
+
+
+def test_a_job_whose_message_was_lost_is_ahead_of_nobody(db_session: Session) -> None:
+    subject = make_subject(db_session, make_user(db_session))
+    start = utcnow()
+    # The oldest job's send failed (or Redis lost its message): no worker will take it before the
+    # reaper sends it again, at the back of the line.
+    lost = make_job(db_session, subject, created_at=start - timedelta(minutes=5), enqueued_at=None)
+    waiting = make_job(db_session, subject, created_at=start, enqueued_at=start)
+    later = make_job(db_session, subject, created_at=start + timedelta(seconds=1),
+                     enqueued_at=start + timedelta(seconds=1))
+    assert service.queue_position(db_session, waiting) == 1
+    assert service.queue_position(db_session, later) == 2
+    assert service.queue_position(db_session, lost) == 3
+
+
+def test_queue_position_breaks_ties_on_equal_send_times(db_session: Session) -> None:
     subject = make_subject(db_session, make_user(db_session))
     moment = utcnow()
-    jobs = [make_job(db_session, subject, created_at=moment) for _ in range(3)]
+    jobs = [make_job(db_session, subject, created_at=moment, enqueued_at=moment) for _ in range(3)]
     assert sorted(service.queue_position(db_session, job) or 0 for job in jobs) == [1, 2, 3]
 
 
