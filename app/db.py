@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
@@ -78,3 +80,25 @@ def rollback_and_close(session: Session) -> None:
         session.rollback()
     finally:
         session.close()
+
+
+def is_database_unavailable(error: BaseException) -> bool:
+    """True for an error that says the database cannot serve now, as opposed to a wrong query.
+
+    The server is down or restarting, the connection was cut, no pooled connection came free in
+    time, or SQLite's file is busy. The web answers these with 503 and Retry-After; a worker
+    keeps a task's message and tries again later (the database returns, the message must not be lost).
+    """
+    if isinstance(error, sa_exc.TimeoutError):  # the pool had no connection to give
+        return True
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    if not isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return False
+    if isinstance(error.orig, sqlite3.Error):
+        # SQLite reports a missing table as an OperationalError too: that one is a bug, not an outage.
+        message = str(error.orig).lower()
+        return any(word in message for word in ("locked", "busy", "unable to open"))
+    return True

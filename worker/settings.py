@@ -31,6 +31,9 @@ class WorkerSettings(Settings):
     progress_write_seconds: float = 1.0
     # Seconds between cancel-flag reads from the database while a job runs.
     cancel_poll_seconds: float = 1.0
+    # How long a task keeps trying to claim its job while the database is unreachable, before it
+    # hands its message back to the broker (to the end of the queue) and takes the next one.
+    claim_retry_seconds: float = 300.0
 
     @property
     def resolved_prior_cache_dir(self) -> Path:

@@ -54,7 +54,8 @@ def claim(session: Session, job_id: uuid.UUID | str, worker_id: str, lease_secon
 
     Claimable: queued, or running with a heartbeat older than ``lease_seconds`` (its worker is gone);
     fewer attempts than the cap; no cancel requested. The claim bumps ``attempts``, sets
-    ``heartbeat_at`` and keeps the first ``started_at``. ``worker_id`` names the claimer in logs.
+    ``heartbeat_at`` and keeps the first ``started_at``. ``worker_id`` names the claimer
+    ("host:pid" for a worker process) and is recorded as the job's ``lease_holder``.
     """
     if lease_seconds <= 0:
         raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
@@ -74,12 +75,42 @@ def claim(session: Session, job_id: uuid.UUID | str, worker_id: str, lease_secon
         .values(
             status="running",
             lease_token=token,
+            lease_holder=worker_id[:255],
             attempts=Job.attempts + 1,
             heartbeat_at=now,
             started_at=func.coalesce(Job.started_at, literal(now, Job.started_at.type)),
             finished_at=None,
             updated_at=now,
         )
+        .execution_options(synchronize_session=False)
+    )
+    return token if _rowcount(result) == 1 else None
+
+
+def take_over(session: Session, job_id: uuid.UUID | str, worker_id: str, dead_token: str, dead_holder: str,
+              now: datetime | None = None) -> str | None:
+    """Claim a running job whose lease holder is known to be dead, without waiting for the lease to go stale.
+
+    The caller proved ``dead_holder`` dead (a process of this host that no longer exists). Fenced on
+    the dead attempt's token and holder: if anyone claimed, finished or cancelled the job since,
+    nothing changes and None is returned. Same bookkeeping as :func:`claim`.
+    """
+    if not worker_id:
+        raise ValueError("worker_id must name the claiming worker")
+    now = now or utcnow()
+    token = uuid.uuid4().hex
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == _as_uuid(job_id),
+            Job.status == "running",
+            Job.lease_token == dead_token,
+            Job.lease_holder == dead_holder,
+            Job.attempts < Job.max_attempts,
+            Job.cancel_requested.is_(False),
+        )
+        .values(status="running", lease_token=token, lease_holder=worker_id[:255], attempts=Job.attempts + 1,
+                heartbeat_at=now, finished_at=None, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     return token if _rowcount(result) == 1 else None

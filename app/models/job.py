@@ -27,7 +27,11 @@ class Job(IdMixin, TimestampMixin, Base):
     """
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_created_at", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_status_created_at", "status", "created_at"),
+        # The queue position: queued jobs in the order their messages were sent.
+        Index("ix_jobs_status_enqueued_at", "status", "enqueued_at"),
+    )
 
     subject_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"), index=True)
     owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -45,9 +49,13 @@ class Job(IdMixin, TimestampMixin, Base):
     attempts: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=3)
     lease_token: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Who holds the lease, "host:pid": a later delivery on the same host that finds this process
+    # dead takes the job over at once instead of waiting for the lease to go stale.
+    lease_holder: Mapped[str | None] = mapped_column(String(255), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
 
+    # When the broker took the job's latest message; empty while none is known to be waiting.
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

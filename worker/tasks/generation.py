@@ -31,7 +31,15 @@ from worker.tasks.engine_adapter import (
     run_within_memory,
 )
 from worker.tasks.outcomes import JobFailure, settle
-from worker.tasks.runtime import LeasedAttempt, StopRun, WorkerContext, claim_job, default_context, is_redelivery
+from worker.tasks.runtime import (
+    LeasedAttempt,
+    StopRun,
+    WorkerContext,
+    claim_job,
+    default_context,
+    give_back_on_outage,
+    is_redelivery,
+)
 from worker.tasks.training import template_for
 
 log = logging.getLogger(__name__)
@@ -42,7 +50,7 @@ NOT_TRAINED_REASON = "This studio has no trained model yet (or it expired), so n
 @celery_app.task(name="generation.run", bind=True)
 def generation_run(self: Task, job_id: str) -> str:
     """Run one attempt of a "generate more" job; returns the outcome."""
-    return run_generation_job(uuid.UUID(job_id), redelivered=is_redelivery(self))
+    return give_back_on_outage(lambda: run_generation_job(uuid.UUID(job_id), redelivered=is_redelivery(self)))
 
 
 def run_generation_job(job_id: uuid.UUID, *, ctx: WorkerContext | None = None, engine: Engine | None = None,

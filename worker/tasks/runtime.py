@@ -16,6 +16,7 @@ Every GPU task (training, generation) runs the same way:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -30,8 +31,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import Reject
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import db as studio_db
@@ -81,8 +83,52 @@ def default_context() -> WorkerContext:
     )
 
 
-def claim_job(ctx: WorkerContext, job_id: uuid.UUID, redelivered: bool = False) -> str | None:
+class DatabaseUnavailable(Exception):
+    """The database stayed unreachable for ``claim_retry_seconds``: the task gives its message back."""
+
+
+# Waits between claims that met an unreachable database: quick at first, then every 15 s.
+CLAIM_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
+
+def claim_job(ctx: WorkerContext, job_id: uuid.UUID, redelivered: bool = False,
+              sleep: Callable[[float], None] = time.sleep) -> str | None:
     """The lease token, or None after logging why this delivery has nothing to do.
+
+    While the database cannot be reached the claim is tried again with growing waits, holding the
+    message (it is acknowledged only when the task ends): failing the task would acknowledge it and
+    drop the job from the queue until the reaper's re-send. After ``claim_retry_seconds`` it raises
+    :class:`DatabaseUnavailable`, and the task hands the message back to the broker.
+    """
+    deadline = time.monotonic() + ctx.settings.claim_retry_seconds
+    for tries in itertools.count():
+        try:
+            return _claim_job(ctx, job_id, redelivered)
+        except SQLAlchemyError as error:
+            if not studio_db.is_database_unavailable(error):
+                raise
+            wait = CLAIM_RETRY_DELAYS[min(tries, len(CLAIM_RETRY_DELAYS) - 1)]
+            if time.monotonic() + wait > deadline:
+                raise DatabaseUnavailable(f"job {job_id}: the database was unreachable for "
+                                          f"{ctx.settings.claim_retry_seconds} s") from error
+            log.warning("job %s: the database is unreachable (%s); claiming again in %.1f s",
+                        job_id, type(error.orig if isinstance(error, DBAPIError) else error).__name__, wait)
+            sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def give_back_on_outage(run: Callable[[], str]) -> str:
+    """Run a job task's body; if the database stayed away through the claim's retries, the task's
+    message goes back to the broker (``Reject(requeue=True)``) instead of being acknowledged."""
+    try:
+        return run()
+    except DatabaseUnavailable as error:
+        log.warning("%s; handing the task's message back to the broker", error)
+        raise Reject(str(error), requeue=True) from error
+
+
+def _claim_job(ctx: WorkerContext, job_id: uuid.UUID, redelivered: bool) -> str | None:
+    """One try of :func:`claim_job`.
 
     ``redelivered``: the broker handed this task out again, typically because the worker running it
     died. The job then still shows that worker's last heartbeat; rather than leave it to the reaper,
@@ -109,12 +155,53 @@ def claim_job(ctx: WorkerContext, job_id: uuid.UUID, redelivered: bool = False) 
     return None
 
 
+def holder_is_dead(holder: str | None, worker_id: str) -> bool:
+    """Whether a lease holder ("host:pid") is provably dead: a process of this host that no longer runs.
+
+    ``worker_id`` is this process's own name: a holder equal to it is a dead process whose pid this
+    one now reuses (a task process runs one job, and this one has not claimed yet). A holder on
+    another host, or one whose pid is alive (perhaps reused by an unrelated process), is not
+    provably dead: the caller then waits for the lease to go stale.
+    """
+    if not holder or ":" not in holder:
+        return False
+    host, _, pid_text = holder.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    if holder == worker_id:
+        return True
+    return not _process_alive(int(pid_text))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    try:
+        # A zombie has exited; only its parent has not collected it yet.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
 def _claim_after_dead_lease(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
     with ctx.transaction() as session:
         job = session.get(Job, job_id)
         if job is None or job.status != "running" or job.cancel_requested or job.heartbeat_at is None:
             return None
         last_beat = job.heartbeat_at
+        dead_token, holder = job.lease_token, job.lease_holder
+    if dead_token and holder and holder_is_dead(holder, ctx.worker_id):
+        with ctx.transaction() as session:
+            token = lease.take_over(session, job_id, ctx.worker_id, dead_token, holder)
+        if token is not None:
+            log.info("job %s: redelivered; its lease holder %s is dead on this host, taking over at once",
+                     job_id, holder)
+            return token
     stale_at = last_beat + timedelta(seconds=ctx.settings.lease_seconds)
     poll = max(0.1, float(ctx.settings.heartbeat_seconds))
     log.info("job %s: redelivered while its lease looks held; waiting up to %.0f s for it to go stale",

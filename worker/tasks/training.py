@@ -61,6 +61,7 @@ from worker.tasks.runtime import (
     WorkerContext,
     claim_job,
     default_context,
+    give_back_on_outage,
     is_redelivery,
 )
 
@@ -77,7 +78,7 @@ PHOTOS_GONE_REASON = (
 @celery_app.task(name="training.run", bind=True)
 def training_run(self: Task, job_id: str) -> str:
     """Run one attempt of a training job; returns the outcome (done, failed, cancelled, skipped, lost, deleted)."""
-    return run_training_job(uuid.UUID(job_id), redelivered=is_redelivery(self))
+    return give_back_on_outage(lambda: run_training_job(uuid.UUID(job_id), redelivered=is_redelivery(self)))
 
 
 @dataclass

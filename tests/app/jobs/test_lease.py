@@ -130,3 +130,38 @@ def test_fail_if_exhausted_ends_only_dead_jobs(db_session: Session, job: Job) ->
     failed = reload(db_session, job)
     assert failed.status == "failed" and failed.lease_token is None
     assert "stopped unexpectedly 3 times" in (failed.failure_reason or "")
+
+
+def test_the_claim_records_the_lease_holder(db_session: Session, job: Job) -> None:
+    assert lease.claim(db_session, job.id, "gpu-box:4242", LEASE)
+    db_session.commit()
+    assert reload(db_session, job).lease_holder == "gpu-box:4242"
+
+
+def test_take_over_from_a_dead_holder_is_fenced_on_its_token_and_holder(db_session: Session, job: Job) -> None:
+    dead = lease.claim(db_session, job.id, "gpu-box:4242", LEASE)
+    db_session.commit()
+    assert dead is not None
+    assert lease.take_over(db_session, job.id, "gpu-box:5000", dead, "gpu-box:1111") is None  # not the holder
+    assert lease.take_over(db_session, job.id, "gpu-box:5000", "other-token", "gpu-box:4242") is None
+    token = lease.take_over(db_session, job.id, "gpu-box:5000", dead, "gpu-box:4242")
+    db_session.commit()
+    assert token is not None and token != dead
+    taken = reload(db_session, job)
+    assert (taken.lease_token, taken.lease_holder, taken.attempts) == (token, "gpu-box:5000", 2)
+    assert lease.heartbeat(db_session, job.id, dead) is False
+    # Only once: a second delivery finds the token changed.
+    assert lease.take_over(db_session, job.id, "gpu-box:6000", dead, "gpu-box:4242") is None
+
+
+def test_take_over_respects_the_attempt_cap_and_a_cancel(db_session: Session, job: Job) -> None:
+    dead = lease.claim(db_session, job.id, "gpu-box:4242", LEASE)
+    assert dead is not None
+    job_row = reload(db_session, job)
+    job_row.max_attempts = 1
+    db_session.commit()
+    assert lease.take_over(db_session, job.id, "gpu-box:5000", dead, "gpu-box:4242") is None
+    job_row = reload(db_session, job)
+    job_row.max_attempts, job_row.cancel_requested = 3, True
+    db_session.commit()
+    assert lease.take_over(db_session, job.id, "gpu-box:5000", dead, "gpu-box:4242") is None
