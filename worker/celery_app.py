@@ -93,6 +93,12 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "event_serializer": "json",
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # Celery 6 turns this on by default: on a lost broker connection, every running late-acked
+        # task is cancelled. A Redis blip (a restart, a failover, a network hiccup) would then kill
+        # every training in flight and throw its work since the last checkpoint away. Here the
+        # database lease protects the job, not the broker: the run goes on, and should its message
+        # be handed out again meanwhile, that delivery finds the lease alive and exits at the claim.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_default_queue": CPU_QUEUE,
         "task_routes": {pattern: {"queue": queue} for pattern, queue in TASK_QUEUES.items()},
         "task_soft_time_limit": settings.task_soft_time_limit,

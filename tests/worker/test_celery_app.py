@@ -66,3 +66,11 @@ def test_the_worker_registers_every_task_name(settings: Settings) -> None:
     names = set(celery_app.tasks)
     assert {"training.run", "generation.run", "maintenance.reap", "maintenance.retention",
             "maintenance.purge_subject"} <= names
+
+
+def test_a_lost_broker_connection_does_not_cancel_running_jobs(settings: Settings) -> None:
+    # Set on purpose, not left to Celery's default (True from Celery 6): the database lease protects
+    # a running job, and a Redis blip must not kill every training in flight.
+    assert build_config(settings)["worker_cancel_long_running_tasks_on_connection_loss"] is False
+    app = create_celery(settings)
+    assert app.conf.worker_cancel_long_running_tasks_on_connection_loss is False
