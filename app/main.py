@@ -316,6 +316,30 @@ async def login_required_handler(request: Request, exc: Exception) -> Response:
     return RedirectResponse(f"/login?next={quote(exc.next_path, safe='')}", status_code=303)
 
 
+# Seconds a client is asked to wait before trying again while the database is away.
+DATABASE_RETRY_AFTER_SECONDS = 5
+DATABASE_UNAVAILABLE_DETAIL = "The studio's database is not reachable right now. Please try again in a few seconds."
+
+
+async def database_error_handler(request: Request, exc: Exception) -> Response:
+    """503 with Retry-After while the database is down or out of connections; other errors stay 500s.
+
+    Answered here, inside the app, so no exception reaches the server: uvicorn keeps the client's
+    connection open (an exception that escapes the app makes it close the connection after a 500).
+    """
+    if not db_module.is_database_unavailable(exc):
+        raise exc
+    headers = {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
+    if wants_json(request):
+        return JSONResponse({"detail": DATABASE_UNAVAILABLE_DETAIL}, status_code=503, headers=headers)
+    # A plain page: the usual error template may look up who is asking, in the database.
+    return HTMLResponse(
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>Back soon</title></head>"
+        f"<body><h1>Back in a moment</h1><p>{DATABASE_UNAVAILABLE_DETAIL}</p></body></html>",
+        status_code=503, headers=headers,
+    )
+
+
 async def server_error_handler(request: Request, exc: Exception) -> Response:
     detail = "Something went wrong on our side. Please try again in a moment."
     if wants_json(request):
@@ -416,6 +440,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_exception_handler)
     app.add_exception_handler(LoginRequired, login_required_handler)
+    app.add_exception_handler(SQLAlchemyError, database_error_handler)
     app.add_exception_handler(Exception, server_error_handler)
 
     # Before /static, which would otherwise answer these paths.

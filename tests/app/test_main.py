@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -256,3 +257,83 @@ def test_openapi_lists_the_accounts_api(client: TestClient) -> None:
     paths = client.get("/api/v1/openapi.json").json()["paths"]
     assert {"/api/v1/auth/signup", "/api/v1/auth/token", "/api/v1/me", "/api/v1/tokens"} <= set(paths)
     assert "/login" not in paths
+
+
+def _http_exchange(connection: socket.socket, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request on an open connection and its whole response (status, headers, body)."""
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{name}: {value}" for name, value in headers.items())]
+    connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = connection.recv(65536)
+        assert chunk, "the server closed the connection"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    answer = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+    length = int(answer.get("content-length", "0"))
+    while len(body) < length:
+        chunk = connection.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    return int(status_line.split()[1]), answer, body
+
+
+def test_a_database_outage_answers_503_with_retry_after_and_keeps_the_connection(
+        settings: Settings, tmp_path: Path) -> None:
+    import threading
+    import time
+    import uuid
+
+    import uvicorn
+    from sqlalchemy.orm import sessionmaker
+
+    from app.accounts import service as accounts_service
+    from app.db import make_engine
+    from app.security import SESSION_COOKIE
+    from tests.app.conftest import free_port
+    from tests.conftest import run_migrations
+    from tests.servers import PrivatePostgres
+
+    database = PrivatePostgres()
+    database.start()
+    engine = None
+    server = None
+    thread = None
+    try:
+        url = database.create_database("studio")
+        run_migrations(url)
+        engine = make_engine(url)
+        with sessionmaker(bind=engine, expire_on_commit=False)() as session:
+            user = accounts_service.sign_up(session, "outage@example.com", "a long enough password 123")
+            token = accounts_service.create_api_token(session, user, "script").token
+            session.commit()
+        app = create_app(settings.model_copy(update={"database_url": url}))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        api = (f"/api/v1/jobs/{uuid.uuid4()}", {"Authorization": f"Bearer {token}"})
+        page = ("/studios", {"Cookie": f"{SESSION_COOKIE}=some-session", "Accept": "text/html"})
+
+        with socket.create_connection(("127.0.0.1", server.config.port), timeout=30) as connection:
+            assert _http_exchange(connection, *api)[0] == 404  # up: no such job
+            database.stop()
+            for path, headers in (api, page, api):
+                status, answer, body = _http_exchange(connection, path, headers)
+                assert status == 503, body
+                assert answer["retry-after"] == "5" and answer.get("connection") != "close"
+                assert b"try again in a few seconds" in body
+            database.start()
+            # Same connection throughout: the server never dropped it. And the pool recovers by itself.
+            assert _http_exchange(connection, *api)[0] == 404
+    finally:
+        if server is not None and thread is not None:
+            server.should_exit = True
+            thread.join(timeout=10)
+        if engine is not None:
+            engine.dispose()
+        database.remove()
