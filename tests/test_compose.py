@@ -83,6 +83,15 @@ def test_the_worker_reserves_one_gpu_and_takes_one_job(config: dict[str, Any]) -
     assert "gpu" not in str(config["services"]["cpu-worker"].get("deploy", ""))
 
 
+def test_redis_keeps_its_queues_across_a_restart(config: dict[str, Any]) -> None:
+    redis = config["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    # The append-only file outlives the container: a named volume on /data ("redis-data:/data:rw").
+    assert any(str(volume).split(":")[1] == "/data" for volume in redis["volumes"])
+
+
 def test_start_order(config: dict[str, Any]) -> None:
     services = config["services"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
