@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
 from celery.schedules import crontab
-from celery.signals import worker_init
+from celery.signals import celeryd_after_setup, worker_init
 
 from app import config as studio_config
 from app.config import Settings
@@ -133,6 +135,15 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
 # The app the `celery -A worker.celery_app worker|beat` command lines load.
 celery_app = create_celery()
+
+
+@celeryd_after_setup.connect
+def quiet_the_cancel_on_connection_loss_warning(**_: Any) -> None:
+    """Drop Celery's warning, on every lost broker connection, that the default of
+    ``worker_cancel_long_running_tasks_on_connection_loss`` changes in Celery 6.0: build_config
+    sets it on purpose. Installed after the worker set up its logging, which turns those warnings on."""
+    warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
+                            category=CPendingDeprecationWarning)
 
 
 @worker_init.connect

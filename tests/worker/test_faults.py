@@ -238,13 +238,23 @@ def test_a_killed_worker_childs_job_is_taken_over_at_once_not_after_the_lease(
 def test_a_redis_restart_with_persistence_does_not_stop_a_running_training(
         start_rig: Callable[..., Studio], private_redis: Callable[..., PrivateRedis]) -> None:
     broker = private_redis(persistent=True)
-    studio = start_rig(broker.url, training={"steps": 150, "checkpoint_every": 50, "preview_every": 0})
+    studio = start_rig(broker.url, training={"steps": 100_000, "checkpoint_every": 0, "preview_every": 0})
     job = studio.create_studio()
-    training = studio.wait_for(job.id, lambda found: found.stage == "training" and found.step > 0, "training")
+    studio.wait_for(job.id, lambda found: found.stage == "training" and found.step > 0, "training")
     broker.stop()
     broker.start()  # a blip: the append-only file brings every message back
-    done = studio.wait_finished(job.id)
-    _assert_published(studio, done)
-    # The same attempt went on: not cancelled by the lost connection, not run a second time.
-    assert done.attempts == 1 and training.attempts == 1
-    assert "Terminating" not in studio.log_tail(200_000)
+    at_restart = studio.job(job.id).step
+    # The same attempt goes on training: not cancelled by the lost connection, not started again.
+    going_on = studio.wait_for(job.id, lambda found: found.step >= at_restart + 5 or found.status != "running",
+                               "training to go on after the blip")
+    assert going_on.status == "running" and going_on.attempts == 1
+    with studio.session() as session:  # ends the long run
+        found = session.get(Job, job.id)
+        assert found is not None
+        found.cancel_requested = True
+        session.commit()
+    ended = studio.wait_finished(job.id)
+    assert ended.status == "cancelled" and ended.attempts == 1
+    log = studio.log_tail(200_000)
+    assert "Restoring 1 unacknowledged message" in log  # the connection was really lost
+    assert "Terminating" not in log and "worker_cancel_long_running_tasks_on_connection_loss" not in log
