@@ -275,14 +275,17 @@ def load_single_file(path: Path, *, tokenizers: Mapping[str, Any] | None = None,
     else:
         options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
-        # No dtype: diffusers then casts each weight to its module's (float32, on the CPU), and leaves the weights
-        # the file lacks on the meta device for _check_loaded to name; with a dtype it would fail
-        # on them with a bare "Cannot copy out of meta tensor".
+        # No dtype: diffusers then casts each weight to its module's (float32, on the CPU). With a
+        # dtype it would also cast what the file lacks, which fails on the meta device with a bare
+        # "Cannot copy out of meta tensor"; the except below names the missing weights instead.
         pipe = pipeline_class.from_single_file(
             str(path), config=str(folder), local_files_only=True, **components, **options
         )
     except Exception as exc:  # diffusers raises many kinds: shape mismatches, unreadable files
-        missing = sorted(set(expected_tensor_shapes(kind, folder)) - set(shapes))
+        try:
+            missing = sorted(set(expected_tensor_shapes(kind, folder)) - set(shapes))
+        except Exception:  # a configuration diffusers could not use either; its own error says why
+            missing = []
         reason = (f"the file lacks {len(missing)} of the weights it needs, e.g. {', '.join(missing[:3])} ({exc})"
                   if missing else str(exc))
         raise EngineInputError(
