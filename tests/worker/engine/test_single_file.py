@@ -224,6 +224,10 @@ def test_sd1_round_trips_through_the_original_layout(offline: list[str], tmp_pat
     if suffix == ".ckpt":  # legacy pickles, read with weights_only; the weights nest under "state_dict"
         with safe_open(str(path), framework="pt") as handle:
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        # ... next to what the original training code saved besides: its noise schedule, EMA
+        # bookkeeping and CLIP's position ids. Loaders ignore these.
+        state.update({"alphas_cumprod": torch.rand(1000), "model_ema.decay": torch.tensor(0.9999),
+                      "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]})
         path = tmp_path / "model.ckpt"
         torch.save({"state_dict": state, "global_step": 10}, path)
 
