@@ -119,20 +119,31 @@ def api_docs_response(openapi_url: str) -> Response:
     return HTMLResponse(body, headers={"Content-Security-Policy": policy})
 
 
+def security_headers(settings: Settings) -> list[tuple[bytes, bytes]]:
+    """The headers every answer carries (a header the answer sets itself wins)."""
+    headers = [
+        (b"content-security-policy", content_security_policy(settings).encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"same-origin"),
+        (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+    ]
+    if settings.cookie_secure:
+        headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
+    return headers
+
+
 class SecurityHeadersMiddleware:
-    """Adds the security headers to every response; private responses are never cached."""
+    """Adds the security headers to every response; private responses are never cached.
+
+    Starlette answers an unhandled exception outside every middleware added here (its
+    ServerErrorMiddleware is the outermost layer), so :func:`server_error_handler` adds the same
+    headers to the 500 itself.
+    """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.headers: list[tuple[bytes, bytes]] = [
-            (b"content-security-policy", content_security_policy(settings).encode()),
-            (b"x-content-type-options", b"nosniff"),
-            (b"x-frame-options", b"DENY"),
-            (b"referrer-policy", b"same-origin"),
-            (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
-        ]
-        if settings.cookie_secure:
-            self.headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
+        self.headers = security_headers(settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -317,14 +328,21 @@ async def login_required_handler(request: Request, exc: Exception) -> Response:
 
 
 async def server_error_handler(request: Request, exc: Exception) -> Response:
+    """The 500 answer, with the security headers: it is sent from outside SecurityHeadersMiddleware."""
     detail = "Something went wrong on our side. Please try again in a moment."
+    response: Response
     if wants_json(request):
-        return JSONResponse({"detail": detail}, status_code=500)
-    return HTMLResponse(
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>Error</title></head>"
-        f"<body><h1>Sorry</h1><p>{detail}</p></body></html>",
-        status_code=500,
-    )
+        response = JSONResponse({"detail": detail}, status_code=500)
+    else:
+        response = HTMLResponse(
+            "<!doctype html><html lang=en><head><meta charset=utf-8><title>Error</title></head>"
+            f"<body><h1>Sorry</h1><p>{detail}</p></body></html>",
+            status_code=500,
+        )
+    for name, value in security_headers(request.app.state.settings):
+        response.headers[name.decode()] = value.decode()
+    response.headers["cache-control"] = "no-store"
+    return response
 
 
 # --- the app --------------------------------------------------------------------------------------
