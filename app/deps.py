@@ -44,6 +44,8 @@ from app.storage import Storage
 
 T = TypeVar("T")
 
+API_PREFIX = "/api/"
+
 # last_used_at of an API token is refreshed at most this often, so reads stay reads.
 TOKEN_TOUCH_INTERVAL = timedelta(minutes=5)
 # Form fields other than files are small (names, prompts); files are counted by the upload code.
@@ -380,6 +382,10 @@ async def require_csrf_briefly(
 async def check_csrf(request: Request, auth: Auth) -> None:
     if auth.bearer_given:
         return
+    if auth.user is None and request.url.path.startswith(API_PREFIX):
+        # Nobody is signed in, so there is no session to forge a request for: the API's answer
+        # is that authentication is missing (401), not that a form token is.
+        api_user_of(auth)
     given = request.headers.get(CSRF_HEADER)
     if not given:
         content_type = request.headers.get("content-type", "")

@@ -41,7 +41,7 @@ from app import storage as storage_module
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
 from app.config import Settings
-from app.deps import LoginRequired, OptionalUser
+from app.deps import API_PREFIX, LoginRequired, OptionalUser
 from app.galleries import api as galleries_api
 from app.galleries import pages as galleries_pages
 from app.jobs import api as jobs_api
@@ -50,7 +50,6 @@ from app.subjects import api as subjects_api
 from app.subjects import pages as subjects_pages
 from app.templating import STATIC_DIR, render
 
-API_PREFIX = "/api/"
 STATIC_PREFIX = "/static/"
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -24,6 +26,7 @@ from app.deps import (
 )
 from app.main import create_app
 from app.models import User
+from app.security import SESSION_COOKIE
 
 router = APIRouter()
 
@@ -160,6 +163,43 @@ def test_csrf_sources(
     # Bearer requests are exempt: a browser never adds that header by itself.
     test_client.cookies.clear()
     assert test_client.post("/test/csrf", headers=api_headers(user)).status_code == 200
+
+
+# The API's only routes that take a write from nobody: they are how one becomes somebody.
+PUBLIC_API_WRITES = {("POST", "/api/v1/auth/signup"), ("POST", "/api/v1/auth/token")}
+
+
+def api_writes(app: FastAPI) -> list[tuple[str, str]]:
+    """Every POST, PUT, PATCH and DELETE route of the JSON API, with its ids filled in."""
+    found = set()
+    for route in iter_route_contexts(app.routes):
+        if not route.path.startswith("/api/"):
+            continue
+        for method in set(route.methods or ()) & {"POST", "PUT", "PATCH", "DELETE"}:
+            if (method, route.path) not in PUBLIC_API_WRITES:
+                path = route.path
+                for placeholder in ("{subject_id:uuid}", "{image_id:uuid}", "{job_id:uuid}", "{token_id}"):
+                    path = path.replace(placeholder, str(uuid.uuid4()))
+                assert "{" not in path, f"no value for a placeholder of {path}"
+                found.add((method, path))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("stale_cookie", [False, True])
+def test_an_unauthenticated_api_write_is_401_not_a_csrf_refusal(
+    settings: Settings, clean_db: Engine, stale_cookie: bool
+) -> None:
+    app = create_app(settings)
+    writes = api_writes(app)
+    assert len(writes) >= 6, writes
+    with TestClient(app) as client:
+        if stale_cookie:  # a signed-out browser still sends its old cookie
+            client.cookies.set(SESSION_COOKIE, "no-longer-a-session")
+        answers = {f"{method} {path}": client.request(method, path) for method, path in writes}
+    wrong = {name: (answer.status_code, answer.text[:80]) for name, answer in answers.items()
+             if answer.status_code != 401 or answer.headers.get("www-authenticate") != "Bearer"}
+    assert not wrong, f"API writes that did not answer 401 to nobody: {wrong}"
+    assert {answer.json()["detail"] for answer in answers.values()} == {"Not authenticated."}
 
 
 def test_forms_are_parsed_with_the_studios_limits(test_client: TestClient) -> None:
