@@ -403,7 +403,13 @@ CsrfDep = Depends(require_csrf)
 
 
 def client_key(request: Request) -> str:
-    """The key rate limits count by: the client's address (uvicorn's --proxy-headers resolves proxies)."""
+    """The key rate limits count by: the client's address.
+
+    That is the peer of the connection, unless the peer is one of ``STUDIO_TRUSTED_PROXIES``: then
+    the app's proxy-headers middleware (app.main) has already put the address from
+    X-Forwarded-For in its place. Anybody else's X-Forwarded-For is ignored, so a client cannot
+    escape its per-address limit by rotating the header.
+    """
     return request.client.host if request.client else "unknown"
 
 
