@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     # Accounts one address may create in any hour (0: no limit), counted in the database like the
     # sign-in throttle. A household or an office behind one address shares it.
     max_signups_per_hour: int = 5
-    # Password hashes (argon2: 64 MiB and ~50 ms of CPU each) one web process computes at once; a
+    # Password hashes (argon2: 64 MiB each while it runs) one web process computes at once; a
     # sign-up, sign-in or password change beyond them waits up to password_hash_wait_seconds in the
     # event loop (holding no thread and no database connection), then gets 503 with Retry-After.
     password_hash_slots: int = 2

@@ -117,6 +117,40 @@ async def get_db_session(request: Request) -> AsyncIterator[Session]:
             raise
 
 
+# Seconds a client refused for want of a password-hash slot is asked to wait before trying again.
+BUSY_RETRY_AFTER = 5
+
+
+async def password_hash_slot(request: Request) -> AsyncIterator[None]:
+    """Hold one of the process's password-hash slots for the request (sign-up, sign-in, password change).
+
+    An argon2 hash takes 64 MiB while it runs: 40 sign-ups at once grew a web process by 640 MB.
+    At most ``settings.password_hash_slots`` requests hash at once; the others wait here, in the
+    event loop, before they take a thread or a database session, for up to
+    ``settings.password_hash_wait_seconds``, and then get 503 with Retry-After. List it in the
+    route's ``dependencies`` before ``require_csrf``, so a waiting request holds nothing else.
+    """
+    settings: Settings = request.app.state.settings
+    slots: asyncio.Semaphore = request.app.state.password_hash_slots
+    try:
+        async with asyncio.timeout(settings.password_hash_wait_seconds):
+            await slots.acquire()
+    except TimeoutError:
+        raise HTTPException(
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"The studio is busy checking other passwords. Try again in {BUSY_RETRY_AFTER} seconds.",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER)},
+        ) from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+# scope="function": the slot is given back as soon as the handler (and its commit) is done.
+PasswordHashSlot = Depends(password_hash_slot, scope="function")
+
+
 async def get_app_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage

@@ -281,6 +281,7 @@ ERROR_TITLES = {
     413: "Too large",
     422: "Please check the form",
     429: "Too many attempts",
+    503: "Busy right now",
 }
 
 
@@ -424,6 +425,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = session_factory
     app.state.session_slots = asyncio.Semaphore(request_slots(settings.database_pool_size,
                                                               settings.database_max_overflow))
+    app.state.password_hash_slots = asyncio.Semaphore(settings.password_hash_slots)
     app.state.storage = _storage(settings)
 
     # add_middleware wraps: the last added runs first, so security headers land on every answer.

@@ -14,7 +14,7 @@ from app import rate_limits
 from app.accounts import repository, service, throttle
 from app.accounts.cookies import clear_session_cookie, set_session_cookie
 from app.config import Settings
-from app.deps import AuthDep, OptionalUser, PageUser, SessionDep, SettingsDep, require_csrf
+from app.deps import AuthDep, OptionalUser, PageUser, PasswordHashSlot, SessionDep, SettingsDep, require_csrf
 from app.models import User
 from app.security import safe_next
 from app.templating import redirect_with_flash, render
@@ -47,7 +47,7 @@ def signup_page(request: Request, user: OptionalUser, settings: SettingsDep, nex
     return render(request, "accounts/signup.html", context)
 
 
-@router.post("/signup", dependencies=[Depends(require_csrf)])
+@router.post("/signup", dependencies=[PasswordHashSlot, Depends(require_csrf)])
 def signup(
     request: Request,
     session: SessionDep,
@@ -58,10 +58,14 @@ def signup(
 ) -> Response:
     try:
         service.check_signups_open(settings)
-        user = service.sign_up(session, email, password)
+        user = service.sign_up_counted(session, email, password, throttle.sign_up_counter(request, settings))
     except service.SignupsClosed as closed:
         closed_context = {"errors": [], "email": "", "next": safe_next(next, ""), "closed": closed.message}
         return render(request, "accounts/signup.html", closed_context, status_code=403)
+    except service.TooManySignups as limited:
+        limited_context = {"errors": [limited.message], "email": email.strip(), "next": safe_next(next, "")}
+        return render(request, "accounts/signup.html", limited_context, status_code=429,
+                      headers={"Retry-After": str(limited.retry_after)})
     except service.AccountError as error:
         session.rollback()
         context: dict[str, object] = {"errors": [error.message], "error_field": error.field, "email": email.strip(),
@@ -78,7 +82,7 @@ def login_page(request: Request, user: OptionalUser, next: str = "") -> Response
     return render(request, "accounts/login.html", {"errors": [], "email": "", "next": safe_next(next, "")})
 
 
-@router.post("/login", dependencies=[Depends(require_csrf)])
+@router.post("/login", dependencies=[PasswordHashSlot, Depends(require_csrf)])
 def login(
     request: Request,
     session: SessionDep,
@@ -150,7 +154,7 @@ def revoke_token(request: Request, session: SessionDep, user: PageUser, token_id
     return redirect_with_flash(request, "/account", "The token is revoked: it no longer works.")
 
 
-@router.post("/account/password", dependencies=[Depends(require_csrf)])
+@router.post("/account/password", dependencies=[PasswordHashSlot, Depends(require_csrf)])
 def change_password(
     request: Request,
     session: SessionDep,

@@ -10,6 +10,7 @@ from datetime import timedelta
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import rate_limits
 from app.accounts import repository
 from app.config import Settings
 from app.models import ApiToken, User, UserSession, utcnow
@@ -46,6 +47,17 @@ class EmailTaken(AccountError):
 
 class SignupsClosed(AccountError):
     pass
+
+
+class TooManySignups(AccountError):
+    """The address made as many accounts as it may in the last hour."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            "Too many accounts were created from your network in the last hour. "
+            f"Try again in {rate_limits.wait_in_words(retry_after)}."
+        )
+        self.retry_after = retry_after
 
 
 def check_signups_open(settings: Settings) -> None:
@@ -94,6 +106,24 @@ def sign_up(session: Session, email: str, password: str) -> User:
         # Another sign-up with this email committed between the check and the flush. The session
         # must be rolled back by the caller (the request's transaction does it when this propagates).
         raise taken from error
+    return user
+
+
+def sign_up_counted(session: Session, email: str, password: str, counter: rate_limits.Counter | None) -> User:
+    """:func:`sign_up`, counted on ``counter`` (the address's sign-ups) in the same transaction.
+
+    Raises :class:`TooManySignups` when the counter is full, before any password is hashed; only
+    an account actually created counts. Requests that pass the check at the same moment can each
+    create one: the hash slots (``app.deps.password_hash_slot``) bound how many do.
+    """
+    if counter is not None:
+        wait = rate_limits.retry_after(session, [counter])
+        if wait is not None:
+            raise TooManySignups(wait)
+    user = sign_up(session, email, password)
+    if counter is not None:
+        rate_limits.record(session, [counter])
+        session.flush()
     return user
 
 

@@ -1,16 +1,13 @@
 """The sign-in throttle: per address, per account, several web processes counting together, and
-forwarded addresses believed only from the configured proxies."""
+forwarded addresses believed only from the configured proxies. The sign-up limit per address."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
@@ -21,7 +18,8 @@ from app.accounts.throttle import ACCOUNT, CLIENT
 from app.config import Settings
 from app.main import create_app
 from app.models import RateEvent, User
-from tests.app.conftest import PASSWORD, free_port
+from tests.app.conftest import PASSWORD, page_context
+from tests.app.serving import serving
 
 
 def failures(engine: Engine) -> int:
@@ -72,19 +70,8 @@ def test_a_success_clears_the_address_but_not_the_account(
 @contextmanager
 def served_like_studio_web(settings: Settings) -> Iterator[str]:
     """The app under a real uvicorn with the options ``studio web`` gives it, on loopback."""
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=free_port(),
-                                           log_level="warning", **cli.WEB_SERVER_OPTIONS))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(create_app(settings), **cli.WEB_SERVER_OPTIONS) as url:
+        yield url
 
 
 def wrong_password_from(url: str, forwarded_for: str, attempt: int) -> int:
@@ -138,3 +125,56 @@ def test_trusted_proxies_may_be_networks(settings: Settings, clean_db: Engine) -
         # The direct peer's failures were counted on 192.0.2.9, not on the address it claimed.
         assert wrong(direct) == 429
         assert wrong(through_proxy, "203.0.113.250") == 401
+
+
+def accounts(engine: Engine) -> int:
+    with Session(engine) as session:
+        return session.scalar(select(func.count()).select_from(User)) or 0
+
+
+def test_sign_ups_are_limited_per_address(settings: Settings, clean_db: Engine) -> None:
+    app = create_app(settings.model_copy(update={"max_signups_per_hour": 3}))
+    with TestClient(app, client=("192.0.2.1", 40000)) as one, TestClient(app, client=("192.0.2.2", 40000)) as other:
+        # Refusals that hash nothing do not count: a taken email, a short password.
+        assert one.post("/api/v1/auth/signup", json={"email": "a@example.com", "password": "short"}).status_code == 400
+        for n in range(3):
+            created = one.post("/api/v1/auth/signup", json={"email": f"user{n}@example.com", "password": PASSWORD})
+            assert created.status_code == 201, created.text
+            taken = one.post("/api/v1/auth/signup", json={"email": f"user{n}@example.com", "password": PASSWORD})
+            assert taken.status_code == (409 if n < 2 else 429)
+        refused = one.post("/api/v1/auth/signup", json={"email": "fourth@example.com", "password": PASSWORD})
+        assert refused.status_code == 429
+        assert 3000 < int(refused.headers["retry-after"]) <= 3600
+        assert refused.json()["detail"].startswith("Too many accounts were created from your network")
+        assert accounts(clean_db) == 3
+        # Another address is not affected.
+        assert other.post("/api/v1/auth/signup", json={"email": "x@example.com", "password": PASSWORD}).status_code \
+            == 201
+
+        # The page says so in a sentence, with the same Retry-After, and keeps what was typed.
+        page = one.get("/signup")
+        answer = one.post("/signup", data={"email": "fifth@example.com", "password": PASSWORD,
+                                           "csrf_token": page_context(page)["csrf_token"]}, follow_redirects=False)
+        assert answer.status_code == 429 and int(answer.headers["retry-after"]) > 3000
+        assert "Too many accounts were created from your network in the last hour. Try again in" in answer.text
+        assert page_context(answer)["email"] == "fifth@example.com"
+    assert accounts(clean_db) == 4
+
+
+def test_web_processes_share_the_sign_up_count(settings: Settings, clean_db: Engine) -> None:
+    limited = settings.model_copy(update={"max_signups_per_hour": 2})
+    with TestClient(create_app(limited)) as first, TestClient(create_app(limited)) as second:
+        assert first.post("/api/v1/auth/signup", json={"email": "p1@example.com", "password": PASSWORD}).status_code \
+            == 201
+        assert second.post("/api/v1/auth/signup", json={"email": "p2@example.com", "password": PASSWORD}).status_code \
+            == 201
+        assert first.post("/api/v1/auth/signup", json={"email": "p3@example.com", "password": PASSWORD}).status_code \
+            == 429
+
+
+def test_zero_means_no_sign_up_limit(settings: Settings, clean_db: Engine) -> None:
+    with TestClient(create_app(settings.model_copy(update={"max_signups_per_hour": 0}))) as client:
+        for n in range(8):
+            body = {"email": f"many{n}@example.com", "password": PASSWORD}
+            assert client.post("/api/v1/auth/signup", json=body).status_code == 201
+    assert failures(clean_db) == 0  # nothing is counted
