@@ -11,7 +11,15 @@ from starlette.responses import Response
 
 from app import rate_limits
 from app.accounts import repository, service, throttle
-from app.accounts.schemas import NewTokenOut, SignupIn, TokenNameIn, TokenOut, TokenRequestIn, UserOut
+from app.accounts.schemas import (
+    NewTokenOut,
+    SignedOutOut,
+    SignupIn,
+    TokenNameIn,
+    TokenOut,
+    TokenRequestIn,
+    UserOut,
+)
 from app.deps import ApiUser, PasswordHashSlot, SessionDep, SettingsDep, require_csrf
 from app.models import User
 
@@ -104,3 +112,13 @@ def revoke_token(token_id: uuid.UUID, user: ApiUser, session: SessionDep) -> Res
     if not service.revoke_api_token(session, user, token_id):
         raise HTTPException(status_code=404, detail="No such token.")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/auth/sign-out-everywhere", response_model=SignedOutOut, dependencies=[Depends(require_csrf)])
+def sign_out_everywhere(user: ApiUser, session: SessionDep) -> SignedOutOut:
+    """Revoke every browser session and every API token of the caller, the one of this request too.
+
+    For when someone else may have had the account: a changed password alone leaves tokens working.
+    """
+    ended = service.sign_out_everywhere(session, user)
+    return SignedOutOut(sessions_ended=ended.sessions, tokens_revoked=ended.tokens)

@@ -179,6 +179,11 @@ def change_password(
                              password_error_field=error.field)
     rate_limits.reset(session, counters)
     others = f" {ended} other device{'s' if ended != 1 else ''} signed out." if ended else ""
+    tokens = len(repository.active_tokens(session, user.id))
+    if tokens:
+        # Tokens outlive a password change (see service.change_password): say so where it matters.
+        others += (f" Your {tokens} API token{'s' if tokens != 1 else ''} still work{'s' if tokens == 1 else ''}:"
+                   " revoke any you do not recognise, or sign out everywhere.")
     return redirect_with_flash(request, "/account", f"Your password is changed.{others}")
 
 
@@ -189,3 +194,14 @@ def end_other_sessions(request: Request, session: SessionDep, user: PageUser, au
         return redirect_with_flash(request, "/account", "No other device was signed in.", kind="info")
     message = f"Signed out {ended} other device{'s' if ended != 1 else ''}."
     return redirect_with_flash(request, "/account", message)
+
+
+@router.post("/account/sign-out-everywhere", dependencies=[Depends(require_csrf)])
+def sign_out_everywhere(request: Request, session: SessionDep, settings: SettingsDep, user: PageUser) -> Response:
+    """Every browser session (this one too) and every API token of the account stop working."""
+    ended = service.sign_out_everywhere(session, user)
+    tokens = f" and {ended.tokens} API token{'s' if ended.tokens != 1 else ''} revoked" if ended.tokens else ""
+    message = f"Signed out everywhere: {ended.sessions} session{'s' if ended.sessions != 1 else ''} ended{tokens}."
+    response = redirect_with_flash(request, "/login", message, kind="info")
+    clear_session_cookie(response, settings)
+    return response

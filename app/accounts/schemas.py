@@ -44,3 +44,10 @@ class TokenOut(BaseModel):
 
 class NewTokenOut(TokenOut):
     token: str = Field(description="The bearer token. Shown only this once: store it now.")
+
+
+class SignedOutOut(BaseModel):
+    """What "sign out everywhere" ended: every browser session and every API token of the account."""
+
+    sessions_ended: int
+    tokens_revoked: int

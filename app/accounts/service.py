@@ -192,6 +192,27 @@ def end_other_sessions(session: Session, user: User, keep: UserSession | None) -
     return ended
 
 
+@dataclass(frozen=True)
+class SignedOut:
+    sessions: int
+    tokens: int
+
+
+def sign_out_everywhere(session: Session, user: User) -> SignedOut:
+    """Revoke every live browser session of ``user`` (the caller's own too) and every API token.
+
+    What someone does who suspects another person has been in the account: a stolen cookie, a
+    token made with it, a token in a script that leaked all stop working at once.
+    """
+    sessions = end_other_sessions(session, user, keep=None)
+    now = utcnow()
+    tokens = repository.active_tokens(session, user.id)
+    for api_token in tokens:
+        api_token.revoked_at = now
+    session.flush()
+    return SignedOut(sessions=sessions, tokens=len(tokens))
+
+
 def change_password(
     session: Session, user: User, current_password: str, new_password: str, keep: UserSession | None
 ) -> int:
@@ -199,6 +220,12 @@ def change_password(
 
     Raises AccountError (field "current_password" or "new_password"). Returns the number of other
     sessions ended: whoever else held a session (say, a stolen cookie) is out.
+
+    API tokens keep working, on purpose: a token is a credential of its own that the person made
+    for a script, named, and can see and revoke on the account page; it is not derived from the
+    password, and a routine password change should not break every script. Someone who changes
+    the password because another person may have been in the account (and may have made a token)
+    uses :func:`sign_out_everywhere`, which the page offers right there.
     """
     if not verify_password(user.password_hash, current_password[:MAX_PASSWORD_LENGTH]):
         raise AccountError("The current password is wrong.", field="current_password")
