@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.routing import iter_route_contexts
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,11 +35,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import Response
+from starlette.routing import compile_path, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import config as config_module
 from app import db as db_module
+from app import openapi
 from app import storage as storage_module
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
@@ -306,9 +310,30 @@ def error_page(request: Request, status_code: int, detail: Any, headers: dict[st
     )
 
 
+@lru_cache(maxsize=1024)
+def _path_pattern(path: str) -> re.Pattern[str]:
+    return compile_path(path)[0]
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route of the app takes at this path, for the ``Allow`` header of a 405.
+
+    Starlette names only the methods of the first route whose path matches, but a path such as
+    /api/v1/subjects/{id} is served by several routes (GET and DELETE), even from several routers.
+    """
+    path = get_route_path(request.scope)
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        if route.path and route.methods and _path_pattern(route.path).match(path):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     headers = dict(exc.headers) if exc.headers else None
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
     if wants_json(request) or exc.status_code in (204, 304):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
     return error_page(request, exc.status_code, exc.detail, headers)
@@ -422,6 +447,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    openapi.install(app, settings)
     app.state.sessionmaker = session_factory
     app.state.session_slots = asyncio.Semaphore(request_slots(settings.database_pool_size,
                                                               settings.database_max_overflow))
