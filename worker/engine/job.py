@@ -167,8 +167,8 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
     # 2. priors
     check_cancel(should_cancel)
     prior_count = spec.prior_images if spec.prior_images is not None else config.num_class_images
-    if not config.with_prior:
-        prior_count = 0
+    if not config.with_prior or config.prior_source == "base_model":
+        prior_count = 0  # no prior term, or its targets come from the base model: no class images
     if prior_count > 0:
         bank = fill_prior_bank(model, spec.bank_root, class_prompt, prior_count, resolution=config.resolution,
                                steps=spec.prior_steps or model.family.sample_steps,
@@ -177,9 +177,12 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
                                progress=progress, should_cancel=should_cancel)
         class_images, prior_generated, prior_reused, bank_key = bank.images, bank.generated, bank.reused, bank.key
     else:
-        config.with_prior = False  # no class images asked for: train without the prior term
+        if config.prior_source == "bank":
+            config.with_prior = False  # no class images asked for: train without the prior term
         class_images, prior_generated, prior_reused, bank_key = [], 0, 0, None
-        _emit(progress, Progress(stage="priors", step=0, total=0, reused=0, message="no class-prior images"))
+        message = ("the base model keeps the class: no class-prior images needed"
+                   if config.with_prior else "no class-prior images")
+        _emit(progress, Progress(stage="priors", step=0, total=0, reused=0, message=message))
 
     # 3. training
     check_cancel(should_cancel)
