@@ -93,7 +93,7 @@ def test_generate_more_creates_the_job_and_enqueues_after_commit(
         db_session, settings, subject, ["on a skateboard", "", "a photo of {subject} in space", "on a skateboard"], 3
     )
     assert (job.kind, job.status, job.max_attempts) == ("generate", "queued", settings.max_attempts)
-    assert job.enqueued_at is not None
+    assert job.enqueued_at is None  # stamped once the broker took the message, after the commit
     request = db_session.scalars(select(GenerationRequest).where(GenerationRequest.job_id == job.id)).one()
     assert request.prompts == ["a photo of {subject}, on a skateboard", "a photo of {subject} in space"]
     assert request.images_per_prompt == 3
@@ -101,6 +101,8 @@ def test_generate_more_creates_the_job_and_enqueues_after_commit(
     assert sent_tasks == []  # nothing leaves before the commit
     db_session.commit()
     assert sent_tasks == [("generation.run", {"job_id": str(job.id)})]
+    db_session.refresh(job)
+    assert job.enqueued_at is not None
 
 
 def test_generate_more_refusals(db_session: Session, settings: Settings, sent_tasks: SentTasks) -> None:

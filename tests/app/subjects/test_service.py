@@ -73,7 +73,8 @@ def test_valid_request_creates_subject_photos_and_a_queued_job(
     assert abs(subject.expires_at - expected_expiry) < timedelta(minutes=1)
     assert (job.kind, job.status, job.stage, job.owner_id) == ("train", "queued", "queued", owner.id)
     assert job.max_attempts == settings.max_attempts
-    assert job.enqueued_at is not None
+    db_session.refresh(job)
+    assert job.enqueued_at is not None  # stamped after the send that followed the commit
 
     photos = list(db_session.scalars(select(Photo).order_by(Photo.position)))
     assert [photo.original_name for photo in photos] == ["photo1.jpg", "photo2.jpg", "photo3.jpg"]
