@@ -71,6 +71,7 @@ def reap(session: Session, storage: Storage, settings: Settings, now: datetime |
     """
     # The broker first, then the database: a job stamped as sent before this look had its message
     # in the broker when it was taken, so missing from it means lost (not "sent a moment later").
+    looked_at = utcnow()
     view = read_broker(sorted(set(TASK_QUEUES_OF_JOBS)))
     now = now or utcnow()
     report = ReapReport()
@@ -90,7 +91,7 @@ def reap(session: Session, storage: Storage, settings: Settings, now: datetime |
         .limit(BATCH_SIZE)
     ).scalars())
     if view is not None:
-        lost = _lost_by_the_broker(session, view, now, resend_before, {job.id for job in stale})
+        lost = _lost_by_the_broker(session, view, looked_at, resend_before, {job.id for job in stale})
         report.lost = [str(job.id) for job in lost]
         stale.extend(lost)
     for job in stale:
@@ -126,12 +127,12 @@ def reap(session: Session, storage: Storage, settings: Settings, now: datetime |
     return report
 
 
-def _lost_by_the_broker(session: Session, view: BrokerView, now: datetime, resend_before: datetime,
+def _lost_by_the_broker(session: Session, view: BrokerView, looked_at: datetime, resend_before: datetime,
                         already: set[uuid.UUID]) -> list[Job]:
-    """Queued jobs stamped as sent before the broker was read whose message is not in it."""
+    """Queued jobs stamped as sent before the broker was read (``looked_at``) whose message is not in it."""
     sent = session.execute(
         select(Job.id)
-        .where(Job.status == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < now,
+        .where(Job.status == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < looked_at,
                Job.enqueued_at >= resend_before)
         .order_by(Job.enqueued_at)
     ).scalars().all()

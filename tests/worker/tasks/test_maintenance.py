@@ -130,6 +130,22 @@ def test_a_job_whose_message_the_broker_lost_is_sent_again_on_the_next_pass(
     assert sorted(kwargs["job_id"] for _, kwargs, _ in sent) == sorted(report.resent)
 
 
+def test_a_job_sent_while_the_reaper_reads_the_broker_is_not_taken_for_lost(
+        db_session: Session, storage: LocalStorage, worker_settings: WorkerSettings, sent: Sent) -> None:
+    job = a_job(db_session, storage, enqueued_at=None, updated_at=utcnow())
+    db_session.commit()
+
+    def read_broker(_: list[str]) -> BrokerView:
+        view = BrokerView(waiting=frozenset(), delivered=frozenset())  # read before the message arrived...
+        job.enqueued_at = utcnow()  # ...which the web then sent and stamped
+        db_session.commit()
+        return view
+
+    report = reap(db_session, storage, worker_settings, read_broker=read_broker)
+    db_session.commit()
+    assert report.lost == [] and report.resent == [] and sent == []
+
+
 def test_the_broker_view_reads_waiting_and_unacknowledged_messages_from_redis(settings: Settings) -> None:
     from tests.servers import PrivateRedis
     from worker.celery_app import create_celery
