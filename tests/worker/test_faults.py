@@ -3,9 +3,9 @@ emptied or restarted, a worker child killed with SIGKILL. Each test asserts that
 soon after the cause is gone, and prints what it measured (``pytest -s``): docs/pipeline.md's fault matrix
 quotes these lines.
 
-Every test runs its own `celery worker` (and `celery beat` where the reaper's schedule matters) on a
-private Redis, so stopping or emptying it touches nobody else; the machine's shared servers are never
-stopped.
+Every test runs its own `celery worker` (and, where the reaper's schedule matters, `celery beat` and a
+CPU worker for the reaper, as docker-compose does) on a private Redis, so stopping or emptying it
+touches nobody else; the machine's shared servers are never stopped.
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ pytestmark = pytest.mark.slow
 
 # The goal: no fault leaves a job waiting more than 2 minutes once its cause is gone.
 RECOVERY_GOAL = 120.0
+# How long a test waits for a job to end: its own training, on a shared 2-core machine under load.
+FINISH_TIMEOUT = 900.0
+
+
+def wait_finished(studio: Studio, job_id: uuid.UUID) -> Job:
+    return studio.wait_for(job_id, lambda job: job.status in ("done", "failed", "cancelled"), "the job to end",
+                           timeout=FINISH_TIMEOUT)
 
 
 def report(fault: str, **numbers: float) -> None:
@@ -98,10 +105,15 @@ def start_rig(settings: Settings, clean_db: Engine, monkeypatch: pytest.MonkeyPa
             processes.append(process)
             return process
 
-        worker = spawn(["worker", "-Q", "gpu,cpu", "-c", "1", "-l", "INFO", "-n",
-                        f"fault-{uuid.uuid4().hex[:8]}@localhost", "--without-gossip", "--without-mingle",
-                        "--without-heartbeat"], log_path)
+        def worker_arguments(queues: str) -> list[str]:
+            return ["worker", "-Q", queues, "-c", "1", "-l", "INFO", "-n", f"fault-{uuid.uuid4().hex[:8]}@localhost",
+                    "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+        # With beat, as in docker-compose: the reaper runs on a CPU worker of its own, not behind a training.
+        worker = spawn(worker_arguments("gpu" if beat else "gpu,cpu"), log_path)
         if beat:
+            cpu_worker = spawn(worker_arguments("cpu"), tmp_path / "cpu-worker.log")
+            wait_until_ready(tmp_path / "cpu-worker.log", cpu_worker, timeout=120)
             spawn(["beat", "-l", "INFO", "--schedule", str(tmp_path / "celerybeat-schedule")],
                   tmp_path / "beat.log")
         studio = Studio(values, sessionmaker(bind=engine, expire_on_commit=False),
@@ -157,7 +169,7 @@ def test_a_database_outage_keeps_the_waiting_jobs_messages_and_they_run_when_it_
                             timeout=RECOVERY_GOAL)
     claimed_after = time.monotonic() - back
     for job in jobs:
-        _assert_published(studio, studio.wait_finished(job.id))
+        _assert_published(studio, wait_finished(studio, job.id))
         assert studio.job(job.id).attempts == 1
     all_done_after = time.monotonic() - back
     assert first.attempts == 1 and claimed_after < 30, claimed_after
@@ -179,7 +191,7 @@ def test_a_studio_created_while_redis_is_down_starts_soon_after_redis_returns(
     started = studio.wait_for(job.id, lambda found: found.status != "queued", "the job to start",
                               timeout=RECOVERY_GOAL)
     started_after = time.monotonic() - back
-    _assert_published(studio, studio.wait_finished(job.id))
+    _assert_published(studio, wait_finished(studio, job.id))
     report("Redis down when a studio is created", failed_send=send_seconds, started_after_return=started_after)
     assert started.attempts == 1 and started_after < 90, started_after
 
@@ -203,7 +215,7 @@ def test_jobs_an_emptied_redis_lost_are_found_and_sent_by_the_next_reaper_pass(
         studio.wait_for(job.id, sent_again_or_started, "the job to be sent again", timeout=RECOVERY_GOAL)
     resent_after = time.monotonic() - emptied
     for job in jobs:
-        done = studio.wait_finished(job.id)
+        done = wait_finished(studio, job.id)
         _assert_published(studio, done)  # once each, even where a re-sent message met a claimed job
         assert done.attempts == 1
     report("Redis restarted without persistence, 3 jobs queued", all_back_in_the_queue_after=resent_after,
@@ -227,7 +239,7 @@ def test_a_killed_worker_childs_job_is_taken_over_at_once_not_after_the_lease(
     studio.wait_for(job.id, lambda found: found.attempts == 2 or found.status != "running", "the second attempt",
                     timeout=lease_seconds + 60)
     resumed_after = time.monotonic() - killed
-    done = studio.wait_finished(job.id)
+    done = wait_finished(studio, job.id)
     _assert_published(studio, done)
     assert done.attempts == 2 and done.details["resumed_from"] >= checkpoint_step > 0
     assert "is dead on this host, taking over at once" in studio.log_tail(200_000)
@@ -253,7 +265,7 @@ def test_a_redis_restart_with_persistence_does_not_stop_a_running_training(
         assert found is not None
         found.cancel_requested = True
         session.commit()
-    ended = studio.wait_finished(job.id)
+    ended = wait_finished(studio, job.id)
     assert ended.status == "cancelled" and ended.attempts == 1
     log = studio.log_tail(200_000)
     assert "Restoring 1 unacknowledged message" in log  # the connection was really lost
