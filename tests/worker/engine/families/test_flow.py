@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_fixed_sigma_matches_a_hand_computation() -> None:
 
 
 def test_static_shift_is_the_schedulers() -> None:
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler: Any = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     unshifted = torch.linspace(1.0, 1 / 1000, 1000)
     shifted = FlowShift.from_scheduler(scheduler.config).apply(unshifted, tokens=4096)
     assert torch.allclose(shifted, scheduler.sigmas.float(), atol=1e-6)
@@ -39,7 +40,7 @@ def test_static_shift_is_the_schedulers() -> None:
 def test_dynamic_shift_grows_with_the_image_and_is_the_schedulers() -> None:
     config = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
               "max_image_seq_len": 4096}
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **config)
+    scheduler: Any = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **config)
     shift = FlowShift.from_scheduler(scheduler.config)
     sigmas = torch.tensor([0.1, 0.5, 0.9])
     for tokens in (256, 1024, 4096):
