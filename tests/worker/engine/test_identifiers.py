@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker.engine.errors import EngineInputError
+from worker.engine.families.qwen import tiny_qwen_tokenizer
 from worker.engine.identifiers import (
     choose_identifier,
     eligible_identifiers,
@@ -12,7 +13,6 @@ from worker.engine.identifiers import (
     is_dictionary_word,
     validate_identifier,
 )
-from worker.engine.families.qwen import tiny_qwen_tokenizer
 from worker.engine.models import tiny_tokenizer
 
 
