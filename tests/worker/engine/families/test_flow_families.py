@@ -231,6 +231,15 @@ def test_same_seed_same_curve_and_resume_equals_an_uninterrupted_run(model: Base
         assert torch.allclose(tensor, reference[key], rtol=1e-5, atol=1e-7), key
 
 
+def test_memory_options_do_not_change_the_math(model: BaseModel, tmp_path: Path) -> None:
+    """Gradient checkpointing of the transformer and uncached latents give the plain run's loss curve."""
+    photos, classes = images(tmp_path / "images")
+    plain = run(model, config(steps=2), photos, classes, tmp_path / "plain").loss_history
+    lighter = run(model, config(steps=2, gradient_checkpointing=True, cache_latents=False), photos, classes,
+                  tmp_path / "lighter").loss_history
+    assert lighter == pytest.approx(plain, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # The job
 
