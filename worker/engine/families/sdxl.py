@@ -123,7 +123,8 @@ def build(name: str, tokenizer: CLIPTokenizer) -> tuple[dict[str, torch.nn.Modul
     if name == "tiny-sdxl":
         resolution = 64
         first = clip_text_encoder(tokenizer, width=32, intermediate=64, layers=2, heads=4, vocab=None)
-        second = clip_text_encoder(tokenizer, width=32, intermediate=64, layers=2, heads=4, vocab=None,
+        # Wider than the first, with its own projection size, as SDXL's OpenCLIP encoder is.
+        second = clip_text_encoder(tokenizer, width=64, intermediate=128, layers=2, heads=4, vocab=None,
                                    projection=32, act="gelu")
         vae = sd_vae((16, 32, 32, 32), 1, 16, resolution, scaling_factor=SDXL_VAE_SCALE)
         unet_sizes: dict[str, Any] = {"block_out_channels": (32, 64), "transformer_layers_per_block": (1, 2),

@@ -130,7 +130,7 @@ def test_the_subject_is_learned_and_both_kinds_of_prior_preservation_hold_the_cl
     def trained(run_dir: Path) -> torch.nn.Module:
         return getattr(load_trained_pipeline(model, run_dir), model.family.denoiser_key)  # type: ignore[no-any-return]
 
-    settings = config(steps=60, learning_rate=3e-3, rank=8)
+    settings = config(steps=40, learning_rate=4e-3, rank=8)
     runs = {
         "bank": settings,
         "base_model": TrainConfig(**{**settings.to_dict(), "prior_source": "base_model"}),
