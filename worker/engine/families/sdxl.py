@@ -24,12 +24,10 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from worker.engine.families.base import Conditioning, Family, ImageMeta, NoisyBatch, Objective
-from worker.engine.families.objectives import DDPMObjective
+from worker.engine.families.base import Conditioning, ImageMeta, NoisyBatch
 from worker.engine.families.sd import (
-    CLIP_ATTENTION,
     SD_SCHEDULE,
-    UNET_ATTENTION,
+    UNetFamily,
     clip_text_encoder,
     dpm_solver,
     sd_vae,
@@ -43,30 +41,17 @@ SDXL_SCHEDULE: dict[str, Any] = {**SD_SCHEDULE, "timestep_spacing": "leading", "
 SDXL_VAE_SCALE = 0.13025
 
 
-class StableDiffusionXL(Family):
+class StableDiffusionXL(UNetFamily):
     name = "sdxl"
     label = "Stable Diffusion XL"
     pipeline_class_name = "StableDiffusionXLPipeline"
-    denoiser_key = "unet"
     text_encoder_keys = ("text_encoder", "text_encoder_2")
     tokenizer_keys = ("tokenizer", "tokenizer_2")
     default_resolution = 1024
     full_speed_memory_gb = 40.0  # with checkpointing a 24 GB card is the goal (bench/train.py measures it)
     sample_steps = 30
     sample_guidance = 5.0
-    sampler_name = "DPM++ 2M"
-    sampler_id = "dpmsolver++"
-    denoiser_lora_targets = UNET_ATTENTION
-    text_encoder_lora_targets = CLIP_ATTENTION
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-
-    def training_schedule(self, pipe_scheduler: Any) -> Any:
-        return DDPMScheduler.from_config(pipe_scheduler.config)
-
-    def resolution_of(self, modules: Mapping[str, torch.nn.Module]) -> int:
-        unet: Any = modules["unet"]
-        vae: Any = modules["vae"]
-        return int(unet.config.sample_size) * int(2 ** (len(vae.config.block_out_channels) - 1))
 
     def encode_prompts(self, model: BaseModel, text_encoders: Mapping[str, torch.nn.Module],
                        prompts: Sequence[str]) -> Conditioning:
@@ -88,10 +73,6 @@ class StableDiffusionXL(Family):
             with torch.autocast(device_type=pixels.device.type, enabled=False):
                 return super().latent_distribution(vae, pixels.float())
         return super().latent_distribution(vae, pixels)
-
-    def objective(self, model: BaseModel, device: torch.device, *, min_snr_gamma: float | None,
-                  offset_noise: float) -> Objective:
-        return DDPMObjective(model.noise_scheduler, device, min_snr_gamma=min_snr_gamma, offset_noise=offset_noise)
 
     def predict(self, model: BaseModel, denoiser: torch.nn.Module, batch: NoisyBatch, conditioning: Conditioning,
                 meta: ImageMeta) -> torch.Tensor:
