@@ -29,7 +29,7 @@ from typing import Any
 from worker.engine.errors import EngineInputError
 from worker.engine.evaluate import Scorer, Scores, default_scorer, rank, strip_identifier
 from worker.engine.identifiers import choose_identifier, validate_identifier
-from worker.engine.models import BaseModel
+from worker.engine.models import BaseModel, device_memory_gb
 from worker.engine.photos import PhotoProblem, prepare_photos
 from worker.engine.priors import fill_prior_bank
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, check_cancel
@@ -114,6 +114,11 @@ def training_config(spec: JobSpec, model: BaseModel, preview_prompts: list[str])
     # Live previews on the studio page: a few over the run, unless the caller decided.
     if "preview_every" not in spec.train_overrides and config.preview_prompts:
         config.preview_every = max(1, config.steps // PREVIEWS_PER_RUN)
+    # On a card too small for the family's full-speed step, trade speed for memory from the start
+    # (rather than only after running out of memory), unless the caller decided.
+    memory = device_memory_gb(model.device)
+    if "gradient_checkpointing" not in spec.train_overrides and memory is not None:
+        config.gradient_checkpointing = memory < model.family.full_speed_memory_gb
     config.validate()
     return config
 
@@ -167,8 +172,8 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
     # 2. priors
     check_cancel(should_cancel)
     prior_count = spec.prior_images if spec.prior_images is not None else config.num_class_images
-    if not config.with_prior:
-        prior_count = 0
+    if not config.with_prior or config.prior_source == "base_model":
+        prior_count = 0  # no prior term, or its targets come from the base model: no class images
     if prior_count > 0:
         bank = fill_prior_bank(model, spec.bank_root, class_prompt, prior_count, resolution=config.resolution,
                                steps=spec.prior_steps or model.family.sample_steps,
@@ -177,9 +182,12 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
                                progress=progress, should_cancel=should_cancel)
         class_images, prior_generated, prior_reused, bank_key = bank.images, bank.generated, bank.reused, bank.key
     else:
-        config.with_prior = False  # no class images asked for: train without the prior term
+        if config.prior_source == "bank":
+            config.with_prior = False  # no class images asked for: train without the prior term
         class_images, prior_generated, prior_reused, bank_key = [], 0, 0, None
-        _emit(progress, Progress(stage="priors", step=0, total=0, reused=0, message="no class-prior images"))
+        message = ("the base model keeps the class: no class-prior images needed"
+                   if config.with_prior else "no class-prior images")
+        _emit(progress, Progress(stage="priors", step=0, total=0, reused=0, message=message))
 
     # 3. training
     check_cancel(should_cancel)

@@ -5,6 +5,12 @@ photos) and, with prior preservation, as many class examples ("a photo of dog" o
 base model's own samples) in the same batch. The prediction is split in two and
 ``loss = mse(instance) + λ · mse(prior)``.
 
+Bank-free preservation (``prior_source="base_model"``): instead of class images, the class half of
+each batch is a copy of the instance examples' noisy latents under the class prompt ("a photo of
+[V] dog" → "a photo of a dog"), and its target is the frozen base model's own prediction there
+(for LoRA: the same denoiser with its adapters switched off). It keeps what the model does for the
+class prompt where the subject is being learned, and needs no class images at all.
+
 What makes it cheap: VAE latents are encoded once (the distribution's mean and std are kept and
 a latent is *sampled* each step, as the uncached loop would), a horizontally flipped copy is
 encoded alongside, text embeddings are computed once while the text encoder is frozen, and the
@@ -46,9 +52,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
 from worker.engine.errors import EngineInputError, TrainingDiverged
-from worker.engine.families.base import Conditioning, ImageMeta
+from worker.engine.families.base import Conditioning, ImageMeta, NoisyBatch
 from worker.engine.families.objectives import min_snr_weights
-from worker.engine.families.sd import UNET_ATTENTION
 from worker.engine.models import BaseModel
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
 from worker.engine.weights import (
@@ -61,7 +66,6 @@ __all__ = ["CHECKPOINT_MARKER", "LossParts", "TrainConfig", "TrainResult", "deno
            "latest_checkpoint", "load_training_image", "min_snr_weights", "train"]
 
 STAGE = "training"
-UNET_LORA_TARGETS = UNET_ATTENTION  # SD's; every family names its own (Family.denoiser_lora_targets)
 CHECKPOINTS_DIR = "checkpoints"
 PREVIEWS_DIR = "previews"
 # Written last into a checkpoint folder; its presence is what makes the checkpoint complete.
@@ -96,6 +100,10 @@ class TrainConfig:
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # None: learning_rate
     with_prior: bool = True
+    # Where the prior term's targets come from: "bank", the class-prior images (classic DreamBooth);
+    # "base_model", the frozen base model's own prediction for the class prompt on the same noisy
+    # latents as the instance examples (no class images needed).
+    prior_source: Literal["bank", "base_model"] = "bank"
     prior_loss_weight: float = 1.0  # lambda
     batch_size: int = 1  # instance examples per step (plus as many class examples with prior)
     resolution: int = 512
@@ -119,6 +127,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise :class:`EngineInputError` naming the first field with an unusable value."""
         _expect(self.method in ("lora", "full"), "method", self.method, "'lora' or 'full'")
+        _expect(self.prior_source in ("bank", "base_model"), "prior_source", self.prior_source,
+                "'bank' or 'base_model'")
         for name in ("train_text_encoder", "with_prior", "gradient_checkpointing", "use_8bit_adam",
                      "cache_latents", "random_flip"):
             _expect(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
@@ -461,6 +471,22 @@ def _warmup_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> t
 
 
 @contextmanager
+def _adapters_off(module: torch.nn.Module) -> Iterator[None]:
+    """Switch every LoRA layer of ``module`` off for the block (the frozen base model); nothing for a module
+    without adapters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+@contextmanager
 def _on_device(modules: Sequence[torch.nn.Module], device: torch.device) -> Iterator[None]:
     """Move ``modules`` to ``device`` for the block, then back to where each one was."""
     homes = [next(m.parameters()).device for m in modules]
@@ -670,14 +696,30 @@ class _Run:
 
         # Prompts: encoded once while the text encoders are frozen (then they leave the device),
         # every step while they are trained.
-        self.prompts = [instance_prompt] + ([class_prompt] if classes is not None else [])
+        base_model_prior = config.with_prior and config.prior_source == "base_model"
+        self.prompts = [instance_prompt] + ([class_prompt] if classes is not None or base_model_prior else [])
         self.cached_conditioning: Conditioning | None = None
-        if not any(key in self.trainables.modules for key in self.family.text_encoder_keys):
+        frozen_prompts = list(self.prompts) if not any(
+            key in self.trainables.modules for key in self.family.text_encoder_keys) else []
+        if base_model_prior and not frozen_prompts:
+            frozen_prompts = [class_prompt]  # the base model's targets need the base encoders' class prompt
+        if frozen_prompts:
             encoders = [model.modules[key] for key in self.family.text_encoder_keys]
             with _on_device(encoders, device), torch.no_grad():
                 # One prompt per call: the same numbers as encoding a prompt alone, whatever the batch.
-                encoded = [self.family.encode_prompts(model, model.modules, [p]) for p in self.prompts]
-            self.cached_conditioning = {key: torch.cat([e[key] for e in encoded]).float() for key in encoded[0]}
+                encoded = [self.family.encode_prompts(model, model.modules, [p]) for p in frozen_prompts]
+            frozen = {key: torch.cat([e[key] for e in encoded]).float() for key in encoded[0]}
+            if frozen_prompts == self.prompts:
+                self.cached_conditioning = frozen
+        # Bank-free preservation: the frozen base model, and its class-prompt conditioning.
+        self.reference: torch.nn.Module | None = None
+        if base_model_prior:
+            self.reference_conditioning = {key: value[-1:] for key, value in frozen.items()}
+            if config.method == "lora":
+                self.reference = self.trainables.modules[self.family.denoiser_key]  # with its adapters off
+            else:
+                self.reference = model.denoiser
+                move(self.reference, device)
 
         # Latents: the VAE stays on the device only when it must encode every step.
         move(model.vae, device)
@@ -748,6 +790,8 @@ class _Run:
         # Sample the latent as the uncached loop would: a fresh draw from the VAE's distribution.
         sampled = means + stds * torch.randn(means.shape, generator=generator, device=self.device)
         noised = self.objective.draw(self.family.to_latents(self.model, sampled), generator)
+        if self.reference is not None:
+            noised, crops = self.with_base_model_targets(noised, crops, batch), torch.cat([crops, crops])
         with self.autocast():
             prediction = self.family.predict(self.model, self.trainables.modules[self.family.denoiser_key], noised,
                                              self.conditioning(batch), ImageMeta(crops))
@@ -769,6 +813,20 @@ class _Run:
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    @torch.no_grad()
+    def with_base_model_targets(self, noised: NoisyBatch, crops: torch.Tensor, batch: int) -> NoisyBatch:
+        """``noised`` (the instance rows) followed by a class-prompt copy of each row whose target is the
+        frozen base model's prediction for the class prompt on that same noisy latent."""
+        assert self.reference is not None
+        rows = torch.zeros(batch, dtype=torch.long, device=self.device)
+        conditioning = {key: value[rows] for key, value in self.reference_conditioning.items()}
+        with self.autocast(), _adapters_off(self.reference):
+            reference = self.family.predict(self.model, self.reference, noised, conditioning, ImageMeta(crops))
+        weights = None if noised.weights is None else torch.cat([noised.weights, noised.weights])
+        return NoisyBatch(noisy=torch.cat([noised.noisy, noised.noisy]),
+                          timesteps=torch.cat([noised.timesteps, noised.timesteps]),
+                          target=torch.cat([noised.target, reference.float()]), weights=weights)
 
     def conditioning(self, batch: int) -> Conditioning:
         """Prompt conditioning of one batch: ``batch`` instance rows, then ``batch`` class rows with prior."""
@@ -839,7 +897,8 @@ def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path],
     # A record of another run in this folder must not outlive the weights this run replaces.
     (run_dir / RUN_FILE).unlink(missing_ok=True)
     instance = _load_images(instance_images, config.resolution, "instance_images")
-    classes = _load_images(class_images, config.resolution, "class_images") if config.with_prior else None
+    uses_bank = config.with_prior and config.prior_source == "bank"
+    classes = _load_images(class_images, config.resolution, "class_images") if uses_bank else None
 
     run = _Run(model, config, run_dir, progress, should_cancel)
     run.emit(Progress(stage=STAGE, step=0, total=config.steps, message="preparing training"), force=True)
@@ -854,6 +913,7 @@ def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path],
         outputs = _save_outputs(run_dir, model, run.trainables)
     finally:
         move(model.vae, "cpu")
+        move(model.denoiser, "cpu")  # a full run's bank-free reference may have used it
     steps_done = config.steps - run.start_step
     result = TrainResult(
         run_dir=run_dir, final_step=config.steps, loss_history=list(run.loss_history),
@@ -898,9 +958,9 @@ def _check_inputs(model: BaseModel, config: TrainConfig, instance_prompt: str, c
     if config.train_text_encoder and not model.family.text_encoder_lora_targets:
         raise EngineInputError(f"training setting train_text_encoder=True is invalid: a {model.family.label} "
                                "model's text encoder is not trained; set it to False")
-    if config.with_prior and not class_images:
-        raise EngineInputError("class_images is empty but with_prior is set: give class-prior images "
-                               "or set with_prior=False")
+    if config.with_prior and config.prior_source == "bank" and not class_images:
+        raise EngineInputError("class_images is empty but with_prior is set: give class-prior images, "
+                               "set prior_source='base_model' or set with_prior=False")
 
 
 @torch.no_grad()
@@ -942,10 +1002,36 @@ def denoising_loss(model: BaseModel, images: Sequence[Path], prompt: str, *, res
     training, or of two trained models, are comparable. ``denoiser``/``text_encoders`` default to the
     base model's; everything runs on the denoiser's device.
     """
-    family = model.family
     denoiser = denoiser if denoiser is not None else model.denoiser
-    encoders = {**model.modules, **(text_encoders or {})}
     device = next(denoiser.parameters()).device
+    losses = [F.mse_loss(prediction.float(), noised.target.float()).item() for noised, prediction in
+              _fixed_predictions(model, images, prompt, resolution, denoiser, text_encoders, seed, levels, device)]
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def prediction_drift(model: BaseModel, images: Sequence[Path], prompt: str, *, resolution: int,
+                     denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None = None,
+                     seed: int = 0, levels: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)) -> float:
+    """How far training moved the model for ``prompt``: the mean squared difference between a trained
+    ``denoiser``'s (with its ``text_encoders``) and the base model's predictions on the same noised
+    latents of ``images`` (fixed noise and levels, as :func:`denoising_loss`). 0: unchanged."""
+    device = next(denoiser.parameters()).device
+    trained = _fixed_predictions(model, images, prompt, resolution, denoiser, text_encoders, seed, levels, device)
+    base = _fixed_predictions(model, images, prompt, resolution, model.denoiser, None, seed, levels, device)
+    drifts = [F.mse_loss(ours.float(), theirs.float()).item() for (_, ours), (_, theirs) in zip(trained, base,
+                                                                                                  strict=True)]
+    return sum(drifts) / len(drifts)
+
+
+def _fixed_predictions(model: BaseModel, images: Sequence[Path], prompt: str, resolution: int,
+                       denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
+                       seed: int, levels: Sequence[float], device: torch.device
+                       ) -> list[tuple[NoisyBatch, torch.Tensor]]:
+    """The denoiser's predictions (on ``device``) for ``images`` under ``prompt`` at each noise level, on
+    noise from ``seed``."""
+    family = model.family
+    encoders = {**model.modules, **(text_encoders or {})}
     loaded = _load_images(list(images), resolution, "images")
     with _on_device([model.vae, *(encoders[key] for key in family.text_encoder_keys)], device):
         mean, _ = family.latent_distribution(model.vae, loaded.pixels.to(device))
@@ -957,11 +1043,11 @@ def denoising_loss(model: BaseModel, images: Sequence[Path], prompt: str, *, res
     rows = torch.zeros(latents.shape[0], dtype=torch.long, device=device)
     batch_conditioning = {key: value[rows].to(dtype) for key, value in conditioning.items()}
     meta = ImageMeta(loaded.crops[:, :4].to(device))
-    losses = []
-    for level in levels:
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        noised = objective.at_fraction(latents, noise, level)
-        noised.noisy = noised.noisy.to(dtype)
-        prediction = family.predict(model, denoiser, noised, batch_conditioning, meta)
-        losses.append(F.mse_loss(prediction.float(), noised.target.float()).item())
-    return sum(losses) / len(losses)
+    results = []
+    with _on_device([denoiser], device):
+        for level in levels:
+            noise = torch.randn(latents.shape, generator=generator, device=device)
+            noised = objective.at_fraction(latents, noise, level)
+            noised.noisy = noised.noisy.to(dtype)
+            results.append((noised, family.predict(model, denoiser, noised, batch_conditioning, meta)))
+    return results

@@ -106,3 +106,32 @@ def test_byte_level_identifiers_are_whole_words_with_their_leading_space() -> No
     chosen = choose_identifier(tokenizer, "dog", seed=0)
     assert tokenizer.tokenize(f"a photo of {chosen} dog") == ["a", "\u0120photo", "\u0120of", "\u0120" + chosen,
                                                                "\u0120dog"]
+
+
+class _Splitting:
+    """A second tokenizer (SDXL has two) that splits one particular token into two pieces."""
+
+    def __init__(self, inner, splits: str) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.splits = inner, splits
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.inner.get_vocab())
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = list(self.inner.tokenize(text))
+        target = whole_word(self.inner, self.splits)
+        if target in tokens:
+            at = tokens.index(target)
+            first, rest = self.splits[0], self.splits[1:]
+            pieces = ["\u0120" + first, rest] if is_byte_level(self.inner) else [first, rest + "</w>"]
+            tokens[at: at + 1] = pieces
+        return tokens
+
+
+def test_with_two_tokenizers_the_identifier_is_one_token_in_both(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    alone = choose_identifier(tokenizer, "dog", seed=3)
+    both = choose_identifier([tokenizer, _Splitting(tokenizer, alone)], "dog", seed=3)
+    assert both != alone  # the first choice splits in the second tokenizer, so another is taken
+    assert validate_identifier([tokenizer, tokenizer], both, "dog") == both
+    with pytest.raises(EngineInputError, match="not one token"):
+        validate_identifier([tokenizer, _Splitting(tokenizer, alone)], alone, "dog")
