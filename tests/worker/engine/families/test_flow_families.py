@@ -24,7 +24,15 @@ from worker.engine.families.base import ImageMeta
 from worker.engine.families.qwen import COMFY_LORA_FILE, comfy_lora_deltas
 from worker.engine.job import JobSpec, run_job
 from worker.engine.models import BaseModel, build_builtin
-from worker.engine.train import TrainConfig, TrainResult, denoising_loss, latest_checkpoint, train
+from worker.engine.priors import fill_prior_bank
+from worker.engine.train import (
+    TrainConfig,
+    TrainResult,
+    denoising_loss,
+    latest_checkpoint,
+    prediction_drift,
+    train,
+)
 from worker.engine.weights import LORA_WEIGHTS_FILE, load_trained_pipeline, lora_deltas_from_diffusers
 
 FAMILIES = ["tiny-flux2", "tiny-zimage"]
@@ -92,9 +100,11 @@ def model(request: pytest.FixtureRequest) -> BaseModel:
 
 @pytest.fixture(scope="module")
 def trained(model: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """A LoRA run with prior preservation: 24 steps at rank 8."""
+    """A LoRA run with classic prior preservation (a bank of the base model's samples): 24 steps at rank 8."""
     root = tmp_path_factory.mktemp(model.spec)
-    photos, classes = images(root / "images")
+    photos, _ = images(root / "images")
+    # The class images are what a job trains with: the base model's own samples of the class prompt.
+    classes = fill_prior_bank(model, root / "bank", CLASS_PROMPT, 4, resolution=64, steps=2).images
     before = denoising_loss(model, photos, INSTANCE_PROMPT, resolution=64)
     result = run(model, config(steps=24), photos, classes, root / "run")
     return Trained(model, photos, classes, root / "run", result, before)
@@ -156,6 +166,28 @@ def test_lora_with_prior_preservation_learns_the_subject(trained: Trained) -> No
     record = json.loads((trained.run_dir / "run.json").read_text())
     assert record["base_model"]["family"] == model.family.name
     assert record["outputs"] == [LORA_WEIGHTS_FILE, COMFY_LORA_FILE]
+
+
+def test_both_kinds_of_prior_preservation_hold_the_class(trained: Trained, tmp_path: Path) -> None:
+    """Against the same run without preservation (same seed, same steps): classic preservation keeps
+    the base model's class samples better fitted, bank-free preservation keeps the class prompt's
+    predictions closer to the base model's."""
+    model = trained.model
+    settings = config(steps=24)
+    run(model, TrainConfig(**{**settings.to_dict(), "prior_source": "base_model"}), trained.photos, [],
+        tmp_path / "base_model")
+    run(model, TrainConfig(**{**settings.to_dict(), "with_prior": False}), trained.photos, [], tmp_path / "none")
+    runs = {"bank": trained.run_dir, "base_model": tmp_path / "base_model", "none": tmp_path / "none"}
+    denoisers = {name: load_trained_pipeline(model, folder).transformer for name, folder in runs.items()}
+    for name, denoiser in denoisers.items():
+        after = denoising_loss(model, trained.photos, INSTANCE_PROMPT, resolution=64, denoiser=denoiser)
+        assert after < 0.95 * trained.instance_before, name  # the subject is learned in every mode
+    class_fit = {name: denoising_loss(model, trained.classes, CLASS_PROMPT, resolution=64, denoiser=denoisers[name])
+                 for name in ("bank", "none")}
+    assert class_fit["bank"] < class_fit["none"]
+    drift = {name: prediction_drift(model, trained.classes, CLASS_PROMPT, resolution=64, denoiser=denoisers[name])
+             for name in ("base_model", "none")}
+    assert drift["base_model"] < 0.8 * drift["none"]
 
 
 def test_the_stock_pipeline_loads_the_lora_and_it_changes_the_output(trained: Trained) -> None:
