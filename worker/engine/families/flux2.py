@@ -108,6 +108,9 @@ class Flux2Klein(Family):
     default_resolution = 1024
     schedule_keys = FLOW_SCHEDULE_KEYS
     latent_multiple = 16  # the VAE's 8× and the 2×2 packing
+    # An estimate (not measured: no GPU here) of a LoRA + prior step at 1024 px without checkpointing:
+    # klein 4B: 7.8 GB of bf16 weights and the activations of two 4608-token sequences.
+    full_speed_memory_gb = 48.0
     sample_steps = 4  # klein 4B is step-distilled; the base checkpoint wants ~50 steps at CFG 4
     sample_guidance = 1.0  # ignored by a distilled klein
     sampler_name = "Euler (flow matching)"
