@@ -409,7 +409,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = _storage(settings)
 
     # add_middleware wraps: the last added runs first, so security headers land on every answer.
-    app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, limit=settings.request_body_limit)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(SecurityHeadersMiddleware, settings=settings)
 
