@@ -17,7 +17,8 @@ import anyio
 import anyio.to_thread
 
 from app.config import Settings
-from app.photos.sanitize import PhotoRejected, SanitizedBatch, UploadSource, near_duplicates, sanitize_upload
+from app.photos import sanitize
+from app.photos.sanitize import PhotoRejected, SanitizedBatch, UploadSource, near_duplicates
 
 
 class DecodeSlots:
@@ -32,7 +33,7 @@ class DecodeSlots:
         batch = SanitizedBatch()
         for filename, source in files:
             try:
-                photo = await anyio.to_thread.run_sync(sanitize_upload, filename, source, settings,
+                photo = await anyio.to_thread.run_sync(sanitize.sanitize_upload, filename, source, settings,
                                                        limiter=self._limiter)
             except PhotoRejected as refusal:
                 batch.rejections.append(refusal)

@@ -288,10 +288,11 @@ def _pixel_bytes(mode: str) -> int:
 
 
 # How many copies of the decoded pixels a format's decoder holds at its peak, beyond Pillow's own
-# image (measured with bench/web.py --only uploads, see docs/benchmarks.md): Pillow's WebP plugin
-# gets the whole picture from libwebp as one bytes object and copies it into the image; pillow-heif
-# keeps libheif's decoded planes and its RGB buffer while it copies them.
-_DECODER_COPIES = {"WEBP": 2.0, "HEIF": 2.0}
+# image, as measured (peak RSS growth per pixel, tests/app/hostile_photos.py; docs/benchmarks.md):
+# WebP 15.3 bytes a pixel, as libwebp's animation decoder keeps two RGBA canvases and Pillow copies
+# the frame out as bytes before its own image; HEIC 7.0, libheif's RGB buffer (3 bytes a pixel)
+# next to Pillow's image.
+_DECODER_COPIES = {"WEBP": 3.0, "HEIF": 0.75}
 
 
 def decode_memory(image: Image.Image, scans: int) -> int:
@@ -388,10 +389,11 @@ def _decode(name: str, stream: BinaryIO, settings: Settings) -> Image.Image:
         needed = decode_memory(image, scans)
         if needed > settings.max_decode_bytes:
             fitting = width * height * settings.max_decode_bytes // needed
+            advice = "a baseline (not progressive) JPEG" if image.format == "JPEG" else "a JPEG"
             raise PhotoRejected(
                 name,
-                f"{width}×{height} px is too large to decode as {image.format} "
-                f"(at most about {fitting / 1_000_000:.0f} megapixels); save it smaller or as a JPEG",
+                f"{width}×{height} px is more than we can decode as {_format_label(image)} "
+                f"(about {fitting / 1_000_000:.0f} megapixels at most); save it smaller or as {advice}",
             )
         if image.format == "JPEG":
             # Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while both sides stay >= DRAFT_SIDE: a
@@ -416,6 +418,12 @@ def _decode(name: str, stream: BinaryIO, settings: Settings) -> Image.Image:
         detail = "incomplete (truncated)" if "truncated" in str(exc) else "damaged and cannot be decoded"
         raise PhotoRejected(name, f"{detail}; try exporting or uploading it again") from None
     return image
+
+
+def _format_label(image: Image.Image) -> str:
+    if image.format == "JPEG":
+        return "a progressive JPEG"
+    return {"WEBP": "WebP", "HEIF": "HEIC"}.get(image.format or "", image.format or "this format")
 
 
 def _count_scans(stream: BinaryIO) -> int:
@@ -499,7 +507,8 @@ def _rgb_strip(strip: Image.Image, transform: ImageCms.ImageCmsTransform | None)
 
 
 def _working_copy(image: Image.Image) -> Image.Image:
-    """The decoded picture as RGB, reduced by a whole factor while both sides stay >= DRAFT_SIDE.
+    """The decoded picture as RGB, reduced by a whole factor while its long side stays >= MAX_LONG_SIDE
+    (what is stored) and its short side >= DRAFT_SIDE.
 
     Converted strip by strip: the decoded picture plus a strip and the (smaller) result are all
     that is ever in memory. Converting the whole picture at once made up to four full-size copies
@@ -507,7 +516,7 @@ def _working_copy(image: Image.Image) -> Image.Image:
     (``draft``) the factor is 1.
     """
     width, height = image.size
-    factor = max(1, min(width, height) // DRAFT_SIDE)
+    factor = max(1, min(max(width, height) // MAX_LONG_SIDE, min(width, height) // DRAFT_SIDE))
     transform = _srgb_transform(image)
     if factor == 1 and image.mode == "RGB" and transform is None:
         return image
