@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+import zlib
 from typing import Any
 
 import numpy as np
@@ -384,3 +385,12 @@ def test_an_orientation_that_is_not_one_of_the_eight_is_ignored(
     data = factory.encode(factory.photo_image(35), "JPEG", exif=b"Exif\0\0" + _tiff(entry))
     photo = sanitize_upload("odd.jpg", data, upload_settings)
     assert (photo.width, photo.height) == factory.DEFAULT_SIZE
+
+
+def test_a_png_with_a_broken_chunk_after_its_pixels_is_refused_not_an_error(upload_settings: Settings) -> None:
+    # Found by tests/app/photos/test_sanitize_fuzz.py: an iCCP chunk of one NUL byte after the image
+    # data made Pillow raise IndexError while finishing the load (HTTP 500 before).
+    png = factory.encode(factory.photo_image(36), "PNG")
+    chunk = struct.pack(">I", 1) + b"iCCP\x00" + struct.pack(">I", zlib.crc32(b"iCCP\x00"))
+    data = png[:-12] + chunk + png[-12:]
+    assert "damaged" in refusal("odd.png", data, upload_settings).reason
