@@ -54,10 +54,10 @@ def png_rgba(width: int, height: int) -> bytes:
 
 
 def striped_image(width: int, height: int) -> Image.Image:
-    image = Image.new("RGB", (width, height), (40, 120, 200))
+    image = Image.new("RGB", (width, height), (30, 60, 140))
     draw = ImageDraw.Draw(image)
     for x in range(0, width, 2 * STRIPE):
-        draw.rectangle((x, 0, x + STRIPE - 1, height), fill=(200, 80, 40))
+        draw.rectangle((x, 0, x + STRIPE - 1, height), fill=(240, 210, 90))
     return image
 
 
