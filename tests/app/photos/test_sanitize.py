@@ -335,7 +335,7 @@ def test_a_decode_over_its_cpu_budget_is_stopped(upload_settings: Settings) -> N
 
 
 # EXIF a camera never writes: each made sanitize_upload raise (HTTP 500) before, now each is accepted.
-_RATIONAL, _ASCII, _SHORT = 5, 2, 3
+_RATIONAL, _ASCII, _SHORT, _UNDEFINED = 5, 2, 3, 7
 
 
 def _tiff(*entries: tuple[int, int, int, bytes]) -> bytes:
@@ -345,9 +345,13 @@ def _tiff(*entries: tuple[int, int, int, bytes]) -> bytes:
 
 
 ORIENTATION_6 = (0x0112, _SHORT, 1, struct.pack("<HH", 6, 0))
+# The first two were found by hand, the others by tests/app/photos/test_sanitize_fuzz.py; each made
+# Pillow's exif_transpose fail rewriting the EXIF (TypeError, struct.error, AttributeError).
 MALFORMED_EXIF = {
     "text in a rational tag": _tiff(ORIENTATION_6, (0x011A, _ASCII, 4, b"abc\x00")),
     "text in a short tag": _tiff(ORIENTATION_6, (0x0128, _ASCII, 4, b"ab\x00\x00")),
+    "bytes in a rational tag": _tiff(ORIENTATION_6, (0x011A, _UNDEFINED, 4, b"\x01\x02\x03\x04")),
+    "a rational in a text tag": _tiff(ORIENTATION_6, (0x0110, _RATIONAL, 1, struct.pack("<I", 8))),
 }
 
 
