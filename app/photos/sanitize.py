@@ -288,11 +288,11 @@ def _pixel_bytes(mode: str) -> int:
 
 
 # How many copies of the decoded pixels a format's decoder holds at its peak, beyond Pillow's own
-# image, as measured (peak RSS growth per pixel, tests/app/hostile_photos.py; docs/benchmarks.md):
-# WebP 15.3 bytes a pixel, as libwebp's animation decoder keeps two RGBA canvases and Pillow copies
-# the frame out as bytes before its own image; HEIC 7.0, libheif's RGB buffer (3 bytes a pixel)
-# next to Pillow's image.
-_DECODER_COPIES = {"WEBP": 3.0, "HEIF": 0.75}
+# image, as measured (peak RSS growth per pixel in a fresh process, tests/app/hostile_photos.py;
+# docs/benchmarks.md): WebP 16 bytes a pixel, as libwebp's animation decoder keeps two RGBA canvases
+# and Pillow copies the frame out as bytes before its own image; HEIC up to 7.3, libheif's RGB
+# buffer (3 bytes a pixel) next to Pillow's image.
+_DECODER_COPIES = {"WEBP": 3.0, "HEIF": 0.85}
 
 
 def decode_memory(image: Image.Image, scans: int) -> int:

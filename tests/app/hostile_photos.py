@@ -9,7 +9,8 @@ process of their own (``make``). tests/app/photos/test_decode_cost.py and bench/
     python -m tests.app.hostile_photos measure PATH [SETTING=VALUE ...]
 
 ``measure`` sanitizes the file once in a fresh process and prints one JSON line: the growth of the
-peak resident set (VmHWM, reset just before), the CPU time, and the outcome.
+peak resident set (VmHWM, reset just before), what the process keeps afterwards, the CPU time, and
+the outcome.
 """
 
 from __future__ import annotations
@@ -153,7 +154,9 @@ def measure(path: Path, overrides: dict[str, str]) -> dict[str, object]:
             outcome = f"refused: {refusal.reason}"
         cpu = time.process_time() - cpu
         growth = _status_mb("VmHWM") - before
-    return {"growth_mb": round(growth, 1), "cpu_s": round(cpu, 3), "outcome": outcome}
+        photo = None  # noqa: F841  # the stored copy is not what is measured afterwards
+    kept = _status_mb("VmRSS") - before
+    return {"growth_mb": round(growth, 1), "kept_mb": round(kept, 1), "cpu_s": round(cpu, 3), "outcome": outcome}
 
 
 def main(argv: list[str]) -> None:
