@@ -333,3 +333,18 @@ def test_a_hang_up_mid_upload_logs_no_traceback(
     errors = [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
     assert not errors, [record.getMessage() for record in errors]
     assert len([record for record in caplog.records if "hung up" in record.getMessage()]) == 1
+
+
+def test_the_page_gets_a_page_when_its_upload_is_cut(
+    client: TestClient, make_user: Callable[..., User], login: Callable[..., TestClient],
+    csrf_token: Callable[[TestClient], str], four_photos: list[tuple[str, bytes]], clean_db: Engine,
+    app_storage: Storage,
+) -> None:
+    signed_in = login(client, make_user("page@example.com"))
+    body, content_type = multipart(four_photos, fields={**FIELDS, "csrf_token": csrf_token(signed_in)})
+    response = signed_in.post("/studios", content=body[: len(body) - 3000], headers={"Content-Type": content_type},
+                              follow_redirects=False)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/html")
+    assert "did not arrive whole" in response.text and "/studios/new" in response.text
+    assert stored(clean_db, app_storage) == (0, 0, [])
