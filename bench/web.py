@@ -8,7 +8,8 @@ PostgreSQL with --db postgres) and measures it from this process:
 2. upload: one studio of 20 photos of ~8 MB each; the server's peak RSS growth during it.
 3. ZIP: download a gallery of ~1 GB as one streamed ZIP; MB/s and the server's peak RSS growth.
 4. hostile uploads: the worst photo of each format at its pixel limit (tests/app/hostile_photos.py),
-   one per request; the server's peak RSS growth and CPU time for each. Then ten progressive-JPEG
+   one per request; the server's peak RSS growth and CPU time for each, and its resident set after
+   each compared with before the first (what it keeps). Then ten progressive-JPEG
    scan bombs at once, and how long until all ten were answered.
 
     python bench/web.py [--pollers 100] [--seconds 15] [--zip-mb 1024] [--db sqlite|postgres]
@@ -332,6 +333,7 @@ def hostile_uploads(url: str, headers: dict[str, str], pid: int, workdir: Path) 
 
     rows: list[tuple[str, str, str]] = []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = rss_kb(pid, "VmRSS")
     for kind, side, label in HOSTILE:
         path = workdir / f"{kind}-{side}.img"
         subprocess.run([sys.executable, "-m", "tests.app.hostile_photos", "make", kind, str(side), str(side),
@@ -345,9 +347,10 @@ def hostile_uploads(url: str, headers: dict[str, str], pid: int, workdir: Path) 
         wall = time.monotonic() - started
         growth = (rss_kb(pid, "VmHWM") - before) / 1024
         cpu = cpu_seconds(pid) - cpu_before
+        kept = (rss_kb(pid, "VmRSS") - start) / 1024
         rows.append((f"upload: {label} ({len(data) / 1024 / 1024:.1f} MB)",
                      f"peak RSS growth {growth:.0f} MB, CPU {cpu:.2f} s",
-                     f"{one_photo_outcome(response, path.name)} in {wall:.1f} s"))
+                     f"{one_photo_outcome(response, path.name)} in {wall:.1f} s; RSS since the first: {kept:+.0f} MB"))
 
     bomb = scan_bomb(4096, 4096, 30_000)
     cpu_before = cpu_seconds(pid)
