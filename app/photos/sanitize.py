@@ -3,7 +3,8 @@
 An upload is trusted only after Pillow has decoded every pixel of it with a formats allow-list
 (JPEG, PNG, WebP, HEIF/HEIC), never because of its extension or Content-Type. What we store is a
 JPEG re-encoded from those pixels with no metadata at all: no EXIF (so no GPS position), no XMP,
-no ICC profile, no comments. The EXIF orientation is applied first so the pixels stand upright.
+no ICC profile, no comments. The EXIF orientation is read (defensively, never written back) and
+applied, so the pixels stand upright.
 
 Every refusal is a :class:`PhotoRejected` whose message is a sentence a person understands and can
 act on ("IMG_1.heic: 48 MB is over the 25 MB limit"). The client's filename is only ever shown to
