@@ -54,13 +54,11 @@ from safetensors.torch import load_file, save_file
 from worker.engine.errors import EngineInputError, TrainingDiverged
 from worker.engine.families.base import Conditioning, ImageMeta, NoisyBatch
 from worker.engine.families.objectives import min_snr_weights
-from worker.engine.families.sd import UNET_ATTENTION
 from worker.engine.models import BaseModel
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
 from worker.engine.weights import (
     LORA_WEIGHTS_FILE,
     RUN_FILE,
-    export_kohya_lora,
     move,
 )
 
@@ -68,7 +66,6 @@ __all__ = ["CHECKPOINT_MARKER", "LossParts", "TrainConfig", "TrainResult", "deno
            "latest_checkpoint", "load_training_image", "min_snr_weights", "train"]
 
 STAGE = "training"
-UNET_LORA_TARGETS = UNET_ATTENTION  # SD's; every family names its own (Family.denoiser_lora_targets)
 CHECKPOINTS_DIR = "checkpoints"
 PREVIEWS_DIR = "previews"
 # Written last into a checkpoint folder; its presence is what makes the checkpoint complete.
@@ -604,8 +601,9 @@ def _save_outputs(run_dir: Path, model: BaseModel, trainables: _Trainables) -> l
         (staging / LORA_WEIGHTS_FILE).replace(run_dir / LORA_WEIGHTS_FILE)
         shutil.rmtree(staging, ignore_errors=True)
         written = [LORA_WEIGHTS_FILE]
-        if family.kohya_prefixes:
-            written.append(export_kohya_lora(run_dir, family).name)
+        exported = family.export_tool_lora(run_dir)
+        if exported is not None:
+            written.append(exported.name)
         return written
     written = []
     for name, module in trainables.modules.items():
