@@ -145,6 +145,8 @@ class LeasedAttempt:
         self.stage = job.stage
         self.uploaded: list[str] = []  # keys this attempt wrote that no committed row refers to yet
         self.referenced: set[str] = set()  # keys the next successful progress write will refer to
+        # Keys the database still records (an older checkpoint) that go once a write records their successor.
+        self.superseded: list[str] = []
         self._stop_reason: str | None = None
         self._lock = threading.Lock()
         self._heartbeat_stop = threading.Event()
@@ -262,6 +264,17 @@ class LeasedAttempt:
             raise StopRun(self._stop_reason or "lost")
         self.forget_uploads(list(self.referenced))
         self.referenced.clear()
+        # Only now does the database point at the successors: what they replace may go.
+        superseded, self.superseded = self.superseded, []
+        delete_keys(self.ctx.storage, superseded)
+
+    def supersede(self, keys: list[str]) -> None:
+        """Delete ``keys`` after the next successful progress write, which records what replaces them.
+
+        A write that fails (the database is away) is swallowed by :meth:`flush`; the keys then stay until
+        a later write succeeds, because the database still points at them and the next attempt resumes there.
+        """
+        self.superseded.extend(key for key in keys if key not in self.superseded)
 
     def record_loss(self, loss: float | None) -> None:
         # JSON has no NaN or Infinity (PostgreSQL refuses them): a non-finite loss is left out.

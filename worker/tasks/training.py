@@ -127,7 +127,6 @@ class _TrainingRun:
         self.scratch = scratch
         self.work_dir = scratch / "work"
         self.checkpoint_keys: list[str] = []
-        self.previous_checkpoint_keys: list[str] = []
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -244,8 +243,6 @@ class _TrainingRun:
             self._save_checkpoint(event.checkpoint, event.step)
             force = True
         attempt.write(force=force, **values)
-        if event.checkpoint is not None:
-            self._drop_old_checkpoints()
 
     def _add_previews(self, event: Progress) -> None:
         attempt = self.attempt
@@ -270,17 +267,12 @@ class _TrainingRun:
             relative = folder.resolve().relative_to(self.work_dir.resolve()).as_posix()
         except ValueError:
             relative = folder.name
-        self.previous_checkpoint_keys = self.checkpoint_keys
+        # The old checkpoint goes only once a write has recorded this one (LeasedAttempt.flush): if the
+        # write fails, the database still points at the old one and the next attempt resumes there.
+        attempt.supersede([key for key in self.checkpoint_keys if key not in keys])
         self.checkpoint_keys = keys
         attempt.details["checkpoint"] = {"prefix": prefix, "path": relative, "step": int(step)}
         attempt.referenced.update(keys)
-
-    def _drop_old_checkpoints(self) -> None:
-        # Only after the write that records the new checkpoint: a crash in between still finds a complete one.
-        for key in self.previous_checkpoint_keys:
-            if key not in self.checkpoint_keys:
-                self.ctx.storage.delete(key)
-        self.previous_checkpoint_keys = []
 
     # -- publishing ----------------------------------------------------------------------------
 

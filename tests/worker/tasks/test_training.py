@@ -349,3 +349,42 @@ def test_a_redelivery_of_a_job_whose_worker_is_alive_exits(ctx: WorkerContext, s
         beating.join()
     running, *_ = load(quick, job)
     assert running.attempts == 1 and running.lease_token == token
+
+
+def test_a_failed_progress_write_never_deletes_the_checkpoint_the_database_records(
+        ctx: WorkerContext, storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from worker.tasks import runtime
+
+    job = new_job(ctx, storage)
+    real_update = lease.update_progress
+
+    def database_away_for_step_4(session: Session, job_id: uuid.UUID, token: str, **values: object) -> bool:
+        details = values.get("details")
+        if isinstance(details, dict) and details.get("checkpoint", {}).get("step") == 4:
+            raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+        return real_update(session, job_id, token, **values)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime.lease, "update_progress", database_away_for_step_4)
+
+    def die(step: int) -> None:
+        if step == 5:
+            raise WorkerDied()
+
+    with pytest.raises(WorkerDied):
+        run_training_job(job.id, ctx=ctx, engine=FakeEngine(steps=8, checkpoint_every=2, on_step=die))
+    monkeypatch.setattr(runtime.lease, "update_progress", real_update)
+    with ctx.transaction() as session:
+        found = session.get(Job, job.id)
+        assert found is not None
+        recorded = found.details["checkpoint"]
+        found.heartbeat_at = utcnow().replace(year=2000)  # the lease went stale
+    # The write that would have recorded step 4 failed: the database still points at step 2, and it is whole.
+    assert recorded["step"] == 2 and storage.list(recorded["prefix"])
+    engine = FakeEngine(steps=8, checkpoint_every=2)
+    assert run_training_job(job.id, ctx=ctx, engine=engine) == "done"
+    assert engine.started_at_steps == [2]
+    done, *_ = load(ctx, job)
+    assert done.details["resumed_from"] == 2
+    assert subject_files(storage, job, f"jobs/{job.id}/checkpoint/") == []
