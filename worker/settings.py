@@ -31,6 +31,8 @@ class WorkerSettings(Settings):
     progress_write_seconds: float = 1.0
     # Seconds between cancel-flag reads from the database while a job runs.
     cancel_poll_seconds: float = 1.0
+    # How long a finished attempt keeps trying its final write (the gallery's rows) through a database outage.
+    publish_retry_seconds: float = 120.0
 
     @property
     def resolved_prior_cache_dir(self) -> Path:

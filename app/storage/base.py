@@ -62,8 +62,13 @@ def image_key(owner_id: uuid.UUID, subject_id: uuid.UUID, image_id: uuid.UUID) -
     return f"{subject_prefix(owner_id, subject_id)}images/{image_id}.png"
 
 
+def job_prefix(owner_id: uuid.UUID, subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
+    """The folder of one job's transient files: its previews and checkpoints."""
+    return f"{subject_prefix(owner_id, subject_id)}jobs/{job_id}/"
+
+
 def preview_key(owner_id: uuid.UUID, subject_id: uuid.UUID, job_id: uuid.UUID, name: str) -> str:
-    return f"{subject_prefix(owner_id, subject_id)}jobs/{job_id}/previews/{name}"
+    return f"{job_prefix(owner_id, subject_id, job_id)}previews/{name}"
 
 
 def weights_prefix(owner_id: uuid.UUID, subject_id: uuid.UUID) -> str:
@@ -71,7 +76,7 @@ def weights_prefix(owner_id: uuid.UUID, subject_id: uuid.UUID) -> str:
 
 
 def checkpoint_prefix(owner_id: uuid.UUID, subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
-    return f"{subject_prefix(owner_id, subject_id)}jobs/{job_id}/checkpoint/"
+    return f"{job_prefix(owner_id, subject_id, job_id)}checkpoint/"
 
 
 def zip_key(owner_id: uuid.UUID, subject_id: uuid.UUID, name: str) -> str:
