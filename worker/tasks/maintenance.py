@@ -16,10 +16,12 @@ Re-sending a job that is still in the broker is harmless: the second delivery ex
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app import db as studio_db
@@ -32,7 +34,8 @@ from app.storage import Storage
 from app.storage.base import subject_prefix
 from app.subjects.deletion import purge_subject_files
 from app.subjects.retention import enforce_retention
-from worker.celery_app import celery_app
+from worker.celery_app import broadcast_scratch_sweep, celery_app
+from worker.scratch import sweep_scratch
 from worker.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -123,14 +126,31 @@ def _end_cancelled(session: Session, job: Job, now: datetime) -> bool:
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
+def job_states(job_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The status of each job of ``job_ids`` that still exists (the scratch sweep's view of the database)."""
+    with studio_db.session_scope() as session:
+        rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all()
+    return {row.id: row.status for row in rows}
+
+
+def sweep_this_hosts_scratch(settings: Settings) -> list[str]:
+    """Remove this host's scratch folders of dead attempts, and of jobs that are gone or final."""
+    try:
+        return sweep_scratch(settings.scratch_dir, job_states)
+    except (OSError, SQLAlchemyError):
+        log.warning("scratch sweep failed; the next pass tries again", exc_info=True)
+        return []
+
+
 @celery_app.task(name="maintenance.reap")
 def reap_task() -> dict[str, int]:
     """Beat's reaper pass; returns counts for the log."""
     settings = get_worker_settings()
     with studio_db.session_scope() as session:
         report = reap(session, studio_storage.get_storage(), settings)
+    swept = sweep_this_hosts_scratch(settings)
     return {"requeued": len(report.requeued), "resent": len(report.resent), "failed": len(report.failed),
-            "cancelled": len(report.cancelled)}
+            "cancelled": len(report.cancelled), "scratch_removed": len(swept)}
 
 
 @celery_app.task(name="maintenance.retention")
@@ -144,6 +164,14 @@ def retention_task() -> dict[str, int]:
 
 @celery_app.task(name="maintenance.purge_subject")
 def purge_subject_task(owner_id: str, subject_id: str) -> int:
-    """Delete what is left of a deleted subject's files (a worker may have written one while it was deleted)."""
+    """Delete what is left of a deleted subject's files (a worker may have written one while it was deleted),
+    and have every worker remove the scratch folders of dead attempts: a killed worker's copies of the photos."""
     with studio_db.session_scope() as session:
-        return purge_subject_files(session, studio_storage.get_storage(), owner_id, subject_id)
+        removed = purge_subject_files(session, studio_storage.get_storage(), owner_id, subject_id)
+    sweep_this_hosts_scratch(get_worker_settings())
+    try:
+        broadcast_scratch_sweep()
+    except Exception:
+        # Each worker also sweeps when it starts and in the reaper: a missed broadcast only delays it.
+        log.warning("could not broadcast the scratch sweep after deleting subject %s", subject_id, exc_info=True)
+    return removed
