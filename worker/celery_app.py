@@ -110,6 +110,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             "reap-stale-jobs": {"task": "maintenance.reap", "schedule": REAP_EVERY_SECONDS},
             "enforce-retention": {"task": "maintenance.retention", "schedule": crontab(minute="7")},
+            "reconcile-storage": {"task": "maintenance.reconcile_storage", "schedule": crontab(minute="37")},
         },
     }
 

@@ -6,8 +6,11 @@ live under one prefix and deleting the subject is one ``delete_prefix``.
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +23,15 @@ class StorageError(Exception):
 
 class ObjectNotFound(StorageError):
     """No object under that key."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as a listing sees it: its key, size and when it was last written (UTC)."""
+
+    key: str
+    size: int
+    modified_at: datetime
 
 
 class Storage(Protocol):
@@ -40,6 +52,10 @@ class Storage(Protocol):
     def size(self, key: str) -> int: ...
 
     def list(self, prefix: str) -> list[str]: ...
+
+    def list_objects(self, prefix: str) -> builtins.list[StoredObject]:
+        """The objects under ``prefix`` with their size and last-write time, sorted by key."""
+        ...
 
     def delete(self, key: str) -> None: ...
 

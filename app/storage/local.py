@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from app.storage.base import CHUNK_SIZE, ObjectNotFound, StorageError
+from app.storage.base import CHUNK_SIZE, ObjectNotFound, StorageError, StoredObject
 
 
 class LocalStorage:
@@ -84,6 +86,16 @@ class LocalStorage:
             return []
         keys = [p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file()]
         return sorted(k for k in keys if k.startswith(prefix) and not k.rsplit("/", 1)[-1].startswith(".tmp-"))
+
+    def list_objects(self, prefix: str) -> builtins.list[StoredObject]:
+        found = []
+        for key in self.list(prefix):
+            try:
+                stat = self.path_for(key).stat()
+            except FileNotFoundError:
+                continue  # deleted since the listing
+            found.append(StoredObject(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
+        return found
 
     def delete(self, key: str) -> None:
         self.path_for(key).unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app.config import Settings
-from app.storage.base import CHUNK_SIZE, ObjectNotFound, StorageError
+from app.storage.base import CHUNK_SIZE, ObjectNotFound, StorageError, StoredObject
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects call accepts
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
@@ -161,19 +161,29 @@ class S3Storage:
             raise ObjectNotFound(key)
         return int(head["ContentLength"])
 
-    def _iter_pages(self, prefix: str) -> Iterator[list[str]]:
-        """The keys under ``prefix``, one list_objects_v2 page (at most 1000 keys) at a time."""
+    def _iter_object_pages(self, prefix: str) -> Iterator[list[dict[str, Any]]]:
+        """The objects under ``prefix``, one list_objects_v2 page (at most 1000) at a time."""
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(
                 Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": DELETE_BATCH}
             ):
-                yield [str(item["Key"]) for item in page.get("Contents", [])]
+                yield list(page.get("Contents", []))
         except (ClientError, BotoCoreError) as error:
             raise self._failure("list", prefix, error) from error
 
+    def _iter_pages(self, prefix: str) -> Iterator[list[str]]:
+        """The keys under ``prefix``, one list_objects_v2 page (at most 1000 keys) at a time."""
+        for page in self._iter_object_pages(prefix):
+            yield [str(item["Key"]) for item in page]
+
     def list(self, prefix: str) -> list[str]:
         return sorted(key for page in self._iter_pages(prefix) for key in page)
+
+    def list_objects(self, prefix: str) -> builtins.list[StoredObject]:
+        found = [StoredObject(str(item["Key"]), int(item.get("Size", 0)), item["LastModified"])
+                 for page in self._iter_object_pages(prefix) for item in page]
+        return sorted(found, key=lambda stored: stored.key)
 
     def delete(self, key: str) -> None:
         try:

@@ -1,4 +1,4 @@
-"""CPU-queue tasks: the reaper, retention, and the purge after a subject's deletion.
+"""CPU-queue tasks: the reaper, retention, the storage reconciler, and the purge after a subject's deletion.
 
 The reaper ("maintenance.reap", every 30 s from beat) makes the database's view of jobs come true
 whatever the broker lost:
@@ -32,6 +32,7 @@ from app.models import Job, utcnow
 from app.queue import enqueue
 from app.storage import Storage
 from app.storage.base import subject_prefix
+from app.storage.reconcile import reconcile_storage
 from app.subjects.deletion import purge_subject_files
 from app.subjects.retention import enforce_retention
 from worker.celery_app import broadcast_scratch_sweep, celery_app
@@ -160,6 +161,16 @@ def retention_task() -> dict[str, int]:
     with studio_db.session_scope() as session:
         report = enforce_retention(session, studio_storage.get_storage(), settings)
     return {"expired_subjects": len(report.expired_subjects), "photo_sets_removed": len(report.photo_sets_removed)}
+
+
+@celery_app.task(name="maintenance.reconcile_storage")
+def reconcile_storage_task() -> dict[str, object]:
+    """Beat's hourly storage reconciliation: objects no row refers to, older than ``orphan_min_age_seconds``,
+    are removed; the report (also logged) says which."""
+    settings = get_worker_settings()
+    with studio_db.session_scope() as session:
+        report = reconcile_storage(session, studio_storage.get_storage(), settings.orphan_min_age_seconds)
+    return report.as_dict()
 
 
 @celery_app.task(name="maintenance.purge_subject")

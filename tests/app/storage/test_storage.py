@@ -107,3 +107,17 @@ def test_presigned_url_is_none_on_local_storage(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "media")
     storage.put_bytes("a/b", b"x")
     assert storage.presigned_url("a/b", 60) is None
+
+
+def test_list_objects_gives_each_objects_size_and_write_time(any_storage: Storage) -> None:
+    from datetime import timedelta
+
+    from app.models import utcnow
+
+    before = utcnow() - timedelta(seconds=5)
+    any_storage.put_bytes("users/u/b.png", b"12345")
+    any_storage.put_bytes("users/u/a.jpg", b"1")
+    any_storage.put_bytes("other/c", b"x")
+    listed = any_storage.list_objects("users/")
+    assert [(stored.key, stored.size) for stored in listed] == [("users/u/a.jpg", 1), ("users/u/b.png", 5)]
+    assert all(before <= stored.modified_at <= utcnow() + timedelta(seconds=5) for stored in listed)
