@@ -44,6 +44,9 @@ def studio_page(subject_id: uuid.UUID, request: Request, user: PageUser, session
         "demo_model": demo_model,
         "demo_notice": DEMO_MODEL_NOTICE,
         "can_generate": subject.weights_key is not None and (job_status is None or job_status.finished),
+        # "Try again" reuses the kept photos of a studio never trained (the button shows once the job failed).
+        "can_retry": job is not None and job.kind == "train" and subject.weights_key is None
+        and subject.photos_deleted_at is None,
     }
     return render(request, "jobs/studio.html", context)
 

@@ -25,6 +25,10 @@ class ObjectNotFound(StorageError):
     """No object under that key."""
 
 
+class StorageFull(StorageError):
+    """The storage itself has no room left (a full media disk, a bucket's server out of space or quota)."""
+
+
 @dataclass(frozen=True)
 class StoredObject:
     """One object as a listing sees it: its key, size and when it was last written (UTC)."""

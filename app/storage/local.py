@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import os
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from app.storage.base import CHUNK_SIZE, ObjectNotFound, StorageError, StoredObject
+from app.storage.base import CHUNK_SIZE, ObjectNotFound, StorageError, StorageFull, StoredObject
 
 
 class LocalStorage:
@@ -27,14 +28,20 @@ class LocalStorage:
 
     def _write_atomically(self, key: str, write: Callable[[BinaryIO], object]) -> None:
         target = self.path_for(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    write(handle)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                # Named apart from the worker's own disk: the person reads which one is full.
+                raise StorageFull(f"no space left in the media storage for {key!r}") from error
             raise
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:

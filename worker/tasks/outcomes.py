@@ -13,7 +13,7 @@ from collections.abc import Callable
 from celery.exceptions import SoftTimeLimitExceeded
 
 from app.jobs import lease
-from app.storage import StorageError
+from app.storage import StorageError, StorageFull
 from app.storage.base import checkpoint_prefix, job_prefix
 from worker.engine.errors import Cancelled, EngineInputError, PhotosUnusable, TrainingDiverged
 from worker.tasks.engine_adapter import is_out_of_memory
@@ -27,11 +27,17 @@ OUT_OF_MEMORY_REASON = (
     "or fewer photos; if it keeps happening the worker needs a GPU with more memory."
 )
 DISK_FULL_REASON = (
-    "The worker's disk is full, so this job could not save its files. Please try again later; if it keeps "
-    "happening, the studio's operator needs to free disk space."
+    "The worker's disk is full, so this job could not work on its files. Use “Try again” in a while; if it "
+    "keeps happening, the studio's operator needs to free disk space on the worker."
 )
-STORAGE_REASON = "The studio could not read or write its files (storage error). Please try again later."
-UNKNOWN_REASON = "Something went wrong in the worker while running this job. The error was logged; please try again."
+STORAGE_FULL_REASON = (
+    "The studio's storage is full, so this job could not save its results. Your photos are kept: use "
+    "“Try again” once the studio's operator has freed space in its storage."
+)
+STORAGE_REASON = "The studio could not read or write its files (storage error). Use “Try again” in a while."
+UNKNOWN_REASON = (
+    "Something went wrong in the worker while running this job. The error was logged; use “Try again”."
+)
 
 
 class JobFailure(Exception):
@@ -57,11 +63,25 @@ def failure_reason(exc: BaseException, hard_limit_seconds: int) -> str:
     if isinstance(exc, SoftTimeLimitExceeded):
         minutes = max(1, hard_limit_seconds // 60)
         return f"The job ran longer than the time limit (about {minutes} minutes) and was stopped."
+    if _caused_by(exc, StorageFull):
+        return STORAGE_FULL_REASON  # the shared media storage, not this worker's disk
     if is_disk_full(exc):
         return DISK_FULL_REASON
     if isinstance(exc, StorageError | OSError):
         return STORAGE_REASON
     return UNKNOWN_REASON
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """True when ``exc``, or an error it was raised from, is a ``kind``."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a cause chain is short; the bound only guards against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -456,3 +456,20 @@ def test_a_commit_error_after_the_gallery_was_committed_keeps_the_gallery(
     done, subject, images, _ = load(flaky, job)
     assert done.status == "done" and len(images) == 2 and all(storage.exists(image.storage_key) for image in images)
     assert subject is not None and subject.weights_key and storage.list(subject.weights_key)
+
+
+def test_a_full_media_storage_is_named_as_the_studios_storage_not_the_workers_disk(
+        ctx: WorkerContext, storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.storage import local
+
+    job = new_job(ctx, storage)
+
+    def no_room(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local.shutil, "copyfileobj", no_room)  # every upload of the worker finds the media disk full
+    assert run_training_job(job.id, ctx=ctx, engine=FakeEngine(steps=6, checkpoint_every=2)) == "failed"
+    failed, _, _, photos = load(ctx, job)
+    assert (failed.failure_reason or "").startswith("The studio's storage is full")
+    assert "worker" not in (failed.failure_reason or "") and "Try again" in (failed.failure_reason or "")
+    assert len(photos) == 4  # kept for "Try again"
