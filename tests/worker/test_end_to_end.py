@@ -37,7 +37,7 @@ from tests.worker.processes import ROOT, stop_worker, wait_until_ready, worker_e
 pytestmark = pytest.mark.slow
 
 REDIS_URL = os.environ.get("STUDIO_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-JOB_TIMEOUT = 300.0  # generous: CI machines are shared; a healthy job takes seconds
+JOB_TIMEOUT = 300.0  # a job that makes no progress this long fails the test; a slow machine just waits longer
 FAST_TRAINING = {"steps": 10, "checkpoint_every": 5, "preview_every": 0}
 
 
@@ -72,11 +72,17 @@ class Studio:
 
     def wait_for(self, job_id: uuid.UUID, predicate: Callable[[Job], bool], what: str,
                  timeout: float = JOB_TIMEOUT) -> Job:
+        """Wait until ``predicate(job)``; fail when the job made no progress (status, stage, step, attempt)
+        for ``timeout`` seconds, so a slow, loaded machine waits longer and a stuck job still fails."""
         deadline = time.monotonic() + timeout
+        last_progress: tuple[object, ...] = ()
         while time.monotonic() < deadline:
             job = self.job(job_id)
             if predicate(job):
                 return job
+            progress = (job.status, job.stage, job.step, job.attempts)
+            if progress != last_progress:
+                last_progress, deadline = progress, time.monotonic() + timeout
             if self.worker.poll() is not None:
                 pytest.fail(f"the worker exited ({self.worker.returncode}) waiting for {what}\n{self.log_tail()}")
             time.sleep(0.1)
@@ -249,7 +255,8 @@ def test_cancel_during_training_stops_within_a_few_steps(start_studio: Callable[
 def test_a_killed_worker_child_resumes_from_its_checkpoint_and_publishes_once(
         start_studio: Callable[..., Studio]) -> None:
     # Long enough that the kill lands between the first checkpoint and the end on a slow machine too.
-    studio = start_studio("redis", {"steps": 150, "checkpoint_every": 10, "preview_every": 0})
+    # The kill lands at the first recorded checkpoint; the steps after it leave room for the poll's delay.
+    studio = start_studio("redis", {"steps": 60, "checkpoint_every": 10, "preview_every": 0})
     job = studio.create_studio()
     recorded = studio.wait_for(job.id, lambda j: bool(j.details.get("checkpoint")), "the first checkpoint")
     checkpoint_step = recorded.details["checkpoint"]["step"]
