@@ -270,7 +270,9 @@ def test_a_killed_worker_child_resumes_from_its_checkpoint_and_publishes_once(
     _assert_published(studio, done)
     assert done.attempts == 2
     assert done.details["resumed_from"] >= checkpoint_step > 0
-    assert "redelivered while its lease looks held" in studio.log_tail(200_000)
+    # The redelivered task took over: it waited for the dead lease to go stale or, when the machine is so
+    # slow that the redelivery came later than the lease, found it stale already. Two claims, one worker.
+    assert studio.log_tail(200_000).count(f"job {job.id} claimed by") == 2
     # The scratch folder goes before the job turns done; the checkpoints only after (until the gallery is
     # committed, a new attempt may need them), so the test waits for those.
     assert not (studio.settings.scratch_dir / str(job.id)).exists()
