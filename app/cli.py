@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -82,7 +83,10 @@ def create_user(email: str, password: str) -> str:
 
 
 def web_command(host: str, port: int, reload: bool = False) -> list[str]:
-    command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", host, "--port", str(port)]
+    # --no-proxy-headers: uvicorn would otherwise believe X-Forwarded-For from FORWARDED_ALLOW_IPS
+    # (127.0.0.1 by default, "*" in many examples); the app believes it from STUDIO_TRUSTED_PROXIES only.
+    command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", host, "--port", str(port),
+               "--no-proxy-headers"]
     if reload:
         command.append("--reload")
     return command
@@ -109,6 +113,11 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
 
+
+# What uvicorn runs the app with, besides where and how many: forwarded headers are the app's
+# business (STUDIO_TRUSTED_PROXIES, app.main); uvicorn's own handling is off, whatever
+# FORWARDED_ALLOW_IPS says, or it would rewrite the client's address before the app sees the peer.
+WEB_SERVER_OPTIONS: dict[str, Any] = {"proxy_headers": False}
 
 Spawner = Callable[[list[str]], "subprocess.Popen[bytes]"]
 
@@ -297,7 +306,7 @@ def _run(argv: Sequence[str] | None) -> int:
             print("studio web: --workers must be at least 1", file=sys.stderr)
             return EXIT_ERROR
         uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, reload=args.reload,
-                    workers=None if args.reload else args.workers, proxy_headers=True)
+                    workers=None if args.reload else args.workers, **WEB_SERVER_OPTIONS)
         return EXIT_OK
     if args.command == "up":
         return up(get_settings(), args.host, args.port, with_worker=not args.no_worker, with_beat=not args.no_beat)

@@ -7,12 +7,15 @@ PostgreSQL, Redis and an S3-compatible bucket. This module is the only reader of
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SECRET_KEY = "dev-only-secret-key-change-me"
 
@@ -30,6 +33,19 @@ class Settings(BaseSettings):
     # False closes the sign-up page and API: only `studio createuser` makes accounts. For a studio
     # that others can reach, whose GPUs and storage the operator pays for.
     signups_open: bool = True
+    # Accounts one address may create in any hour (0: no limit), counted in the database like the
+    # sign-in throttle. A household or an office behind one address shares it.
+    max_signups_per_hour: int = 5
+    # Password hashes (argon2: 64 MiB each while it runs) one web process computes at once; a
+    # sign-up, sign-in or password change beyond them waits up to password_hash_wait_seconds in the
+    # event loop (holding no thread and no database connection), then gets 503 with Retry-After.
+    password_hash_slots: int = 2
+    password_hash_wait_seconds: float = 10.0
+    # Peers whose X-Forwarded-For and X-Forwarded-Proto are believed: addresses or networks of the
+    # reverse proxies in front of the web process ("10.0.0.5", "172.16.0.0/12"), as a JSON list or
+    # separated by commas. Empty (the default): nobody's, so the address the rate limits count is
+    # the peer's own. Anyone who can reach the web port directly can write those headers.
+    trusted_proxies: Annotated[list[str], NoDecode] = []
 
     # Data, queue, storage. Empty means "the embedded default under var_dir".
     database_url: str = ""
@@ -72,13 +88,57 @@ class Settings(BaseSettings):
     retention_days: int = 30
     delete_photos_after_training: bool = True
 
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_trusted_proxies(cls, value: Any) -> Any:
+        """A JSON list, or addresses separated by commas; each must be an IP address or network."""
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list):
+            return value
+        entries = [str(entry).strip() for entry in value if str(entry).strip()]
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"STUDIO_TRUSTED_PROXIES: {entry!r} is not an IP address or network (like 10.0.0.5 or "
+                    "172.16.0.0/12); list the addresses of your reverse proxies, never everyone"
+                ) from None
+        return entries
+
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.environment == "production" and self.secret_key == DEFAULT_SECRET_KEY:
             raise ValueError("STUDIO_SECRET_KEY must be set to a private random value in production")
         if self.environment == "production" and len(self.secret_key) < 32:
             raise ValueError("STUDIO_SECRET_KEY must be at least 32 characters in production")
+        if self.environment == "production" and self.storage_backend == "s3":
+            self._check_public_bucket_url()
+        if self.password_hash_slots < 1:
+            raise ValueError("STUDIO_PASSWORD_HASH_SLOTS must be at least 1")
         return self
+
+    def _check_public_bucket_url(self) -> None:
+        """Browsers load gallery images and downloads from signed URLs on the bucket's public
+        endpoint: it must be reachable wherever the site is, and be HTTPS when the site is."""
+        bucket = urlsplit(self.s3_public_endpoint_url or self.s3_endpoint_url or "")
+        site = urlsplit(self.base_url)
+        if not bucket.hostname or not site.hostname:
+            return
+        hint = ("set STUDIO_S3_PUBLIC_ENDPOINT_URL to the address where browsers reach the bucket "
+                "(e.g. https://files.your.domain)")
+        if _is_loopback(bucket.hostname) and not _is_loopback(site.hostname):
+            raise ValueError(
+                f"the bucket's public endpoint {bucket.scheme}://{bucket.netloc} is this machine's own "
+                f"address, but the site is served at {self.base_url}: remote browsers could not load "
+                f"any image; {hint}"
+            )
+        if site.scheme == "https" and bucket.scheme != "https":
+            raise ValueError(
+                f"the site is served over HTTPS ({self.base_url}) but the bucket's public endpoint is "
+                f"{bucket.scheme}://{bucket.netloc}: browsers block its images as mixed content; {hint}"
+            )
 
     @property
     def visibility_timeout(self) -> int:
@@ -104,6 +164,15 @@ class Settings(BaseSettings):
     @property
     def scratch_dir(self) -> Path:
         return (self.var_dir / "scratch").resolve()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache

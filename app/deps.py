@@ -44,6 +44,8 @@ from app.storage import Storage
 
 T = TypeVar("T")
 
+API_PREFIX = "/api/"
+
 # last_used_at of an API token is refreshed at most this often, so reads stay reads.
 TOKEN_TOUCH_INTERVAL = timedelta(minutes=5)
 # Form fields other than files are small (names, prompts); files are counted by the upload code.
@@ -113,6 +115,40 @@ async def get_db_session(request: Request) -> AsyncIterator[Session]:
         except BaseException:
             request.state.auth = None
             raise
+
+
+# Seconds a client refused for want of a password-hash slot is asked to wait before trying again.
+BUSY_RETRY_AFTER = 5
+
+
+async def password_hash_slot(request: Request) -> AsyncIterator[None]:
+    """Hold one of the process's password-hash slots for the request (sign-up, sign-in, password change).
+
+    An argon2 hash takes 64 MiB while it runs: 40 sign-ups at once grew a web process by 640 MB.
+    At most ``settings.password_hash_slots`` requests hash at once; the others wait here, in the
+    event loop, before they take a thread or a database session, for up to
+    ``settings.password_hash_wait_seconds``, and then get 503 with Retry-After. List it in the
+    route's ``dependencies`` before ``require_csrf``, so a waiting request holds nothing else.
+    """
+    settings: Settings = request.app.state.settings
+    slots: asyncio.Semaphore = request.app.state.password_hash_slots
+    try:
+        async with asyncio.timeout(settings.password_hash_wait_seconds):
+            await slots.acquire()
+    except TimeoutError:
+        raise HTTPException(
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"The studio is busy checking other passwords. Try again in {BUSY_RETRY_AFTER} seconds.",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER)},
+        ) from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+# scope="function": the slot is given back as soon as the handler (and its commit) is done.
+PasswordHashSlot = Depends(password_hash_slot, scope="function")
 
 
 async def get_app_storage(request: Request) -> Storage:
@@ -380,6 +416,10 @@ async def require_csrf_briefly(
 async def check_csrf(request: Request, auth: Auth) -> None:
     if auth.bearer_given:
         return
+    if auth.user is None and request.url.path.startswith(API_PREFIX):
+        # Nobody is signed in, so there is no session to forge a request for: the API's answer
+        # is that authentication is missing (401), not that a form token is.
+        api_user_of(auth)
     given = request.headers.get(CSRF_HEADER)
     if not given:
         content_type = request.headers.get("content-type", "")
@@ -397,7 +437,13 @@ CsrfDep = Depends(require_csrf)
 
 
 def client_key(request: Request) -> str:
-    """The key rate limits count by: the client's address (uvicorn's --proxy-headers resolves proxies)."""
+    """The key rate limits count by: the client's address.
+
+    That is the peer of the connection, unless the peer is one of ``STUDIO_TRUSTED_PROXIES``: then
+    the app's proxy-headers middleware (app.main) has already put the address from
+    X-Forwarded-For in its place. Anybody else's X-Forwarded-For is ignored, so a client cannot
+    escape its per-address limit by rotating the header.
+    """
     return request.client.host if request.client else "unknown"
 
 

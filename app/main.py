@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.routing import iter_route_contexts
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,15 +35,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import Response
+from starlette.routing import compile_path, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import config as config_module
 from app import db as db_module
+from app import openapi
 from app import storage as storage_module
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
 from app.config import Settings
-from app.deps import LoginRequired, OptionalUser
+from app.deps import API_PREFIX, LoginRequired, OptionalUser
 from app.galleries import api as galleries_api
 from app.galleries import pages as galleries_pages
 from app.jobs import api as jobs_api
@@ -50,7 +55,6 @@ from app.subjects import api as subjects_api
 from app.subjects import pages as subjects_pages
 from app.templating import STATIC_DIR, render
 
-API_PREFIX = "/api/"
 STATIC_PREFIX = "/static/"
 
 
@@ -119,20 +123,31 @@ def api_docs_response(openapi_url: str) -> Response:
     return HTMLResponse(body, headers={"Content-Security-Policy": policy})
 
 
+def security_headers(settings: Settings) -> list[tuple[bytes, bytes]]:
+    """The headers every answer carries (a header the answer sets itself wins)."""
+    headers = [
+        (b"content-security-policy", content_security_policy(settings).encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"same-origin"),
+        (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
+    ]
+    if settings.cookie_secure:
+        headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
+    return headers
+
+
 class SecurityHeadersMiddleware:
-    """Adds the security headers to every response; private responses are never cached."""
+    """Adds the security headers to every response; private responses are never cached.
+
+    Starlette answers an unhandled exception outside every middleware added here (its
+    ServerErrorMiddleware is the outermost layer), so :func:`server_error_handler` adds the same
+    headers to the 500 itself.
+    """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.headers: list[tuple[bytes, bytes]] = [
-            (b"content-security-policy", content_security_policy(settings).encode()),
-            (b"x-content-type-options", b"nosniff"),
-            (b"x-frame-options", b"DENY"),
-            (b"referrer-policy", b"same-origin"),
-            (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
-        ]
-        if settings.cookie_secure:
-            self.headers.append((b"strict-transport-security", b"max-age=31536000; includeSubDomains"))
+        self.headers = security_headers(settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -270,6 +285,7 @@ ERROR_TITLES = {
     413: "Too large",
     422: "Please check the form",
     429: "Too many attempts",
+    503: "Busy right now",
 }
 
 
@@ -294,9 +310,30 @@ def error_page(request: Request, status_code: int, detail: Any, headers: dict[st
     )
 
 
+@lru_cache(maxsize=1024)
+def _path_pattern(path: str) -> re.Pattern[str]:
+    return compile_path(path)[0]
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route of the app takes at this path, for the ``Allow`` header of a 405.
+
+    Starlette names only the methods of the first route whose path matches, but a path such as
+    /api/v1/subjects/{id} is served by several routes (GET and DELETE), even from several routers.
+    """
+    path = get_route_path(request.scope)
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        if route.path and route.methods and _path_pattern(route.path).match(path):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     headers = dict(exc.headers) if exc.headers else None
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
     if wants_json(request) or exc.status_code in (204, 304):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
     return error_page(request, exc.status_code, exc.detail, headers)
@@ -317,14 +354,21 @@ async def login_required_handler(request: Request, exc: Exception) -> Response:
 
 
 async def server_error_handler(request: Request, exc: Exception) -> Response:
+    """The 500 answer, with the security headers: it is sent from outside SecurityHeadersMiddleware."""
     detail = "Something went wrong on our side. Please try again in a moment."
+    response: Response
     if wants_json(request):
-        return JSONResponse({"detail": detail}, status_code=500)
-    return HTMLResponse(
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>Error</title></head>"
-        f"<body><h1>Sorry</h1><p>{detail}</p></body></html>",
-        status_code=500,
-    )
+        response = JSONResponse({"detail": detail}, status_code=500)
+    else:
+        response = HTMLResponse(
+            "<!doctype html><html lang=en><head><meta charset=utf-8><title>Error</title></head>"
+            f"<body><h1>Sorry</h1><p>{detail}</p></body></html>",
+            status_code=500,
+        )
+    for name, value in security_headers(request.app.state.settings):
+        response.headers[name.decode()] = value.decode()
+    response.headers["cache-control"] = "no-store"
+    return response
 
 
 # --- the app --------------------------------------------------------------------------------------
@@ -403,15 +447,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    openapi.install(app, settings)
     app.state.sessionmaker = session_factory
     app.state.session_slots = asyncio.Semaphore(request_slots(settings.database_pool_size,
                                                               settings.database_max_overflow))
+    app.state.password_hash_slots = asyncio.Semaphore(settings.password_hash_slots)
     app.state.storage = _storage(settings)
 
     # add_middleware wraps: the last added runs first, so security headers land on every answer.
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(SecurityHeadersMiddleware, settings=settings)
+    if settings.trusted_proxies:
+        # Outermost: everything inside (the rate limits' client_key, url_for) sees the address and
+        # scheme the trusted proxy saw. Forwarded headers from any other peer are ignored; that is
+        # why ``studio web`` starts uvicorn without its own proxy-header handling.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
 
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_exception_handler)

@@ -94,15 +94,28 @@ def test_start_order(config: dict[str, Any]) -> None:
     assert services["web"]["depends_on"]["createbucket"]["condition"] == "service_completed_successfully"
 
 
-def test_the_environment_is_valid_production_settings(config: dict[str, Any],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def web_settings(config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings the web container would read from its environment in ``config``."""
     environment = config["services"]["web"]["environment"]
     for key in list(os.environ):
         if key.startswith("STUDIO_"):
             monkeypatch.delenv(key)
     for key, value in environment.items():
-        monkeypatch.setenv(key, str(value))
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+        monkeypatch.setenv(key, "" if value is None else str(value))
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def config_with(**env: str) -> dict[str, Any]:
+    result = compose("config", env={**REQUIRED_ENV, **env})
+    assert result.returncode == 0, result.stderr
+    parsed = yaml.safe_load(result.stdout)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def test_the_environment_is_valid_production_settings(config: dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = web_settings(config, monkeypatch)
     assert settings.environment == "production"
     assert settings.secret_key == REQUIRED_ENV["STUDIO_SECRET_KEY"]
     assert settings.resolved_database_url.startswith("postgresql+psycopg://studio:pg-test-password@postgres")
@@ -117,3 +130,37 @@ def test_the_dockerfile_takes_the_torch_index_as_a_build_argument() -> None:
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
     assert '--index-url "${TORCH_INDEX_URL}"' in dockerfile
     assert "USER studio" in dockerfile
+
+
+def test_sign_ups_are_closed_unless_the_operator_opens_them(config: dict[str, Any],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    assert web_settings(config, monkeypatch).signups_open is False
+    assert web_settings(config_with(STUDIO_SIGNUPS_OPEN="true"), monkeypatch).signups_open is True
+
+
+def test_forwarded_headers_are_believed_from_configured_proxies_only(config: dict[str, Any],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, service in config["services"].items():
+        assert "FORWARDED_ALLOW_IPS" not in (service.get("environment") or {}), name
+    # `studio web` runs uvicorn without its own proxy-header handling (app.cli.WEB_SERVER_OPTIONS).
+    assert config["services"]["web"]["command"][:2] == ["studio", "web"]
+    assert web_settings(config, monkeypatch).trusted_proxies == []
+    behind_proxy = config_with(STUDIO_TRUSTED_PROXIES='["172.16.0.0/12"]', STUDIO_PORT="127.0.0.1:8000")
+    assert web_settings(behind_proxy, monkeypatch).trusted_proxies == ["172.16.0.0/12"]
+    assert behind_proxy["services"]["web"]["ports"] == ["127.0.0.1:8000:8000/tcp"]
+
+
+def test_browsers_elsewhere_get_the_bucket_address_the_operator_sets(config: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    local = web_settings(config, monkeypatch)  # a browser on this machine: localhost for both
+    assert (local.base_url, local.s3_public_endpoint_url) == ("http://localhost:8000", "http://localhost:9000")
+    # The site moved to a domain but the bucket did not: the web app refuses to start, and says why.
+    with pytest.raises(ValueError, match="STUDIO_S3_PUBLIC_ENDPOINT_URL"):
+        web_settings(config_with(STUDIO_BASE_URL="https://studio.example.com"), monkeypatch)
+    with pytest.raises(ValueError, match="mixed content"):
+        web_settings(config_with(STUDIO_BASE_URL="https://studio.example.com",
+                                 STUDIO_S3_PUBLIC_ENDPOINT_URL="http://files.example.com"), monkeypatch)
+    remote = web_settings(config_with(STUDIO_BASE_URL="https://studio.example.com",
+                                      STUDIO_S3_PUBLIC_ENDPOINT_URL="https://files.example.com"), monkeypatch)
+    assert remote.s3_public_endpoint_url == "https://files.example.com"
+    assert remote.s3_endpoint_url == "http://minio:9000"  # the app itself still talks to the bucket inside

@@ -11,8 +11,16 @@ from starlette.responses import Response
 
 from app import rate_limits
 from app.accounts import repository, service, throttle
-from app.accounts.schemas import NewTokenOut, SignupIn, TokenNameIn, TokenOut, TokenRequestIn, UserOut
-from app.deps import ApiUser, SessionDep, SettingsDep, require_csrf
+from app.accounts.schemas import (
+    NewTokenOut,
+    SignedOutOut,
+    SignupIn,
+    TokenNameIn,
+    TokenOut,
+    TokenRequestIn,
+    UserOut,
+)
+from app.deps import ApiUser, PasswordHashSlot, SessionDep, SettingsDep, require_csrf
 from app.models import User
 
 router = APIRouter(prefix="/api/v1", tags=["accounts"])
@@ -35,15 +43,20 @@ def _new_token(session: Session, user: User, name: str) -> NewTokenOut:
     return _new_token_out(created)
 
 
-@router.post("/auth/signup", status_code=status.HTTP_201_CREATED, response_model=UserOut)
-def api_signup(body: SignupIn, session: SessionDep, settings: SettingsDep) -> UserOut:
+@router.post("/auth/signup", status_code=status.HTTP_201_CREATED, response_model=UserOut,
+             dependencies=[PasswordHashSlot])
+def api_signup(body: SignupIn, request: Request, session: SessionDep, settings: SettingsDep) -> UserOut:
     """Create an account. 400 names a bad email or password; 409 when the email is taken; 403 when
-    the operator closed sign-ups."""
+    the operator closed sign-ups; 429 (with Retry-After) when the address made too many accounts this
+    hour; 503 (with Retry-After) when the server is busy hashing other passwords."""
     try:
         service.check_signups_open(settings)
-        user = service.sign_up(session, body.email, body.password)
+        user = service.sign_up_counted(session, body.email, body.password, throttle.sign_up_counter(request, settings))
     except service.SignupsClosed as error:
         raise HTTPException(status_code=403, detail=error.message) from error
+    except service.TooManySignups as error:
+        raise HTTPException(status_code=429, detail=error.message,
+                            headers={"Retry-After": str(error.retry_after)}) from error
     except service.EmailTaken as error:
         session.rollback()
         raise HTTPException(status_code=409, detail=error.message) from error
@@ -53,7 +66,8 @@ def api_signup(body: SignupIn, session: SessionDep, settings: SettingsDep) -> Us
     return UserOut.model_validate(user)
 
 
-@router.post("/auth/token", status_code=status.HTTP_201_CREATED, response_model=NewTokenOut)
+@router.post("/auth/token", status_code=status.HTTP_201_CREATED, response_model=NewTokenOut,
+             dependencies=[PasswordHashSlot])
 def api_token(body: TokenRequestIn, request: Request, session: SessionDep) -> Response | NewTokenOut:
     """Exchange an email and password for a new bearer token (shown once). Failed attempts are rate limited."""
     counters = throttle.sign_in_counters(request, body.email)
@@ -98,3 +112,13 @@ def revoke_token(token_id: uuid.UUID, user: ApiUser, session: SessionDep) -> Res
     if not service.revoke_api_token(session, user, token_id):
         raise HTTPException(status_code=404, detail="No such token.")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/auth/sign-out-everywhere", response_model=SignedOutOut, dependencies=[Depends(require_csrf)])
+def sign_out_everywhere(user: ApiUser, session: SessionDep) -> SignedOutOut:
+    """Revoke every browser session and every API token of the caller, the one of this request too.
+
+    For when someone else may have had the account: a changed password alone leaves tokens working.
+    """
+    ended = service.sign_out_everywhere(session, user)
+    return SignedOutOut(sessions_ended=ended.sessions, tokens_revoked=ended.tokens)

@@ -14,7 +14,7 @@ from app import rate_limits
 from app.accounts import repository, service, throttle
 from app.accounts.cookies import clear_session_cookie, set_session_cookie
 from app.config import Settings
-from app.deps import AuthDep, OptionalUser, PageUser, SessionDep, SettingsDep, require_csrf
+from app.deps import AuthDep, OptionalUser, PageUser, PasswordHashSlot, SessionDep, SettingsDep, require_csrf
 from app.models import User
 from app.security import safe_next
 from app.templating import redirect_with_flash, render
@@ -47,7 +47,7 @@ def signup_page(request: Request, user: OptionalUser, settings: SettingsDep, nex
     return render(request, "accounts/signup.html", context)
 
 
-@router.post("/signup", dependencies=[Depends(require_csrf)])
+@router.post("/signup", dependencies=[PasswordHashSlot, Depends(require_csrf)])
 def signup(
     request: Request,
     session: SessionDep,
@@ -58,10 +58,14 @@ def signup(
 ) -> Response:
     try:
         service.check_signups_open(settings)
-        user = service.sign_up(session, email, password)
+        user = service.sign_up_counted(session, email, password, throttle.sign_up_counter(request, settings))
     except service.SignupsClosed as closed:
         closed_context = {"errors": [], "email": "", "next": safe_next(next, ""), "closed": closed.message}
         return render(request, "accounts/signup.html", closed_context, status_code=403)
+    except service.TooManySignups as limited:
+        limited_context = {"errors": [limited.message], "email": email.strip(), "next": safe_next(next, "")}
+        return render(request, "accounts/signup.html", limited_context, status_code=429,
+                      headers={"Retry-After": str(limited.retry_after)})
     except service.AccountError as error:
         session.rollback()
         context: dict[str, object] = {"errors": [error.message], "error_field": error.field, "email": email.strip(),
@@ -78,7 +82,7 @@ def login_page(request: Request, user: OptionalUser, next: str = "") -> Response
     return render(request, "accounts/login.html", {"errors": [], "email": "", "next": safe_next(next, "")})
 
 
-@router.post("/login", dependencies=[Depends(require_csrf)])
+@router.post("/login", dependencies=[PasswordHashSlot, Depends(require_csrf)])
 def login(
     request: Request,
     session: SessionDep,
@@ -150,7 +154,7 @@ def revoke_token(request: Request, session: SessionDep, user: PageUser, token_id
     return redirect_with_flash(request, "/account", "The token is revoked: it no longer works.")
 
 
-@router.post("/account/password", dependencies=[Depends(require_csrf)])
+@router.post("/account/password", dependencies=[PasswordHashSlot, Depends(require_csrf)])
 def change_password(
     request: Request,
     session: SessionDep,
@@ -175,6 +179,11 @@ def change_password(
                              password_error_field=error.field)
     rate_limits.reset(session, counters)
     others = f" {ended} other device{'s' if ended != 1 else ''} signed out." if ended else ""
+    tokens = len(repository.active_tokens(session, user.id))
+    if tokens:
+        # Tokens outlive a password change (see service.change_password): say so where it matters.
+        others += (f" Your {tokens} API token{'s' if tokens != 1 else ''} still work{'s' if tokens == 1 else ''}:"
+                   " revoke any you do not recognise, or sign out everywhere.")
     return redirect_with_flash(request, "/account", f"Your password is changed.{others}")
 
 
@@ -185,3 +194,14 @@ def end_other_sessions(request: Request, session: SessionDep, user: PageUser, au
         return redirect_with_flash(request, "/account", "No other device was signed in.", kind="info")
     message = f"Signed out {ended} other device{'s' if ended != 1 else ''}."
     return redirect_with_flash(request, "/account", message)
+
+
+@router.post("/account/sign-out-everywhere", dependencies=[Depends(require_csrf)])
+def sign_out_everywhere(request: Request, session: SessionDep, settings: SettingsDep, user: PageUser) -> Response:
+    """Every browser session (this one too) and every API token of the account stop working."""
+    ended = service.sign_out_everywhere(session, user)
+    tokens = f" and {ended.tokens} API token{'s' if ended.tokens != 1 else ''} revoked" if ended.tokens else ""
+    message = f"Signed out everywhere: {ended.sessions} session{'s' if ended.sessions != 1 else ''} ended{tokens}."
+    response = redirect_with_flash(request, "/login", message, kind="info")
+    clear_session_cookie(response, settings)
+    return response

@@ -7,10 +7,18 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.accounts.service import MAX_EMAIL_LENGTH, MAX_TOKEN_NAME_LENGTH
+from app.security import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
+
 
 class SignupIn(BaseModel):
-    email: str = Field(max_length=320, examples=["ann@example.com"])
-    password: str = Field(max_length=1024, description="At least 10 characters.")
+    """The rules are checked by the accounts service, which answers 400 naming the one broken; the
+    schema states them too (``json_schema_extra``) without making them a 422 list of errors."""
+
+    email: str = Field(max_length=MAX_EMAIL_LENGTH, examples=["ann@example.com"],
+                       json_schema_extra={"format": "email"})
+    password: str = Field(max_length=MAX_PASSWORD_LENGTH, description=f"At least {MIN_PASSWORD_LENGTH} characters.",
+                          json_schema_extra={"minLength": MIN_PASSWORD_LENGTH})
 
 
 class TokenRequestIn(BaseModel):
@@ -22,7 +30,9 @@ class TokenRequestIn(BaseModel):
 
 
 class TokenNameIn(BaseModel):
-    name: str = Field(max_length=100, examples=["laptop script"])
+    name: str = Field(max_length=MAX_TOKEN_NAME_LENGTH, examples=["laptop script"],
+                      description="A label to recognise the token by; not only spaces.",
+                      json_schema_extra={"pattern": r"\S"})
 
 
 class UserOut(BaseModel):
@@ -44,3 +54,10 @@ class TokenOut(BaseModel):
 
 class NewTokenOut(TokenOut):
     token: str = Field(description="The bearer token. Shown only this once: store it now.")
+
+
+class SignedOutOut(BaseModel):
+    """What "sign out everywhere" ended: every browser session and every API token of the account."""
+
+    sessions_ended: int
+    tokens_revoked: int

@@ -10,6 +10,7 @@ from datetime import timedelta
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import rate_limits
 from app.accounts import repository
 from app.config import Settings
 from app.models import ApiToken, User, UserSession, utcnow
@@ -46,6 +47,17 @@ class EmailTaken(AccountError):
 
 class SignupsClosed(AccountError):
     pass
+
+
+class TooManySignups(AccountError):
+    """The address made as many accounts as it may in the last hour."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            "Too many accounts were created from your network in the last hour. "
+            f"Try again in {rate_limits.wait_in_words(retry_after)}."
+        )
+        self.retry_after = retry_after
 
 
 def check_signups_open(settings: Settings) -> None:
@@ -94,6 +106,24 @@ def sign_up(session: Session, email: str, password: str) -> User:
         # Another sign-up with this email committed between the check and the flush. The session
         # must be rolled back by the caller (the request's transaction does it when this propagates).
         raise taken from error
+    return user
+
+
+def sign_up_counted(session: Session, email: str, password: str, counter: rate_limits.Counter | None) -> User:
+    """:func:`sign_up`, counted on ``counter`` (the address's sign-ups) in the same transaction.
+
+    Raises :class:`TooManySignups` when the counter is full, before any password is hashed; only
+    an account actually created counts. Requests that pass the check at the same moment can each
+    create one: the hash slots (``app.deps.password_hash_slot``) bound how many do.
+    """
+    if counter is not None:
+        wait = rate_limits.retry_after(session, [counter])
+        if wait is not None:
+            raise TooManySignups(wait)
+    user = sign_up(session, email, password)
+    if counter is not None:
+        rate_limits.record(session, [counter])
+        session.flush()
     return user
 
 
@@ -162,6 +192,27 @@ def end_other_sessions(session: Session, user: User, keep: UserSession | None) -
     return ended
 
 
+@dataclass(frozen=True)
+class SignedOut:
+    sessions: int
+    tokens: int
+
+
+def sign_out_everywhere(session: Session, user: User) -> SignedOut:
+    """Revoke every live browser session of ``user`` (the caller's own too) and every API token.
+
+    What someone does who suspects another person has been in the account: a stolen cookie, a
+    token made with it, a token in a script that leaked all stop working at once.
+    """
+    sessions = end_other_sessions(session, user, keep=None)
+    now = utcnow()
+    tokens = repository.active_tokens(session, user.id)
+    for api_token in tokens:
+        api_token.revoked_at = now
+    session.flush()
+    return SignedOut(sessions=sessions, tokens=len(tokens))
+
+
 def change_password(
     session: Session, user: User, current_password: str, new_password: str, keep: UserSession | None
 ) -> int:
@@ -169,6 +220,12 @@ def change_password(
 
     Raises AccountError (field "current_password" or "new_password"). Returns the number of other
     sessions ended: whoever else held a session (say, a stolen cookie) is out.
+
+    API tokens keep working, on purpose: a token is a credential of its own that the person made
+    for a script, named, and can see and revoke on the account page; it is not derived from the
+    password, and a routine password change should not break every script. Someone who changes
+    the password because another person may have been in the account (and may have made a token)
+    uses :func:`sign_out_everywhere`, which the page offers right there.
     """
     if not verify_password(user.password_hash, current_password[:MAX_PASSWORD_LENGTH]):
         raise AccountError("The current password is wrong.", field="current_password")

@@ -1,4 +1,6 @@
-"""The sign-in throttle: failed password checks counted per address, per account and on the account page.
+"""The sign-in throttle and the sign-up limit.
+
+Failed password checks are counted per address, per account and on the account page:
 
 - ``CLIENT``: failures from one address, so one machine cannot guess quickly;
 - ``ACCOUNT``: failures against one email from anywhere, so a botnet cannot guess one person's
@@ -8,6 +10,9 @@
 
 Failures are recorded with :func:`app.rate_limits.record_apart`: the answer to a failure may roll
 the request's transaction back.
+
+Sign-ups (accounts created) are counted per address, ``settings.max_signups_per_hour``: without a
+limit, one address could make accounts without end, each with its own per-account limits.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from datetime import timedelta
 
 from fastapi import Request
 
+from app.config import Settings
 from app.deps import client_key
 from app.rate_limits import Counter, Limit
 
@@ -28,3 +34,10 @@ def sign_in_counters(request: Request, email: str) -> list[Counter]:
     """The address's counter first (a success clears it), then the account's (a success keeps it:
     a botnet's one lucky guess must not clear the count of the others)."""
     return [(CLIENT, client_key(request)), (ACCOUNT, email)]
+
+
+def sign_up_counter(request: Request, settings: Settings) -> Counter | None:
+    """The counter of accounts created from the request's address; None when sign-ups are unlimited."""
+    if settings.max_signups_per_hour <= 0:
+        return None
+    return (Limit("signup", settings.max_signups_per_hour, timedelta(hours=1)), client_key(request))

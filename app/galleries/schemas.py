@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.jobs.schemas import JobStatus
 from app.models import GeneratedImage
@@ -87,6 +87,9 @@ class ImageList(BaseModel):
 
 
 class FavouriteUpdate(BaseModel):
+    # Strict: the schema says boolean, so 0, 1 or "yes" are a 422, not quietly taken for one.
+    model_config = ConfigDict(strict=True)
+
     favourite: bool
 
 

@@ -88,7 +88,8 @@ def test_worker_and_beat_commands(fresh_settings: Settings) -> None:
     assert "gpu,cpu" not in cli.worker_command(["--queues=gpu"])
     beat = cli.beat_command(fresh_settings)
     assert beat[beat.index("--schedule") + 1].endswith("celerybeat-schedule")
-    assert cli.web_command("0.0.0.0", 8080)[-5:] == ["app.main:create_app", "--host", "0.0.0.0", "--port", "8080"]
+    assert cli.web_command("0.0.0.0", 8080)[-6:] == ["app.main:create_app", "--host", "0.0.0.0", "--port", "8080",
+                                                     "--no-proxy-headers"]
 
 
 def test_worker_options_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,6 +126,8 @@ def test_web_runs_the_factory(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli.main(["web", "--host", "0.0.0.0", "--port", "8123", "--workers", "3"]) == 0
     assert seen["app"] == "app.main:create_app" and seen["factory"] is True
     assert (seen["host"], seen["port"], seen["workers"]) == ("0.0.0.0", 8123, 3)
+    # Forwarded headers are believed by the app from STUDIO_TRUSTED_PROXIES only, never by uvicorn.
+    assert seen["proxy_headers"] is False
     assert cli.main(["web", "--workers", "0"]) == 1
 
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import httpx
 import pytest
+from argon2 import PasswordHasher
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from app import security
 from app.config import Settings
 from app.deps import (
     ApiUser,
@@ -24,6 +33,8 @@ from app.deps import (
 )
 from app.main import create_app
 from app.models import User
+from app.security import SESSION_COOKIE
+from tests.app.serving import serving
 
 router = APIRouter()
 
@@ -162,6 +173,43 @@ def test_csrf_sources(
     assert test_client.post("/test/csrf", headers=api_headers(user)).status_code == 200
 
 
+# The API's only routes that take a write from nobody: they are how one becomes somebody.
+PUBLIC_API_WRITES = {("POST", "/api/v1/auth/signup"), ("POST", "/api/v1/auth/token")}
+
+
+def api_writes(app: FastAPI) -> list[tuple[str, str]]:
+    """Every POST, PUT, PATCH and DELETE route of the JSON API, with its ids filled in."""
+    found = set()
+    for route in iter_route_contexts(app.routes):
+        if not route.path or not route.path.startswith("/api/"):
+            continue
+        for method in set(route.methods or ()) & {"POST", "PUT", "PATCH", "DELETE"}:
+            if (method, route.path) not in PUBLIC_API_WRITES:
+                path: str = route.path
+                for placeholder in ("{subject_id:uuid}", "{image_id:uuid}", "{job_id:uuid}", "{token_id}"):
+                    path = path.replace(placeholder, str(uuid.uuid4()))
+                assert "{" not in path, f"no value for a placeholder of {path}"
+                found.add((method, path))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("stale_cookie", [False, True])
+def test_an_unauthenticated_api_write_is_401_not_a_csrf_refusal(
+    settings: Settings, clean_db: Engine, stale_cookie: bool
+) -> None:
+    app = create_app(settings)
+    writes = api_writes(app)
+    assert len(writes) >= 6, writes
+    with TestClient(app) as client:
+        if stale_cookie:  # a signed-out browser still sends its old cookie
+            client.cookies.set(SESSION_COOKIE, "no-longer-a-session")
+        answers = {f"{method} {path}": client.request(method, path) for method, path in writes}
+    wrong = {name: (answer.status_code, answer.text[:80]) for name, answer in answers.items()
+             if answer.status_code != 401 or answer.headers.get("www-authenticate") != "Bearer"}
+    assert not wrong, f"API writes that did not answer 401 to nobody: {wrong}"
+    assert {answer.json()["detail"] for answer in answers.values()} == {"Not authenticated."}
+
+
 def test_forms_are_parsed_with_the_studios_limits(test_client: TestClient) -> None:
     three = [("photos", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(3)]
     assert test_client.post("/test/form", files=three).json() == {"files": 3}
@@ -176,3 +224,87 @@ def test_forms_are_parsed_with_the_studios_limits(test_client: TestClient) -> No
 def test_parse_uuid() -> None:
     assert parse_uuid("not-a-uuid") is None
     assert str(parse_uuid("12345678-1234-5678-1234-567812345678")) == "12345678-1234-5678-1234-567812345678"
+
+
+class ObservedHasher(PasswordHasher):
+    """Cheap argon2 that counts the hashes running at once, and can be held until ``release`` is set."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__(time_cost=1, memory_cost=8, parallelism=1)
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+        self.started = 0
+        self.release = threading.Event()
+        self.release.set()
+
+    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+        with self.lock:
+            self.running += 1
+            self.started += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            self.release.wait(timeout=30)
+            time.sleep(self.seconds)  # stands for argon2's real cost, so that hashes overlap when allowed to
+            return super().hash(password, salt=salt)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_a_burst_of_sign_ups_hashes_at_most_the_slots_at_once(
+    settings: Settings, clean_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hasher = ObservedHasher(seconds=0.1)
+    monkeypatch.setattr(security, "password_hasher", hasher)
+    app = create_app(settings.model_copy(update={"password_hash_slots": 2, "password_hash_wait_seconds": 60,
+                                                 "max_signups_per_hour": 0}))
+    with serving(app) as url:
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                answers = await asyncio.gather(*(
+                    client.post(f"{url}/api/v1/auth/signup", json={"email": f"b{n}@example.com", "password": "x" * 12})
+                    for n in range(8)
+                ))
+            return [answer.status_code for answer in answers]
+
+        assert asyncio.run(burst()) == [201] * 8
+    assert hasher.started == 8 and hasher.peak == 2
+
+
+def test_past_the_wait_a_password_request_gets_503_with_retry_after(
+    settings: Settings, clean_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hasher = ObservedHasher()
+    hasher.release.clear()
+    monkeypatch.setattr(security, "password_hasher", hasher)
+    app = create_app(settings.model_copy(update={"password_hash_slots": 1, "password_hash_wait_seconds": 0.3}))
+    first: dict[str, Any] = {}
+    with serving(app) as url:
+        holder = threading.Thread(target=lambda: first.update(answer=httpx.post(
+            f"{url}/api/v1/auth/signup", json={"email": "first@example.com", "password": "x" * 12}, timeout=60)))
+        holder.start()
+        deadline = time.monotonic() + 20
+        while hasher.started == 0:
+            assert time.monotonic() < deadline, "the first sign-up never started hashing"
+            time.sleep(0.02)
+        try:
+            for path, body in [("/api/v1/auth/signup", {"email": "second@example.com", "password": "x" * 12}),
+                               ("/api/v1/auth/token", {"email": "first@example.com", "password": "x" * 12})]:
+                busy = httpx.post(f"{url}{path}", json=body, timeout=10)
+                assert busy.status_code == 503, path
+                assert busy.headers["retry-after"] == "5"
+                assert busy.json()["detail"] == "The studio is busy checking other passwords. Try again in 5 seconds."
+                assert busy.headers["x-content-type-options"] == "nosniff"
+            # Requests that hash nothing are not held up.
+            assert httpx.get(f"{url}/api/v1/me", timeout=10).status_code == 401
+        finally:
+            hasher.release.set()
+            holder.join(timeout=30)
+        assert first["answer"].status_code == 201
+        # The slot came back.
+        again = httpx.post(f"{url}/api/v1/auth/signup", json={"email": "third@example.com", "password": "x" * 12})
+        assert again.status_code == 201
+    assert sorted(emails(clean_db)) == ["first@example.com", "third@example.com"]

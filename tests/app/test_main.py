@@ -256,3 +256,25 @@ def test_openapi_lists_the_accounts_api(client: TestClient) -> None:
     paths = client.get("/api/v1/openapi.json").json()["paths"]
     assert {"/api/v1/auth/signup", "/api/v1/auth/token", "/api/v1/me", "/api/v1/tokens"} <= set(paths)
     assert "/login" not in paths
+
+
+@pytest.mark.parametrize(("path", "content_type"), [("/api/v1/test-crash", "application/json"),
+                                                    ("/test-crash", "text/html")])
+def test_a_500_carries_the_security_headers(settings: Settings, clean_db: object, path: str,
+                                            content_type: str) -> None:
+    app = create_app(settings.model_copy(update={"cookie_secure": True}))
+
+    def crash() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route(path, crash)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get(path)
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith(content_type)
+    assert "a bug" not in response.text
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["strict-transport-security"].startswith("max-age=")

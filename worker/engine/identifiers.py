@@ -14,6 +14,7 @@ identifier is drawn from the rarer half of the eligible word-final tokens.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Protocol
 
@@ -86,11 +87,19 @@ def is_single_token(tokenizer: Tokenizer, identifier: str, class_noun: str) -> b
     )
 
 
-def choose_identifier(tokenizer: Tokenizer, class_noun: str, seed: int = 0) -> str:
-    """A rare single-token identifier for ``class_noun``, the same for the same tokenizer and seed.
+def _as_list(tokenizers: Tokenizer | Sequence[Tokenizer]) -> list[Tokenizer]:
+    return list(tokenizers) if isinstance(tokenizers, Sequence) else [tokenizers]
 
-    Raises :class:`EngineInputError` when the class noun is empty or the vocabulary has no usable token.
+
+def choose_identifier(tokenizers: Tokenizer | Sequence[Tokenizer], class_noun: str, seed: int = 0) -> str:
+    """A rare single-token identifier for ``class_noun``, the same for the same tokenizers and seed.
+
+    With several tokenizers (SDXL has two) the candidates come from the first and the identifier
+    must stay one token in every one of them. Raises :class:`EngineInputError` when the class noun
+    is empty or the vocabulary has no usable token.
     """
+    all_tokenizers = _as_list(tokenizers)
+    tokenizer = all_tokenizers[0]
     noun = _check_class_noun(class_noun)
     noun_words = {word.lower() for word in noun.split()}
     eligible = [text for text in eligible_identifiers(tokenizer) if text not in noun_words]
@@ -100,12 +109,12 @@ def choose_identifier(tokenizer: Tokenizer, class_noun: str, seed: int = 0) -> s
     order = list(rarer_half)
     random.Random(seed).shuffle(order)
     for identifier in order:
-        if is_single_token(tokenizer, identifier, noun):
+        if all(is_single_token(each, identifier, noun) for each in all_tokenizers):
             return identifier
     raise EngineInputError(f"no rare token stays a single token before the class noun {noun!r}")
 
 
-def validate_identifier(tokenizer: Tokenizer, identifier: str, class_noun: str) -> str:
+def validate_identifier(tokenizers: Tokenizer | Sequence[Tokenizer], identifier: str, class_noun: str) -> str:
     """Check a caller-chosen identifier and return it normalized (stripped, lowercase).
 
     Raises :class:`EngineInputError` naming the identifier when it is empty, contains spaces, is
@@ -121,7 +130,9 @@ def validate_identifier(tokenizer: Tokenizer, identifier: str, class_noun: str) 
         raise EngineInputError("identifier 'sks' is refused: it names a rifle and leaks guns into pictures")
     if text in {word.lower() for word in noun.split()}:
         raise EngineInputError(f"identifier {identifier!r} is the class noun itself")
-    if not is_single_token(tokenizer, text, noun):
+    for tokenizer in _as_list(tokenizers):
+        if is_single_token(tokenizer, text, noun):
+            continue
         pieces = tokenizer.tokenize(text)
         raise EngineInputError(
             f"identifier {identifier!r} is not one token of the base model's tokenizer "

@@ -29,7 +29,7 @@ from typing import Any
 from worker.engine.errors import EngineInputError
 from worker.engine.evaluate import Scorer, Scores, default_scorer, rank, strip_identifier
 from worker.engine.identifiers import choose_identifier, validate_identifier
-from worker.engine.models import BaseModel
+from worker.engine.models import BaseModel, device_memory_gb
 from worker.engine.photos import PhotoProblem, prepare_photos
 from worker.engine.priors import fill_prior_bank
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, check_cancel
@@ -92,6 +92,8 @@ def _check_spec(spec: JobSpec) -> None:
         raise EngineInputError(f"unknown quality {spec.quality!r}; choose one of {', '.join(QUALITIES)}")
     for name in ("images_per_prompt", "sample_steps", "prior_steps", "batch_size"):
         value = getattr(spec, name)
+        if value is None and name in ("sample_steps", "prior_steps"):
+            continue
         if not isinstance(value, int) or value <= 0:
             raise EngineInputError(f"{name.replace('_', ' ')} must be a positive integer (got {value!r})")
     if spec.prior_images is not None and spec.prior_images < 0:
@@ -108,10 +110,15 @@ def training_config(spec: JobSpec, model: BaseModel, preview_prompts: list[str])
     overrides.setdefault("resolution", model.resolution)
     overrides["seed"] = spec.seed
     overrides.setdefault("preview_prompts", preview_prompts)
-    config = recipe(spec.subject_kind, spec.quality, **overrides)  # type: ignore[arg-type]
+    config = recipe(spec.subject_kind, spec.quality, model.family.name, **overrides)  # type: ignore[arg-type]
     # Live previews on the studio page: a few over the run, unless the caller decided.
     if "preview_every" not in spec.train_overrides and config.preview_prompts:
         config.preview_every = max(1, config.steps // PREVIEWS_PER_RUN)
+    # On a card too small for the family's full-speed step, trade speed for memory from the start
+    # (rather than only after running out of memory), unless the caller decided.
+    memory = device_memory_gb(model.device)
+    if "gradient_checkpointing" not in spec.train_overrides and memory is not None:
+        config.gradient_checkpointing = memory < model.family.full_speed_memory_gb
     config.validate()
     return config
 
@@ -121,6 +128,10 @@ def job_prompts(spec: JobSpec, identifier: str, class_noun: str) -> list[str]:
     then the free prompts, all expanded with "[V] [class noun]"."""
     templates = list(pack_templates(spec.pack, spec.subject_kind)) if spec.pack or not spec.prompts else []
     return expand_prompts([*templates, *spec.prompts], identifier, class_noun)
+
+
+def _or_default(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def _emit(progress: ProgressCallback | None, event: Progress) -> None:
@@ -143,8 +154,9 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
     _check_spec(spec)
     work_dir = Path(spec.work_dir)
     class_noun = " ".join(spec.class_noun.split())
-    identifier = (validate_identifier(model.tokenizer, spec.identifier, class_noun) if spec.identifier
-                  else choose_identifier(model.tokenizer, class_noun, seed=spec.seed))
+    tokenizers = model.family.identifier_tokenizers(model)
+    identifier = (validate_identifier(tokenizers, spec.identifier, class_noun) if spec.identifier
+                  else choose_identifier(tokenizers, class_noun, seed=spec.seed))
     prompts = job_prompts(spec, identifier, class_noun)
     instance_prompt = instance_prompt_for(identifier, class_noun)
     class_prompt = class_prompt_for(class_noun)
@@ -160,18 +172,22 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
     # 2. priors
     check_cancel(should_cancel)
     prior_count = spec.prior_images if spec.prior_images is not None else config.num_class_images
-    if not config.with_prior:
-        prior_count = 0
+    if not config.with_prior or config.prior_source == "base_model":
+        prior_count = 0  # no prior term, or its targets come from the base model: no class images
     if prior_count > 0:
         bank = fill_prior_bank(model, spec.bank_root, class_prompt, prior_count, resolution=config.resolution,
-                               steps=spec.prior_steps, guidance=spec.prior_guidance,
+                               steps=spec.prior_steps or model.family.sample_steps,
+                               guidance=_or_default(spec.prior_guidance, model.family.sample_guidance),
                                negative_prompt=spec.prior_negative_prompt, batch_size=spec.batch_size,
                                progress=progress, should_cancel=should_cancel)
         class_images, prior_generated, prior_reused, bank_key = bank.images, bank.generated, bank.reused, bank.key
     else:
-        config.with_prior = False  # no class images asked for: train without the prior term
+        if config.prior_source == "bank":
+            config.with_prior = False  # no class images asked for: train without the prior term
         class_images, prior_generated, prior_reused, bank_key = [], 0, 0, None
-        _emit(progress, Progress(stage="priors", step=0, total=0, reused=0, message="no class-prior images"))
+        message = ("the base model keeps the class: no class-prior images needed"
+                   if config.with_prior else "no class-prior images")
+        _emit(progress, Progress(stage="priors", step=0, total=0, reused=0, message=message))
 
     # 3. training
     check_cancel(should_cancel)
@@ -183,7 +199,7 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
         "instance_prompt": instance_prompt,
         "class_prompt": class_prompt,
         "prompts": prompts,
-        "base_model": {"spec": model.spec, "fingerprint": model.fingerprint},
+        "base_model": {"spec": model.spec, "fingerprint": model.fingerprint, "family": model.family.name},
         "quality": spec.quality,
         "prior": {"key": bank_key, "count": prior_count, "generated": prior_generated, "reused": prior_reused},
         "photos": {"used": len(prepared.images), "problems": [str(p) for p in prepared.problems],
@@ -262,16 +278,17 @@ def run_details(run_dir: Path) -> dict[str, Any]:
 
 
 def generate_more(model: BaseModel, run_dir: Path, prompts: list[str], *, identifier: str, class_noun: str,
-                  images_per_prompt: int, out_dir: Path, seed: int, steps: int = 25, guidance: float = 7.5,
+                  images_per_prompt: int, out_dir: Path, seed: int, steps: int | None = None,
+                  guidance: float | None = None,
                   negative_prompt: str = DEFAULT_SAMPLE_NEGATIVE, batch_size: int = 4,
                   resolution: int | None = None, progress: ProgressCallback | None = None,
                   should_cancel: CancelCheck | None = None) -> list[SampleRecord]:
     """Sample more images from a trained run: ``prompts`` are templates (``{subject}``) or free prompts.
 
     Images are added to ``out_dir`` after those already there. ``resolution`` defaults to the
-    run's training resolution. Raises :class:`EngineInputError` when the run holds no trained
-    weights or was trained on another base model spec (a different fingerprint of the same spec
-    is logged as a warning).
+    run's training resolution, ``steps`` and ``guidance`` to the model family's. Raises
+    :class:`EngineInputError` when the run holds no trained weights or was trained on another base
+    model spec (a different fingerprint of the same spec is logged as a warning).
     """
     record = read_run_file(run_dir)
     trained_on = record.get("base_model") or {}
@@ -293,6 +310,8 @@ def generate_more(model: BaseModel, run_dir: Path, prompts: list[str], *, identi
     expanded = [p if subject in p else expand_prompts([p], identifier, class_noun)[0] for p in prompts]
     pipe = load_trained_pipeline(model, run_dir)
     return sample_images(pipe, expanded, images_per_prompt=images_per_prompt, out_dir=out_dir, seed=seed,
-                         steps=steps, guidance=guidance, negative_prompt=negative_prompt, batch_size=batch_size,
+                         steps=steps or model.family.sample_steps,
+                         guidance=_or_default(guidance, model.family.sample_guidance),
+                         negative_prompt=negative_prompt, batch_size=batch_size,
                          resolution=resolution, base_model=model.spec, progress=progress,
                          should_cancel=should_cancel, autocast_dtype=model.dtype)

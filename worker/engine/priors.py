@@ -30,15 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from worker.engine.errors import EngineError, EngineInputError
+from worker.engine.families import family_of_pipeline
 from worker.engine.models import BaseModel
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
 from worker.engine.spec import DEFAULT_NEGATIVE
 
-SAMPLER_NAME = "dpmsolver++"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
 IMAGE_SUFFIX = ".png"
@@ -64,24 +63,20 @@ class PriorBankResult:
     directory: Path
 
 
-def bank_key(
-    model_fingerprint: str, class_prompt: str, resolution: int, steps: int, guidance: float, negative_prompt: str
-) -> str:
+def bank_key(model_fingerprint: str, class_prompt: str, resolution: int, steps: int, guidance: float,
+             negative_prompt: str, sampler: str) -> str:
     """The bank key: a short hash of everything that decides what the class images look like."""
-    return hashlib.sha256(
-        json.dumps(_key_fields(model_fingerprint, class_prompt, resolution, steps, guidance, negative_prompt),
-                   sort_keys=True).encode()
-    ).hexdigest()[:20]
+    fields = _key_fields(model_fingerprint, class_prompt, resolution, steps, guidance, negative_prompt, sampler)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _key_fields(
-    model_fingerprint: str, class_prompt: str, resolution: int, steps: int, guidance: float, negative_prompt: str
-) -> dict[str, Any]:
+def _key_fields(model_fingerprint: str, class_prompt: str, resolution: int, steps: int, guidance: float,
+                negative_prompt: str, sampler: str) -> dict[str, Any]:
     return {
         "model_fingerprint": model_fingerprint,
         "class_prompt": class_prompt,
         "resolution": resolution,
-        "sampler": SAMPLER_NAME,
+        "sampler": sampler,
         "steps": steps,
         "guidance": guidance,
         "negative_prompt": negative_prompt,
@@ -158,7 +153,7 @@ def _write_meta(directory: Path, fields: dict[str, Any], count: int) -> None:
 
 
 def render_batch(
-    pipe: StableDiffusionPipeline,
+    pipe: Any,
     prompt: str,
     negative_prompt: str,
     seeds: list[int],
@@ -168,33 +163,18 @@ def render_batch(
     guidance: float,
     autocast_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
-    """Sample one image per seed; returns float pixels in [0, 1], shape (len(seeds), H, W, 3).
+    """Sample one image per seed with the pipeline's family sampler; float pixels in [0, 1], shape
+    (len(seeds), H, W, 3).
 
     Each image has its own generator, so image ``i``'s pixels depend on its seed alone, not on
     which other images share its batch. The noise is drawn on the CPU so a seed gives the same
     image on every machine. ``autocast_dtype`` (bf16 or fp16 on a GPU) runs the fp32 pipeline
     under autocast.
     """
-    runner: Any = pipe  # diffusers' pipeline call and .device are invisible to mypy
-    device = runner.device
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-    autocast: contextlib.AbstractContextManager[Any] = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if device.type == "cuda" and autocast_dtype in (torch.bfloat16, torch.float16)
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), autocast:
-        output = runner(
-            prompt=[prompt] * len(seeds),
-            negative_prompt=[negative_prompt] * len(seeds),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-            output_type="np",
-        )
-    return np.asarray(output.images, dtype=np.float32)
+    return family_of_pipeline(pipe).render(pipe, [prompt] * len(seeds), negative_prompt=negative_prompt, steps=steps,
+                                           guidance=guidance, resolution=resolution, generators=generators,
+                                           autocast_dtype=autocast_dtype)
 
 
 def _save_png(pixels: np.ndarray, path: Path) -> None:
@@ -233,8 +213,9 @@ def fill_prior_bank(
     if batch_size <= 0:
         raise EngineInputError(f"prior batch size {batch_size} must be positive")
 
-    fields = _key_fields(model.fingerprint, class_prompt, resolution, steps, guidance, negative_prompt)
-    key = bank_key(model.fingerprint, class_prompt, resolution, steps, guidance, negative_prompt)
+    sampler = model.family.sampler_id
+    fields = _key_fields(model.fingerprint, class_prompt, resolution, steps, guidance, negative_prompt, sampler)
+    key = bank_key(model.fingerprint, class_prompt, resolution, steps, guidance, negative_prompt, sampler)
     directory = Path(bank_root) / key
     images = [image_path(directory, index) for index in range(count)]
     report = Throttle(progress)
@@ -263,7 +244,7 @@ def fill_prior_bank(
 
 
 def _generate_valid(
-    pipe: StableDiffusionPipeline,
+    pipe: Any,
     class_prompt: str,
     negative_prompt: str,
     key: str,

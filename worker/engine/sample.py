@@ -15,7 +15,6 @@ of them can be made again.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from worker.engine.errors import EngineInputError
+from worker.engine.families import family_of_pipeline
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
 from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, expand, normalize_free_prompt
 from worker.engine.spec import DEFAULT_SAMPLE_NEGATIVE
@@ -118,24 +118,17 @@ def _write_index(out_dir: Path, records: list[dict[str, Any]]) -> None:
     os.replace(temporary, path)
 
 
-def png_metadata(record: SampleRecord, resolution: int) -> PngInfo:
+def png_metadata(record: SampleRecord, resolution: int, sampler: str = "DPM++ 2M") -> PngInfo:
     """PNG text chunks for ``record``: A1111-style ``parameters`` and a JSON ``studio`` chunk."""
     info = PngInfo()
     parameters = (
         f"{record.prompt}\nNegative prompt: {record.negative_prompt}\n"
-        f"Steps: {record.steps}, Sampler: DPM++ 2M, CFG scale: {record.guidance}, Seed: {record.seed}, "
+        f"Steps: {record.steps}, Sampler: {sampler}, CFG scale: {record.guidance}, Seed: {record.seed}, "
         f"Size: {resolution}x{resolution}, Model: {record.base_model}"
     )
     info.add_text("parameters", parameters)
     info.add_text("studio", json.dumps({**record.to_json(), "resolution": resolution}))
     return info
-
-
-def sampling_autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    """Autocast to ``dtype`` on a GPU (the trained pipelines are fp32); nothing on the CPU."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(device_type="cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def sample_images(
@@ -157,7 +150,7 @@ def sample_images(
 ) -> list[SampleRecord]:
     """Sample ``images_per_prompt`` images of each prompt into ``out_dir``; image ``k`` gets seed ``seed + k``.
 
-    ``pipe`` is a diffusers text-to-image pipeline (a ``StableDiffusionPipeline``). Images are
+    ``pipe`` is a family's pipeline (:meth:`BaseModel.pipeline`); its family samples. Images are
     numbered after those already in ``out_dir`` and appended to its ``index.json``, so calling
     again adds to a gallery without overwriting it. Raises :class:`EngineInputError` on bad
     arguments and ``Cancelled`` between batches when asked to stop.
@@ -172,6 +165,7 @@ def sample_images(
     if resolution <= 0 or resolution % 8:
         raise EngineInputError(f"resolution {resolution} must be a positive multiple of 8")
 
+    family = family_of_pipeline(pipe)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(prompt, seed + number) for number, prompt in
             enumerate(prompt for prompt in prompts for _ in range(images_per_prompt))]
@@ -185,23 +179,15 @@ def sample_images(
         check_cancel(should_cancel)
         batch = jobs[start : start + batch_size]
         generators = [torch.Generator(device="cpu").manual_seed(job_seed) for _, job_seed in batch]
-        with torch.inference_mode(), sampling_autocast(pipe.device, autocast_dtype):
-            output = pipe(
-                prompt=[prompt for prompt, _ in batch],
-                negative_prompt=[negative_prompt] * len(batch),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-                output_type="np",
-            )
-        for (prompt, job_seed), pixels in zip(batch, np.asarray(output.images, dtype=np.float32), strict=True):
+        images = family.render(pipe, [prompt for prompt, _ in batch], negative_prompt=negative_prompt, steps=steps,
+                               guidance=guidance, resolution=resolution, generators=generators,
+                               autocast_dtype=autocast_dtype)
+        for (prompt, job_seed), pixels in zip(batch, images, strict=True):
             path = out_dir / f"sample-{first_number + len(records):04d}.png"
             record = SampleRecord(path, prompt, job_seed, steps, guidance, negative_prompt, base_model)
             image = Image.fromarray(np.clip(np.round(np.nan_to_num(pixels) * 255.0), 0, 255).astype(np.uint8))
             temporary = path.with_name(f".{path.name}.tmp")
-            image.save(temporary, format="PNG", pnginfo=png_metadata(record, resolution))
+            image.save(temporary, format="PNG", pnginfo=png_metadata(record, resolution, family.sampler_name))
             os.replace(temporary, path)
             records.append(record)
         index.extend(record.to_json() for record in records[len(records) - len(batch) :])

@@ -22,7 +22,8 @@ class JobSpec:
     (``method``, ``steps``, ``learning_rate``, ``rank``, ...). ``prior_images`` (None: the recipe's
     ``num_class_images``), ``resolution`` (None: the base model's) and ``seed`` win over both.
     ``prompts`` are free prompts; ``{subject}`` marks where "[V] [class noun]" goes. ``guidance``
-    and ``sample_steps`` are the gallery's; ``prior_*`` the class-prior bank's (they key the bank).
+    and ``sample_steps`` are the gallery's; ``prior_*`` the class-prior bank's (they key the bank);
+    None means the base model family's own default (SD: 25 steps at 7.5; SDXL: 30 at 5.0).
     """
 
     photos: list[Path]
@@ -39,11 +40,11 @@ class JobSpec:
     identifier: str | None = None
     seed: int = 0
     resolution: int | None = None
-    sample_steps: int = 25
-    guidance: float = 7.5
+    sample_steps: int | None = None
+    guidance: float | None = None
     score: bool = True
-    prior_steps: int = 25
-    prior_guidance: float = 7.5  # kept apart from ``guidance``: it is part of the bank's key
+    prior_steps: int | None = None
+    prior_guidance: float | None = None  # kept apart from ``guidance``: it is part of the bank's key
     prior_negative_prompt: str = DEFAULT_NEGATIVE
     sample_negative_prompt: str = DEFAULT_SAMPLE_NEGATIVE
     batch_size: int = 4  # images per sampling call, for the priors and the gallery

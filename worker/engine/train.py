@@ -5,6 +5,12 @@ photos) and, with prior preservation, as many class examples ("a photo of dog" o
 base model's own samples) in the same batch. The prediction is split in two and
 ``loss = mse(instance) + λ · mse(prior)``.
 
+Bank-free preservation (``prior_source="base_model"``): instead of class images, the class half of
+each batch is a copy of the instance examples' noisy latents under the class prompt ("a photo of
+[V] dog" → "a photo of a dog"), and its target is the frozen base model's own prediction there
+(for LoRA: the same denoiser with its adapters switched off). It keeps what the model does for the
+class prompt where the subject is being learned, and needs no class images at all.
+
 What makes it cheap: VAE latents are encoded once (the distribution's mean and std are kept and
 a latent is *sampled* each step, as the uncached loop would), a horizontally flipped copy is
 encoded alongside, text embeddings are computed once while the text encoder is frozen, and the
@@ -34,37 +40,33 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel
 
 from worker.engine.errors import EngineInputError, TrainingDiverged
+from worker.engine.families.base import Conditioning, ImageMeta, NoisyBatch
+from worker.engine.families.objectives import min_snr_weights
 from worker.engine.models import BaseModel
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
 from worker.engine.weights import (
     LORA_WEIGHTS_FILE,
     RUN_FILE,
-    TEXT_ENCODER_DIR,
-    UNET_DIR,
-    base_pipeline,
-    components,
     export_kohya_lora,
     move,
 )
 
+__all__ = ["CHECKPOINT_MARKER", "LossParts", "TrainConfig", "TrainResult", "denoising_loss", "dreambooth_loss",
+           "latest_checkpoint", "load_training_image", "min_snr_weights", "train"]
+
 STAGE = "training"
-UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 CHECKPOINTS_DIR = "checkpoints"
 PREVIEWS_DIR = "previews"
 # Written last into a checkpoint folder; its presence is what makes the checkpoint complete.
@@ -99,6 +101,10 @@ class TrainConfig:
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # None: learning_rate
     with_prior: bool = True
+    # Where the prior term's targets come from: "bank", the class-prior images (classic DreamBooth);
+    # "base_model", the frozen base model's own prediction for the class prompt on the same noisy
+    # latents as the instance examples (no class images needed).
+    prior_source: Literal["bank", "base_model"] = "bank"
     prior_loss_weight: float = 1.0  # lambda
     batch_size: int = 1  # instance examples per step (plus as many class examples with prior)
     resolution: int = 512
@@ -122,6 +128,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise :class:`EngineInputError` naming the first field with an unusable value."""
         _expect(self.method in ("lora", "full"), "method", self.method, "'lora' or 'full'")
+        _expect(self.prior_source in ("bank", "base_model"), "prior_source", self.prior_source,
+                "'bank' or 'base_model'")
         for name in ("train_text_encoder", "with_prior", "gradient_checkpointing", "use_8bit_adam",
                      "cache_latents", "random_flip"):
             _expect(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
@@ -200,44 +208,24 @@ class LossParts:
     prior: torch.Tensor | None
 
 
-def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
-                    prediction_type: str) -> torch.Tensor:
-    """Per-example Min-SNR-γ loss weights (Hang et al. 2023) for the given timesteps.
-
-    With SNR(t) = ᾱ_t / (1 − ᾱ_t): ε-prediction uses min(SNR, γ) / SNR and v-prediction
-    min(SNR, γ) / (SNR + 1), both equal to weighting the x₀ error by min(SNR, γ).
-    """
-    alphas = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alphas / (1.0 - alphas)
-    clipped = torch.clamp(snr, max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1.0)
-    raise EngineInputError(f"min_snr_gamma needs an epsilon or v_prediction model, not {prediction_type!r}")
-
-
-def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, *,
-                    with_prior: bool, prior_loss_weight: float = 1.0, min_snr_gamma: float | None = None,
-                    alphas_cumprod: torch.Tensor | None = None, prediction_type: str = "epsilon") -> LossParts:
+def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, *, with_prior: bool,
+                    prior_loss_weight: float = 1.0, weights: torch.Tensor | None = None) -> LossParts:
     """The DreamBooth loss of one batch, in fp32.
 
     With prior preservation the first half of the batch holds the instance examples and the
     second half the class examples; ``loss = mse(instance) + prior_loss_weight · mse(prior)``.
-    Min-SNR weights are computed per example from *that example's* timestep, so the instance
-    half is weighted by the instance timesteps and the prior half by the class timesteps. (The
-    public trainers weight the instance loss of B rows by all 2B timesteps: wrong at B = 1, a
-    shape error at B > 1.)
+    ``weights`` are per-example loss weights (Min-SNR: each computed from *that example's*
+    timestep), so the instance half is weighted by the instance timesteps and the prior half by
+    the class timesteps. (The public trainers weight the instance loss of B rows by all 2B
+    timesteps: wrong at B = 1, a shape error at B > 1.)
     """
-    if prediction.shape != target.shape or prediction.shape[0] != timesteps.shape[0]:
-        raise ValueError(f"prediction {tuple(prediction.shape)}, target {tuple(target.shape)} and "
-                         f"timesteps {tuple(timesteps.shape)} disagree on the batch")
+    if prediction.shape != target.shape or (weights is not None and weights.shape != prediction.shape[:1]):
+        raise ValueError(f"prediction {tuple(prediction.shape)}, target {tuple(target.shape)} and weights "
+                         f"{None if weights is None else tuple(weights.shape)} disagree on the batch")
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
         dim=tuple(range(1, prediction.ndim)))
-    if min_snr_gamma is not None:
-        if alphas_cumprod is None:
-            raise ValueError("min_snr_gamma needs alphas_cumprod")
-        per_example = per_example * min_snr_weights(timesteps, alphas_cumprod, min_snr_gamma, prediction_type)
+    if weights is not None:
+        per_example = per_example * weights
     if not with_prior:
         instance = per_example.mean()
         return LossParts(total=instance, instance=instance, prior=None)
@@ -254,6 +242,13 @@ def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: t
 
 def load_training_image(path: Path, resolution: int) -> torch.Tensor:
     """An RGB photo as a ``[3, resolution, resolution]`` tensor in [-1, 1]: short side resized, centre cropped."""
+    return _load_cropped(path, resolution)[0]
+
+
+def _load_cropped(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int, int, int, int]]:
+    """:func:`load_training_image` and where the crop came from: (original height, original width,
+    crop top, crop left, crop left of the mirrored photo), in pixels of the resized photo (what SDXL
+    is conditioned on)."""
     try:
         with Image.open(path) as opened:
             image = ImageOps.exif_transpose(opened).convert("RGB")
@@ -271,30 +266,39 @@ def load_training_image(path: Path, resolution: int) -> torch.Tensor:
     pixels = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8)
     # contiguous(): the permuted view is channels-last in memory, which would carry through the
     # VAE into the cached latents and the UNet and send the CPU convolutions down a slow path.
-    return pixels.view(resolution, resolution, 3).permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()
+    tensor = pixels.view(resolution, resolution, 3).permute(2, 0, 1).float().div(127.5).sub(1.0).contiguous()
+    return tensor, (height, width, top, left, resized.width - resolution - left)
 
 
-def _latent_scale(vae: AutoencoderKL) -> tuple[float, float]:
-    shift = vae.config.get("shift_factor")
-    return float(vae.config["scaling_factor"]), float(shift or 0.0)
+@dataclass
+class _Images:
+    """Training images as pixels, with each image's crop record (see :func:`_load_cropped`)."""
+
+    pixels: torch.Tensor  # [N, 3, R, R]
+    crops: torch.Tensor  # [N, 5]
 
 
 class _LatentSource:
-    """Latent distributions (mean, std) of a set of images and their mirror images.
+    """Latent distributions (mean, std) of a set of images and their mirror images, with crop records.
 
     Cached: encoded once, kept on the training device. Uncached: the pixels are kept and encoded
     through the VAE at every request, which is what the diffusers DreamBooth scripts do. Both
     return the same (mean, std), so both modes sample the same latents from the same generator.
     """
 
-    def __init__(self, pixels: torch.Tensor, vae: AutoencoderKL, device: torch.device, autocast: Any, cached: bool,
+    def __init__(self, images: _Images, model: BaseModel, device: torch.device, autocast: Any, cached: bool,
                  with_flips: bool) -> None:
-        self.vae = vae
+        self.model = model
         self.device = device
         self.autocast = autocast
         self.cached = cached
+        pixels = images.pixels
         self.count = pixels.shape[0]
         variants = [pixels, pixels.flip(-1)] if with_flips else [pixels]
+        # Crop records per variant, (original h, original w, top, left): a mirror image's crop has
+        # the mirrored left edge.
+        crops = images.crops.float()
+        self.crops = torch.stack([crops[:, :4], crops[:, [0, 1, 2, 4]]][: len(variants)]).to(device)
         if cached:
             encoded = [self._encode(v) for v in variants]
             self.means = torch.stack([e[0] for e in encoded])  # [variant, image, C, h, w]
@@ -308,17 +312,21 @@ class _LatentSource:
         for start in range(0, pixels.shape[0], chunk):
             batch = pixels[start:start + chunk].to(self.device)
             with self.autocast():
-                distribution = self.vae.encode(batch).latent_dist
-            means.append(distribution.mean.float())
-            stds.append(distribution.std.float())
+                mean, std = self.model.family.latent_distribution(self.model.vae, batch)
+            means.append(mean.float())
+            stds.append(std.float())
         return torch.cat(means), torch.cat(stds)
 
-    def distribution(self, indices: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def distribution(self, indices: torch.Tensor, flips: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, std and crop record of the chosen images (mirrored where ``flips`` says)."""
         variant = flips.long().to(self.device)
         index = indices.to(self.device)
+        crops = self.crops[variant, index]
         if self.cached:
-            return self.means[variant, index], self.stds[variant, index]
-        return self._encode(self.pixels[variant, index])
+            return self.means[variant, index], self.stds[variant, index], crops
+        mean, std = self._encode(self.pixels[variant, index])
+        return mean, std, crops
 
 
 class _EpochOrder:
@@ -353,16 +361,12 @@ class _EpochOrder:
         return torch.tensor(indices), torch.tensor(flips)
 
 
-def _tokenize(model: BaseModel, prompt: str) -> torch.Tensor:
-    tokens = model.tokenizer(prompt, padding="max_length", max_length=model.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-    return tokens.input_ids
-
-
-def _load_pixels(paths: Sequence[Path], resolution: int, role: str) -> torch.Tensor:
+def _load_images(paths: Sequence[Path], resolution: int, role: str) -> _Images:
     if not paths:
         raise EngineInputError(f"{role} is empty: training needs at least one image")
-    return torch.stack([load_training_image(Path(p), resolution) for p in paths])
+    loaded = [_load_cropped(Path(p), resolution) for p in paths]
+    return _Images(pixels=torch.stack([tensor for tensor, _ in loaded]),
+                   crops=torch.tensor([list(crop) for _, crop in loaded], dtype=torch.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,17 +375,11 @@ def _load_pixels(paths: Sequence[Path], resolution: int, role: str) -> torch.Ten
 
 @dataclass
 class _Trainables:
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel | None  # a trainable copy, or None when the text encoder is frozen
-    unet_lora: LoraConfig | None
-    text_encoder_lora: LoraConfig | None
-    parameters: dict[str, torch.nn.Parameter]  # name → trainable parameter, in optimizer order
+    """The trainable copies of a run: the denoiser, and the text encoders when they are trained."""
 
-    def modules(self) -> list[torch.nn.Module]:
-        found: list[torch.nn.Module] = [self.unet]
-        if self.text_encoder is not None:
-            found.append(self.text_encoder)
-        return found
+    modules: dict[str, torch.nn.Module]  # component name → trainable copy, denoiser first
+    loras: dict[str, LoraConfig]  # component name → its adapter's config (LoRA runs)
+    parameters: dict[str, torch.nn.Parameter]  # "<component>.<name>" → trainable parameter, in optimizer order
 
 
 def _prepare_trainables(model: BaseModel, config: TrainConfig, device: torch.device,
@@ -391,66 +389,62 @@ def _prepare_trainables(model: BaseModel, config: TrainConfig, device: torch.dev
     LoRA: the frozen weights may sit in the autocast dtype (half the memory); the adapters are fp32.
     Full: everything trained is fp32, autocast makes the matmuls cheap. Never fp16 trainable weights.
     """
+    family = model.family
     alpha = config.lora_alpha or config.rank
-    base = components(model)
-    unet = copy.deepcopy(base.unet)
-    move(unet, "cpu", torch.float32)
-    text_encoder = copy.deepcopy(base.text_encoder) if config.train_text_encoder else None
-    if text_encoder is not None:
-        move(text_encoder, "cpu", torch.float32)
-    unet_lora = text_encoder_lora = None
+    keys = [family.denoiser_key] + (list(family.text_encoder_keys) if config.train_text_encoder else [])
+    modules: dict[str, torch.nn.Module] = {}
+    for key in keys:
+        module = copy.deepcopy(model.modules[key])
+        move(module, "cpu", torch.float32)
+        modules[key] = module
+    loras: dict[str, LoraConfig] = {}
     if config.method == "lora":
-        unet_lora = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                               target_modules=list(UNET_LORA_TARGETS))
-        text_encoder_lora = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                       target_modules=list(TEXT_ENCODER_LORA_TARGETS)) if text_encoder else None
+        for key in keys:
+            targets = family.denoiser_lora_targets if key == family.denoiser_key else family.text_encoder_lora_targets
+            loras[key] = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                    target_modules=list(targets))
         # The adapters are initialised on the CPU from the run's seed, never from global RNG state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            inject_adapter_in_model(unet_lora, unet)
-            if text_encoder is not None and text_encoder_lora is not None:
-                inject_adapter_in_model(text_encoder_lora, text_encoder)
-        for module in (unet, text_encoder):
-            if module is None:
-                continue
+            for key, lora in loras.items():
+                inject_adapter_in_model(lora, modules[key])
+        for module in modules.values():
             # Cast the frozen weights while still on the CPU: half the bytes to move.
             for parameter in module.parameters():
                 if not parameter.requires_grad:
                     parameter.data = parameter.data.to(frozen_dtype)
             move(module, device)
     else:
-        move(unet, device)
-        unet.requires_grad_(True)
-        if text_encoder is not None:
-            move(text_encoder, device)
-            text_encoder.requires_grad_(True)
+        for module in modules.values():
+            move(module, device)
+            module.requires_grad_(True)
     parameters: dict[str, torch.nn.Parameter] = {}
-    for prefix, module in (("unet", unet), ("text_encoder", text_encoder)):
-        if module is None:
-            continue
+    for key, module in modules.items():
         for name, parameter in module.named_parameters():
             if parameter.requires_grad:
-                parameters[f"{prefix}.{name}"] = parameter
-    for module in (unet, text_encoder):
-        if module is not None:
-            module.train()
+                parameters[f"{key}.{name}"] = parameter
+        module.train()
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if text_encoder is not None:
+        for key, module in modules.items():
+            runner: Any = module
+            if key == family.denoiser_key:
+                runner.enable_gradient_checkpointing()
+                continue
             # Non-reentrant checkpointing: the reentrant kind drops the gradients of adapters
             # inside a checkpointed block whose inputs (frozen embeddings) need no gradient.
-            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            enable = getattr(runner, "activation_checkpointing_enable", None)
             if enable is not None:  # transformers 5
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return _Trainables(unet, text_encoder, unet_lora, text_encoder_lora, parameters)
+                runner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return _Trainables(modules, loras, parameters)
 
 
-def _make_optimizer(config: TrainConfig, trainables: _Trainables, device: torch.device) -> torch.optim.Optimizer:
-    unet_params = [p for n, p in trainables.parameters.items() if n.startswith("unet.")]
-    text_params = [p for n, p in trainables.parameters.items() if n.startswith("text_encoder.")]
-    groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.learning_rate}]
+def _make_optimizer(config: TrainConfig, trainables: _Trainables, denoiser_key: str,
+                    device: torch.device) -> torch.optim.Optimizer:
+    denoiser_params = [p for n, p in trainables.parameters.items() if n.startswith(f"{denoiser_key}.")]
+    text_params = [p for n, p in trainables.parameters.items() if not n.startswith(f"{denoiser_key}.")]
+    groups: list[dict[str, Any]] = [{"params": denoiser_params, "lr": config.learning_rate}]
     if text_params:
         groups.append({"params": text_params, "lr": config.text_encoder_lr or config.learning_rate})
     if config.use_8bit_adam:
@@ -475,6 +469,22 @@ def _warmup_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> t
         return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@contextmanager
+def _adapters_off(module: torch.nn.Module) -> Iterator[None]:
+    """Switch every LoRA layer of ``module`` off for the block (the frozen base model); nothing for a module
+    without adapters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 @contextmanager
@@ -578,37 +588,29 @@ def _load_checkpoint(path: Path, trainables: _Trainables, config: TrainConfig) -
 # Outputs
 
 
-def _save_outputs(run_dir: Path, trainables: _Trainables) -> list[str]:
+def _save_outputs(run_dir: Path, model: BaseModel, trainables: _Trainables) -> list[str]:
     """Write the trained weights (only what was trained); returns the names written."""
-    if trainables.unet_lora is not None:
-        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trainables.unet))
-        text_layers = None
-        if trainables.text_encoder is not None:
-            text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trainables.text_encoder))
+    family = model.family
+    if trainables.loras:
+        layers = {key: convert_state_dict_to_diffusers(get_peft_model_state_dict(trainables.modules[key]))
+                  for key in trainables.loras}
         staging = run_dir / ".lora-staging"
         shutil.rmtree(staging, ignore_errors=True)
-        StableDiffusionPipeline.save_lora_weights(
-            staging,
-            unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in unet_layers.items()},
-            text_encoder_lora_layers=cast(Any, (
-                {k: v.detach().float().cpu().contiguous() for k, v in text_layers.items()} if text_layers else None
-            )),
-            unet_lora_adapter_metadata=_lora_metadata(trainables.unet_lora),
-            text_encoder_lora_adapter_metadata=(
-                _lora_metadata(trainables.text_encoder_lora) if trainables.text_encoder_lora else None
-            ),
-        )
+        on_cpu = {key: {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+                  for key, state in layers.items()}
+        family.save_lora(staging, on_cpu, {key: _lora_metadata(lora) for key, lora in trainables.loras.items()})
         (staging / LORA_WEIGHTS_FILE).replace(run_dir / LORA_WEIGHTS_FILE)
         shutil.rmtree(staging, ignore_errors=True)
-        export_kohya_lora(run_dir)
-        return [LORA_WEIGHTS_FILE, "lora_kohya.safetensors"]
+        written = [LORA_WEIGHTS_FILE]
+        if family.kohya_prefixes:
+            written.append(export_kohya_lora(run_dir, family).name)
+        return written
     written = []
-    for name, module in ((UNET_DIR, trainables.unet), (TEXT_ENCODER_DIR, trainables.text_encoder)):
-        if module is None:
-            continue
+    for name, module in trainables.modules.items():
+        runner: Any = module
         staging = run_dir / f".{name}-staging"
         shutil.rmtree(staging, ignore_errors=True)
-        module.save_pretrained(str(staging), safe_serialization=True)
+        runner.save_pretrained(str(staging), safe_serialization=True)
         shutil.rmtree(run_dir / name, ignore_errors=True)
         os.rename(staging, run_dir / name)
         written.append(name)
@@ -660,16 +662,14 @@ class _Run:
     def __init__(self, model: BaseModel, config: TrainConfig, run_dir: Path, progress: ProgressCallback | None,
                  should_cancel: CancelCheck | None) -> None:
         self.model, self.config, self.run_dir = model, config, run_dir
-        self.base = components(model)
+        self.family = model.family
         self.device = model.device
         self.on_cuda = self.device.type == "cuda"
         self.amp_dtype = model.dtype if self.on_cuda and model.dtype in (torch.bfloat16, torch.float16) else None
         self.emit = Throttle(progress)
         self.should_cancel = should_cancel
-        scheduler_config = self.base.noise_scheduler.config
-        self.prediction_type = str(scheduler_config["prediction_type"])
-        self.num_timesteps = int(scheduler_config["num_train_timesteps"])
-        self.alphas_cumprod = self.base.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.objective = self.family.objective(model, self.device, min_snr_gamma=config.min_snr_gamma,
+                                               offset_noise=config.offset_noise)
         self.loss_history: list[float] = []
         self.pending_losses: list[torch.Tensor] = []  # on the device, not yet read back
         self.start_step = 0
@@ -681,40 +681,57 @@ class _Run:
 
     # Setup ------------------------------------------------------------------------------------
 
-    def prepare(self, instance_pixels: torch.Tensor, class_pixels: torch.Tensor | None, instance_prompt: str,
-                class_prompt: str) -> None:
+    def prepare(self, instance: _Images, classes: _Images | None, instance_prompt: str, class_prompt: str) -> None:
         """Trainable copies, optimizer, generator, cached prompts and latents, batch order."""
-        config, device, base = self.config, self.device, self.base
+        config, device, model = self.config, self.device, self.model
         if self.on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         # Frozen base components leave the GPU; only what is needed goes (back) on it below.
-        move(base.unet, "cpu")
-        self.trainables = _prepare_trainables(self.model, config, device, self.amp_dtype or torch.float32)
-        self.optimizer = _make_optimizer(config, self.trainables, device)
+        move(model.denoiser, "cpu")
+        self.trainables = _prepare_trainables(model, config, device, self.amp_dtype or torch.float32)
+        self.optimizer = _make_optimizer(config, self.trainables, self.family.denoiser_key, device)
         self.lr_schedule = _warmup_schedule(config, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
 
-        # Prompts: embeddings once when the text encoder is frozen, token ids when it is trained.
-        prompts = [instance_prompt] + ([class_prompt] if class_pixels is not None else [])
-        self.token_ids = [_tokenize(self.model, p).to(device) for p in prompts]
-        self.cached_embeddings: list[torch.Tensor] = []
-        if self.trainables.text_encoder is None:
-            with _on_device([base.text_encoder], device), torch.no_grad():
-                self.cached_embeddings = [base.text_encoder(ids)[0].float() for ids in self.token_ids]
+        # Prompts: encoded once while the text encoders are frozen (then they leave the device),
+        # every step while they are trained.
+        base_model_prior = config.with_prior and config.prior_source == "base_model"
+        self.prompts = [instance_prompt] + ([class_prompt] if classes is not None or base_model_prior else [])
+        self.cached_conditioning: Conditioning | None = None
+        frozen_prompts = list(self.prompts) if not any(
+            key in self.trainables.modules for key in self.family.text_encoder_keys) else []
+        if base_model_prior and not frozen_prompts:
+            frozen_prompts = [class_prompt]  # the base model's targets need the base encoders' class prompt
+        if frozen_prompts:
+            encoders = [model.modules[key] for key in self.family.text_encoder_keys]
+            with _on_device(encoders, device), torch.no_grad():
+                # One prompt per call: the same numbers as encoding a prompt alone, whatever the batch.
+                encoded = [self.family.encode_prompts(model, model.modules, [p]) for p in frozen_prompts]
+            frozen = {key: torch.cat([e[key] for e in encoded]).float() for key in encoded[0]}
+            if frozen_prompts == self.prompts:
+                self.cached_conditioning = frozen
+        # Bank-free preservation: the frozen base model, and its class-prompt conditioning.
+        self.reference: torch.nn.Module | None = None
+        if base_model_prior:
+            self.reference_conditioning = {key: value[-1:] for key, value in frozen.items()}
+            if config.method == "lora":
+                self.reference = self.trainables.modules[self.family.denoiser_key]  # with its adapters off
+            else:
+                self.reference = model.denoiser
+                move(self.reference, device)
 
         # Latents: the VAE stays on the device only when it must encode every step.
-        move(base.vae, device)
-        self.instance_latents = _LatentSource(instance_pixels, base.vae, device, self.autocast,
-                                              config.cache_latents, config.random_flip)
-        self.class_latents = (_LatentSource(class_pixels, base.vae, device, self.autocast, config.cache_latents,
-                                            config.random_flip) if class_pixels is not None else None)
+        move(model.vae, device)
+        self.instance_latents = _LatentSource(instance, model, device, self.autocast, config.cache_latents,
+                                              config.random_flip)
+        self.class_latents = (_LatentSource(classes, model, device, self.autocast, config.cache_latents,
+                                            config.random_flip) if classes is not None else None)
         if config.cache_latents:
-            move(base.vae, "cpu")
-        self.scale, self.shift = _latent_scale(base.vae)
-        self.instance_order = _EpochOrder(instance_pixels.shape[0], config.seed, 1, config.random_flip)
-        self.class_order = (_EpochOrder(class_pixels.shape[0], config.seed, 2, config.random_flip)
-                            if class_pixels is not None else None)
+            move(model.vae, "cpu")
+        self.instance_order = _EpochOrder(instance.pixels.shape[0], config.seed, 1, config.random_flip)
+        self.class_order = (_EpochOrder(classes.pixels.shape[0], config.seed, 2, config.random_flip)
+                            if classes is not None else None)
 
     def resume(self) -> int | None:
         """Continue from the newest complete checkpoint, if any; returns its step."""
@@ -761,31 +778,25 @@ class _Run:
 
     def step(self, step: int) -> torch.Tensor:
         """One optimizer step (``step`` counts from 1); returns its loss, still on the device."""
-        config, device, generator = self.config, self.device, self.generator
+        config, generator = self.config, self.generator
         batch = config.batch_size
         indices, flips = self.instance_order.batch(step - 1, batch)
-        means, stds = self.instance_latents.distribution(indices, flips)
+        means, stds, crops = self.instance_latents.distribution(indices, flips)
         if self.class_order is not None and self.class_latents is not None:
             class_indices, class_flips = self.class_order.batch(step - 1, batch)
-            class_means, class_stds = self.class_latents.distribution(class_indices, class_flips)
+            class_means, class_stds, class_crops = self.class_latents.distribution(class_indices, class_flips)
             means, stds = torch.cat([means, class_means]), torch.cat([stds, class_stds])
+            crops = torch.cat([crops, class_crops])
         # Sample the latent as the uncached loop would: a fresh draw from the VAE's distribution.
-        sampled = means + stds * torch.randn(means.shape, generator=generator, device=device)
-        latents = (sampled - self.shift) * self.scale
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        if config.offset_noise:
-            noise = noise + config.offset_noise * torch.randn(
-                (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device)
-        timesteps = torch.randint(0, self.num_timesteps, (latents.shape[0],), generator=generator, device=device)
-        signal = self.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
-        sigma = (1.0 - self.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
-        noisy = signal * latents + sigma * noise
-        target = noise if self.prediction_type == "epsilon" else signal * noise - sigma * latents
+        sampled = means + stds * torch.randn(means.shape, generator=generator, device=self.device)
+        noised = self.objective.draw(self.family.to_latents(self.model, sampled), generator)
+        if self.reference is not None:
+            noised, crops = self.with_base_model_targets(noised, crops, batch), torch.cat([crops, crops])
         with self.autocast():
-            prediction = self.trainables.unet(noisy, timesteps, self.embeddings(batch)).sample
-        loss = dreambooth_loss(prediction, target, timesteps, with_prior=config.with_prior,
-                               prior_loss_weight=config.prior_loss_weight, min_snr_gamma=config.min_snr_gamma,
-                               alphas_cumprod=self.alphas_cumprod, prediction_type=self.prediction_type).total
+            prediction = self.family.predict(self.model, self.trainables.modules[self.family.denoiser_key], noised,
+                                             self.conditioning(batch), ImageMeta(crops))
+        loss = dreambooth_loss(prediction, noised.target, with_prior=config.with_prior,
+                               prior_loss_weight=config.prior_loss_weight, weights=noised.weights).total
         parameters = list(self.trainables.parameters.values())
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -803,12 +814,27 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def embeddings(self, batch: int) -> torch.Tensor:
-        """Text conditioning of one batch: ``batch`` instance rows, then ``batch`` class rows with prior."""
-        if self.trainables.text_encoder is not None:
-            ids = torch.cat([t.expand(batch, -1) for t in self.token_ids])
-            return self.trainables.text_encoder(ids)[0]
-        return torch.cat([e.expand(batch, -1, -1) for e in self.cached_embeddings])
+    @torch.no_grad()
+    def with_base_model_targets(self, noised: NoisyBatch, crops: torch.Tensor, batch: int) -> NoisyBatch:
+        """``noised`` (the instance rows) followed by a class-prompt copy of each row whose target is the
+        frozen base model's prediction for the class prompt on that same noisy latent."""
+        assert self.reference is not None
+        rows = torch.zeros(batch, dtype=torch.long, device=self.device)
+        conditioning = {key: value[rows] for key, value in self.reference_conditioning.items()}
+        with self.autocast(), _adapters_off(self.reference):
+            reference = self.family.predict(self.model, self.reference, noised, conditioning, ImageMeta(crops))
+        weights = None if noised.weights is None else torch.cat([noised.weights, noised.weights])
+        return NoisyBatch(noisy=torch.cat([noised.noisy, noised.noisy]),
+                          timesteps=torch.cat([noised.timesteps, noised.timesteps]),
+                          target=torch.cat([noised.target, reference.float()]), weights=weights)
+
+    def conditioning(self, batch: int) -> Conditioning:
+        """Prompt conditioning of one batch: ``batch`` instance rows, then ``batch`` class rows with prior."""
+        if self.cached_conditioning is not None:
+            rows = torch.arange(len(self.prompts), device=self.device).repeat_interleave(batch)
+            return {key: value[rows] for key, value in self.cached_conditioning.items()}
+        encoders = {**self.model.modules, **self.trainables.modules}
+        return self.family.encode_prompts(self.model, encoders, [p for p in self.prompts for _ in range(batch)])
 
     def flush_losses(self, last_step: int) -> None:
         """Read the pending losses (up to ``last_step``) back; raise :class:`TrainingDiverged` at a non-finite one."""
@@ -870,22 +896,24 @@ def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path],
         return finished
     # A record of another run in this folder must not outlive the weights this run replaces.
     (run_dir / RUN_FILE).unlink(missing_ok=True)
-    instance_pixels = _load_pixels(instance_images, config.resolution, "instance_images")
-    class_pixels = _load_pixels(class_images, config.resolution, "class_images") if config.with_prior else None
+    instance = _load_images(instance_images, config.resolution, "instance_images")
+    uses_bank = config.with_prior and config.prior_source == "bank"
+    classes = _load_images(class_images, config.resolution, "class_images") if uses_bank else None
 
     run = _Run(model, config, run_dir, progress, should_cancel)
     run.emit(Progress(stage=STAGE, step=0, total=config.steps, message="preparing training"), force=True)
     try:
-        run.prepare(instance_pixels, class_pixels, instance_prompt, class_prompt)
+        run.prepare(instance, classes, instance_prompt, class_prompt)
         resumed_from = run.resume()
         run.emit(Progress(stage=STAGE, step=run.start_step, total=config.steps,
                           message=f"resumed from step {resumed_from}" if resumed_from is not None else "training"),
                  force=True)
         loop_seconds = run.run_loop()
         run.check_weights(config.steps)
-        outputs = _save_outputs(run_dir, run.trainables)
+        outputs = _save_outputs(run_dir, model, run.trainables)
     finally:
-        move(run.base.vae, "cpu")
+        move(model.vae, "cpu")
+        move(model.denoiser, "cpu")  # a full run's bank-free reference may have used it
     steps_done = config.steps - run.start_step
     result = TrainResult(
         run_dir=run_dir, final_step=config.steps, loss_history=list(run.loss_history),
@@ -896,7 +924,7 @@ def train(model: BaseModel, config: TrainConfig, *, instance_images: list[Path],
         "complete": True,
         "config": config.to_dict(),
         "run_info": run_info or {},
-        "base_model": {"spec": model.spec, "fingerprint": model.fingerprint},
+        "base_model": {"spec": model.spec, "fingerprint": model.fingerprint, "family": model.family.name},
         "seed": config.seed,
         "final_step": result.final_step,
         "resumed_from": resumed_from,
@@ -923,74 +951,103 @@ def _check_inputs(model: BaseModel, config: TrainConfig, instance_prompt: str, c
             if name == "class_prompt" and not config.with_prior:
                 continue
             raise EngineInputError(f"{name} is empty")
-    if config.resolution % model.vae_scale_factor:
+    multiple = model.family.latent_multiple
+    if config.resolution % multiple:
         raise EngineInputError(f"training setting resolution={config.resolution} is invalid: it must be a "
-                               f"multiple of the model's VAE scale factor {model.vae_scale_factor}")
-    if config.with_prior and not class_images:
-        raise EngineInputError("class_images is empty but with_prior is set: give class-prior images "
-                               "or set with_prior=False")
+                               f"multiple of {multiple} for a {model.family.label} model")
+    if config.train_text_encoder and not model.family.text_encoder_lora_targets:
+        raise EngineInputError(f"training setting train_text_encoder=True is invalid: a {model.family.label} "
+                               "model's text encoder is not trained; set it to False")
+    if config.with_prior and config.prior_source == "bank" and not class_images:
+        raise EngineInputError("class_images is empty but with_prior is set: give class-prior images, "
+                               "set prior_source='base_model' or set with_prior=False")
 
 
 @torch.no_grad()
 def _write_previews(run: _Run, step: int) -> list[Path]:
     """Sample the preview prompts with fixed seeds into ``previews/step-<step>-<i>.png``."""
-    config, device, base, trainables = run.config, run.device, run.base, run.trainables
+    config, device, model, trainables = run.config, run.device, run.model, run.trainables
     folder = run.run_dir / PREVIEWS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    text_encoder = trainables.text_encoder or base.text_encoder
-    movable: list[torch.nn.Module] = [base.vae]
-    if trainables.text_encoder is None:
-        movable.append(base.text_encoder)
-    pipe = base_pipeline(run.model, unet=trainables.unet, text_encoder=text_encoder)
+    movable: list[torch.nn.Module] = [model.vae] + [model.modules[key] for key in model.family.text_encoder_keys
+                                                    if key not in trainables.modules]
+    pipe = model.pipeline(**trainables.modules)
     paths: list[Path] = []
-    for module in trainables.modules():
+    for module in trainables.modules.values():
         module.eval()
     try:
-        with _on_device(movable, device), run.autocast():
+        with _on_device(movable, device):
             for index, prompt in enumerate(config.preview_prompts):
-                generator = torch.Generator(device=device).manual_seed(config.preview_seed + index)
-                image = pipe(prompt, num_inference_steps=config.preview_steps, generator=generator,
-                             height=config.resolution, width=config.resolution).images[0]
+                generator = torch.Generator().manual_seed(config.preview_seed + index)
+                pixels = model.family.render(pipe, [prompt], negative_prompt="", steps=config.preview_steps,
+                                             guidance=model.family.sample_guidance, resolution=config.resolution,
+                                             generators=[generator], autocast_dtype=run.amp_dtype)[0]
                 path = folder / f"step-{step}-{index}.png"
-                image.save(path)
+                Image.fromarray(np.clip(np.round(np.nan_to_num(pixels) * 255.0), 0, 255).astype(np.uint8)).save(path)
                 paths.append(path)
     finally:
-        for module in trainables.modules():
+        for module in trainables.modules.values():
             module.train()
     return paths
 
 
 @torch.no_grad()
 def denoising_loss(model: BaseModel, images: Sequence[Path], prompt: str, *, resolution: int,
-                   unet: UNet2DConditionModel | None = None, text_encoder: CLIPTextModel | None = None,
-                   seed: int = 0, timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> float:
-    """Mean denoising loss of ``images`` under ``prompt`` on fixed noise and timesteps (lower: better fit).
+                   denoiser: torch.nn.Module | None = None, text_encoders: dict[str, torch.nn.Module] | None = None,
+                   seed: int = 0, levels: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)) -> float:
+    """Mean denoising loss of ``images`` under ``prompt`` on fixed noise and noise levels (lower: better fit).
 
-    Uses the VAE mean latent (no sampling) and the same noise for every call with the same
-    ``seed``, so values before and after training, or of two trained models, are comparable.
-    ``unet``/``text_encoder`` default to the base model's; everything runs on ``unet``'s device.
+    Uses the VAE mean latent (no sampling), the same noise for every call with the same ``seed``
+    and the noise ``levels`` (fractions from clean to pure noise), so values before and after
+    training, or of two trained models, are comparable. ``denoiser``/``text_encoders`` default to the
+    base model's; everything runs on the denoiser's device.
     """
-    base = components(model)
-    unet = unet if unet is not None else base.unet
-    text_encoder = text_encoder if text_encoder is not None else base.text_encoder
-    device = next(unet.parameters()).device
-    pixels = _load_pixels(list(images), resolution, "images")
-    scale, shift = _latent_scale(base.vae)
-    with _on_device([base.vae, text_encoder], device):
-        latents = (base.vae.encode(pixels.to(device)).latent_dist.mean.float() - shift) * scale
-        hidden = text_encoder(_tokenize(model, prompt).to(device))[0].float()
-    alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(device, torch.float32)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    prediction_type = str(base.noise_scheduler.config["prediction_type"])
-    dtype = next(unet.parameters()).dtype
-    losses = []
-    for t in timesteps:
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        step = torch.full((latents.shape[0],), int(t), device=device, dtype=torch.long)
-        signal = alphas_cumprod[step].sqrt().view(-1, 1, 1, 1)
-        sigma = (1.0 - alphas_cumprod[step]).sqrt().view(-1, 1, 1, 1)
-        target = noise if prediction_type == "epsilon" else signal * noise - sigma * latents
-        noisy = (signal * latents + sigma * noise).to(dtype)
-        prediction = unet(noisy, step, hidden.expand(latents.shape[0], -1, -1).to(dtype)).sample
-        losses.append(F.mse_loss(prediction.float(), target).item())
+    denoiser = denoiser if denoiser is not None else model.denoiser
+    device = next(denoiser.parameters()).device
+    losses = [F.mse_loss(prediction.float(), noised.target.float()).item() for noised, prediction in
+              _fixed_predictions(model, images, prompt, resolution, denoiser, text_encoders, seed, levels, device)]
     return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def prediction_drift(model: BaseModel, images: Sequence[Path], prompt: str, *, resolution: int,
+                     denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None = None,
+                     seed: int = 0, levels: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)) -> float:
+    """How far training moved the model for ``prompt``: the mean squared difference between a trained
+    ``denoiser``'s (with its ``text_encoders``) and the base model's predictions on the same noised
+    latents of ``images`` (fixed noise and levels, as :func:`denoising_loss`). 0: unchanged."""
+    device = next(denoiser.parameters()).device
+    trained = _fixed_predictions(model, images, prompt, resolution, denoiser, text_encoders, seed, levels, device)
+    base = _fixed_predictions(model, images, prompt, resolution, model.denoiser, None, seed, levels, device)
+    drifts = [F.mse_loss(ours.float(), theirs.float()).item() for (_, ours), (_, theirs) in zip(trained, base,
+                                                                                                  strict=True)]
+    return sum(drifts) / len(drifts)
+
+
+def _fixed_predictions(model: BaseModel, images: Sequence[Path], prompt: str, resolution: int,
+                       denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
+                       seed: int, levels: Sequence[float], device: torch.device
+                       ) -> list[tuple[NoisyBatch, torch.Tensor]]:
+    """The denoiser's predictions (on ``device``) for ``images`` under ``prompt`` at each noise level, on
+    noise from ``seed``."""
+    family = model.family
+    encoders = {**model.modules, **(text_encoders or {})}
+    loaded = _load_images(list(images), resolution, "images")
+    with _on_device([model.vae, *(encoders[key] for key in family.text_encoder_keys)], device):
+        mean, _ = family.latent_distribution(model.vae, loaded.pixels.to(device))
+        latents = family.to_latents(model, mean.float())
+        conditioning = family.encode_prompts(model, encoders, [prompt])
+    objective = family.objective(model, device, min_snr_gamma=None, offset_noise=0.0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    dtype = next(denoiser.parameters()).dtype
+    rows = torch.zeros(latents.shape[0], dtype=torch.long, device=device)
+    batch_conditioning = {key: value[rows].to(dtype) for key, value in conditioning.items()}
+    meta = ImageMeta(loaded.crops[:, :4].to(device))
+    results = []
+    with _on_device([denoiser], device):
+        for level in levels:
+            noise = torch.randn(latents.shape, generator=generator, device=device)
+            noised = objective.at_fraction(latents, noise, level)
+            noised.noisy = noised.noisy.to(dtype)
+            results.append((noised, family.predict(model, denoiser, noised, batch_conditioning, meta)))
+    return results

@@ -2,67 +2,35 @@
 
 A finished run folder holds exactly one of:
 
-- ``pytorch_lora_weights.safetensors`` (LoRA, diffusers format, loadable by stock
-  ``StableDiffusionPipeline.load_lora_weights(run_dir)``) plus ``lora_kohya.safetensors`` (the same
-  LoRA in the kohya-ss format that AUTOMATIC1111 and ComfyUI load);
-- ``unet/`` and, when the text encoder was trained, ``text_encoder/`` (full fine-tune, diffusers
-  ``save_pretrained`` folders holding only what was trained).
+- ``pytorch_lora_weights.safetensors`` (LoRA, diffusers format, loadable unchanged by the family's
+  stock pipeline's ``load_lora_weights(run_dir)``) plus, for families with a kohya-ss format,
+  ``lora_kohya.safetensors`` (the same LoRA as AUTOMATIC1111, Forge and ComfyUI load it);
+- one ``save_pretrained`` folder per trained module, named as the pipeline names it (``unet/``,
+  ``text_encoder/``, ...: a full fine-tune holds only what was trained).
+
+Every function here works for every family: the component names come from the model's family.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel
 
 from worker.engine.errors import EngineInputError
+from worker.engine.families.base import Family
 from worker.engine.models import BaseModel
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"
-UNET_DIR = "unet"
-TEXT_ENCODER_DIR = "text_encoder"
 RUN_FILE = "run.json"
-
-# The key prefixes of the two LoRA file formats, per component.
-DIFFUSERS_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder."}
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-
-
-@dataclass
-class Components:
-    """The base model's components under their precise types.
-
-    ``BaseModel`` annotates them with diffusers' top-level names, which a type checker resolves
-    to diffusers' placeholder classes; the engine reads them through this view instead.
-    """
-
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    noise_scheduler: DDPMScheduler
-
-
-def components(model: BaseModel) -> Components:
-    return Components(
-        unet=cast(UNet2DConditionModel, model.unet),
-        vae=cast(AutoencoderKL, model.vae),
-        text_encoder=model.text_encoder,
-        noise_scheduler=cast(DDPMScheduler, model.noise_scheduler),
-    )
 
 
 def move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
@@ -73,10 +41,9 @@ def move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype
         module.to(device=device, dtype=dtype)
 
 
-def base_pipeline(model: BaseModel, unet: UNet2DConditionModel | None = None,
-                  text_encoder: CLIPTextModel | None = None) -> StableDiffusionPipeline:
-    """``model.pipeline(...)`` under its precise type."""
-    return cast(StableDiffusionPipeline, model.pipeline(unet=cast(Any, unet), text_encoder=text_encoder))
+def trainable_keys(family: Family) -> tuple[str, ...]:
+    """The components a run may train, in the order their weights are saved: denoiser, then text encoders."""
+    return (family.denoiser_key, *family.text_encoder_keys)
 
 
 def read_run_file(run_dir: Path) -> dict[str, Any]:
@@ -90,70 +57,64 @@ def read_run_file(run_dir: Path) -> dict[str, Any]:
         raise EngineInputError(f"{path} is unreadable: {exc}") from exc
 
 
-def load_trained_pipeline(model: BaseModel, run_dir: Path) -> StableDiffusionPipeline:
-    """A DPM-Solver++ pipeline of ``model`` with the weights trained in ``run_dir``, on ``model.device``.
+def load_trained_pipeline(model: BaseModel, run_dir: Path) -> Any:
+    """The family's sampling pipeline of ``model`` with the weights trained in ``run_dir``, on ``model.device``.
 
-    The base model is never modified: LoRA is loaded into copies of its UNet and text encoder and
-    fused there (so sampling pays nothing for the adapter), and a full fine-tune's folders replace
-    the base components. The pipeline is in fp32; wrap sampling in ``torch.autocast`` on a GPU.
+    The base model is never modified: LoRA is loaded into copies of the modules it adapts and fused
+    there (so sampling pays nothing for the adapter), and a full fine-tune's folders replace the
+    base components. The pipeline is in fp32; wrap sampling in ``torch.autocast`` on a GPU.
     """
     run_dir = Path(run_dir)
     lora_file = run_dir / LORA_WEIGHTS_FILE
+    family = model.family
+    trained: dict[str, torch.nn.Module] = {}
     if lora_file.is_file():
-        unet, text_encoder = _lora_fused_copies(model, lora_file)
-    elif (run_dir / UNET_DIR).is_dir():
-        try:
-            unet = UNet2DConditionModel.from_pretrained(str(run_dir / UNET_DIR), torch_dtype=torch.float32)
-            text_encoder = (
-                CLIPTextModel.from_pretrained(str(run_dir / TEXT_ENCODER_DIR), torch_dtype=torch.float32)
-                if (run_dir / TEXT_ENCODER_DIR).is_dir()
-                else components(model).text_encoder
-            )
-        except (OSError, ValueError) as exc:
-            raise EngineInputError(f"could not load the fine-tuned weights in {run_dir}: {exc}") from exc
+        trained = _lora_fused_copies(model, lora_file)
+    elif (run_dir / family.denoiser_key).is_dir():
+        for key in trainable_keys(family):
+            folder = run_dir / key
+            if not folder.is_dir():
+                continue
+            module_class: Any = type(model.modules[key])
+            try:
+                trained[key] = module_class.from_pretrained(str(folder), torch_dtype=torch.float32)
+            except (OSError, ValueError) as exc:
+                raise EngineInputError(f"could not load the fine-tuned weights in {folder}: {exc}") from exc
     else:
         raise EngineInputError(
-            f"{run_dir} holds no trained weights (neither {LORA_WEIGHTS_FILE} nor a {UNET_DIR}/ folder)"
+            f"{run_dir} holds no trained weights (neither {LORA_WEIGHTS_FILE} nor a {family.denoiser_key}/ folder)"
         )
-    pipe = base_pipeline(model, unet=unet, text_encoder=text_encoder)
-    parts: list[torch.nn.Module] = [unet, text_encoder, components(model).vae]
-    for part in parts:
+    pipe = model.pipeline(**trained)
+    for part in [*trained.values(), model.vae]:
         part.requires_grad_(False)
         part.eval()
         move(part, model.device)
     return pipe
 
 
-def _lora_fused_copies(model: BaseModel, lora_file: Path) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Copies of the base UNet and text encoder with the LoRA in ``lora_file`` merged into their weights.
-
-    The text encoder is copied only when the file has layers for it; otherwise the base one is returned.
-    """
-    base = components(model)
+def _lora_fused_copies(model: BaseModel, lora_file: Path) -> dict[str, torch.nn.Module]:
+    """Copies of the modules the LoRA in ``lora_file`` adapts, with its layers merged into their weights."""
     state = load_file(str(lora_file))
-    unet = copy.deepcopy(base.unet)
-    move(unet, "cpu", torch.float32)
-    text_encoder = base.text_encoder
-    if any(key.startswith(DIFFUSERS_PREFIXES["text_encoder"]) for key in state):
-        text_encoder = copy.deepcopy(base.text_encoder)
-        move(text_encoder, "cpu", torch.float32)
     alphas = _lora_alphas_from_metadata(lora_file)
-    for component, module in (("unet", unet), ("text_encoder", text_encoder)):
-        prefix = DIFFUSERS_PREFIXES[component]
+    fused: dict[str, torch.nn.Module] = {}
+    for component in trainable_keys(model.family):
+        prefix = f"{component}."
         peft_state = {
             _diffusers_key_to_peft(key[len(prefix):]): value for key, value in state.items() if key.startswith(prefix)
         }
         if not peft_state:
             continue
-        if component == "text_encoder":
-            peft_state = {_installed_clip_path(k, text_encoder): v for k, v in peft_state.items()}
+        module = copy.deepcopy(model.modules[component])
+        move(module, "cpu", torch.float32)
+        if component.startswith("text_encoder"):
+            peft_state = {_installed_clip_path(k, module): v for k, v in peft_state.items()}
         rank = next(v.shape[0] for k, v in peft_state.items() if k.endswith("lora_A.weight"))
         # Full module paths as targets: peft then wraps exactly the layers the file has weights for.
         targets = sorted({k.rsplit(".lora_", 1)[0] for k in peft_state})
         alpha = alphas.get(component, float(rank))
         # LoraConfig is annotated with an int alpha; peft computes alpha / r in floats either way.
         config = LoraConfig(r=rank, lora_alpha=cast(int, alpha), target_modules=targets)
-        # peft directly, for both modules: transformers' own add_adapter refuses peft releases
+        # peft directly, for every module: transformers' own add_adapter refuses peft releases
         # older than the one it was built against.
         inject_adapter_in_model(config, module)
         result = set_peft_model_state_dict(module, peft_state)
@@ -161,7 +122,12 @@ def _lora_fused_copies(model: BaseModel, lora_file: Path) -> tuple[UNet2DConditi
         if unexpected:
             raise EngineInputError(f"{lora_file} does not match the base model: {unexpected[:3]}")
         _merge_lora(module)
-    return unet, text_encoder
+        fused[component] = module
+    unknown = sorted({key.split(".", 1)[0] for key in state} - set(trainable_keys(model.family)))
+    if unknown:
+        raise EngineInputError(f"{lora_file} has layers for {', '.join(unknown)}, which a "
+                               f"{model.family.label} model does not have")
+    return fused
 
 
 def _merge_lora(module: torch.nn.Module) -> None:
@@ -192,8 +158,9 @@ def _diffusers_key_to_peft(key: str) -> str:
 def _canonical_clip_path(path: str) -> str:
     """A CLIP text-encoder module path as SD checkpoints and kohya files spell it (``text_model.encoder...``).
 
-    transformers 5 dropped the ``text_model`` level from ``CLIPTextModel``, so the paths peft
-    reports depend on the installed version; files meant for other tools use the classic form.
+    transformers 5 dropped the ``text_model`` level from ``CLIPTextModel`` (not from
+    ``CLIPTextModelWithProjection``), so the paths peft reports depend on the installed version and
+    the class; files meant for other tools use the classic form.
     """
     return path if path.startswith("text_model.") else f"text_model.{path}"
 
@@ -211,12 +178,12 @@ def _peft_lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Te
     Paths keep their component prefix; text-encoder paths are put in the canonical
     ``text_encoder.text_model....`` spelling.
     """
-    prefix = DIFFUSERS_PREFIXES["text_encoder"]
     peft_state = {}
     for key, value in state.items():
         key = _diffusers_key_to_peft(key)
-        if key.startswith(prefix):
-            key = prefix + _canonical_clip_path(key[len(prefix):])
+        component, _, path = key.partition(".")
+        if component.startswith("text_encoder"):
+            key = f"{component}.{_canonical_clip_path(path)}"
         peft_state[key] = value
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, down in peft_state.items():
@@ -237,12 +204,8 @@ def _lora_alphas_from_metadata(lora_file: Path) -> dict[str, float]:
     if not raw:
         return {}
     packed = json.loads(raw)
-    alphas: dict[str, float] = {}
-    for component, prefix in DIFFUSERS_PREFIXES.items():
-        value = packed.get(f"{prefix}lora_alpha")
-        if value is not None:
-            alphas[component] = float(value)
-    return alphas
+    return {key.removesuffix(".lora_alpha"): float(value) for key, value in packed.items()
+            if key.endswith(".lora_alpha") and value is not None}
 
 
 def lora_deltas_from_diffusers(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -262,32 +225,35 @@ def lora_deltas_from_diffusers(run_dir: Path) -> dict[str, torch.Tensor]:
     return deltas
 
 
-def lora_deltas_from_kohya(path: Path) -> dict[str, torch.Tensor]:
+def lora_deltas_from_kohya(path: Path, family: Family) -> dict[str, torch.Tensor]:
     """The weight change of every layer in a kohya-format LoRA file, keyed as in :func:`lora_deltas_from_diffusers`.
 
     kohya names flatten module paths with underscores, which is ambiguous in general; this inverse
-    is exact for the SD UNet and CLIP names this engine writes, whose only underscores inside a
+    is exact for the UNet and CLIP names this engine writes, whose only underscores inside a
     path segment belong to a fixed set of words (down_blocks, to_q, self_attn, ...).
     """
     state = load_file(str(path))
     deltas: dict[str, torch.Tensor] = {}
+    # Longest prefixes first: "lora_te1_" must not be read as "lora_te" + "1_...".
+    prefixes = sorted(family.kohya_prefixes.items(), key=lambda item: -len(item[1]))
     for key, down in state.items():
         if not key.endswith(".lora_down.weight"):
             continue
         flat = key[: -len(".lora_down.weight")]
         up = state[f"{flat}.lora_up.weight"]
         alpha = float(state[f"{flat}.alpha"])
-        for component, prefix in KOHYA_PREFIXES.items():
+        for component, prefix in prefixes:
             if flat.startswith(prefix):
                 module = f"{component}.{_unflatten_kohya_name(flat[len(prefix):])}"
                 break
         else:
-            raise EngineInputError(f"{path}: key {key!r} has neither the lora_unet_ nor the lora_te_ prefix")
+            raise EngineInputError(f"{path}: key {key!r} has none of the prefixes "
+                                   f"{', '.join(family.kohya_prefixes.values())}")
         deltas[module] = (up.float() @ down.float()) * (alpha / down.shape[0])
     return deltas
 
 
-# Path segments of SD UNet and CLIP text-encoder module names that contain underscores themselves.
+# Path segments of UNet and CLIP text-encoder module names that contain underscores themselves.
 _UNDERSCORED_SEGMENTS = (
     "transformer_blocks", "down_blocks", "up_blocks", "mid_block", "text_model", "self_attn",
     "q_proj", "k_proj", "v_proj", "out_proj", "to_q", "to_k", "to_v", "to_out",
@@ -305,24 +271,27 @@ def _unflatten_kohya_name(flat: str) -> str:
     return dotted
 
 
-def export_kohya_lora(run_dir: Path) -> Path:
-    """Write ``run_dir/lora_kohya.safetensors``: the run's LoRA in the kohya-ss format.
+def export_kohya_lora(run_dir: Path, family: Family) -> Path:
+    """Write ``run_dir/lora_kohya.safetensors``: the run's LoRA in the kohya-ss format of ``family``.
 
-    Each layer becomes ``lora_unet_<path with _>.lora_down.weight``, ``.lora_up.weight`` and
-    ``.alpha`` (text-encoder layers use ``lora_te_``), which AUTOMATIC1111 and ComfyUI load for SD 1.x.
+    Each layer becomes ``<prefix><path with _>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``
+    with the family's per-component prefixes (``lora_unet_``, ``lora_te_``; SDXL's ``lora_te1_`` and
+    ``lora_te2_``), which AUTOMATIC1111, Forge and ComfyUI load.
     """
     run_dir = Path(run_dir)
     lora_file = run_dir / LORA_WEIGHTS_FILE
     if not lora_file.is_file():
         raise EngineInputError(f"{lora_file} does not exist: only LoRA runs can be exported to kohya format")
+    if not family.kohya_prefixes:
+        raise EngineInputError(f"{family.label} LoRAs have no kohya-ss format")
     alphas = _lora_alphas_from_metadata(lora_file)
     exported: dict[str, torch.Tensor] = {}
     for module, (down, up) in _peft_lora_pairs(load_file(str(lora_file))).items():
         component, _, path = module.partition(".")
-        if component not in KOHYA_PREFIXES:
-            raise EngineInputError(
-                f"{lora_file}: LoRA layer {module!r} belongs to neither the unet nor the text_encoder")
-        flat = KOHYA_PREFIXES[component] + path.replace(".", "_")
+        if component not in family.kohya_prefixes:
+            raise EngineInputError(f"{lora_file}: LoRA layer {module!r} belongs to none of "
+                                   f"{', '.join(family.kohya_prefixes)}")
+        flat = family.kohya_prefixes[component] + path.replace(".", "_")
         exported[f"{flat}.lora_down.weight"] = down.contiguous()
         exported[f"{flat}.lora_up.weight"] = up.contiguous()
         exported[f"{flat}.alpha"] = torch.tensor(alphas.get(component, float(down.shape[0])), dtype=torch.float32)

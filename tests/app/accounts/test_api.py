@@ -139,3 +139,30 @@ def test_token_name_is_required(client: TestClient, make_user: MakeUser, api_hea
     response = client.post("/api/v1/tokens", json={"name": " "}, headers=api_headers(make_user()))
     assert response.status_code == 400
     assert "name" in response.json()["detail"]
+
+
+def test_sign_out_everywhere_revokes_every_token_and_session(
+    client: TestClient, make_user: MakeUser, login: Login, api_headers: Headers
+) -> None:
+    user = make_user()
+    headers, script_headers = api_headers(user), api_headers(user)
+    bystander_headers = api_headers(make_user())
+    with TestClient(client.app, base_url="http://testserver") as browser:
+        login(browser, user)
+        answer = client.post("/api/v1/auth/sign-out-everywhere", headers=headers)
+        assert answer.status_code == 200
+        assert answer.json() == {"sessions_ended": 1, "tokens_revoked": 2}
+        assert browser.get("/api/v1/me").status_code == 401
+    for revoked in (headers, script_headers):
+        assert client.get("/api/v1/me", headers=revoked).status_code == 401
+    assert client.get("/api/v1/me", headers=bystander_headers).status_code == 200
+
+
+def test_sign_out_everywhere_from_the_browser_needs_csrf(
+    client: TestClient, make_user: MakeUser, login: Login, csrf_token: CsrfToken
+) -> None:
+    login(client, make_user())
+    assert client.post("/api/v1/auth/sign-out-everywhere").status_code == 403
+    answer = client.post("/api/v1/auth/sign-out-everywhere", headers={"X-CSRF-Token": csrf_token(client)})
+    assert answer.json() == {"sessions_ended": 1, "tokens_revoked": 0}
+    assert client.get("/api/v1/me").status_code == 401

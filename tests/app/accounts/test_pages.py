@@ -19,6 +19,7 @@ from tests.app.conftest import PASSWORD, page_context, page_template
 MakeUser = Callable[..., User]
 Login = Callable[..., TestClient]
 CsrfToken = Callable[[TestClient], str]
+Headers = Callable[[User], dict[str, str]]
 
 
 def sign_up(client: TestClient, email: str, password: str = PASSWORD, **extra: str) -> object:
@@ -200,6 +201,7 @@ def _post_targets(client: TestClient, make_user: MakeUser, login: Login, clean_d
         f"/account/tokens/{token_id}/revoke": {},
         "/account/password": {"current_password": PASSWORD, "new_password": "a brand new password"},
         "/account/sessions/end-others": {},
+        "/account/sign-out-everywhere": {},
     }
 
 
@@ -400,3 +402,51 @@ def test_closed_sign_ups_say_so_and_create_nothing(settings: Settings, clean_db:
 def test_open_sign_ups_are_offered(client: TestClient) -> None:
     for path in ("/", "/login"):
         assert 'href="/signup' in client.get(path).text, path
+
+
+def test_a_password_change_keeps_api_tokens_and_says_so(
+    client: TestClient, make_user: MakeUser, login: Login, csrf_token: CsrfToken, api_headers: Headers
+) -> None:
+    """Decided: tokens are credentials of their own (see service.change_password); the page says they still work."""
+    user = make_user()
+    headers = api_headers(user)
+    login(client, user)
+    response = client.post("/account/password", data={"current_password": PASSWORD,
+                                                       "new_password": "a brand new password",
+                                                       "csrf_token": csrf_token(client)})
+    assert page_context(response)["flash"].message == (
+        "Your password is changed. Your 1 API token still works: revoke any you do not recognise, or sign out "
+        "everywhere.")
+    assert client.get("/api/v1/me", headers=headers).status_code == 200
+
+
+def test_sign_out_everywhere_ends_every_session_and_every_token(
+    client: TestClient, make_user: MakeUser, login: Login, csrf_token: CsrfToken, api_headers: Headers
+) -> None:
+    user, bystander = make_user(), make_user()
+    headers, other_headers = api_headers(user), api_headers(bystander)
+    with second_browser(client) as phone, second_browser(client) as bystanders_browser:
+        login(phone, user)
+        login(bystanders_browser, bystander)
+        login(client, user)
+        # A token made with the session, as someone holding a stolen cookie could.
+        made = client.post("/account/tokens", data={"name": "made here", "csrf_token": csrf_token(client)})
+        made_headers = {"Authorization": f"Bearer {page_context(made)['new_token'].token}"}
+        assert client.get("/api/v1/me", headers=made_headers).status_code == 200
+        assert "Sign out everywhere" in client.get("/account").text
+
+        response = client.post("/account/sign-out-everywhere", data={"csrf_token": csrf_token(client)},
+                               follow_redirects=False)
+        assert response.status_code == 303 and response.headers["location"] == "/login"
+        assert f'{SESSION_COOKIE}=""' in response.headers["set-cookie"]
+        landing = client.get("/login")
+        assert page_context(landing)["flash"].message == (
+            "Signed out everywhere: 2 sessions ended and 2 API tokens revoked.")
+        for browser in (client, phone):
+            assert browser.get("/account", follow_redirects=False).status_code == 303
+        for token_headers in (headers, made_headers):
+            assert client.get("/api/v1/me", headers=token_headers).status_code == 401
+        # Nobody else's sessions or tokens.
+        assert bystanders_browser.get("/account", follow_redirects=False).status_code == 200
+        assert client.get("/api/v1/me", headers=other_headers).status_code == 200
+    login(client, user)  # the password still works: this is not a lock-out

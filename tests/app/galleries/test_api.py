@@ -100,6 +100,11 @@ def test_favourite_through_patch(client: TestClient, db: Session, app_storage: S
     listed = client.get(f"/api/v1/subjects/{subject.id}/images?favourites=true", headers=headers).json()
     assert [item["id"] for item in listed["images"]] == [str(image.id)]
     assert client.patch(f"/api/v1/images/{image.id}", json={"favourite": "maybe"}, headers=headers).status_code == 422
+    # The schema says boolean: 0 and "false" are not quietly taken for one.
+    for not_a_boolean in (0, "false"):
+        answer = client.patch(f"/api/v1/images/{image.id}", json={"favourite": not_a_boolean}, headers=headers)
+        assert answer.status_code == 422
+    assert client.get(f"/api/v1/images/{image.id}", headers=headers).json()["favourite"] is True
 
 
 def test_generate_more_through_the_api(client: TestClient, db: Session, make_user: Callable[..., User],

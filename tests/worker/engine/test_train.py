@@ -29,7 +29,7 @@ from worker.engine.train import (
     min_snr_weights,
     train,
 )
-from worker.engine.weights import KOHYA_LORA_FILE, LORA_WEIGHTS_FILE, RUN_FILE, components, load_trained_pipeline
+from worker.engine.weights import KOHYA_LORA_FILE, LORA_WEIGHTS_FILE, RUN_FILE, load_trained_pipeline
 
 INSTANCE_PROMPT = "a photo of sks dog"
 CLASS_PROMPT = "a photo of dog"
@@ -74,7 +74,7 @@ def lora_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_min_snr_with_prior_matches_hand_computation(tiny_model: BaseModel, batch: int) -> None:
-    alphas_cumprod = components(tiny_model).noise_scheduler.alphas_cumprod
+    alphas_cumprod = tiny_model.noise_scheduler.alphas_cumprod
     generator = torch.Generator().manual_seed(batch)
     prediction = torch.randn(2 * batch, 4, 8, 8, generator=generator)
     target = torch.randn(2 * batch, 4, 8, 8, generator=generator)
@@ -87,8 +87,8 @@ def test_min_snr_with_prior_matches_hand_computation(tiny_model: BaseModel, batc
     snr_weight = torch.minimum(snr, torch.tensor(gamma)) / snr
     expected = (rows[:batch] * snr_weight[:batch]).mean() + weight * (rows[batch:] * snr_weight[batch:]).mean()
 
-    parts = dreambooth_loss(prediction, target, timesteps, with_prior=True, prior_loss_weight=weight,
-                            min_snr_gamma=gamma, alphas_cumprod=alphas_cumprod)
+    weights = min_snr_weights(timesteps, alphas_cumprod, gamma, "epsilon")
+    parts = dreambooth_loss(prediction, target, with_prior=True, prior_loss_weight=weight, weights=weights)
     assert parts.total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert parts.prior is not None
     assert parts.instance.item() == pytest.approx((rows[:batch] * snr_weight[:batch]).mean().item(), rel=1e-6)
@@ -104,7 +104,7 @@ def test_min_snr_with_prior_matches_hand_computation(tiny_model: BaseModel, batc
 
 
 def test_min_snr_weights_for_v_prediction(tiny_model: BaseModel) -> None:
-    alphas_cumprod = components(tiny_model).noise_scheduler.alphas_cumprod
+    alphas_cumprod = tiny_model.noise_scheduler.alphas_cumprod
     timesteps = torch.tensor([0, 999])
     snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
     weights = min_snr_weights(timesteps, alphas_cumprod, 5.0, "v_prediction")
@@ -113,7 +113,7 @@ def test_min_snr_weights_for_v_prediction(tiny_model: BaseModel) -> None:
 
 def test_loss_without_prior_is_the_plain_mean() -> None:
     prediction, target = torch.ones(3, 4, 2, 2), torch.zeros(3, 4, 2, 2)
-    parts = dreambooth_loss(prediction, target, torch.tensor([1, 2, 3]), with_prior=False)
+    parts = dreambooth_loss(prediction, target, with_prior=False)
     assert parts.total.item() == pytest.approx(1.0)
     assert parts.prior is None
 
@@ -121,7 +121,7 @@ def test_loss_without_prior_is_the_plain_mean() -> None:
 def test_prior_weight_scales_the_class_half_only() -> None:
     prediction = torch.cat([torch.ones(1, 4, 2, 2), 2 * torch.ones(1, 4, 2, 2)])
     target = torch.zeros(2, 4, 2, 2)
-    parts = dreambooth_loss(prediction, target, torch.tensor([5, 5]), with_prior=True, prior_loss_weight=0.5)
+    parts = dreambooth_loss(prediction, target, with_prior=True, prior_loss_weight=0.5)
     assert parts.instance.item() == pytest.approx(1.0)
     assert parts.total.item() == pytest.approx(1.0 + 0.5 * 4.0)
 
@@ -212,8 +212,8 @@ def test_training_learns_and_prior_preservation_keeps_the_class(
         tiny_model: BaseModel, subject_photos: list[Path], class_images: list[Path], tmp_path: Path) -> None:
     def losses(run_dir: Path | None) -> tuple[float, float]:
         unet = load_trained_pipeline(tiny_model, run_dir).unet if run_dir else None
-        return (denoising_loss(tiny_model, subject_photos, INSTANCE_PROMPT, resolution=64, unet=unet),
-                denoising_loss(tiny_model, class_images, CLASS_PROMPT, resolution=64, unet=unet))
+        return (denoising_loss(tiny_model, subject_photos, INSTANCE_PROMPT, resolution=64, denoiser=unet),
+                denoising_loss(tiny_model, class_images, CLASS_PROMPT, resolution=64, denoiser=unet))
 
     instance_before, class_before = losses(None)
     config = small_config(steps=80, learning_rate=3e-3, rank=8)
@@ -246,7 +246,7 @@ def test_instance_and_class_examples_share_one_batch(tiny_model: BaseModel, subj
     monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
     run(tiny_model, small_config(steps=2, batch_size=3), subject_photos, class_images, tmp_path / "run")
 
-    text_encoder, tokenizer = components(tiny_model).text_encoder, tiny_model.tokenizer
+    text_encoder, tokenizer = tiny_model.text_encoder, tiny_model.tokenizer
     with torch.no_grad():
         embed = {prompt: text_encoder(tokenizer(prompt, padding="max_length", max_length=77,
                                                 return_tensors="pt").input_ids)[0][0]
@@ -286,7 +286,7 @@ def test_cached_and_uncached_latents_train_identically(tiny_model: BaseModel, su
 
 def test_v_prediction_models_train(tiny_model: BaseModel, subject_photos: list[Path], class_images: list[Path],
                                    tmp_path: Path) -> None:
-    scheduler = DDPMScheduler.from_config(components(tiny_model).noise_scheduler.config,
+    scheduler = DDPMScheduler.from_config(tiny_model.noise_scheduler.config,
                                           prediction_type="v_prediction")
     v_model = dataclasses.replace(tiny_model, noise_scheduler=scheduler)
     epsilon = run(tiny_model, small_config(steps=2, min_snr_gamma=5.0), subject_photos, class_images,
@@ -358,7 +358,7 @@ def test_text_encoder_lora_is_saved(tiny_model: BaseModel, subject_photos: list[
 
 def test_full_fine_tune_saves_only_what_was_trained(tiny_model: BaseModel, subject_photos: list[Path],
                                                     class_images: list[Path], tmp_path: Path) -> None:
-    before = {k: v.clone() for k, v in components(tiny_model).unet.state_dict().items()}
+    before = {k: v.clone() for k, v in tiny_model.unet.state_dict().items()}
     unet_only = tmp_path / "unet-only"
     run(tiny_model, small_config(method="full", steps=2, learning_rate=1e-4), subject_photos, class_images,
         unet_only)
@@ -372,7 +372,7 @@ def test_full_fine_tune_saves_only_what_was_trained(tiny_model: BaseModel, subje
     assert (both / "unet" / "config.json").is_file()
     assert (both / "text_encoder" / "config.json").is_file()
     # The shared base model is never modified.
-    for key, value in components(tiny_model).unet.state_dict().items():
+    for key, value in tiny_model.unet.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 

@@ -19,8 +19,6 @@ from worker.engine.train import TrainConfig, train
 from worker.engine.weights import (
     KOHYA_LORA_FILE,
     LORA_WEIGHTS_FILE,
-    base_pipeline,
-    components,
     export_kohya_lora,
     load_trained_pipeline,
     lora_deltas_from_diffusers,
@@ -55,7 +53,7 @@ def lora_te_run(tiny_model: BaseModel, tmp_path_factory: pytest.TempPathFactory)
 
 def fresh_pipeline() -> StableDiffusionPipeline:
     """A pipeline over freshly built tiny components: nothing shared with the training model."""
-    return base_pipeline(build_builtin("tiny", seed=0, device=torch.device("cpu"), dtype=torch.float32))
+    return build_builtin("tiny", seed=0, device=torch.device("cpu"), dtype=torch.float32).pipeline()
 
 
 def sample(pipe: StableDiffusionPipeline) -> np.ndarray:
@@ -78,7 +76,7 @@ def test_fused_loader_matches_stock_loading(tiny_model: BaseModel, lora_run: Pat
     ours = load_trained_pipeline(tiny_model, lora_run)
     assert np.abs(sample(ours) - sample(stock)).max() < 1e-3
     # The base model's UNet stays without adapters; the untrained text encoder is the base one.
-    assert not any("lora" in name for name, _ in components(tiny_model).unet.named_parameters())
+    assert not any("lora" in name for name, _ in tiny_model.unet.named_parameters())
     assert ours.text_encoder is tiny_model.text_encoder
 
 
@@ -94,7 +92,7 @@ def test_lora_alpha_and_text_encoder_load_like_stock_diffusers(tiny_model: BaseM
     with torch.no_grad():
         assert torch.allclose(ours.unet(x, 500, hidden).sample, stock.unet(x, 500, hidden).sample, atol=1e-5)
         assert torch.allclose(ours.text_encoder(ids)[0], stock.text_encoder(ids)[0], atol=1e-5)
-        assert not torch.allclose(ours.unet(x, 500, hidden).sample, components(tiny_model).unet(x, 500, hidden).sample,
+        assert not torch.allclose(ours.unet(x, 500, hidden).sample, tiny_model.unet(x, 500, hidden).sample,
                                   atol=1e-4)
     assert np.abs(sample(ours) - sample(stock)).max() < 1e-3
 
@@ -123,9 +121,9 @@ def test_kohya_export_names_and_shapes(lora_te_run: Path) -> None:
     assert len(exported) == 3 * len(layers)
 
 
-def test_kohya_export_converts_back_to_the_same_deltas(lora_te_run: Path) -> None:
+def test_kohya_export_converts_back_to_the_same_deltas(tiny_model: BaseModel, lora_te_run: Path) -> None:
     from_diffusers = lora_deltas_from_diffusers(lora_te_run)
-    from_kohya = lora_deltas_from_kohya(lora_te_run / KOHYA_LORA_FILE)
+    from_kohya = lora_deltas_from_kohya(lora_te_run / KOHYA_LORA_FILE, tiny_model.family)
     assert set(from_kohya) == set(from_diffusers)
     assert any(key.startswith("text_encoder.") for key in from_kohya)
     for key, delta in from_diffusers.items():
@@ -147,9 +145,9 @@ def test_diffusers_reads_the_kohya_file_like_the_original(which: str, request: p
         assert torch.allclose(converted.text_encoder(ids)[0], original.text_encoder(ids)[0], atol=1e-5)
 
 
-def test_export_rewrites_the_file(lora_run: Path) -> None:
+def test_export_rewrites_the_file(tiny_model: BaseModel, lora_run: Path) -> None:
     (lora_run / KOHYA_LORA_FILE).unlink()
-    assert export_kohya_lora(lora_run) == lora_run / KOHYA_LORA_FILE
+    assert export_kohya_lora(lora_run, tiny_model.family) == lora_run / KOHYA_LORA_FILE
     assert (lora_run / KOHYA_LORA_FILE).is_file()
 
 
@@ -159,10 +157,10 @@ def test_full_fine_tune_loads(tiny_model: BaseModel, tmp_path: Path) -> None:
     saved = load_file(str(run_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert torch.equal(pipe.unet.state_dict()[key], saved[key])
-    assert not torch.equal(components(tiny_model).unet.state_dict()[key], saved[key])
+    assert not torch.equal(tiny_model.unet.state_dict()[key], saved[key])
     assert pipe.text_encoder is tiny_model.text_encoder  # not trained: the base one
     with pytest.raises(EngineInputError, match="only LoRA runs"):
-        export_kohya_lora(run_dir)
+        export_kohya_lora(run_dir, tiny_model.family)
 
 
 def test_missing_weights_are_reported(tiny_model: BaseModel, tmp_path: Path) -> None:
