@@ -3,8 +3,8 @@ test database, local storage and the tiny model on the CPU.
 
 Each test starts its own worker with STUDIO_* variables pointing at the test's database, var/ and
 media folders, creates a studio's rows and photos directly, enqueues its job through app.queue (sent
-after commit, as the web does) and watches the database. Redis runs in a private database number,
-emptied before and after.
+after commit, as the web does) and watches the database. Redis is a private redis-server started for
+the test session (unless STUDIO_TEST_REDIS_URL names one), emptied before and after each test.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ from tests.worker.processes import ROOT, stop_worker, wait_until_ready, worker_e
 
 pytestmark = pytest.mark.slow
 
-REDIS_URL = os.environ.get("STUDIO_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# Set, the tests use that Redis; unset, each test session starts a private redis-server on a free port, so
+# two sessions on one machine (several engineers, CI jobs) never consume or flush each other's messages.
+CONFIGURED_REDIS_URL = os.environ.get("STUDIO_TEST_REDIS_URL")
+REDIS_URL = CONFIGURED_REDIS_URL or ""  # the session's Redis, set by the redis_url fixture
 JOB_TIMEOUT = 300.0  # a job that makes no progress this long fails the test; a slow machine just waits longer
 FAST_TRAINING = {"steps": 10, "checkpoint_every": 5, "preview_every": 0}
 
@@ -114,16 +117,53 @@ def _empty_redis() -> None:
     redis.Redis.from_url(REDIS_URL).flushdb()
 
 
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """STUDIO_TEST_REDIS_URL, or a private redis-server (no persistence) for this test session."""
+    global REDIS_URL
+    if CONFIGURED_REDIS_URL:
+        yield CONFIGURED_REDIS_URL
+        return
+    import socket
+
+    import redis
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(folder)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the private redis-server on port {port} did not start")
+            time.sleep(0.1)
+    REDIS_URL = url
+    try:
+        yield url
+    finally:
+        server.terminate()  # the server this fixture started, by its own handle
+        server.wait(timeout=30)
+
+
 @pytest.fixture
 def start_studio(settings: Settings, clean_db: Engine, monkeypatch: pytest.MonkeyPatch,
-                 tmp_path: Path) -> Iterator[Callable[..., Studio]]:
+                 tmp_path: Path, redis_url: str) -> Iterator[Callable[..., Studio]]:
     """Starts a worker subprocess (once per test) on the chosen broker and returns the test's handle."""
     started: list[Studio] = []
 
     def start(broker: str = "redis", training: dict[str, Any] | None = None, host_var_dir: Path | None = None,
               empty_broker: bool = True) -> Studio:
         """``host_var_dir``: the worker runs as if on another machine, with a var/ (scratch) of its own."""
-        broker_url = REDIS_URL if broker == "redis" else ""
+        broker_url = redis_url if broker == "redis" else ""
         if broker == "redis" and empty_broker:
             _empty_redis()
         web = settings.model_copy(update={"broker_url": broker_url, "media_dir": tmp_path / "media",
