@@ -70,8 +70,20 @@ class Settings(BaseSettings):
     min_photos: int = 3
     max_photos: int = 20
     max_photo_bytes: int = 25 * 1024 * 1024
+    # A ceiling for any request body; uploads are held to request_body_limit (their photos' sizes).
     max_request_bytes: int = 20 * 25 * 1024 * 1024 + 1024 * 1024
     max_image_pixels: int = 50_000_000
+    # Memory one photo's decoding may take (the pixel limit per format follows from it, see
+    # app.photos.sanitize.decode_memory), and the CPU time after which a decode is stopped. Measured
+    # in docs/benchmarks.md (bench/web.py --only uploads): the worst upload of each format then grows
+    # the web process by under 300 MB and costs under 2 s of CPU on a 2-core box.
+    max_decode_bytes: int = 256 * 1024 * 1024
+    max_decode_cpu_seconds: float = 3.0
+    # Photos decoded at once per web process; more wait their turn without holding a database session.
+    upload_decode_concurrency: int = 2
+    # A request body that sends nothing for this long is dropped (408), so a stalled upload frees its
+    # connection.
+    request_body_timeout_seconds: float = 30.0
     max_prompts: int = 20
     max_images_per_prompt: int = 8
 
@@ -144,6 +156,12 @@ class Settings(BaseSettings):
     def visibility_timeout(self) -> int:
         """Redis re-delivers unacknowledged tasks after this; twice the hard limit so a live job never runs twice."""
         return 2 * self.task_hard_time_limit
+
+    @property
+    def request_body_limit(self) -> int:
+        """The largest request body accepted: every photo at its limit plus 1 MiB for the form's fields
+        and multipart framing, and never above max_request_bytes. Refused from Content-Length alone."""
+        return min(self.max_request_bytes, self.max_photos * self.max_photo_bytes + 1024 * 1024)
 
     @property
     def resolved_database_url(self) -> str:

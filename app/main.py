@@ -45,6 +45,7 @@ from app import openapi
 from app import storage as storage_module
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
+from app.body_guard import BodyGuardMiddleware
 from app.config import Settings
 from app.deps import API_PREFIX, LoginRequired, OptionalUser
 from app.galleries import api as galleries_api
@@ -455,7 +456,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = _storage(settings)
 
     # add_middleware wraps: the last added runs first, so security headers land on every answer.
-    app.add_middleware(BodySizeLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodyGuardMiddleware, read_timeout=settings.request_body_timeout_seconds,
+                       photo_limit=settings.max_photo_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, limit=settings.request_body_limit)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(SecurityHeadersMiddleware, settings=settings)
     if settings.trusted_proxies:

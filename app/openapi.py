@@ -50,7 +50,9 @@ ROUTE_ERRORS: dict[tuple[str, str], dict[int, str]] = {
     },
     ("post", "/api/v1/tokens"): {400: "The name is empty, or longer than 100 characters."},
     ("post", "/api/v1/subjects"): {
-        400: "The multipart body could not be read.",
+        400: "The multipart body could not be read, or ended before its closing boundary (nothing is stored).",
+        413: "The body is over the request limit, or one photo passed STUDIO_MAX_PHOTO_BYTES while it "
+             "arrived ({detail, files: [{name, reason}]}), or more photos than allowed.",
         415: "The body is not multipart/form-data.",
     },
     ("post", "/api/v1/jobs/{job_id}/cancel"): {409: "The job has already ended."},
@@ -118,7 +120,10 @@ def complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 add(404, "No such object of the caller's: unknown, or another account's.")
             specific = ROUTE_ERRORS.get(key, {})
             if "requestBody" in operation:
-                add(413, f"The body is over the request limit ({settings.max_request_bytes // (1024 * 1024)} MB).")
+                too_large = f"The body is over the request limit ({settings.request_body_limit // (1024 * 1024)} MB)."
+                add(413, specific.get(413, too_large))
+                add(408, f"Nothing of the body arrived for {settings.request_body_timeout_seconds:g} seconds; "
+                         "the connection is closed.")
                 if "application/json" in operation["requestBody"].get("content", {}):
                     unparsable = "The body is not valid JSON."
                     add(400, f"{specific[400]} Or: {unparsable}" if 400 in specific else unparsable)

@@ -9,6 +9,10 @@ by the trainer, so the text encoders and the VAE are not part of a step.
 
     python bench/flops.py [--models sd15-arch,sdxl-arch] [--method lora|full]
 
+The LLM-encoded families (FLUX.2 klein, Z-Image) cannot be counted this way yet: their text
+encoder's attention mask and Z-Image's unpadding read tensor values, which the meta device does
+not have.
+
 ``bench/train.py`` divides these counts by its measured step times for the share of the GPU's
 peak that a run reaches.
 """

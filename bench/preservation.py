@@ -11,7 +11,7 @@ preservation (``prior_source="base_model"``), and no preservation. For each it p
   (``worker.engine.train.prediction_drift``; 0: unchanged);
 - the cost: CPU seconds of the training call, and the class images the bank had to make.
 
-    python bench/preservation.py [--models tiny,tiny-sdxl] [--steps 40] [--class-images 4]
+    python bench/preservation.py [--models tiny,tiny-sdxl] [--steps 40] [--class-images 4] [--lr 4e-3]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure(name: str, steps: int, class_images: int) -> list[dict[str, object]]:
+def measure(name: str, steps: int, class_images: int, learning_rate: float) -> list[dict[str, object]]:
     import torch
 
     from tests.worker.engine.conftest import make_subject_photo
@@ -47,7 +47,7 @@ def measure(name: str, steps: int, class_images: int) -> list[dict[str, object]]
                                steps=model.family.sample_steps).images
         bank_seconds = time.process_time() - started
         base_fit = denoising_loss(model, photos, instance_prompt, resolution=model.resolution)
-        settings = {"steps": steps, "resolution": model.resolution, "rank": 8, "learning_rate": 4e-3}
+        settings = {"steps": steps, "resolution": model.resolution, "rank": 8, "learning_rate": learning_rate}
         for mode, extra, classes in (("bank", {}, bank), ("base_model", {"prior_source": "base_model"}, []),
                                      ("none", {"with_prior": False}, [])):
             run_dir = folder / mode
@@ -74,13 +74,14 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,tiny-sdxl")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--class-images", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=4e-3)
     args = parser.parse_args()
     header = (f"{'model':<10} {'preservation':<12} {'instance loss':>13} {'class fit':>9} {'class drift':>11} "
               f"{'train CPU s':>11} {'bank images':>11} {'bank CPU s':>10}")
     print(header)
     print("-" * len(header))
     for name in args.models.split(","):
-        for row in measure(name, args.steps, args.class_images):
+        for row in measure(name, args.steps, args.class_images, args.lr):
             print(f"{row['model']:<10} {row['mode']:<12} {row['instance_loss']:>13.3f} {row['class_fit']:>9.4f} "
                   f"{row['class_drift']:>11.4f} {row['cpu_seconds']:>11.1f} {row['bank_images']:>11} "
                   f"{row['bank_cpu_seconds']:>10.1f}")

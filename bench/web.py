@@ -7,8 +7,13 @@ PostgreSQL with --db postgres) and measures it from this process:
    p50 / p99 latency and errors. Then the same pollers with no pause (saturation).
 2. upload: one studio of 20 photos of ~8 MB each; the server's peak RSS growth during it.
 3. ZIP: download a gallery of ~1 GB as one streamed ZIP; MB/s and the server's peak RSS growth.
+4. hostile uploads: the worst photo of each format at its pixel limit (tests/app/hostile_photos.py),
+   one per request; the server's peak RSS growth and CPU time for each, and its resident set after
+   each compared with before the first (what it keeps). Then ten progressive-JPEG
+   scan bombs at once, and how long until all ten were answered.
 
     python bench/web.py [--pollers 100] [--seconds 15] [--zip-mb 1024] [--db sqlite|postgres]
+                        [--only all|uploads]
 
 Prints a table; the results go into docs/benchmarks.md by hand, with the machine and command.
 """
@@ -219,6 +224,8 @@ def main() -> None:
     parser.add_argument("--zip-mb", type=int, default=1024)
     parser.add_argument("--photo-mb", type=float, default=8)
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--only", choices=["all", "uploads"], default="all",
+                        help="uploads: only the hostile uploads (section 4)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="studio-bench-"))
@@ -244,9 +251,13 @@ def main() -> None:
         token = httpx.post(server.url + "/api/v1/auth/token",
                            json={"email": email, "password": "benchmark-password"}).json()["token"]
         headers = {"Authorization": f"Bearer {token}"}
-        job_id, subject_id = seed_rows(database_url, var_dir / "media", email, args.zip_mb)
         assert server.process is not None
         pid = server.process.pid
+        if args.only == "uploads":
+            rows.extend(hostile_uploads(server.url, headers, pid, workdir))
+            print_rows(args.db, rows)
+            return
+        job_id, subject_id = seed_rows(database_url, var_dir / "media", email, args.zip_mb)
 
         status_url = f"{server.url}/api/v1/jobs/{job_id}"
         cpu_before = cpu_seconds(pid)
@@ -289,13 +300,83 @@ def main() -> None:
         growth = (rss_kb(pid, "VmHWM") - before) / 1024
         rows.append((f"ZIP download, {received / 1024 / 1024:.0f} MB", f"{received / 1024 / 1024 / seconds:.0f} MB/s",
                      f"HTTP {status_code}, peak RSS growth {growth:.0f} MB"))
+        rows.extend(hostile_uploads(server.url, headers, pid, workdir))
+    print_rows(args.db, rows)
 
+
+# The worst photo of each format at the limit it is held to with the default settings: the pixel
+# limit (50 MP) or, where decoding needs more memory per pixel, the decode memory budget.
+HOSTILE = [
+    ("png16", 7071, "16-bit grey PNG, 50 MP"),
+    ("rgba", 7071, "RGBA PNG, 50 MP"),
+    ("jpeg420", 7071, "progressive JPEG 4:2:0, 50 MP"),
+    ("jpeg444", 6500, "progressive JPEG 4:4:4, 42 MP"),
+    ("jpeg444", 7071, "progressive JPEG 4:4:4, 50 MP"),
+    ("webp", 4000, "WebP, 16 MP"),
+    ("heic", 6000, "HEIC, 36 MP"),
+]
+FORM = {"name": "Hostile", "kind": "dog", "consent": "on"}
+
+
+def one_photo_outcome(response: httpx.Response, name: str) -> str:
+    """The photo's fate from the answer to a one-photo request (which is short of photos anyway)."""
+    if response.status_code != 422:
+        return f"HTTP {response.status_code}"
+    for problem in response.json().get("files", []):
+        if problem["name"] == name:
+            return "refused: " + problem["reason"].split(";")[0]
+    return "accepted"
+
+
+def hostile_uploads(url: str, headers: dict[str, str], pid: int, workdir: Path) -> list[tuple[str, str, str]]:
+    from tests.app.hostile_photos import scan_bomb
+
+    rows: list[tuple[str, str, str]] = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = rss_kb(pid, "VmRSS")
+    for kind, side, label in HOSTILE:
+        path = workdir / f"{kind}-{side}.img"
+        subprocess.run([sys.executable, "-m", "tests.app.hostile_photos", "make", kind, str(side), str(side),
+                        str(path)], cwd=ROOT, env=env, check=True)
+        data = path.read_bytes()
+        reset_peak(pid)
+        before, cpu_before = rss_kb(pid, "VmRSS"), cpu_seconds(pid)
+        started = time.monotonic()
+        response = httpx.post(url + "/api/v1/subjects", headers=headers, data=FORM,
+                              files=[("photos", (path.name, data, "application/octet-stream"))], timeout=300)
+        wall = time.monotonic() - started
+        growth = (rss_kb(pid, "VmHWM") - before) / 1024
+        cpu = cpu_seconds(pid) - cpu_before
+        kept = (rss_kb(pid, "VmRSS") - start) / 1024
+        rows.append((f"upload: {label} ({len(data) / 1024 / 1024:.1f} MB)",
+                     f"peak RSS growth {growth:.0f} MB, CPU {cpu:.2f} s",
+                     f"{one_photo_outcome(response, path.name)} in {wall:.1f} s; RSS since the first: {kept:+.0f} MB"))
+
+    bomb = scan_bomb(4096, 4096, 30_000)
+    cpu_before = cpu_seconds(pid)
+
+    def send_bomb(index: int) -> int:
+        return httpx.post(url + "/api/v1/subjects", headers=headers, data=FORM,
+                          files=[("photos", (f"bomb{index}.jpg", bomb, "image/jpeg"))], timeout=300).status_code
+
+    started = time.monotonic()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(10) as pool:
+        codes = list(pool.map(send_bomb, range(10)))
+    rows.append((f"10 scan bombs at once (16 MP, 30,000 scans, {len(bomb) / 1024:.0f} KB each)",
+                 f"all answered in {time.monotonic() - started:.2f} s",
+                 f"HTTP {sorted(set(codes))}, server CPU {cpu_seconds(pid) - cpu_before:.2f} s in all"))
+    return rows
+
+
+def print_rows(db: str, rows: list[tuple[str, str, str]]) -> None:
     width = max(len(r[0]) for r in rows)
-    print(f"\nweb benchmark ({args.db}, {os.cpu_count()} CPUs)")
-    print(f"{'what':<{width}} | {'result':<32} | detail")
-    print(f"{'-' * width}-+-{'-' * 32}-+-{'-' * 30}")
+    print(f"\nweb benchmark ({db}, {os.cpu_count()} CPUs)")
+    print(f"{'what':<{width}} | {'result':<36} | detail")
+    print(f"{'-' * width}-+-{'-' * 36}-+-{'-' * 30}")
     for what, result, detail in rows:
-        print(f"{what:<{width}} | {result:<32} | {detail}")
+        print(f"{what:<{width}} | {result:<36} | {detail}")
 
 
 if __name__ == "__main__":

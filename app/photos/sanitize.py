@@ -3,7 +3,8 @@
 An upload is trusted only after Pillow has decoded every pixel of it with a formats allow-list
 (JPEG, PNG, WebP, HEIF/HEIC), never because of its extension or Content-Type. What we store is a
 JPEG re-encoded from those pixels with no metadata at all: no EXIF (so no GPS position), no XMP,
-no ICC profile, no comments. The EXIF orientation is applied first so the pixels stand upright.
+no ICC profile, no comments. The EXIF orientation is read (defensively, never written back) and
+applied, so the pixels stand upright.
 
 Every refusal is a :class:`PhotoRejected` whose message is a sentence a person understands and can
 act on ("IMG_1.heic: 48 MB is over the 25 MB limit"). The client's filename is only ever shown to
@@ -14,17 +15,21 @@ Torch-free on purpose: the web process imports this (Pillow, pillow-heif and num
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import math
+import re
 import tempfile
+import time
 import unicodedata
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
-from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
 from app.config import Settings
 
@@ -42,6 +47,15 @@ BLUR_THRESHOLD = 40.0
 HASH_SIZE = 8  # dHash of 8x8 = 64 bits
 DUPLICATE_MAX_BITS = 4  # Hamming distance at or below which two photos count as near-duplicates
 MAX_NAME_LENGTH = 255
+# A progressive JPEG is sent as scans, and each scan costs a pass over every 8×8 block of the picture
+# however few bytes it carries: one scan repeated 30,000 times is a 1 MB file that decodes for a
+# minute. libjpeg's progressive script (what Pillow, ImageMagick and most software write) uses 10
+# scans for colour and 6 for grey; 100 leaves ten times that, and 100 near-empty scans of a
+# 50-megapixel picture decode in well under a second (bench/web.py, docs/benchmarks.md).
+MAX_JPEG_SCANS = 100
+STRIP_PIXELS = 1 << 20  # pixels per strip when converting a decoded picture (4 MB at 4 bytes a pixel)
+
+log = logging.getLogger(__name__)
 
 # Magic numbers of files people upload by mistake, only to name them in the refusal. These are
 # never decoded: the allow-list above is the one thing that decides what is an image.
@@ -167,89 +181,366 @@ def hash_distance(first: str, second: str) -> int:
     return (int(first, 16) ^ int(second, 16)).bit_count()
 
 
-def _to_srgb(image: Image.Image) -> Image.Image:
-    """Convert pixels tagged with an ICC profile (e.g. Display P3) to sRGB before the profile is dropped.
+# --- bounding the work before decoding -------------------------------------------------------------
 
-    Dropping the profile without converting would shift the colours of wide-gamut phone photos.
+# A marker inside entropy-coded JPEG data: 0xFF followed by anything but a stuffed zero, a restart
+# marker (0xD0–0xD7) or another 0xFF (fill bytes before a marker).
+_JPEG_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field
+
+
+SCAN_READ_BLOCK = 1 << 20  # the JPEG is read in blocks of this size to count its scans
+
+
+class _Window:
+    """A stream read forwards by absolute position, holding about one block of it in memory."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.base = 0  # the stream position of buffer[0]
+        self.buffer = b""
+
+    def cover(self, position: int, count: int) -> int | None:
+        """The index of ``position`` in ``buffer``, which then holds ``count`` bytes from there on;
+        None when the stream ends first. Reads (and copies) only when the buffer runs out."""
+        if position < self.base or position > self.base + len(self.buffer):
+            self.stream.seek(position)
+            self.base, self.buffer = position, b""
+        if position + count > self.base + len(self.buffer):
+            self.buffer = self.buffer[position - self.base :]
+            self.base = position
+            while len(self.buffer) < count:
+                block = self.stream.read(max(SCAN_READ_BLOCK, count - len(self.buffer)))
+                if not block:
+                    return None
+                self.buffer += block
+        return position - self.base
+
+
+def jpeg_scan_count(stream: BinaryIO, stop_after: int) -> int:
+    """How many scans (SOS segments) the first image of a JPEG stream has, counting up to ``stop_after + 1``.
+
+    Walks the marker segments by their lengths and skips each scan's entropy-coded data up to the
+    next marker, so bytes inside metadata or inside scans are never taken for a marker. Stops at the
+    end-of-image marker, at the first byte that is not a marker (the decoder will refuse the file) or
+    once there are more than ``stop_after`` scans. Reads the stream from its start, a block at a time.
     """
-    icc = image.info.get("icc_profile")
-    if not icc or image.mode not in ("RGB", "RGBA", "CMYK"):
-        return image
-    try:
-        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        output_mode = "RGBA" if image.mode == "RGBA" else "RGB"
-        converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode=output_mode)
-    except (ImageCms.PyCMSError, OSError, ValueError):
-        return image  # a broken profile: keep the pixels as they are rather than refuse the photo
-    return converted if converted is not None else image
+    window = _Window(stream)
+    scans = 0
+    position = 2  # after SOI
+    while (index := window.cover(position, 4)) is not None:
+        data = window.buffer
+        if data[index] != 0xFF:
+            break
+        marker = data[index + 1]
+        if marker == 0xFF:  # a fill byte
+            position += 1
+            continue
+        if marker == 0xD9:  # EOI: what follows is not this image
+            break
+        if marker in _JPEG_STANDALONE:
+            position += 2
+            continue
+        length = (data[index + 2] << 8) | data[index + 3]
+        if length < 2:
+            break
+        position += 2 + length
+        if marker != 0xDA:
+            continue
+        scans += 1
+        if scans > stop_after:
+            break
+        # The entropy-coded data runs up to the next marker: search for it a block at a time.
+        while True:
+            index = window.cover(position, 2)
+            if index is None:
+                return scans
+            found = _JPEG_MARKER_IN_SCAN.search(window.buffer, index)
+            if found is not None:
+                position = window.base + found.start()
+                break
+            position = window.base + len(window.buffer) - 1  # a final 0xFF pairs with the next block
+    return scans
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB pixels; transparent areas become white instead of whatever colour hides under alpha 0.
+def _coefficient_bytes(image: Image.Image) -> int:
+    """The DCT coefficient buffer libjpeg keeps for a JPEG of several scans: 2 bytes per coefficient,
+    64 per 8×8 block, for every block of every component at full size (``draft`` does not shrink it)."""
+    layers = getattr(image, "layer", None) or [("", 1, 1, 0)] * len(image.getbands())
+    h_max = max(layer[1] for layer in layers) or 1
+    v_max = max(layer[2] for layer in layers) or 1
+    width, height = image.size
+    total = 0
+    for _component, h, v, _table in layers:
+        blocks_wide = math.ceil(math.ceil(width * h / h_max) / 8)
+        blocks_high = math.ceil(math.ceil(height * v / v_max) / 8)
+        total += blocks_wide * blocks_high * 64 * 2
+    return total
 
-    16-bit grayscale (scanners, some PNG exports) is scaled down to 8 bits: Pillow's own conversion
-    would clip every value above 255 to white.
+
+# Bytes a decoded pixel occupies in Pillow: one for 1-bit, 8-bit grayscale and palette images, two for
+# 16-bit grayscale, four for everything else (Pillow stores RGB in four bytes too).
+def _pixel_bytes(mode: str) -> int:
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+# How many copies of the decoded pixels a format's decoder holds at its peak, beyond Pillow's own
+# image, as measured (peak RSS growth per pixel in a fresh process, tests/app/hostile_photos.py;
+# docs/benchmarks.md): WebP 16 bytes a pixel, as libwebp's animation decoder keeps two RGBA canvases
+# and Pillow copies the frame out as bytes before its own image; HEIC up to 7.3, libheif's RGB
+# buffer (3 bytes a pixel) next to Pillow's image.
+_DECODER_COPIES = {"WEBP": 3.0, "HEIF": 0.85}
+
+
+def decode_memory(image: Image.Image, scans: int) -> int:
+    """Bytes of memory decoding ``image`` (opened, not loaded) needs at its peak, from its header alone.
+
+    A JPEG of one scan is decoded at a reduced scale (see ``_decode``) and costs little. A JPEG of
+    several scans (progressive) keeps every DCT coefficient of the full-size picture, whatever the
+    scale. Other formats are decoded whole, then converted strip by strip (:func:`_working_copy`),
+    so the decoded pixels are the cost.
     """
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if image.mode != "F" else 1.0
-        return Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    width, height = image.size
+    if image.format == "JPEG":
+        scale = _jpeg_draft_scale(image.size)
+        output = -(-width // scale) * -(-height // scale) * 4
+        return output + (_coefficient_bytes(image) if scans > 1 else 0)
+    copies = 1.0 + _DECODER_COPIES.get(image.format or "", 0.0)
+    return int(width * height * _pixel_bytes(image.mode) * copies)
+
+
+def _jpeg_draft_scale(size: tuple[int, int]) -> int:
+    """The largest of 1, 2, 4, 8 that keeps both sides at least DRAFT_SIDE (libjpeg's DCT scaling)."""
+    scale = 1
+    while scale < 8 and min(size) // (scale * 2) >= DRAFT_SIDE:
+        scale *= 2
+    return scale
+
+
+class DecodeTooSlow(Exception):
+    """Raised from a read of the upload once its decoding has used up its CPU budget."""
+
+
+class _BudgetedReader:
+    """The upload's file as Pillow reads it, refusing further reads once the decoding thread has used
+    ``seconds`` of CPU. Pillow feeds its JPEG and PNG decoders 64 KiB at a time, so a decode that
+    costs far more than its bytes (whatever trick it uses) is stopped within one such read."""
+
+    def __init__(self, stream: BinaryIO, seconds: float) -> None:
+        self._stream = stream
+        self._deadline = time.thread_time() + seconds
+
+    def read(self, size: int = -1) -> bytes:
+        if time.thread_time() > self._deadline:
+            raise DecodeTooSlow()
+        return self._stream.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+# --- decoding --------------------------------------------------------------------------------------
 
 
 def _decode(name: str, stream: BinaryIO, settings: Settings) -> Image.Image:
-    """Open with the allow-list, check the size before decoding, then decode every pixel."""
+    """Open with the allow-list, bound the work from the headers, then decode every pixel.
+
+    Refused before any pixel is decoded: more pixels than settings.max_image_pixels, more than one
+    frame, a JPEG of more than MAX_JPEG_SCANS scans, and a picture whose decoding would need more
+    than settings.max_decode_bytes of memory (:func:`decode_memory`). While decoding, a decode that
+    uses more than settings.max_decode_cpu_seconds of CPU is stopped.
+    """
     _register_heif()
     limit = f"{settings.max_image_pixels / 1_000_000:.0f} megapixels"
-    # Pillow's limit is process-wide; it is put back afterwards so other code (and tests with a tighter
-    # limit) are not affected. Every web request sets the same value from the same settings.
-    previous_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-    with warnings.catch_warnings():
-        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a warning is a refusal here.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            stream.seek(0)
-            image = Image.open(stream, formats=list(ALLOWED_FORMATS))
-            width, height = image.size
-            if width * height > settings.max_image_pixels:
-                # Checked again by hand: not every plugin (HEIF) runs Pillow's own check.
-                raise PhotoRejected(name, f"{width}×{height} px is more than the {limit} we accept")
-            if getattr(image, "n_frames", 1) > 1:
-                raise PhotoRejected(name, "an animation or several pictures in one file; upload a single still photo")
-            if image.format == "JPEG":
-                # Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while both sides stay >= DRAFT_SIDE: a
-                # 12-megapixel phone photo decodes at 3 megapixels, a quarter of the memory and time,
-                # and is still far above the training resolution.
-                image.draft(image.mode, (DRAFT_SIDE, DRAFT_SIDE))
-            image.load()
-        except PhotoRejected:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise PhotoRejected(name, f"more pixels than the {limit} we accept") from None
-        except UnidentifiedImageError:
+    reader = cast(BinaryIO, _BudgetedReader(stream, settings.max_decode_cpu_seconds))
+    try:
+        stream.seek(0)
+        # Pillow's own size check (Image.MAX_IMAGE_PIXELS) stays as it is: the limit below is checked
+        # by hand before anything is decoded, and changing the process-wide value from several
+        # decoding threads at once would race.
+        image = Image.open(reader, formats=list(ALLOWED_FORMATS))
+        width, height = image.size
+        if width * height > settings.max_image_pixels:
+            # Checked by hand: not every plugin (HEIF) runs Pillow's own check.
+            raise PhotoRejected(name, f"{width}×{height} px is more than the {limit} we accept")
+        if getattr(image, "n_frames", 1) > 1:
+            raise PhotoRejected(name, "an animation or several pictures in one file; upload a single still photo")
+        scans = 1
+        if image.format == "JPEG":
+            scans = _count_scans(stream)
+            if scans > MAX_JPEG_SCANS:
+                raise PhotoRejected(
+                    name,
+                    f"a JPEG of more than {MAX_JPEG_SCANS} scans, which takes far too long to decode; "
+                    "save it again as a normal JPEG",
+                )
+        needed = decode_memory(image, scans)
+        if needed > settings.max_decode_bytes:
+            fitting = width * height * settings.max_decode_bytes // needed
+            advice = "a baseline (not progressive) JPEG" if image.format == "JPEG" else "a JPEG"
             raise PhotoRejected(
-                name, f"not an image we can read{_format_hint(stream)}; use JPEG, PNG, WebP or HEIC"
-            ) from None
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            detail = "incomplete (truncated)" if "truncated" in str(exc) else "damaged and cannot be decoded"
-            raise PhotoRejected(name, f"{detail}; try exporting or uploading it again") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous_limit
+                name,
+                f"{width}×{height} px is more than we can decode as {_format_label(image)} "
+                f"(about {fitting / 1_000_000:.0f} megapixels at most); save it smaller or as {advice}",
+            )
+        if image.format == "JPEG":
+            # Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while both sides stay >= DRAFT_SIDE: a
+            # 12-megapixel phone photo decodes at 3 megapixels, a quarter of the memory and time,
+            # and is still far above the training resolution.
+            image.draft(image.mode, (DRAFT_SIDE, DRAFT_SIDE))
+        image.load()
+    except PhotoRejected:
+        raise
+    except DecodeTooSlow:
+        raise PhotoRejected(name, "takes far too long to decode; save it again as a normal JPEG or PNG") from None
+    except Image.DecompressionBombError:
+        raise PhotoRejected(name, f"more pixels than the {limit} we accept") from None
+    except UnidentifiedImageError:
+        raise PhotoRejected(
+            name, f"not an image we can read{_format_hint(stream)}; use JPEG, PNG, WebP or HEIC"
+        ) from None
+    except Exception as exc:  # noqa: BLE001
+        # Pillow and its plugins parse hostile bytes here; whatever they raise (OSError, SyntaxError,
+        # struct.error, TypeError...) means this file cannot be decoded, never a server error.
+        log.info("upload %r refused: %s: %s", name, type(exc).__name__, exc)
+        detail = "incomplete (truncated)" if "truncated" in str(exc) else "damaged and cannot be decoded"
+        raise PhotoRejected(name, f"{detail}; try exporting or uploading it again") from None
     return image
+
+
+def _format_label(image: Image.Image) -> str:
+    if image.format == "JPEG":
+        return "a progressive JPEG"
+    return {"WEBP": "WebP", "HEIF": "HEIC"}.get(image.format or "", image.format or "this format")
+
+
+def _count_scans(stream: BinaryIO) -> int:
+    position = stream.tell()
+    try:
+        return jpeg_scan_count(stream, stop_after=MAX_JPEG_SCANS)
+    finally:
+        stream.seek(position)
+
+
+# --- orientation and colour ------------------------------------------------------------------------
+
+# EXIF orientation → the transpose that stands the picture upright (EXIF 2.32, tag 0x0112).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1–8) of a decoded image; 1 when it has none or its EXIF cannot be read.
+
+    Read only, never written back: the stored photo carries no metadata, so nothing is re-serialised
+    (Pillow's ``exif_transpose`` writes the EXIF again and fails on odd values in other tags). Any
+    error from parsing hostile EXIF means "no orientation", not a refusal: the pixels are fine.
+    """
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG)
+    except Exception:  # noqa: BLE001
+        return 1
+    if isinstance(value, int) and not isinstance(value, bool) and value in _UPRIGHT:
+        return value
+    return 1
+
+
+def _srgb_transform(image: Image.Image) -> ImageCms.ImageCmsTransform | None:
+    """A transform from the image's ICC profile (e.g. Display P3) to sRGB, or None when there is none to apply.
+
+    Dropping the profile without converting would shift the colours of wide-gamut phone photos. A
+    broken profile keeps the pixels as they are rather than refuse the photo.
+    """
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in ("RGB", "RGBA", "CMYK"):
+        return None
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        output_mode = "RGBA" if image.mode == "RGBA" else "RGB"
+        return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), image.mode, output_mode)
+    except Exception:  # noqa: BLE001  # hostile profile bytes: whatever LittleCMS or Pillow raises
+        return None
+
+
+def _rgb_strip(strip: Image.Image, transform: ImageCms.ImageCmsTransform | None) -> Image.Image:
+    """One strip of the decoded picture as RGB: colour-managed, transparent areas white, 16 bits scaled.
+
+    16-bit grayscale (scanners, some PNG exports) is scaled to 8 bits: Pillow's own conversion
+    would clip every value above 255 to white.
+    """
+    if transform is not None:
+        # On failure the strip keeps its own colours rather than the photo being refused.
+        with contextlib.suppress(Exception):
+            strip = ImageCms.applyTransform(strip, transform) or strip
+    mode = strip.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(strip, dtype=np.float32)
+        if mode != "F":
+            values /= 257.0
+        return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in strip.info):
+        rgba = strip.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return strip if mode == "RGB" else strip.convert("RGB")
+
+
+def _working_copy(image: Image.Image) -> Image.Image:
+    """The decoded picture as RGB, reduced by a whole factor while its long side stays >= MAX_LONG_SIDE
+    (what is stored) and its short side >= DRAFT_SIDE.
+
+    Converted strip by strip: the decoded picture plus a strip and the (smaller) result are all
+    that is ever in memory. Converting the whole picture at once made up to four full-size copies
+    (a 49-megapixel RGBA PNG grew the process by 934 MB). Where the JPEG decoder already scaled
+    (``draft``) the factor is 1.
+    """
+    width, height = image.size
+    factor = max(1, min(max(width, height) // MAX_LONG_SIDE, min(width, height) // DRAFT_SIDE))
+    transform = _srgb_transform(image)
+    if factor == 1 and image.mode == "RGB" and transform is None:
+        return image
+    rows = max(factor, STRIP_PIXELS // max(1, width) // factor * factor)
+    result = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows)))
+        strip.info = image.info  # the palette's transparency, for P images
+        rgb = _rgb_strip(strip, transform)
+        if factor > 1:
+            rgb = rgb.reduce(factor)
+        result.paste(rgb, (0, top // factor))
+    return result
 
 
 def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> SanitizedPhoto:
     """Decode, check and re-encode one uploaded file, or raise :class:`PhotoRejected` saying why.
 
     Checks, in order: byte size (settings.max_photo_bytes), decodable as JPEG/PNG/WebP/HEIF, pixel
-    count (settings.max_image_pixels, decompression bombs), a single frame, fully decodable (not
-    truncated), shorter side at least 256 px after the EXIF orientation, and not too blurry. A file
-    object is decoded where it lies (the multipart parser's spooled file), never copied whole into memory.
+    count (settings.max_image_pixels, decompression bombs), a single frame, the work and memory its
+    decoding needs (:func:`_decode`), fully decodable (not truncated), shorter side at least 256 px
+    after the EXIF orientation, and not too blurry. A file object is decoded where it lies (the
+    multipart parser's spooled file), never copied whole into memory.
     """
     name = display_name(filename)
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
@@ -261,13 +552,15 @@ def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> 
             name, f"{format_megabytes(size)} is over the {format_megabytes(settings.max_photo_bytes)} limit"
         )
     image = _decode(name, stream, settings)
+    orientation = exif_orientation(image)
     try:
-        # In place: a photo already upright (most are) is not copied.
-        ImageOps.exif_transpose(image, in_place=True)
-        rgb = _to_rgb(_to_srgb(image))
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise PhotoRejected(name, "damaged and cannot be decoded; try exporting it again") from exc
-    del image  # with a colour conversion, the decoded original is freed before the copies below
+        rgb = _working_copy(image)
+    except Exception as exc:  # noqa: BLE001  # conversions of hostile pixels: a refusal, not a 500
+        log.info("upload %r refused while converting: %s: %s", name, type(exc).__name__, exc)
+        raise PhotoRejected(name, "damaged and cannot be decoded; try exporting it again") from None
+    del image  # the full-size decoded pixels are freed before the copies below
+    if orientation in _UPRIGHT:
+        rgb = rgb.transpose(_UPRIGHT[orientation])
 
     width, height = rgb.size
     if min(width, height) < MIN_SHORT_SIDE:

@@ -23,7 +23,7 @@ from app.deps import (
 from app.galleries.files import photo_response
 from app.models import SUBJECT_KINDS, Job, Photo, Subject, User
 from app.subjects import repository, retention, service
-from app.subjects.forms import UploadDep, read_studio_upload
+from app.subjects.forms import UploadDep, decode_slots, read_studio_upload
 from app.subjects.schemas import (
     DEFAULT_IMAGES_PER_PROMPT,
     DEFAULT_QUALITY,
@@ -188,12 +188,16 @@ async def create_subject(request: Request, upload: UploadDep, storage: StorageDe
     per line), images_per_prompt, quality, consent) and 3–20 ``photos`` files; training is queued."""
 
     def create(session: Session, user: User) -> StudioCreated:
-        subject, job = service.create_studio(session, storage, settings, user, upload.form, upload.files)
+        subject, job = service.store_studio(session, storage, settings, user, checked)
         return StudioCreated(subject=subject_detail(session, subject), job=job_summary(job))
 
     try:
-        # Decoding and re-encoding photos is CPU work, and the queries block: both run off the event loop,
-        # in a session opened only now that the whole body has arrived.
+        # Three steps, no database session held across the long one: the owner's limits (nothing is
+        # decoded for an owner who may not start a studio now), the fields and photos (decoded in the
+        # process's decode slots, off the event loop), then the rows and files, in a session opened
+        # only now.
+        await run_as_api_user(request, lambda session, user: service.raise_if_limited(session, user, settings))
+        checked = await service.check_studio_in_slots(upload.form, upload.files, settings, decode_slots(request))
         created = await run_as_api_user(request, create)
     except service.StudioLimitReached as error:
         return JSONResponse(

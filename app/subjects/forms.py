@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.config import Settings
 from app.deps import MAX_FORM_FIELD_BYTES
+from app.photos.decoding import DecodeSlots
 from app.photos.sanitize import UploadSource
 from app.subjects.schemas import CreateStudio
 from app.subjects.service import too_many_photos_message
@@ -89,3 +90,12 @@ async def read_studio_upload(request: Request) -> StudioUpload:
 
 
 UploadDep = Annotated[StudioUpload, Depends(read_studio_upload)]
+
+
+def decode_slots(request: Request) -> DecodeSlots:
+    """The process's decode slots (app.photos.decoding), made on first use from the app's settings."""
+    slots: DecodeSlots | None = getattr(request.app.state, "decode_slots", None)
+    if slots is None:
+        settings: Settings = request.app.state.settings
+        slots = request.app.state.decode_slots = DecodeSlots(settings.upload_decode_concurrency)
+    return slots

@@ -27,7 +27,7 @@ from app.galleries.files import photo_response
 from app.models import Subject
 from app.photos.sanitize import format_megabytes
 from app.subjects import repository, retention, service
-from app.subjects.forms import StudioUpload, UploadDep, read_studio_upload
+from app.subjects.forms import StudioUpload, UploadDep, decode_slots, read_studio_upload
 from app.subjects.schemas import (
     DEFAULT_IMAGES_PER_PROMPT,
     DEFAULT_QUALITY,
@@ -165,13 +165,16 @@ async def create_studio(request: Request, storage: StorageDep, settings: Setting
     upload = _with_class_noun(upload)
 
     def create(session: Session, auth: Auth) -> Subject:
-        subject, _job = service.create_studio(
-            session, storage, settings, page_user_of(request, auth), upload.form, upload.files
-        )
+        subject, _job = service.store_studio(session, storage, settings, page_user_of(request, auth), checked)
         return subject
 
     try:
-        # In a session opened only now that the whole body has arrived (see app.deps.get_auth_briefly).
+        # As the API does (app.subjects.api.create_subject): the limits, then the photos decoded in
+        # the decode slots holding no session, then the rows in a session opened only now.
+        await run_in_request_session(
+            request, lambda session, auth: service.raise_if_limited(session, page_user_of(request, auth), settings)
+        )
+        checked = await service.check_studio_in_slots(upload.form, upload.files, settings, decode_slots(request))
         subject = await run_in_request_session(request, create)
     except service.StudioLimitReached as error:
         context = new_studio_context(settings, upload.values, message=str(error))

@@ -24,7 +24,8 @@ from app import rate_limits
 from app.config import Settings
 from app.jobs.service import format_duration
 from app.models import SUBJECT_KINDS, Job, Photo, Subject, User, utcnow
-from app.photos import sanitize_uploads
+from app.photos import SanitizedBatch, SanitizedPhoto, sanitize_uploads
+from app.photos.decoding import DecodeSlots
 from app.photos.sanitize import UploadSource
 from app.storage import Storage
 from app.storage.base import photo_key
@@ -231,6 +232,63 @@ def _track_until_commit(session: Session, storage: Storage, keys: Sequence[str])
     session.info.setdefault(_UNCOMMITTED_KEYS, []).extend((storage, key) for key in keys)
 
 
+@dataclass(frozen=True)
+class CheckedStudio:
+    """A creation request that passed every check: its fields and its sanitized photos, in order."""
+
+    valid: ValidStudio
+    photos: list[SanitizedPhoto]
+
+
+def _check_fields_and_count(
+    form: CreateStudio, files: Sequence[tuple[str, UploadSource]], settings: Settings
+) -> tuple[ValidStudio, StudioProblems]:
+    problems = StudioProblems()
+    valid = validate_fields(form, settings, problems)
+    if len(files) > settings.max_photos:
+        # Over the limit nothing is decoded: the refusal must not cost more than the request did.
+        problems.fields["photos"] = too_many_photos_message(settings, len(files))
+        raise StudioRejected(problems, too_large=True)
+    if len(files) < settings.min_photos:
+        problems.fields["photos"] = (
+            f"Add at least {settings.min_photos} photos (you added {len(files)}); "
+            f"{settings.min_photos} to {settings.max_photos} different shots work best."
+        )
+    return valid, problems
+
+
+def _checked(valid: ValidStudio, problems: StudioProblems, batch: SanitizedBatch) -> CheckedStudio:
+    problems.files.extend(FileProblem(refusal.filename, refusal.reason) for refusal in batch.rejections)
+    if problems:
+        raise StudioRejected(problems)
+    return CheckedStudio(valid=valid, photos=batch.photos)
+
+
+def check_studio(form: CreateStudio, files: Sequence[tuple[str, UploadSource]], settings: Settings) -> CheckedStudio:
+    """Every check of a creation request that needs no database: the fields, the photo count and each
+    photo (decoded here, in the calling thread). Raises :class:`StudioRejected` listing every problem."""
+    valid, problems = _check_fields_and_count(form, files, settings)
+    return _checked(valid, problems, sanitize_uploads(files, settings))
+
+
+async def check_studio_in_slots(
+    form: CreateStudio, files: Sequence[tuple[str, UploadSource]], settings: Settings, slots: DecodeSlots
+) -> CheckedStudio:
+    """:func:`check_studio` for a web request: the photos are decoded in the process's decode slots,
+    while the request holds no database session (see app.photos.decoding)."""
+    valid, problems = _check_fields_and_count(form, files, settings)
+    return _checked(valid, problems, await slots.sanitize_uploads(files, settings))
+
+
+def raise_if_limited(session: Session, owner: User, settings: Settings) -> None:
+    """Raise the :class:`StudioLimitReached` that keeps ``owner`` from starting a studio now, if any.
+
+    Checked before the photos are decoded, so an owner at a limit costs no decoding."""
+    limit = studio_limit(session, owner, settings)
+    if limit is not None:
+        raise limit
+
+
 def create_studio(
     session: Session,
     storage: Storage,
@@ -246,28 +304,21 @@ def create_studio(
     :class:`StudioRejected` listing every problem (fields, photo count, each refused file) when
     anything is wrong; then nothing was stored. On success the Subject, its Photo rows and a queued
     training Job are flushed, the sanitized photos are in storage, and "training.run" is sent once
-    the caller's transaction commits.
+    the caller's transaction commits. The photos are decoded in the calling thread, inside
+    ``session``; web requests use :func:`check_studio_in_slots` and :func:`store_studio` instead.
     """
-    limit = studio_limit(session, owner, settings)
-    if limit is not None:
-        raise limit
+    raise_if_limited(session, owner, settings)
+    return store_studio(session, storage, settings, owner, check_studio(form, files, settings))
 
-    problems = StudioProblems()
-    valid = validate_fields(form, settings, problems)
-    if len(files) > settings.max_photos:
-        # Over the limit nothing is decoded: the refusal must not cost more than the request did.
-        problems.fields["photos"] = too_many_photos_message(settings, len(files))
-        raise StudioRejected(problems, too_large=True)
-    if len(files) < settings.min_photos:
-        problems.fields["photos"] = (
-            f"Add at least {settings.min_photos} photos (you added {len(files)}); "
-            f"{settings.min_photos} to {settings.max_photos} different shots work best."
-        )
-    batch = sanitize_uploads(files, settings)
-    problems.files.extend(FileProblem(refusal.filename, refusal.reason) for refusal in batch.rejections)
-    if problems:
-        raise StudioRejected(problems)
 
+def store_studio(
+    session: Session, storage: Storage, settings: Settings, owner: User, checked: CheckedStudio
+) -> tuple[Subject, Job]:
+    """Store a checked request: the photos in storage, the Subject, Photo and Job rows flushed, and
+    "training.run" sent after commit. The owner's limits are checked again here, in the transaction
+    that records the studio, since other requests may have started studios while this one decoded."""
+    raise_if_limited(session, owner, settings)
+    valid = checked.valid
     now = utcnow()
     subject = Subject(
         id=uuid.uuid4(),
@@ -285,7 +336,7 @@ def create_studio(
     stored: list[str] = []
     try:
         photos: list[Photo] = []
-        for position, sanitized in enumerate(batch.photos):
+        for position, sanitized in enumerate(checked.photos):
             photo_id = uuid.uuid4()
             key = photo_key(owner.id, subject.id, photo_id)
             storage.put_bytes(key, sanitized.jpeg_bytes, "image/jpeg")

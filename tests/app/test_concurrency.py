@@ -16,8 +16,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from sqlalchemy import Engine
 
@@ -83,3 +85,58 @@ def test_a_slow_upload_holds_no_session_while_its_body_arrives(settings: Setting
             other = httpx.get(f"{url}/api/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=10)
             assert other.status_code == 200
             assert time.monotonic() - started < 5, "another request waited for the upload's session"
+
+
+def test_photos_decode_in_slots_of_their_own_not_in_a_session(
+    settings: Settings, clean_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two uploads decode while the process has one session slot: other requests are still answered,
+    and no more photos decode at once than ``upload_decode_concurrency`` allows."""
+    from app.photos import sanitize
+    from tests.app.photo_factory import make_photos
+
+    real_sanitize = sanitize.sanitize_upload
+    entered = threading.Event()
+    release = threading.Event()
+    lock = threading.Lock()
+    decoding = [0, 0]  # now, most at once
+
+    def slow_sanitize(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            decoding[0] += 1
+            decoding[1] = max(decoding[1], decoding[0])
+        entered.set()
+        try:
+            assert release.wait(30), "the test never released the decoders"
+            return real_sanitize(*args, **kwargs)
+        finally:
+            with lock:
+                decoding[0] -= 1
+
+    monkeypatch.setattr(sanitize, "sanitize_upload", slow_sanitize)
+    one_decoder = settings.model_copy(update={"upload_decode_concurrency": 1, "max_active_jobs_per_user": 5})
+    with serving(one_decoder) as url:
+        headers = {"Authorization": f"Bearer {bearer_token(url)}"}
+        files = [("photos", (name, data, "image/jpeg")) for name, data in make_photos(3)]
+        statuses: list[int] = []
+
+        def upload(seed_name: str) -> None:
+            form = {"name": seed_name, "kind": "dog", "consent": "yes"}
+            statuses.append(httpx.post(f"{url}/api/v1/subjects", data=form, files=files, headers=headers,
+                                       timeout=60).status_code)
+
+        uploads = [threading.Thread(target=upload, args=(name,)) for name in ("Rex", "Bo")]
+        for thread in uploads:
+            thread.start()
+        try:
+            assert entered.wait(30), "no photo started decoding"
+            started = time.monotonic()
+            other = httpx.get(f"{url}/api/v1/me", headers=headers, timeout=10)
+            assert other.status_code == 200
+            assert time.monotonic() - started < 5, "another request waited for a decoding upload's session"
+        finally:
+            release.set()
+            for thread in uploads:
+                thread.join(60)
+    assert decoding[1] == 1
+    assert sorted(statuses) == [201, 201]  # near-duplicate photos across studios are fine

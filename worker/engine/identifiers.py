@@ -7,8 +7,14 @@ tokenizer's own vocabulary. Two well-known mistakes are avoided here:
 - "sks" (the default of many trainers) is a rifle, and leaks guns into pictures;
 - random strings such as "xxy5syt00" split into several common tokens, so they are not rare at all.
 
-A CLIP BPE vocabulary lists merges roughly in order of frequency, so late ids are rarer tokens; the
-identifier is drawn from the rarer half of the eligible word-final tokens.
+A BPE vocabulary lists merges roughly in order of frequency, so late ids are rarer tokens; the
+identifier is drawn from the rarer half of the eligible whole-word tokens. Two kinds of BPE are
+understood, told apart by how they tokenize " a":
+
+- CLIP's (SD, SDXL): lower case, a word's last token ends with ``</w>``;
+- byte-level BPE of the LLM text encoders (Qwen for FLUX.2 klein and Z-Image, GPT-2 style): a word
+  inside a sentence carries its leading space as ``Ġ``, so a whole-word token is ``Ġ`` + the word,
+  and the identifier must be that one token where prompts put it ("a photo of [V] dog").
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Protocol
 from worker.engine.errors import EngineInputError
 
 WORD_END = "</w>"
+WORD_START = "Ġ"  # byte-level BPE: the leading space of a word inside a sentence
 MAX_IDENTIFIER_CHARS = 3
 MIN_IDENTIFIER_CHARS = 2  # one letter is almost always a word ("a", "i") or an initial
 # Tokens never chosen even when they pass every other test: "sks" is a rifle, the rest are
@@ -48,17 +55,41 @@ def is_dictionary_word(word: str) -> bool:
     return word.lower() in _dictionary()
 
 
+def is_byte_level(tokenizer: Tokenizer) -> bool:
+    """True for a byte-level BPE tokenizer (words inside a sentence start with ``Ġ``), False for CLIP's."""
+    tokens = tokenizer.tokenize(" a")
+    return bool(tokens) and tokens[-1].startswith(WORD_START)
+
+
+def _word_token(tokenizer: Tokenizer, word: str, byte_level: bool | None = None) -> str:
+    """The vocabulary entry that ``word`` is when it is one token inside a sentence."""
+    if byte_level is None:
+        byte_level = is_byte_level(tokenizer)
+    return WORD_START + word if byte_level else word + WORD_END
+
+
+def _word_of(token: str, byte_level: bool) -> str | None:
+    """The word a whole-word vocabulary entry stands for, or None for a piece of a word."""
+    if byte_level:
+        return token[len(WORD_START):] if token.startswith(WORD_START) else None
+    return token[: -len(WORD_END)] if token.endswith(WORD_END) else None
+
+
 def eligible_identifiers(tokenizer: Tokenizer) -> list[str]:
     """Every token that could serve as [V], ordered from the most common to the rarest (by vocab id).
 
-    Eligible: a word-final token of 2-3 lowercase ASCII letters that is not an English word and not
-    blocked. (CLIP lowercases its input, so upper-case vocabulary entries can never be produced.)
+    Eligible: a whole-word token (CLIP: word-final; byte-level BPE: with its leading space) of 2-3
+    lowercase ASCII letters that is not an English word and not blocked. (CLIP lowercases its
+    input, so upper-case vocabulary entries can never be produced; identifiers are lower case for
+    every tokenizer.)
     """
+    byte_level = is_byte_level(tokenizer)
     candidates: list[tuple[int, str]] = []
     for token, token_id in tokenizer.get_vocab().items():
-        if not token.endswith(WORD_END):
+        word = _word_of(token, byte_level)
+        if word is None:
             continue
-        text = token[: -len(WORD_END)]
+        text = word
         if not (MIN_IDENTIFIER_CHARS <= len(text) <= MAX_IDENTIFIER_CHARS):
             continue
         if not (text.isascii() and text.isalpha() and text.islower()):
@@ -77,12 +108,17 @@ def _check_class_noun(class_noun: str) -> str:
 
 
 def is_single_token(tokenizer: Tokenizer, identifier: str, class_noun: str) -> bool:
-    """True when "identifier class_noun" tokenizes with the identifier as exactly one token."""
-    tokens = tokenizer.tokenize(f"{identifier} {class_noun}")
-    noun_tokens = tokenizer.tokenize(class_noun)
+    """True when "identifier class_noun" tokenizes with the identifier as exactly one token.
+
+    Byte-level BPE is checked inside a sentence (" identifier class_noun"), where prompts put it.
+    """
+    byte_level = is_byte_level(tokenizer)
+    prefix = " " if byte_level else ""
+    tokens = tokenizer.tokenize(f"{prefix}{identifier} {class_noun}")
+    noun_tokens = tokenizer.tokenize(f"{prefix}{class_noun}")
     return (
         len(tokens) == 1 + len(noun_tokens)
-        and tokens[0] == identifier.lower() + WORD_END
+        and tokens[0] == _word_token(tokenizer, identifier.lower(), byte_level)
         and tokens[1:] == noun_tokens
     )
 
@@ -133,7 +169,7 @@ def validate_identifier(tokenizers: Tokenizer | Sequence[Tokenizer], identifier:
     for tokenizer in _as_list(tokenizers):
         if is_single_token(tokenizer, text, noun):
             continue
-        pieces = tokenizer.tokenize(text)
+        pieces = tokenizer.tokenize(f" {text}" if is_byte_level(tokenizer) else text)
         raise EngineInputError(
             f"identifier {identifier!r} is not one token of the base model's tokenizer "
             f"(it splits into {len(pieces)}: {' '.join(pieces)})"

@@ -21,6 +21,13 @@ than the UNet for people, noise offset 0.0357 as SDXL itself was trained with). 
 the 2.6B-parameter UNet and its optimizer state do not fit a 24 GB card, and a rank-64 LoRA is
 what the best presets of those trainers use instead.
 
+FLUX.2 klein and Z-Image (``FAMILY_RECIPES["flux2"]``, ``["zimage"]``) are flow-matching
+transformers trained by LoRA only (their text encoder is an LLM that is never trained), without
+Min-SNR (a DDPM weighting) and without offset noise. Anchors: the Replicate/ostris FLUX trainer
+(1000 steps, lr 4e-4, rank 16) for klein; ai-toolkit's Z-Image-Turbo preset (lr 1e-4, rank 16–32:
+a distilled model drifts from its few-step behaviour at higher rates) for Z-Image; diffusers'
+DreamBooth LoRA scripts for both (prior preservation with λ = 1).
+
 ``resolution`` is left at 512 (SD 1.x); pass ``resolution=model.resolution`` for other models.
 """
 
@@ -82,6 +89,26 @@ FAMILY_RECIPES: dict[str, dict[tuple[Subject, Quality], dict[str, Any]]] = {
                              "train_text_encoder": True, "num_class_images": 300, "checkpoint_every": 200},
     },
 }
+
+
+def _flow_presets(learning_rate: float) -> dict[tuple[Subject, Quality], dict[str, Any]]:
+    shared: dict[str, Any] = {"method": "lora", "min_snr_gamma": None, "offset_noise": 0.0, "resolution": 1024,
+                              "train_text_encoder": False, "learning_rate": learning_rate}
+    return {
+        ("pet", "fast"): {**shared, "rank": 16, "steps": 500, "num_class_images": 100, "checkpoint_every": 100},
+        ("pet", "balanced"): {**shared, "rank": 16, "steps": 1000, "num_class_images": 200, "checkpoint_every": 200},
+        ("pet", "best"): {**shared, "rank": 32, "steps": 1500, "learning_rate": learning_rate / 2,
+                          "num_class_images": 200, "checkpoint_every": 250},
+        ("person", "fast"): {**shared, "rank": 16, "steps": 750, "num_class_images": 100, "checkpoint_every": 150},
+        ("person", "balanced"): {**shared, "rank": 32, "steps": 1000, "num_class_images": 200,
+                                 "checkpoint_every": 200},
+        ("person", "best"): {**shared, "rank": 64, "steps": 1500, "learning_rate": learning_rate / 2,
+                             "num_class_images": 300, "checkpoint_every": 250},
+    }
+
+
+FAMILY_RECIPES["flux2"] = _flow_presets(4e-4)
+FAMILY_RECIPES["zimage"] = _flow_presets(1e-4)
 
 
 def _check(subject: str, quality: str) -> tuple[Subject, Quality]:

@@ -59,7 +59,6 @@ from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Thro
 from worker.engine.weights import (
     LORA_WEIGHTS_FILE,
     RUN_FILE,
-    export_kohya_lora,
     move,
 )
 
@@ -602,8 +601,9 @@ def _save_outputs(run_dir: Path, model: BaseModel, trainables: _Trainables) -> l
         (staging / LORA_WEIGHTS_FILE).replace(run_dir / LORA_WEIGHTS_FILE)
         shutil.rmtree(staging, ignore_errors=True)
         written = [LORA_WEIGHTS_FILE]
-        if family.kohya_prefixes:
-            written.append(export_kohya_lora(run_dir, family).name)
+        exported = family.export_tool_lora(run_dir)
+        if exported is not None:
+            written.append(exported.name)
         return written
     written = []
     for name, module in trainables.modules.items():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
+import time
+import zlib
 from typing import Any
 
 import numpy as np
@@ -10,18 +13,23 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from app.config import Settings
+from app.photos import sanitize as sanitize_module
 from app.photos.sanitize import (
     BLUR_THRESHOLD,
+    MAX_JPEG_SCANS,
     MAX_LONG_SIDE,
+    SCAN_READ_BLOCK,
     PhotoRejected,
     SanitizedPhoto,
     display_name,
     hash_distance,
+    jpeg_scan_count,
     near_duplicates,
     sanitize_upload,
     sanitize_uploads,
     sharpness,
 )
+from tests.app import hostile_photos
 from tests.app import photo_factory as factory
 
 
@@ -265,3 +273,128 @@ def test_sanitized_photos_wait_in_a_spool_that_reads_back_whole(upload_settings:
     assert photo.byte_size == len(data) > 0
     assert photo.jpeg_bytes == data  # reading again gives the same bytes
     assert decode(photo).size == (photo.width, photo.height)
+
+
+# --- hostile uploads (issue 11): the work bounded before decoding, EXIF that cannot crash -----------
+
+
+def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_quickly(upload_settings: Settings) -> None:
+    bomb = hostile_photos.scan_bomb(4096, 4096, extra_scans=30_000)
+    assert len(bomb) < 1_000_000  # under a megabyte, yet decoding it walks 16 megapixels 30,000 times
+    started = time.monotonic()
+    reason = refusal("slow.jpg", bomb, upload_settings).reason
+    assert time.monotonic() - started < 5, "the scans were decoded before the refusal"
+    assert f"more than {MAX_JPEG_SCANS} scans" in reason
+
+
+def test_a_normal_progressive_jpeg_is_accepted(upload_settings: Settings) -> None:
+    data = factory.make_photo(30, size=(1600, 1200), progressive=True)
+    assert len(hostile_photos.jpeg_scans(data)) == 10  # libjpeg's standard progressive script
+    photo = sanitize_upload("progressive.jpg", data, upload_settings)
+    assert (photo.width, photo.height) == (1600, 1200)
+
+
+@pytest.mark.parametrize("block", [1, 5, 4096, SCAN_READ_BLOCK])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"progressive": True},
+        {},
+        {"progressive": True, "restart_marker_blocks": 1},  # RST markers inside the scans
+        {"progressive": True, "icc_profile": b"\xff\xda" * 500, "comment": b"\xff\xda\xff\xd9"},  # markers in metadata
+    ],
+)
+def test_scans_are_counted_whatever_the_read_block(
+    block: int, options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sanitize_module, "SCAN_READ_BLOCK", block)
+    for mode in ("RGB", "L"):
+        data = factory.encode(factory.photo_image(31, size=(300, 200)).convert(mode), "JPEG", **options)
+        expected = len(hostile_photos.jpeg_scans(data))
+        assert jpeg_scan_count(io.BytesIO(data), stop_after=1000) == expected
+    assert jpeg_scan_count(io.BytesIO(hostile_photos.scan_bomb(64, 64, 500)), stop_after=100) == 101  # stops early
+
+
+def test_decode_memory_sets_each_formats_pixel_limit(upload_settings: Settings) -> None:
+    # 1200×1000 px: 4.8 MB of decoded RGB(A). A baseline JPEG or an RGBA PNG fits a 6 MB budget; a
+    # progressive JPEG needs its 4:4:4 DCT coefficients as well (+7.2 MB), a WebP four copies.
+    budget = upload_settings.model_copy(update={"max_decode_bytes": 6_000_000})
+    image = factory.photo_image(32, size=(1200, 1000))
+    assert sanitize_upload("baseline.jpg", factory.encode(image, "JPEG", subsampling=0), budget).width == 1200
+    assert sanitize_upload("alpha.png", factory.encode(image.convert("RGBA"), "PNG"), budget).width == 1200
+    progressive = factory.encode(image, "JPEG", progressive=True, subsampling=0)
+    assert "at most" in refusal("progressive.jpg", progressive, budget).reason
+    reason = refusal("big.webp", factory.encode(image, "WEBP"), budget).reason
+    assert reason.startswith("1200×1000 px is more than we can decode as WebP") and "megapixels" in reason
+
+
+def test_a_decode_over_its_cpu_budget_is_stopped(upload_settings: Settings) -> None:
+    no_time = upload_settings.model_copy(update={"max_decode_cpu_seconds": 0.0})
+    data = hostile_photos.png_16bit_grey(3000, 3000)  # 9 MP to inflate: far more than no time at all
+    assert "too long to decode" in refusal("slow.png", data, no_time).reason
+
+
+# EXIF a camera never writes: each made sanitize_upload raise (HTTP 500) before, now each is accepted.
+_RATIONAL, _ASCII, _SHORT, _UNDEFINED = 5, 2, 3, 7
+
+
+def _tiff(*entries: tuple[int, int, int, bytes]) -> bytes:
+    """A little-endian TIFF header with one IFD of (tag, type, count, 4-byte value) entries."""
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI", *entry[:3]) + entry[3] for entry in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00\x00\x00\x00"
+
+
+ORIENTATION_6 = (0x0112, _SHORT, 1, struct.pack("<HH", 6, 0))
+# The first two were found by hand, the others by tests/app/photos/test_sanitize_fuzz.py; each made
+# Pillow's exif_transpose fail rewriting the EXIF (TypeError, struct.error, AttributeError).
+MALFORMED_EXIF = {
+    "text in a rational tag": _tiff(ORIENTATION_6, (0x011A, _ASCII, 4, b"abc\x00")),
+    "text in a short tag": _tiff(ORIENTATION_6, (0x0128, _ASCII, 4, b"ab\x00\x00")),
+    "bytes in a rational tag": _tiff(ORIENTATION_6, (0x011A, _UNDEFINED, 4, b"\x01\x02\x03\x04")),
+    "a rational in a text tag": _tiff(ORIENTATION_6, (0x0110, _RATIONAL, 1, struct.pack("<I", 8))),
+}
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("case", sorted(MALFORMED_EXIF))
+def test_malformed_exif_is_accepted_and_its_orientation_applied(
+    upload_settings: Settings, image_format: str, case: str
+) -> None:
+    exif = MALFORMED_EXIF[case]
+    if image_format != "PNG":
+        exif = b"Exif\0\0" + exif  # the APP1 / WebP EXIF chunk's header; PNG's eXIf chunk has none
+    data = factory.encode(factory.photo_image(33), image_format, exif=exif)
+    photo = sanitize_upload(f"odd.{image_format.lower()}", data, upload_settings)
+    assert (photo.width, photo.height) == factory.DEFAULT_SIZE[::-1]  # orientation 6 was still applied
+    assert not decode(photo).getexif()
+
+
+def test_unreadable_exif_in_a_png_is_ignored_not_refused(upload_settings: Settings) -> None:
+    data = factory.encode(factory.photo_image(34), "PNG", exif=b"\x00\x01\x02 not a TIFF header")
+    assert sanitize_upload("odd.png", data, upload_settings).width == factory.DEFAULT_SIZE[0]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        (0x0112, 11, 1, struct.pack("<f", 6.0)),  # a float
+        (0x0112, _ASCII, 2, b"6\x00\x00\x00"),  # text
+        (0x0112, _SHORT, 1, struct.pack("<HH", 9, 0)),  # out of range
+        (0x0112, _SHORT, 1, struct.pack("<HH", 0, 0)),
+    ],
+)
+def test_an_orientation_that_is_not_one_of_the_eight_is_ignored(
+    upload_settings: Settings, entry: tuple[int, int, int, bytes]
+) -> None:
+    data = factory.encode(factory.photo_image(35), "JPEG", exif=b"Exif\0\0" + _tiff(entry))
+    photo = sanitize_upload("odd.jpg", data, upload_settings)
+    assert (photo.width, photo.height) == factory.DEFAULT_SIZE
+
+
+def test_a_png_with_a_broken_chunk_after_its_pixels_is_refused_not_an_error(upload_settings: Settings) -> None:
+    # Found by tests/app/photos/test_sanitize_fuzz.py: an iCCP chunk of one NUL byte after the image
+    # data made Pillow raise IndexError while finishing the load (HTTP 500 before).
+    png = factory.encode(factory.photo_image(36), "PNG")
+    chunk = struct.pack(">I", 1) + b"iCCP\x00" + struct.pack(">I", zlib.crc32(b"iCCP\x00"))
+    data = png[:-12] + chunk + png[-12:]
+    assert "damaged" in refusal("odd.png", data, upload_settings).reason

@@ -5,18 +5,26 @@ from __future__ import annotations
 import pytest
 
 from worker.engine.errors import EngineInputError
+from worker.engine.families.qwen import tiny_qwen_tokenizer
 from worker.engine.identifiers import (
     choose_identifier,
     eligible_identifiers,
+    is_byte_level,
     is_dictionary_word,
     validate_identifier,
 )
 from worker.engine.models import tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer():  # type: ignore[no-untyped-def]
-    return tiny_tokenizer()
+@pytest.fixture(scope="module", params=["clip", "byte-level"])
+def tokenizer(request):  # type: ignore[no-untyped-def]
+    """The CLIP BPE of the UNet families and the byte-level BPE (Qwen format) of the LLM-conditioned ones."""
+    return tiny_tokenizer() if request.param == "clip" else tiny_qwen_tokenizer()
+
+
+def whole_word(tokenizer, word: str) -> str:  # type: ignore[no-untyped-def]
+    """How ``word`` is spelled as one token inside a sentence: ``word</w>`` (CLIP) or ``Ġword`` (byte-level)."""
+    return f"\u0120{word}" if is_byte_level(tokenizer) else f"{word}</w>"
 
 
 @pytest.mark.parametrize("class_noun", ["dog", "cat", "person", "teddy bear"])
@@ -27,8 +35,8 @@ def test_identifier_is_one_rare_token_and_not_a_word(tokenizer, class_noun: str,
     assert 2 <= len(identifier) <= 3 and identifier.isalpha() and identifier.islower()
     assert not is_dictionary_word(identifier)
     tokens = tokenizer.tokenize(f"a photo of {identifier} {class_noun}")
-    assert tokens[3] == identifier + "</w>"
-    assert tokens[4:] == tokenizer.tokenize(class_noun)
+    assert tokens[3] == whole_word(tokenizer, identifier)
+    assert tokens[4:] == tokenizer.tokenize(f" {class_noun}" if is_byte_level(tokenizer) else class_noun)
 
 
 def test_identifier_is_deterministic_per_seed_and_varies_with_seed(tokenizer) -> None:
@@ -45,7 +53,7 @@ def test_identifier_comes_from_the_rarer_part_of_the_vocabulary(tokenizer) -> No
     for seed in range(10):
         identifier = choose_identifier(tokenizer, "dog", seed=seed)
         assert identifier in rarer
-        assert vocab[identifier + "</w>"] >= vocab[ordered[len(ordered) // 2] + "</w>"]
+        assert vocab[whole_word(tokenizer, identifier)] >= vocab[whole_word(tokenizer, ordered[len(ordered) // 2])]
 
 
 def test_eligible_tokens_exclude_sks_words_and_numbers(tokenizer) -> None:
@@ -81,6 +89,25 @@ def test_empty_class_noun_is_refused(tokenizer) -> None:
         choose_identifier(tokenizer, "  ")
 
 
+def test_the_kind_of_tokenizer_is_told_apart() -> None:
+    assert is_byte_level(tiny_qwen_tokenizer())
+    assert not is_byte_level(tiny_tokenizer())
+
+
+def test_byte_level_identifiers_are_whole_words_with_their_leading_space() -> None:
+    tokenizer = tiny_qwen_tokenizer()
+    vocab = tokenizer.get_vocab()
+    for identifier in eligible_identifiers(tokenizer):
+        assert "\u0120" + identifier in vocab
+    # A piece of a word (no leading-space marker) is never a candidate, even when it is 2-3 letters.
+    pieces = {token for token in vocab if token.isascii() and token.isalpha() and token.islower()
+              and 2 <= len(token) <= 3 and "\u0120" + token not in vocab and not is_dictionary_word(token)}
+    assert pieces and not pieces & set(eligible_identifiers(tokenizer))
+    chosen = choose_identifier(tokenizer, "dog", seed=0)
+    assert tokenizer.tokenize(f"a photo of {chosen} dog") == ["a", "\u0120photo", "\u0120of", "\u0120" + chosen,
+                                                               "\u0120dog"]
+
+
 class _Splitting:
     """A second tokenizer (SDXL has two) that splits one particular token into two pieces."""
 
@@ -92,10 +119,12 @@ class _Splitting:
 
     def tokenize(self, text: str) -> list[str]:
         tokens = list(self.inner.tokenize(text))
-        target = self.splits + "</w>"
+        target = whole_word(self.inner, self.splits)
         if target in tokens:
             at = tokens.index(target)
-            tokens[at: at + 1] = [self.splits[0], self.splits[1:] + "</w>"]
+            first, rest = self.splits[0], self.splits[1:]
+            pieces = ["\u0120" + first, rest] if is_byte_level(self.inner) else [first, rest + "</w>"]
+            tokens[at: at + 1] = pieces
         return tokens
 
 

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from worker.engine.families import sd, sdxl
+from worker.engine.families import flux2, sd, sdxl, zimage
 from worker.engine.families.base import Family
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (sd.StableDiffusion(), sdxl.StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (sd.StableDiffusion(), sdxl.StableDiffusionXL(),
+                                                                  flux2.Flux2Klein(), zimage.ZImage())}
 
 # Built-in name → (family, builder). A builder makes (modules, tokenizers, training schedule,
 # resolution) with random weights from the current RNG, given the shipped tiny CLIP tokenizer.
@@ -27,6 +28,10 @@ BUILTINS: dict[str, tuple[str, Builder]] = {
     "sd15-arch": ("sd", sd.build),
     "tiny-sdxl": ("sdxl", sdxl.build),
     "sdxl-arch": ("sdxl", sdxl.build),
+    "tiny-flux2": ("flux2", flux2.build),
+    "flux2-klein-arch": ("flux2", flux2.build),
+    "tiny-zimage": ("zimage", zimage.build),
+    "zimage-arch": ("zimage", zimage.build),
 }
 
 

@@ -204,6 +204,16 @@ class Family(ABC):
             arguments[f"{key}_lora_adapter_metadata"] = metadata[key]
         self.pipeline_class().save_lora_weights(str(folder), **arguments)
 
+    def export_tool_lora(self, run_dir: Path) -> Path | None:
+        """Write the run's LoRA in the format image tools load (AUTOMATIC1111, Forge, ComfyUI), next to the
+        diffusers file; returns the file written, or None for a family without one. Default: the
+        kohya-ss format under :attr:`kohya_prefixes`."""
+        if not self.kohya_prefixes:
+            return None
+        from worker.engine.weights import export_kohya_lora
+
+        return export_kohya_lora(run_dir, self)
+
 
 def sampling_autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """Autocast to ``dtype`` on a GPU (the trained pipelines are fp32); nothing on the CPU."""
