@@ -28,7 +28,8 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 from celery.schedules import crontab
-from celery.signals import celeryd_after_setup, worker_init
+from celery.signals import celeryd_after_setup, worker_init, worker_ready
+from celery.worker.control import control_command
 
 from app import config as studio_config
 from app.config import Settings
@@ -48,6 +49,7 @@ TASK_QUEUES: dict[str, str] = {
 TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance")
 
 REAP_EVERY_SECONDS = 30.0
+SWEEP_SCRATCH_COMMAND = "studio_sweep_scratch"
 
 
 def queue_for(task_name: str) -> str:
@@ -116,6 +118,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             "reap-stale-jobs": {"task": "maintenance.reap", "schedule": REAP_EVERY_SECONDS},
             "enforce-retention": {"task": "maintenance.retention", "schedule": crontab(minute="7")},
+            "reconcile-storage": {"task": "maintenance.reconcile_storage", "schedule": crontab(minute="37")},
         },
     }
 
@@ -165,3 +168,31 @@ def preload_engine(**_: Any) -> None:
         return
     if torch.cuda.is_initialized():
         log.error("CUDA was initialised in the worker's main process; forked jobs may fail to use the GPU")
+
+
+@worker_ready.connect
+def sweep_scratch_at_start(**_: Any) -> None:
+    """Remove the scratch folders this host's killed workers left (copies of photos, crops, checkpoints)."""
+    from worker.scratch import sweep_scratch
+
+    try:
+        sweep_scratch(studio_config.get_settings().scratch_dir)
+    except OSError:
+        log.warning("the scratch sweep at start failed; the reaper's sweep will try again", exc_info=True)
+
+
+@control_command(name=SWEEP_SCRATCH_COMMAND)  # type: ignore[untyped-decorator]
+def sweep_scratch_command(state: Any, **_: Any) -> dict[str, list[str]]:
+    """Remote control: every worker removes its host's scratch folders of dead attempts (sent at deletion).
+
+    It runs in the worker's main process, which is the one process of the worker that is alive whatever
+    happened to its children, and needs no database: a folder goes only when its owner is provably dead.
+    """
+    from worker.scratch import sweep_scratch
+
+    return {"removed": sweep_scratch(studio_config.get_settings().scratch_dir)}
+
+
+def broadcast_scratch_sweep(app: Celery | None = None) -> None:
+    """Ask every running worker, on every host, to sweep its scratch folder (fire and forget)."""
+    (app or celery_app).control.broadcast(SWEEP_SCRATCH_COMMAND)

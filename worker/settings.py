@@ -34,6 +34,11 @@ class WorkerSettings(Settings):
     # How long a task keeps trying to claim its job while the database is unreachable, before it
     # hands its message back to the broker (to the end of the queue) and takes the next one.
     claim_retry_seconds: float = 300.0
+    # How long a finished attempt keeps trying its final write (the gallery's rows) through a database outage.
+    publish_retry_seconds: float = 120.0
+    # The storage reconciler removes objects no row refers to once they are this old (a younger one may
+    # belong to a transaction about to commit).
+    orphan_min_age_seconds: int = 3600
 
     @property
     def resolved_prior_cache_dir(self) -> Path:

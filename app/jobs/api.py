@@ -50,14 +50,14 @@ def list_subject_jobs(subject_id: uuid.UUID, user: ApiUser, session: SessionDep)
 
 
 @router.post("/jobs/{job_id:uuid}/cancel", response_model=JobStatus, dependencies=[Depends(require_csrf)])
-def cancel_job(job_id: uuid.UUID, user: ApiUser, session: SessionDep) -> JobStatus:
+def cancel_job(job_id: uuid.UUID, user: ApiUser, session: SessionDep, storage: StorageDep) -> JobStatus:
     """Cancel a job: a queued job ends at once, a running one stops within a few steps. 409 once it ended."""
     found = repository.get_job_and_class_noun(session, job_id, user.id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, JOB_NOT_FOUND)
     job, class_noun = found
     try:
-        service.cancel_job(session, job)
+        service.cancel_job(session, job, storage)
     except service.JobNotCancellable as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     return service.job_status(session, job, class_noun)

@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from starlette.responses import Response
 
-from app.deps import PageUser, SessionDep, require_csrf
+from app.deps import PageUser, SessionDep, StorageDep, require_csrf
 from app.galleries import repository as gallery_repository
 from app.jobs import repository, service
 from app.subjects import repository as subject_repository
@@ -44,6 +44,9 @@ def studio_page(subject_id: uuid.UUID, request: Request, user: PageUser, session
         "demo_model": demo_model,
         "demo_notice": DEMO_MODEL_NOTICE,
         "can_generate": subject.weights_key is not None and (job_status is None or job_status.finished),
+        # "Try again" reuses the kept photos of a studio never trained (the button shows once the job failed).
+        "can_retry": job is not None and job.kind == "train" and subject.weights_key is None
+        and subject.photos_deleted_at is None,
     }
     return render(request, "jobs/studio.html", context)
 
@@ -52,7 +55,8 @@ def studio_page(subject_id: uuid.UUID, request: Request, user: PageUser, session
     "/studios/{subject_id:uuid}/jobs/{job_id:uuid}/cancel", name="cancel_job", dependencies=[Depends(require_csrf)]
 )
 def cancel_job_form(
-    subject_id: uuid.UUID, job_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep
+    subject_id: uuid.UUID, job_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep,
+    storage: StorageDep,
 ) -> Response:
     """The studio page's cancel button (the page's script asks for confirmation first)."""
     job = repository.get_job(session, job_id, user.id)
@@ -60,7 +64,7 @@ def cancel_job_form(
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No such job.")
     back = f"/studios/{subject_id}"
     try:
-        service.cancel_job(session, job)
+        service.cancel_job(session, job, storage)
     except service.JobNotCancellable as error:
         return redirect_with_flash(request, back, str(error), "warning")
     message = "The job was cancelled." if job.status == "cancelled" else "Cancelling: the job stops within a few steps."

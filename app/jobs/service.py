@@ -6,14 +6,20 @@ Services flush, never commit: the request's session dependency owns the transact
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from app.jobs import repository
 from app.jobs.schemas import JobStatus, StageProgress, StepState
 from app.models import Job, utcnow
+from app.storage import Storage
+from app.storage.base import job_prefix
+
+log = logging.getLogger(__name__)
 
 FINISHED_STATUSES = ("done", "failed", "cancelled")
 LOSS_HISTORY_POINTS = 200
@@ -49,22 +55,57 @@ class JobNotCancellable(Exception):
     """The job already ended (done, failed or cancelled); the API answers 409."""
 
 
-def cancel_job(session: Session, job: Job) -> None:
+def cancel_job(session: Session, job: Job, storage: Storage | None = None) -> None:
     """Cancel ``job``: a queued job ends at once; a running one is asked to stop.
 
     The worker checks ``cancel_requested`` every few steps and ends the job as cancelled, cleaning
     up its partial files; Celery's revoke cannot stop a running task, so the flag is the contract.
+    A queued job may be waiting for its retry with the checkpoint and previews of an earlier attempt:
+    the row stops recording them now, and with ``storage`` their files are deleted once the
+    transaction commits (no later attempt will resume a cancelled job).
     Raises :class:`JobNotCancellable` for a job that already ended.
     """
     if job.status == "queued":
         job.status = "cancelled"
         job.cancel_requested = True
         job.finished_at = utcnow()
+        if job.attempts or job.preview_keys or (job.details or {}).get("checkpoint"):
+            job.preview_keys = []
+            job.details = {key: value for key, value in (job.details or {}).items() if key != "checkpoint"}
+            if storage is not None:
+                _delete_after_commit(session, storage, job_prefix(job.owner_id, job.subject_id, job.id))
     elif job.status == "running":
         job.cancel_requested = True
     else:
         raise JobNotCancellable(f"This job has already ended ({job.status}): there is nothing to cancel.")
     session.flush()
+
+
+_PREFIXES_AFTER_COMMIT = "studio.job_prefixes_after_commit"
+_PREFIX_HOOKS = "studio.job_prefix_hooks"
+
+
+def _delete_after_commit(session: Session, storage: Storage, prefix: str) -> None:
+    """Delete the folder ``prefix`` once the session's transaction commits; forget it on a rollback."""
+    if not session.info.get(_PREFIX_HOOKS):
+        session.info[_PREFIX_HOOKS] = True
+        event.listen(session, "after_commit", _delete_pending_prefixes)
+        event.listen(session, "after_soft_rollback", _forget_pending_prefixes)
+    session.info.setdefault(_PREFIXES_AFTER_COMMIT, []).append((storage, prefix))
+
+
+def _delete_pending_prefixes(session: Session) -> None:
+    for storage, prefix in session.info.pop(_PREFIXES_AFTER_COMMIT, []):
+        try:
+            storage.delete_prefix(prefix)
+        except Exception:
+            # Nothing records these files any more: the storage reconciler removes them within hours.
+            log.exception("could not delete the files of a cancelled job under %s", prefix)
+
+
+def _forget_pending_prefixes(session: Session, previous_transaction: Any) -> None:
+    if not previous_transaction.nested:
+        session.info.pop(_PREFIXES_AFTER_COMMIT, None)
 
 
 def queue_position(session: Session, job: Job) -> int | None:

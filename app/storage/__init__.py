@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from app.config import Settings, get_settings
-from app.storage.base import ObjectNotFound, Storage, StorageError
+from app.storage.base import ObjectNotFound, Storage, StorageError, StorageFull, StoredObject
 from app.storage.local import LocalStorage
 
 
@@ -22,4 +22,13 @@ def get_storage() -> Storage:
     return make_storage(get_settings())
 
 
-__all__ = ["LocalStorage", "ObjectNotFound", "Storage", "StorageError", "get_storage", "make_storage"]
+__all__ = [
+    "LocalStorage",
+    "ObjectNotFound",
+    "Storage",
+    "StorageError",
+    "StorageFull",
+    "StoredObject",
+    "get_storage",
+    "make_storage",
+]

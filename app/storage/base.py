@@ -6,8 +6,11 @@ live under one prefix and deleting the subject is one ``delete_prefix``.
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +23,19 @@ class StorageError(Exception):
 
 class ObjectNotFound(StorageError):
     """No object under that key."""
+
+
+class StorageFull(StorageError):
+    """The storage itself has no room left (a full media disk, a bucket's server out of space or quota)."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as a listing sees it: its key, size and when it was last written (UTC)."""
+
+    key: str
+    size: int
+    modified_at: datetime
 
 
 class Storage(Protocol):
@@ -40,6 +56,10 @@ class Storage(Protocol):
     def size(self, key: str) -> int: ...
 
     def list(self, prefix: str) -> list[str]: ...
+
+    def list_objects(self, prefix: str) -> builtins.list[StoredObject]:
+        """The objects under ``prefix`` with their size and last-write time, sorted by key."""
+        ...
 
     def delete(self, key: str) -> None: ...
 
@@ -62,8 +82,13 @@ def image_key(owner_id: uuid.UUID, subject_id: uuid.UUID, image_id: uuid.UUID) -
     return f"{subject_prefix(owner_id, subject_id)}images/{image_id}.png"
 
 
+def job_prefix(owner_id: uuid.UUID, subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
+    """The folder of one job's transient files: its previews and checkpoints."""
+    return f"{subject_prefix(owner_id, subject_id)}jobs/{job_id}/"
+
+
 def preview_key(owner_id: uuid.UUID, subject_id: uuid.UUID, job_id: uuid.UUID, name: str) -> str:
-    return f"{subject_prefix(owner_id, subject_id)}jobs/{job_id}/previews/{name}"
+    return f"{job_prefix(owner_id, subject_id, job_id)}previews/{name}"
 
 
 def weights_prefix(owner_id: uuid.UUID, subject_id: uuid.UUID) -> str:
@@ -71,7 +96,7 @@ def weights_prefix(owner_id: uuid.UUID, subject_id: uuid.UUID) -> str:
 
 
 def checkpoint_prefix(owner_id: uuid.UUID, subject_id: uuid.UUID, job_id: uuid.UUID) -> str:
-    return f"{subject_prefix(owner_id, subject_id)}jobs/{job_id}/checkpoint/"
+    return f"{job_prefix(owner_id, subject_id, job_id)}checkpoint/"
 
 
 def zip_key(owner_id: uuid.UUID, subject_id: uuid.UUID, name: str) -> str:

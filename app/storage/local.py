@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from app.storage.base import CHUNK_SIZE, ObjectNotFound, StorageError
+from app.storage.base import CHUNK_SIZE, ObjectNotFound, StorageError, StorageFull, StoredObject
 
 
 class LocalStorage:
@@ -25,14 +28,20 @@ class LocalStorage:
 
     def _write_atomically(self, key: str, write: Callable[[BinaryIO], object]) -> None:
         target = self.path_for(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    write(handle)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                # Named apart from the worker's own disk: the person reads which one is full.
+                raise StorageFull(f"no space left in the media storage for {key!r}") from error
             raise
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
@@ -84,6 +93,16 @@ class LocalStorage:
             return []
         keys = [p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file()]
         return sorted(k for k in keys if k.startswith(prefix) and not k.rsplit("/", 1)[-1].startswith(".tmp-"))
+
+    def list_objects(self, prefix: str) -> builtins.list[StoredObject]:
+        found = []
+        for key in self.list(prefix):
+            try:
+                stat = self.path_for(key).stat()
+            except FileNotFoundError:
+                continue  # deleted since the listing
+            found.append(StoredObject(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
+        return found
 
     def delete(self, key: str) -> None:
         self.path_for(key).unlink(missing_ok=True)

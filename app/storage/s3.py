@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app.config import Settings
-from app.storage.base import CHUNK_SIZE, ObjectNotFound, StorageError
+from app.storage.base import CHUNK_SIZE, ObjectNotFound, StorageError, StorageFull, StoredObject
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects call accepts
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+# What S3-compatible servers answer when they have no room left (MinIO, Ceph, the HTTP status).
+_FULL_CODES = {"XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "507"}
 
 
 def _check_key(key: str) -> str:
@@ -87,9 +90,19 @@ class S3Storage:
                 raise StorageError(f"bucket {self.bucket!r} is not usable: {_error_code(error)}") from error
             self.client.create_bucket(Bucket=self.bucket)
 
-    def _failure(self, action: str, key: str, error: ClientError | BotoCoreError) -> StorageError:
+    def _failure(self, action: str, key: str, error: ClientError | BotoCoreError | S3UploadFailedError) -> StorageError:
+        if isinstance(error, S3UploadFailedError):
+            # upload_file wraps the server's answer; the ClientError it came from names the code.
+            cause = error.__cause__ or error.__context__
+            if isinstance(cause, ClientError):
+                return self._failure(action, key, cause)
+            if any(code in str(error) for code in _FULL_CODES):
+                return StorageFull(f"could not {action} {key!r} in bucket {self.bucket!r}: the storage is full")
+            return StorageError(f"could not {action} {key!r} in bucket {self.bucket!r}: {error}")
         if isinstance(error, ClientError) and _error_code(error) in _MISSING_CODES:
             return ObjectNotFound(key)
+        if isinstance(error, ClientError) and _error_code(error) in _FULL_CODES:
+            return StorageFull(f"could not {action} {key!r} in bucket {self.bucket!r}: {_error_code(error)}")
         detail = _error_code(error) if isinstance(error, ClientError) else type(error).__name__
         return StorageError(f"could not {action} {key!r} in bucket {self.bucket!r}: {detail}")
 
@@ -103,7 +116,7 @@ class S3Storage:
         # upload_file switches to a multipart upload for large files (trained weights).
         try:
             self.client.upload_file(str(path), self.bucket, _check_key(key), ExtraArgs={"ContentType": content_type})
-        except (ClientError, BotoCoreError) as error:
+        except (ClientError, BotoCoreError, S3UploadFailedError) as error:
             raise self._failure("store", key, error) from error
 
     def get_bytes(self, key: str) -> bytes:
@@ -161,19 +174,29 @@ class S3Storage:
             raise ObjectNotFound(key)
         return int(head["ContentLength"])
 
-    def _iter_pages(self, prefix: str) -> Iterator[list[str]]:
-        """The keys under ``prefix``, one list_objects_v2 page (at most 1000 keys) at a time."""
+    def _iter_object_pages(self, prefix: str) -> Iterator[list[dict[str, Any]]]:
+        """The objects under ``prefix``, one list_objects_v2 page (at most 1000) at a time."""
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(
                 Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": DELETE_BATCH}
             ):
-                yield [str(item["Key"]) for item in page.get("Contents", [])]
+                yield list(page.get("Contents", []))
         except (ClientError, BotoCoreError) as error:
             raise self._failure("list", prefix, error) from error
 
+    def _iter_pages(self, prefix: str) -> Iterator[list[str]]:
+        """The keys under ``prefix``, one list_objects_v2 page (at most 1000 keys) at a time."""
+        for page in self._iter_object_pages(prefix):
+            yield [str(item["Key"]) for item in page]
+
     def list(self, prefix: str) -> list[str]:
         return sorted(key for page in self._iter_pages(prefix) for key in page)
+
+    def list_objects(self, prefix: str) -> builtins.list[StoredObject]:
+        found = [StoredObject(str(item["Key"]), int(item.get("Size", 0)), item["LastModified"])
+                 for page in self._iter_object_pages(prefix) for item in page]
+        return sorted(found, key=lambda stored: stored.key)
 
     def delete(self, key: str) -> None:
         try:

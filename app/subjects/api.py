@@ -235,6 +235,31 @@ def renew_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, set
     return subject_detail(session, subject)
 
 
+@router.post(
+    "/subjects/{subject_id:uuid}/retry",
+    status_code=status.HTTP_201_CREATED,
+    response_model=StudioCreated,
+    dependencies=[Depends(require_csrf)],
+    responses={
+        409: {"description": "Not a failed or cancelled studio, already trained, or its photos are gone"},
+        429: {"description": "Too many studios in training; see Retry-After"},
+    },
+)
+def retry_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep) -> Response:
+    """"Try again": a new training job of a studio whose training failed or was cancelled, from its kept photos."""
+    subject = owned_subject(session, user.id, subject_id)
+    try:
+        job = service.retry_studio(session, settings, user, subject)
+    except service.RetryRefused as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    except service.StudioLimitReached as error:
+        return JSONResponse({"detail": str(error)}, status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+                            headers={"Retry-After": str(error.retry_after)})
+    created = StudioCreated(subject=subject_detail(session, subject), job=job_summary(job))
+    return JSONResponse(created.model_dump(mode="json"), status_code=status.HTTP_201_CREATED,
+                        headers={"Location": job_summary(job).url})
+
+
 @router.get("/subjects/{subject_id:uuid}/photos/{photo_id:uuid}", response_class=Response)
 def get_photo(
     subject_id: uuid.UUID,

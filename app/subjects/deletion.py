@@ -9,7 +9,10 @@
    weights, generated images, ZIPs);
 3. the rows (images, generation requests, jobs, photos, the subject) are deleted;
 4. after the commit, a ``maintenance.purge_subject`` task deletes the prefix once more, in case a
-   worker wrote a file between steps 2 and its own stop.
+   worker wrote a file between steps 2 and its own stop, and has every worker sweep its scratch
+   folder: a killed worker leaves copies of the photos there (worker/scratch.py);
+5. this process sweeps the scratch folder under its own ``var/`` too: on one machine the web and
+   the workers share it, and a killed worker that is not running any more hears no broadcast.
 
 The shared class-prior bank is not the subject's: it holds class images ("a photo of a dog") only.
 """
@@ -22,10 +25,12 @@ import uuid
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
+from app import config as studio_config
 from app.models import GeneratedImage, GenerationRequest, Job, Photo, Subject, utcnow
 from app.queue import enqueue
 from app.storage import Storage
 from app.storage.base import subject_prefix
+from worker.scratch import sweep_scratch
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,10 @@ def delete_subject(session: Session, storage: Storage, subject: Subject) -> None
     session.flush()
     enqueue(session, "maintenance.purge_subject", owner_id=str(owner_id), subject_id=str(subject_id))
     log.info("subject %s deleted (%d files)", subject_id, removed)
+    try:
+        sweep_scratch(studio_config.get_settings().scratch_dir)
+    except OSError:
+        log.warning("could not sweep the local scratch folder; the workers' sweeps will", exc_info=True)
 
 
 def purge_subject_files(session: Session, storage: Storage, owner_id: str, subject_id: str) -> int:

@@ -208,6 +208,23 @@ def renew_studio(
                                f"“{subject.name}” is now kept until {format_date(expires)}.")
 
 
+@router.post("/studios/{subject_id:uuid}/retry", name="retry_studio", dependencies=[Depends(require_csrf)])
+def retry_studio(
+    subject_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """"Try again" on a failed studio: a new training job from the photos it kept."""
+    subject = repository.get_for_owner(session, user.id, subject_id)
+    if subject is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such studio.")
+    back = f"/studios/{subject.id}"
+    try:
+        service.retry_studio(session, settings, user, subject)
+    except (service.RetryRefused, service.StudioLimitReached) as error:
+        return redirect_with_flash(request, back, str(error), "warning")
+    return redirect_with_flash(request, back, f"Trying again: “{subject.name}” is in line for training with the "
+                               "same photos. This page updates itself.")
+
+
 @router.get("/studios/{subject_id:uuid}/photos/{photo_id:uuid}", name="studio_photo")
 def studio_photo(
     subject_id: uuid.UUID,

@@ -383,6 +383,51 @@ def store_studio(
     return subject, job
 
 
+RETRYABLE_STATUSES = ("failed", "cancelled")
+
+
+class RetryRefused(Exception):
+    """The studio cannot be tried again (answered with 409); the message says why and what to do instead."""
+
+
+def retry_refusal(session: Session, subject: Subject) -> RetryRefused | None:
+    """Why ``subject`` cannot be tried again now, or None when it can: its training failed or was cancelled,
+    it has no trained model, and its photos are still kept."""
+    latest = repository.latest_jobs(session, [subject.id]).get(subject.id)
+    if latest is None or latest.kind != "train" or latest.status not in RETRYABLE_STATUSES:
+        return RetryRefused("Only a studio whose training failed or was cancelled can be tried again.")
+    if subject.weights_key is not None:
+        return RetryRefused("This studio is already trained: make more pictures from its gallery instead.")
+    if subject.photos_deleted_at is not None or repository.count_photos(session, subject.id) == 0:
+        return RetryRefused("This studio's photos are no longer kept, so it cannot be tried again. "
+                            "Create a new studio with your photos.")
+    return None
+
+
+def retry_studio(session: Session, settings: Settings, owner: User, subject: Subject) -> Job:
+    """Start a new training job of ``subject`` from the photos it kept ("Try again" on a failed studio).
+
+    Raises :class:`RetryRefused` when the studio cannot be tried again and :class:`TooManyActiveJobs`
+    when the owner is at the active-job limit. A retry is not a new studio: the hourly studio limit
+    does not count it. The job is flushed and "training.run" is sent once the caller commits.
+    """
+    refusal = retry_refusal(session, subject)
+    if refusal is not None:
+        raise refusal
+    if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
+        raise TooManyActiveJobs(settings.max_active_jobs_per_user)
+    job = Job(subject_id=subject.id, owner_id=owner.id, kind="train", status="queued", stage="queued",
+              max_attempts=settings.max_attempts)
+    session.add(job)
+    session.flush()
+
+    from app.queue import enqueue
+
+    enqueue(session, "training.run", job_id=str(job.id))
+    log.info("subject %s: training tried again as job %s", subject.id, job.id)
+    return job
+
+
 @dataclass(frozen=True)
 class StudioCard:
     """One studio as the lists show it: its status (its newest job's), first photo and newest job."""

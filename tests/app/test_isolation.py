@@ -48,6 +48,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/studios/{subject_id:uuid}/photos/{photo_id:uuid}"): Case(),
     ("POST", "/api/v1/subjects/{subject_id:uuid}/renew"): Case(),
     ("POST", "/studios/{subject_id:uuid}/renew"): Case(form={}),
+    ("POST", "/api/v1/subjects/{subject_id:uuid}/retry"): Case(),
+    ("POST", "/studios/{subject_id:uuid}/retry"): Case(form={}),
     # jobs (W3)
     ("GET", "/api/v1/jobs/{job_id:uuid}"): Case(),
     ("GET", "/api/v1/subjects/{subject_id:uuid}/jobs"): Case(),

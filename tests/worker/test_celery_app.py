@@ -21,8 +21,8 @@ def test_the_config_is_safe_for_long_gpu_jobs(settings: Settings) -> None:
     assert config["broker_transport_options"]["visibility_timeout"] == settings.visibility_timeout
     assert config["task_serializer"] == config["result_serializer"] == "json"
     assert config["accept_content"] == ["json"] and config["task_ignore_result"] is True
-    assert {entry["task"] for entry in config["beat_schedule"].values()} == {"maintenance.reap",
-                                                                             "maintenance.retention"}
+    assert {entry["task"] for entry in config["beat_schedule"].values()} == {
+        "maintenance.reap", "maintenance.retention", "maintenance.reconcile_storage"}
 
 
 def test_the_file_system_broker_gets_its_folders(settings: Settings) -> None:
@@ -65,7 +65,7 @@ def test_the_worker_registers_every_task_name(settings: Settings) -> None:
 
     names = set(celery_app.tasks)
     assert {"training.run", "generation.run", "maintenance.reap", "maintenance.retention",
-            "maintenance.purge_subject"} <= names
+            "maintenance.purge_subject", "maintenance.reconcile_storage"} <= names
 
 
 def test_a_lost_broker_connection_does_not_cancel_running_jobs(settings: Settings) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from celery import Task
 from PIL import Image
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.jobs import lease
 from app.models import GeneratedImage, GenerationRequest, Job, Subject
@@ -33,6 +34,7 @@ from worker.tasks.engine_adapter import (
 from worker.tasks.outcomes import JobFailure, settle
 from worker.tasks.runtime import (
     LeasedAttempt,
+    PublishUncertain,
     StopRun,
     WorkerContext,
     claim_job,
@@ -70,7 +72,8 @@ def run_generation_job(job_id: uuid.UUID, *, ctx: WorkerContext | None = None, e
         if job is None or subject is None:
             return "deleted"
     attempt = LeasedAttempt(ctx, job, token)
-    with attempt, scratch_folder(ctx.settings.scratch_dir, job_id) as scratch:
+    with attempt, scratch_folder(ctx.settings.scratch_dir, job_id, subject.id) as scratch:
+        attempt.scratch = scratch
 
         def run() -> str:
             if job.kind != "generate" or request is None:
@@ -126,13 +129,24 @@ def _generate(ctx: WorkerContext, engine: Engine, attempt: LeasedAttempt, job: J
     images = [_store(attempt, job, subject, record, request.prompts) for record in records]
     attempt.details.update({"images_done": len(images), "images_total": len(images)})
     attempt.stop_heartbeat()
-    with ctx.transaction() as session:
+    attempt.drop_scratch()  # before the job turns done: whoever sees it done finds no local copy left
+
+    def write(session: Session) -> bool:
         won = lease.finish(session, job.id, attempt.token, "done", stage="finished", step=len(images),
                            total=len(images), details=dict(attempt.details), preview_keys=list(attempt.preview_keys))
-        if not won:
-            raise StopRun(attempt.why_lost())
-        session.add_all(images)
-    attempt.forget_uploads([image.storage_key for image in images])
+        if won:
+            session.add_all(images)
+        return won
+
+    image_keys = [image.storage_key for image in images]
+    try:
+        won = attempt.commit_final(write, "done")
+    except PublishUncertain:
+        attempt.forget_uploads(image_keys)  # a committed row may point at them (the reconciler's, if not)
+        raise
+    if not won:
+        raise StopRun(attempt.why_lost())
+    attempt.forget_uploads(image_keys)
     log.info("generation job %s published %d images", job.id, len(images))
     return "done"
 

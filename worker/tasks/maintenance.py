@@ -1,4 +1,4 @@
-"""CPU-queue tasks: the reaper, retention, and the purge after a subject's deletion.
+"""CPU-queue tasks: the reaper, retention, the storage reconciler, and the purge after a subject's deletion.
 
 The reaper ("maintenance.reap", every 30 s from beat) makes the database's view of jobs come true
 whatever the broker lost:
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app import db as studio_db
@@ -37,9 +38,11 @@ from app.models import Job, utcnow
 from app.queue import BrokerView, broker_view, enqueue
 from app.storage import Storage
 from app.storage.base import subject_prefix
+from app.storage.reconcile import reconcile_storage
 from app.subjects.deletion import purge_subject_files
 from app.subjects.retention import enforce_retention
-from worker.celery_app import celery_app, queue_for
+from worker.celery_app import broadcast_scratch_sweep, celery_app, queue_for
+from worker.scratch import sweep_scratch
 from worker.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -166,14 +169,31 @@ def _end_cancelled(session: Session, job: Job, now: datetime) -> bool:
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
+def job_states(job_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The status of each job of ``job_ids`` that still exists (the scratch sweep's view of the database)."""
+    with studio_db.session_scope() as session:
+        rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all()
+    return {row.id: row.status for row in rows}
+
+
+def sweep_this_hosts_scratch(settings: Settings) -> list[str]:
+    """Remove this host's scratch folders of dead attempts, and of jobs that are gone or final."""
+    try:
+        return sweep_scratch(settings.scratch_dir, job_states)
+    except (OSError, SQLAlchemyError):
+        log.warning("scratch sweep failed; the next pass tries again", exc_info=True)
+        return []
+
+
 @celery_app.task(name="maintenance.reap")
 def reap_task() -> dict[str, int]:
     """Beat's reaper pass; returns counts for the log."""
     settings = get_worker_settings()
     with studio_db.session_scope() as session:
         report = reap(session, studio_storage.get_storage(), settings)
+    swept = sweep_this_hosts_scratch(settings)
     return {"requeued": len(report.requeued), "resent": len(report.resent), "lost": len(report.lost),
-            "failed": len(report.failed), "cancelled": len(report.cancelled)}
+            "failed": len(report.failed), "cancelled": len(report.cancelled), "scratch_removed": len(swept)}
 
 
 @celery_app.task(name="maintenance.retention")
@@ -185,8 +205,26 @@ def retention_task() -> dict[str, int]:
     return {"expired_subjects": len(report.expired_subjects), "photo_sets_removed": len(report.photo_sets_removed)}
 
 
+@celery_app.task(name="maintenance.reconcile_storage")
+def reconcile_storage_task() -> dict[str, object]:
+    """Beat's hourly storage reconciliation: objects no row refers to, older than ``orphan_min_age_seconds``,
+    are removed; the report (also logged) says which."""
+    settings = get_worker_settings()
+    with studio_db.session_scope() as session:
+        report = reconcile_storage(session, studio_storage.get_storage(), settings.orphan_min_age_seconds)
+    return report.as_dict()
+
+
 @celery_app.task(name="maintenance.purge_subject")
 def purge_subject_task(owner_id: str, subject_id: str) -> int:
-    """Delete what is left of a deleted subject's files (a worker may have written one while it was deleted)."""
+    """Delete what is left of a deleted subject's files (a worker may have written one while it was deleted),
+    and have every worker remove the scratch folders of dead attempts: a killed worker's copies of the photos."""
     with studio_db.session_scope() as session:
-        return purge_subject_files(session, studio_storage.get_storage(), owner_id, subject_id)
+        removed = purge_subject_files(session, studio_storage.get_storage(), owner_id, subject_id)
+    sweep_this_hosts_scratch(get_worker_settings())
+    try:
+        broadcast_scratch_sweep()
+    except Exception:
+        # Each worker also sweeps when it starts and in the reaper: a missed broadcast only delays it.
+        log.warning("could not broadcast the scratch sweep after deleting subject %s", subject_id, exc_info=True)
+    return removed

@@ -16,6 +16,7 @@ Every GPU task (training, generation) runs the same way:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -41,12 +42,17 @@ from app import storage as studio_storage
 from app.jobs import lease
 from app.models import Job, utcnow
 from app.storage import Storage
+from worker.scratch import remove_scratch
 from worker.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger(__name__)
 
 LOSS_HISTORY_LENGTH = 200
 PREVIEWS_KEPT = 8
+
+
+class PublishUncertain(Exception):
+    """The final transaction met a database error and the database did not say, in time, whether it committed."""
 
 
 class StopRun(Exception):
@@ -232,6 +238,8 @@ class LeasedAttempt:
         self.stage = job.stage
         self.uploaded: list[str] = []  # keys this attempt wrote that no committed row refers to yet
         self.referenced: set[str] = set()  # keys the next successful progress write will refer to
+        # Keys the database still records (an older checkpoint) that go once a write records their successor.
+        self.superseded: list[str] = []
         self._stop_reason: str | None = None
         self._lock = threading.Lock()
         self._heartbeat_stop = threading.Event()
@@ -239,6 +247,7 @@ class LeasedAttempt:
         self._last_cancel_poll = 0.0
         self._last_write = 0.0
         self._pending_values: dict[str, Any] = {}
+        self.scratch: Path | None = None  # the attempt's scratch folder, once it has one
 
     # -- heartbeat -----------------------------------------------------------------------------
 
@@ -349,6 +358,17 @@ class LeasedAttempt:
             raise StopRun(self._stop_reason or "lost")
         self.forget_uploads(list(self.referenced))
         self.referenced.clear()
+        # Only now does the database point at the successors: what they replace may go.
+        superseded, self.superseded = self.superseded, []
+        delete_keys(self.ctx.storage, superseded)
+
+    def supersede(self, keys: list[str]) -> None:
+        """Delete ``keys`` after the next successful progress write, which records what replaces them.
+
+        A write that fails (the database is away) is swallowed by :meth:`flush`; the keys then stay until
+        a later write succeeds, because the database still points at them and the next attempt resumes there.
+        """
+        self.superseded.extend(key for key in keys if key not in self.superseded)
 
     def record_loss(self, loss: float | None) -> None:
         # JSON has no NaN or Infinity (PostgreSQL refuses them): a non-finite loss is left out.
@@ -357,6 +377,85 @@ class LeasedAttempt:
         history = list(self.details.get("loss_history", []))
         history.append(round(float(loss), 6))
         self.details["loss_history"] = history[-LOSS_HISTORY_LENGTH:]
+
+    # -- ending ----------------------------------------------------------------------------------
+
+    def drop_scratch(self) -> None:
+        """Remove the scratch folder now: called before the job row turns final, so that whoever sees the
+        job ended also finds its local copies of the photos gone."""
+        if self.scratch is not None:
+            remove_scratch(self.scratch.parent, self.job_id)
+
+    def unrecord_files(self, previews: bool) -> bool:
+        """One fenced write that drops the checkpoint (and with ``previews`` the previews) from the job row;
+        True when it won.
+
+        Files the row no longer records may be deleted before the row turns final; if the final write
+        then fails, nothing points at a missing file.
+        """
+        self.details.pop("checkpoint", None)
+        if previews:
+            self.preview_keys = []
+        with self.ctx.transaction() as session:
+            return lease.update_progress(session, self.job_id, self.token, details=dict(self.details),
+                                         preview_keys=list(self.preview_keys))
+
+    def commit_final(self, write: Callable[[Session], bool], status: str) -> bool:
+        """Run the attempt's final transaction ``write`` (which ends the job ``status``); returns its answer.
+
+        A database error does not lose the attempt's work: until ``publish_retry_seconds`` have passed the
+        transaction is tried again, with back-off. When the error came at the commit itself, the database
+        is asked first whether it committed anyway (the job is ``status`` under this attempt's token).
+        Raises :class:`PublishUncertain` when the database never answered that question: the uploads are
+        then left alone (a committed row may point at them; the storage reconciler removes them after an
+        hour if none does). Any other unanswered error is re-raised.
+        """
+        deadline = time.monotonic() + max(0.0, float(self.ctx.settings.publish_retry_seconds))
+        delay = 0.2
+        while True:
+            session = self.ctx.sessions()
+            committing = False
+            try:
+                won = write(session)
+                session.flush()
+                committing = True
+                session.commit()
+                return won
+            except SQLAlchemyError as error:
+                log.warning("job %s: the final write met a database error%s; retrying", self.job_id,
+                            " at the commit" if committing else "", exc_info=True)
+                last_error: Exception = error
+                with contextlib.suppress(SQLAlchemyError):  # a dead connection: closing below gives it back
+                    session.rollback()
+            finally:
+                session.close()
+            if committing:
+                committed = self._wait_for_answer(status, deadline)
+                if committed is None:
+                    raise PublishUncertain(f"job {self.job_id}: unknown whether the final write committed") \
+                        from last_error
+                if committed:
+                    return True
+            if time.monotonic() >= deadline:
+                raise last_error
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _wait_for_answer(self, status: str, deadline: float) -> bool | None:
+        """Whether the job ended ``status`` under this token; None when the database stayed away."""
+        delay = 0.2
+        while True:
+            try:
+                with self.ctx.transaction() as session:
+                    row = session.execute(
+                        select(Job.status, Job.lease_token).where(Job.id == self.job_id)
+                    ).first()
+                return row is not None and row.status == status and row.lease_token == self.token
+            except SQLAlchemyError:
+                if time.monotonic() >= deadline:
+                    return None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     # -- files ---------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import Any
 from celery import Task
 from PIL import Image
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from app.jobs import lease
 from app.models import GeneratedImage, Job, Photo, Subject, utcnow
@@ -57,6 +58,7 @@ from worker.tasks.prior_bank import pull_banks, push_banks
 from worker.tasks.runtime import (
     PREVIEWS_KEPT,
     LeasedAttempt,
+    PublishUncertain,
     StopRun,
     WorkerContext,
     claim_job,
@@ -106,7 +108,8 @@ def run_training_job(job_id: uuid.UUID, *, ctx: WorkerContext | None = None, eng
         ).scalars())
         loaded = _Loaded(job, subject, photos)
     attempt = LeasedAttempt(ctx, loaded.job, token)
-    with attempt, scratch_folder(ctx.settings.scratch_dir, job_id) as scratch:
+    with attempt, scratch_folder(ctx.settings.scratch_dir, job_id, loaded.subject.id) as scratch:
+        attempt.scratch = scratch
 
         def run() -> str:
             if loaded.job.kind != "train":
@@ -128,7 +131,6 @@ class _TrainingRun:
         self.scratch = scratch
         self.work_dir = scratch / "work"
         self.checkpoint_keys: list[str] = []
-        self.previous_checkpoint_keys: list[str] = []
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -245,8 +247,6 @@ class _TrainingRun:
             self._save_checkpoint(event.checkpoint, event.step)
             force = True
         attempt.write(force=force, **values)
-        if event.checkpoint is not None:
-            self._drop_old_checkpoints()
 
     def _add_previews(self, event: Progress) -> None:
         attempt = self.attempt
@@ -271,17 +271,12 @@ class _TrainingRun:
             relative = folder.resolve().relative_to(self.work_dir.resolve()).as_posix()
         except ValueError:
             relative = folder.name
-        self.previous_checkpoint_keys = self.checkpoint_keys
+        # The old checkpoint goes only once a write has recorded this one (LeasedAttempt.flush): if the
+        # write fails, the database still points at the old one and the next attempt resumes there.
+        attempt.supersede([key for key in self.checkpoint_keys if key not in keys])
         self.checkpoint_keys = keys
         attempt.details["checkpoint"] = {"prefix": prefix, "path": relative, "step": int(step)}
         attempt.referenced.update(keys)
-
-    def _drop_old_checkpoints(self) -> None:
-        # Only after the write that records the new checkpoint: a crash in between still finds a complete one.
-        for key in self.previous_checkpoint_keys:
-            if key not in self.checkpoint_keys:
-                self.ctx.storage.delete(key)
-        self.previous_checkpoint_keys = []
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -293,15 +288,20 @@ class _TrainingRun:
         images = self._upload_images(result)
         attempt.details.update({"images_done": len(images), "images_total": len(images), "identifier":
                                 result.identifier})
-        attempt.details.pop("checkpoint", None)
         now = utcnow()
         attempt.stop_heartbeat()
-        with self.ctx.transaction() as session:
+        photo_keys = [photo.storage_key for photo in self.photos] if self.ctx.settings.delete_photos_after_training \
+            else []
+        # Everything is uploaded: the local copies of the photos go before the job turns done.
+        attempt.drop_scratch()
+        details = {key: value for key, value in attempt.details.items() if key != "checkpoint"}
+
+        def write(session: Session) -> bool:
+            # The checkpoint stays recorded until this commits: if it fails, the next attempt resumes there.
             won = lease.finish(session, job.id, attempt.token, "done", stage="finished", step=len(images),
-                               total=len(images), details=dict(attempt.details),
-                               preview_keys=list(attempt.preview_keys))
+                               total=len(images), details=details, preview_keys=list(attempt.preview_keys))
             if not won:
-                raise StopRun(attempt.why_lost())
+                return False
             session.add_all(images)
             fresh_subject = session.get(Subject, subject.id)
             if fresh_subject is None:
@@ -318,12 +318,22 @@ class _TrainingRun:
                 "weights_files": [key[len(weights_at):] for key in weight_keys],
                 "job_id": str(job.id),
             }
-            photo_keys: list[str] = []
-            if self.ctx.settings.delete_photos_after_training:
-                photo_keys = [photo.storage_key for photo in self.photos]
+            if photo_keys:
                 session.execute(delete(Photo).where(Photo.subject_id == subject.id))
                 fresh_subject.photos_deleted_at = now
-        attempt.forget_uploads(weight_keys + [image.storage_key for image in images])
+            return True
+
+        published_keys = weight_keys + [image.storage_key for image in images]
+        try:
+            won = attempt.commit_final(write, "done")
+        except PublishUncertain:
+            # A committed gallery may point at these: not this attempt's to remove (the reconciler's, if unused).
+            attempt.forget_uploads(published_keys)
+            raise
+        if not won:
+            raise StopRun(attempt.why_lost())
+        attempt.details = details
+        attempt.forget_uploads(published_keys)
         log.info("job %s published %d images", job.id, len(images))
         self.ctx.storage.delete_prefix(checkpoint_prefix(job.owner_id, job.subject_id, job.id))
         for key in photo_keys:

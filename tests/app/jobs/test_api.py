@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.models import Job, User
 from app.storage import Storage
-from app.storage.base import preview_key
+from app.storage.base import checkpoint_prefix, job_prefix, preview_key
 from tests.app.factories import make_job, make_subject, png_bytes
 
 Headers = Callable[[User], dict[str, str]]
@@ -128,6 +128,34 @@ def test_cancel_through_the_api(client: TestClient, db: Session, make_user: Call
     db.expire_all()
     stored = db.get(Job, running.id)
     assert stored is not None and stored.cancel_requested and stored.status == "running"
+
+
+def test_cancelling_a_job_that_waits_for_its_retry_removes_its_checkpoint_and_previews(
+    client: TestClient, db: Session, app_storage: Storage, make_user: Callable[..., User], api_headers: Headers,
+) -> None:
+    user = make_user()
+    subject = make_subject(db, db.merge(user))
+    # The reaper put it back in line after its worker died: attempt 1's checkpoint and previews are recorded.
+    job = make_job(db, subject, status="queued", stage="training", attempts=1)
+    checkpoint = checkpoint_prefix(subject.owner_id, subject.id, job.id) + "a1-step000010/"
+    app_storage.put_bytes(checkpoint + "training_state.json", b"{}")
+    preview = preview_key(subject.owner_id, subject.id, job.id, "a1-training-000010-0.png")
+    app_storage.put_bytes(preview, png_bytes(3), "image/png")
+    job.details = {"checkpoint": {"prefix": checkpoint, "path": "run/checkpoints/step-10", "step": 10}}
+    job.preview_keys = [preview]
+    other = make_job(db, subject, status="done", stage="finished")
+    kept = preview_key(subject.owner_id, subject.id, other.id, "a1-training-000010-0.png")
+    app_storage.put_bytes(kept, png_bytes(4), "image/png")
+    db.commit()
+
+    response = client.post(f"/api/v1/jobs/{job.id}/cancel", headers=api_headers(user))
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert response.json()["preview_urls"] == []
+    assert app_storage.list(job_prefix(subject.owner_id, subject.id, job.id)) == []
+    assert app_storage.exists(kept)
+    db.expire_all()
+    stored = db.get(Job, job.id)
+    assert stored is not None and "checkpoint" not in stored.details and stored.preview_keys == []
 
 
 def test_cancel_with_the_cookie_needs_the_csrf_header(

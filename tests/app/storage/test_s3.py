@@ -98,3 +98,31 @@ def test_urls_for_browsers_can_be_signed_for_a_public_endpoint(s3_settings: Sett
     url = public.presigned_url("a/photo.jpg", 60)
     assert url is not None and url.startswith(f"https://files.example.com/{s3_storage.bucket}/a/photo.jpg?")
     assert public.get_bytes("a/photo.jpg") == b"jpeg"  # the app itself still uses the internal endpoint
+
+
+@pytest.mark.parametrize("code", ["XMinioStorageFull", "InsufficientStorage"])
+def test_a_full_s3_server_raises_storage_full_on_upload(s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Any, code: str) -> None:
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
+
+    from app.storage import StorageFull
+
+    def refused(*_: Any, **__: Any) -> None:
+        raise ClientError({"Error": {"Code": code, "Message": "Storage backend has reached its minimum free "
+                                     "drive threshold."}}, "PutObject")
+
+    def full(*_: Any, **__: Any) -> None:  # upload_file wraps the server's answer
+        try:
+            refused()
+        except ClientError as error:
+            raise S3UploadFailedError(f"Failed to upload: {error}") from error
+
+    monkeypatch.setattr(s3_storage.client, "upload_file", full)
+    source = tmp_path / "weights.bin"
+    source.write_bytes(b"w")
+    with pytest.raises(StorageFull, match=code):
+        s3_storage.put_file("users/u/w.bin", source)
+    monkeypatch.setattr(s3_storage.client, "put_object", refused)
+    with pytest.raises(StorageFull):
+        s3_storage.put_bytes("users/u/x", b"x")

@@ -107,3 +107,35 @@ def test_presigned_url_is_none_on_local_storage(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "media")
     storage.put_bytes("a/b", b"x")
     assert storage.presigned_url("a/b", 60) is None
+
+
+def test_list_objects_gives_each_objects_size_and_write_time(any_storage: Storage) -> None:
+    from datetime import timedelta
+
+    from app.models import utcnow
+
+    before = utcnow() - timedelta(seconds=5)
+    any_storage.put_bytes("users/u/b.png", b"12345")
+    any_storage.put_bytes("users/u/a.jpg", b"1")
+    any_storage.put_bytes("other/c", b"x")
+    listed = any_storage.list_objects("users/")
+    assert [(stored.key, stored.size) for stored in listed] == [("users/u/a.jpg", 1), ("users/u/b.png", 5)]
+    assert all(before <= stored.modified_at <= utcnow() + timedelta(seconds=5) for stored in listed)
+
+
+def test_a_full_local_media_disk_raises_storage_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from app.storage import StorageFull, local
+
+    storage = LocalStorage(tmp_path / "media")
+
+    def no_room(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local.shutil, "copyfileobj", no_room)
+    source = tmp_path / "weights.bin"
+    source.write_bytes(b"w")
+    with pytest.raises(StorageFull, match="no space left in the media storage for 'users/u/w.bin'"):
+        storage.put_file("users/u/w.bin", source)
+    assert storage.list("users/") == []  # no temporary file left behind

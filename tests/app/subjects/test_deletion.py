@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import queue
+from app.config import Settings
 from app.models import GeneratedImage, GenerationRequest, Job, Photo, Subject, utcnow
 from app.storage import LocalStorage
 from app.storage.base import checkpoint_prefix, image_key, preview_key, subject_prefix, weights_prefix, zip_key
@@ -86,3 +87,18 @@ def test_purge_leaves_a_live_subject_alone(db_session: Session, storage: LocalSt
     db_session.commit()
     assert purge_subject_files(db_session, storage, str(subject.owner_id), str(subject.id)) == 0
     assert len(storage.list(subject_prefix(subject.owner_id, subject.id))) == 2
+
+
+def test_delete_subject_sweeps_the_scratch_a_killed_worker_left_on_this_machine(
+        db_session: Session, storage: LocalStorage, settings: Settings, sent: Sent) -> None:
+    from tests.worker.test_scratch import plant_dead_attempt
+    from worker.scratch import scratch_folder, scratch_path
+
+    subject = make_subject(db_session, storage, make_user(db_session), photos=1)
+    db_session.commit()
+    dead = plant_dead_attempt(settings.scratch_dir)  # copies of photos, its process killed with SIGKILL
+    with scratch_folder(settings.scratch_dir, uuid.uuid4()) as live:
+        delete_subject(db_session, storage, subject)
+        db_session.commit()
+        assert not scratch_path(settings.scratch_dir, dead).exists()
+        assert live.is_dir()  # a live run removes its own folder

@@ -349,3 +349,127 @@ def test_a_redelivery_of_a_job_whose_worker_is_alive_exits(ctx: WorkerContext, s
         beating.join()
     running, *_ = load(quick, job)
     assert running.attempts == 1 and running.lease_token == token
+
+
+def test_a_failed_progress_write_never_deletes_the_checkpoint_the_database_records(
+        ctx: WorkerContext, storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from worker.tasks import runtime
+
+    job = new_job(ctx, storage)
+    real_update = lease.update_progress
+
+    def database_away_for_step_4(session: Session, job_id: uuid.UUID, token: str, **values: object) -> bool:
+        details = values.get("details")
+        if isinstance(details, dict) and details.get("checkpoint", {}).get("step") == 4:
+            raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+        return real_update(session, job_id, token, **values)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime.lease, "update_progress", database_away_for_step_4)
+
+    def die(step: int) -> None:
+        if step == 5:
+            raise WorkerDied()
+
+    with pytest.raises(WorkerDied):
+        run_training_job(job.id, ctx=ctx, engine=FakeEngine(steps=8, checkpoint_every=2, on_step=die))
+    monkeypatch.setattr(runtime.lease, "update_progress", real_update)
+    with ctx.transaction() as session:
+        found = session.get(Job, job.id)
+        assert found is not None
+        recorded = found.details["checkpoint"]
+        found.heartbeat_at = utcnow().replace(year=2000)  # the lease went stale
+    # The write that would have recorded step 4 failed: the database still points at step 2, and it is whole.
+    assert recorded["step"] == 2 and storage.list(recorded["prefix"])
+    engine = FakeEngine(steps=8, checkpoint_every=2)
+    assert run_training_job(job.id, ctx=ctx, engine=engine) == "done"
+    assert engine.started_at_steps == [2]
+    done, *_ = load(ctx, job)
+    assert done.details["resumed_from"] == 2
+    assert subject_files(storage, job, f"jobs/{job.id}/checkpoint/") == []
+
+
+def _database_error() -> Exception:
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+
+
+def test_a_database_outage_while_publishing_leaves_no_unreferenced_upload(
+        ctx: WorkerContext, storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    quick = WorkerContext(settings=ctx.settings.model_copy(update={"publish_retry_seconds": 0.5}),
+                          storage=storage, sessions=ctx.sessions, worker_id="w")
+    job = new_job(quick, storage)
+    down: list[bool] = []
+    real = {name: getattr(lease, name) for name in ("finish", "update_progress", "heartbeat")}
+
+    def failing(name: str) -> Callable[..., bool]:
+        def call(*args: object, **kwargs: object) -> bool:
+            if name == "finish":
+                down.append(True)  # the database goes away as the gallery is being published...
+            if down:
+                raise _database_error()  # ...and stays away
+            return bool(real[name](*args, **kwargs))
+        return call
+
+    for name in real:
+        monkeypatch.setattr(lease, name, failing(name))
+    with pytest.raises(Exception, match="server closed the connection"):
+        run_training_job(job.id, ctx=quick, engine=FakeEngine(steps=6, checkpoint_every=2, preview_every=0))
+    for name, function in real.items():
+        monkeypatch.setattr(lease, name, function)
+    running, subject, images, photos = load(quick, job)
+    assert running.status == "running" and images == [] and subject is not None and subject.weights_key is None
+    # Nothing uploaded for the gallery stays without a row; the recorded checkpoint stays for the next attempt.
+    assert [key for key in subject_files(storage, job) if "/weights/" in key or "/images/" in key] == []
+    assert storage.list(running.details["checkpoint"]["prefix"])
+    assert len(photos) == 4 and not (quick.settings.scratch_dir / str(job.id)).exists()
+
+
+def test_a_commit_error_after_the_gallery_was_committed_keeps_the_gallery(
+        ctx: WorkerContext, storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.orm import sessionmaker
+
+    lose_the_answer: list[bool] = []
+
+    class AnswerLost(Session):
+        def commit(self) -> None:
+            super().commit()
+            if lose_the_answer:
+                lose_the_answer.clear()
+                raise _database_error()  # committed, but the worker never hears so
+
+    flaky = WorkerContext(settings=ctx.settings, storage=storage, worker_id="w",
+                          sessions=sessionmaker(bind=ctx.sessions.kw["bind"], class_=AnswerLost,
+                                                expire_on_commit=False))
+    job = new_job(flaky, storage)
+    real_finish = lease.finish
+
+    def finish(session: Session, job_id: uuid.UUID, token: str, status: str, **values: object) -> bool:
+        if status == "done":
+            lose_the_answer.append(True)
+        return real_finish(session, job_id, token, status, **values)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lease, "finish", finish)
+    assert run_training_job(job.id, ctx=flaky, engine=FakeEngine()) == "done"
+    done, subject, images, _ = load(flaky, job)
+    assert done.status == "done" and len(images) == 2 and all(storage.exists(image.storage_key) for image in images)
+    assert subject is not None and subject.weights_key and storage.list(subject.weights_key)
+
+
+def test_a_full_media_storage_is_named_as_the_studios_storage_not_the_workers_disk(
+        ctx: WorkerContext, storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.storage import local
+
+    job = new_job(ctx, storage)
+
+    def no_room(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local.shutil, "copyfileobj", no_room)  # every upload of the worker finds the media disk full
+    assert run_training_job(job.id, ctx=ctx, engine=FakeEngine(steps=6, checkpoint_every=2)) == "failed"
+    failed, _, _, photos = load(ctx, job)
+    assert (failed.failure_reason or "").startswith("The studio's storage is full")
+    assert "worker" not in (failed.failure_reason or "") and "Try again" in (failed.failure_reason or "")
+    assert len(photos) == 4  # kept for "Try again"
