@@ -144,7 +144,8 @@ class Settings(BaseSettings):
                 value = json.loads(value)
             except json.JSONDecodeError as error:
                 raise ValueError(f"STUDIO_BASE_MODELS is not valid JSON ({error}); write a list like "
-                                 '[{"key": "sdxl", "name": "SDXL 1.0", "spec": "stabilityai/stable-diffusion-xl-base-1.0", '
+                                 '[{"key": "sdxl", "name": "SDXL 1.0", '
+                                 '"spec": "stabilityai/stable-diffusion-xl-base-1.0", '
                                  '"licence": "CreativeML Open RAIL++-M"}]') from None
         if not isinstance(value, list):
             raise ValueError("STUDIO_BASE_MODELS must be a JSON list of models, each "
@@ -255,7 +256,7 @@ def _base_model_option(position: int, entry: Any) -> BaseModelOption:
                 "built-in name such as tiny)") if any(p.startswith("spec") for p in problems) else ""
         raise ValueError(f"{where}: {'; '.join(problems)}{hint}")
     try:
-        return BaseModelOption(key=key, name=" ".join(entry["name"].split()), spec=entry["spec"].strip(),
+        return BaseModelOption(key=str(key), name=" ".join(entry["name"].split()), spec=entry["spec"].strip(),
                                licence=" ".join(entry["licence"].split()), licence_url=url or None)
     except ValidationError as error:  # pragma: no cover - every field was checked above
         raise ValueError(f"{where}: {error}") from None
