@@ -7,8 +7,15 @@ Configurations (all LoRA rank 16 + prior preservation, batch 1 instance + 1 clas
   a 4-layer text encoder), each with cached latents (the engine's default) and uncached
   (every step re-encodes the images through the VAE, as diffusers' ``train_dreambooth_lora.py``
   does).
+- CPU, per family: ``tiny-sdxl`` (SDXL's layout at 64 px), and both tiny models with bank-free
+  preservation (``prior_source="base_model"``: the class half's targets are the frozen base
+  model's predictions, one more no-grad forward a step, no class images).
 - CUDA, when present: ``sd15-arch`` (the real SD 1.5 architecture, random weights) at 512 px in
-  bf16: LoRA cached, LoRA uncached and a full fine-tune, all with prior preservation.
+  bf16: LoRA cached, LoRA uncached and a full fine-tune, all with prior preservation; ``sdxl-arch``
+  (SDXL base's real sizes) at 1024 px: LoRA + prior, LoRA + bank-free preservation, and LoRA + prior
+  with gradient checkpointing (the 24 GB-card setting). CUDA rows add the FLOPs of one step
+  (``bench/flops.py``, counted on the meta device) and the share of the GPU's dense bf16 peak that
+  the measured speed implies.
 
 Each configuration runs in a fresh process, so its peak memory is its own: on CUDA the peak
 allocated by PyTorch, on the CPU the process's peak resident set (which includes the ~0.5 GB
@@ -49,11 +56,13 @@ sys.path.insert(0, str(ROOT))
 @dataclass(frozen=True)
 class Case:
     name: str
-    model: str  # "tiny", "medium" or "sd15-arch"
+    model: str  # a built-in name, or "medium"
     resolution: int
     method: str
     cache_latents: bool
     cuda_only: bool = False
+    prior_source: str = "bank"
+    gradient_checkpointing: bool = False
 
 
 CASES = (
@@ -64,6 +73,13 @@ CASES = (
     Case("sd15-lora-cached", "sd15-arch", 512, "lora", True, cuda_only=True),
     Case("sd15-lora-uncached", "sd15-arch", 512, "lora", False, cuda_only=True),
     Case("sd15-full-cached", "sd15-arch", 512, "full", True, cuda_only=True),
+    Case("tiny-sdxl-lora-cached", "tiny-sdxl", 64, "lora", True),
+    Case("tiny-sdxl-lora-uncached", "tiny-sdxl", 64, "lora", False),
+    Case("tiny-lora-bankfree", "tiny", 64, "lora", True, prior_source="base_model"),
+    Case("tiny-sdxl-lora-bankfree", "tiny-sdxl", 64, "lora", True, prior_source="base_model"),
+    Case("sdxl-lora-cached", "sdxl-arch", 1024, "lora", True, cuda_only=True),
+    Case("sdxl-lora-bankfree", "sdxl-arch", 1024, "lora", True, cuda_only=True, prior_source="base_model"),
+    Case("sdxl-lora-checkpointed", "sdxl-arch", 1024, "lora", True, cuda_only=True, gradient_checkpointing=True),
 )
 
 
@@ -71,18 +87,17 @@ def build_medium(device, dtype):  # type: ignore[no-untyped-def]
     """An SD-shaped model small enough for a CPU: same block layout, fewer channels, 128 px."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    from worker.engine.models import SD_SCHEDULE, BaseModel, tiny_tokenizer
+    from worker.engine.families import FAMILIES
+    from worker.engine.families.sd import SD_SCHEDULE, clip_text_encoder
+    from worker.engine.models import BaseModel, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=256,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
+        text_encoder = CLIPTextModel(clip_text_encoder(tokenizer, width=256, intermediate=1024, layers=4, heads=4,
+                                                       vocab=None))
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(64, 128, 256, 256),
                             layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=128)
@@ -94,9 +109,10 @@ def build_medium(device, dtype):  # type: ignore[no-untyped-def]
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
         module.eval()
-    return BaseModel(spec="bench-medium", tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-                     noise_scheduler=DDPMScheduler(**SD_SCHEDULE), resolution=128, fingerprint="bench-medium",
-                     device=device, dtype=dtype)
+    return BaseModel(spec="bench-medium", family=FAMILIES["sd"],
+                     modules={"text_encoder": text_encoder, "vae": vae, "unet": unet},
+                     tokenizers={"tokenizer": tokenizer}, noise_scheduler=DDPMScheduler(**SD_SCHEDULE),
+                     resolution=128, fingerprint="bench-medium", device=device, dtype=dtype)
 
 
 def run_case(case: Case, steps: int, warmup: int, threads: int) -> dict[str, object]:
@@ -123,7 +139,8 @@ def run_case(case: Case, steps: int, warmup: int, threads: int) -> dict[str, obj
         classes = [make_subject_photo(folder / f"class{i}.jpg", seed=100 + i, size=size) for i in range(4)]
         config = TrainConfig(method=case.method, steps=warmup + steps, resolution=case.resolution, rank=16,
                              learning_rate=1e-4 if case.method == "lora" else 5e-6,
-                             cache_latents=case.cache_latents, with_prior=True)
+                             cache_latents=case.cache_latents, with_prior=True, prior_source=case.prior_source,
+                             gradient_checkpointing=case.gradient_checkpointing)
         step_starts: list[float] = []
         cpu_starts: list[float] = []
         finished: list[float] = []
@@ -151,7 +168,16 @@ def run_case(case: Case, steps: int, warmup: int, threads: int) -> dict[str, obj
     setup = step_starts[0] - started
     loop = finished[0] - step_starts[warmup]
     cpu_loop = cpu_finished[0] - cpu_starts[warmup]
+    step_flops = peak = None
+    if device.type == "cuda" and case.model != "medium":
+        from bench.flops import peak_tflops, training_step_flops
+
+        step_flops = training_step_flops(case.model, case.resolution, case.method, prior_source=case.prior_source)
+        peak = peak_tflops(torch.cuda.get_device_name(device))
     return {
+        "step_tflop": step_flops / 1e12 if step_flops else None,
+        "share_of_peak": (step_flops * steps / loop / 1e12 / peak) if step_flops and peak else None,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
         "name": case.name, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "resolution": case.resolution, "method": case.method, "cache_latents": case.cache_latents,
         "steps_per_second": steps / loop, "steps_per_cpu_second": steps / cpu_loop, "threads": threads,
@@ -269,8 +295,8 @@ def main() -> None:
         rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
         print(f"done: {name}", file=sys.stderr, flush=True)
 
-    header = (f"{'configuration':<22} {'device':<6} {'dtype':<9} {'px':>4} {'steps/s':>8} {'steps/CPU-s':>11} "
-              f"{'speed-up':>8} {'peak MB':>8} {'setup s':>8}")
+    header = (f"{'configuration':<24} {'device':<6} {'dtype':<9} {'px':>4} {'steps/s':>8} {'steps/CPU-s':>11} "
+              f"{'speed-up':>8} {'peak MB':>8} {'setup s':>8} {'TFLOP/step':>10} {'% of peak':>9}")
     print(header)
     print("-" * len(header))
 
@@ -287,9 +313,11 @@ def main() -> None:
         base = uncached_rate.get(family(row["name"]))
         speedup = f"{rate(row) / base:.2f}x" if row["cache_latents"] and base else ""
         cpu_rate = f"{row['steps_per_cpu_second']:.2f}" if row["device"] == "cpu" else ""
-        print(f"{row['name']:<22} {row['device']:<6} {row['dtype']:<9} {row['resolution']:>4} "
+        flops = f"{row['step_tflop']:.2f}" if row.get("step_tflop") else ""
+        share = f"{100 * row['share_of_peak']:.1f}" if row.get("share_of_peak") else ""
+        print(f"{row['name']:<24} {row['device']:<6} {row['dtype']:<9} {row['resolution']:>4} "
               f"{row['steps_per_second']:>8.2f} {cpu_rate:>11} {speedup:>8} {row['peak_memory_mb']:>8.0f} "
-              f"{row['setup_seconds']:>8.1f}")
+              f"{row['setup_seconds']:>8.1f} {flops:>10} {share:>9}")
 
     if not args.no_jobs:
         print_job_table(has_cuda, args.job_priors or (200 if has_cuda else 16), args.threads)

@@ -29,7 +29,7 @@ from typing import Any
 from worker.engine.errors import EngineInputError
 from worker.engine.evaluate import Scorer, Scores, default_scorer, rank, strip_identifier
 from worker.engine.identifiers import choose_identifier, validate_identifier
-from worker.engine.models import BaseModel
+from worker.engine.models import BaseModel, device_memory_gb
 from worker.engine.photos import PhotoProblem, prepare_photos
 from worker.engine.priors import fill_prior_bank
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, check_cancel
@@ -114,6 +114,11 @@ def training_config(spec: JobSpec, model: BaseModel, preview_prompts: list[str])
     # Live previews on the studio page: a few over the run, unless the caller decided.
     if "preview_every" not in spec.train_overrides and config.preview_prompts:
         config.preview_every = max(1, config.steps // PREVIEWS_PER_RUN)
+    # On a card too small for the family's full-speed step, trade speed for memory from the start
+    # (rather than only after running out of memory), unless the caller decided.
+    memory = device_memory_gb(model.device)
+    if "gradient_checkpointing" not in spec.train_overrides and memory is not None:
+        config.gradient_checkpointing = memory < model.family.full_speed_memory_gb
     config.validate()
     return config
 

@@ -106,6 +106,13 @@ def select_device(prefer: str = "auto") -> tuple[torch.device, torch.dtype]:
     return torch.device("cuda"), dtype
 
 
+def device_memory_gb(device: torch.device) -> float | None:
+    """The total memory of a CUDA device in GiB; None on the CPU (whose memory the engine does not plan for)."""
+    if device.type != "cuda":
+        return None
+    return float(torch.cuda.get_device_properties(device).total_memory) / 2**30
+
+
 def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(
         str(TINY_TOKENIZER_DIR / "vocab.json"), str(TINY_TOKENIZER_DIR / "merges.txt"), model_max_length=77

@@ -54,7 +54,6 @@ from safetensors.torch import load_file, save_file
 from worker.engine.errors import EngineInputError, TrainingDiverged
 from worker.engine.families.base import Conditioning, ImageMeta, NoisyBatch
 from worker.engine.families.objectives import min_snr_weights
-from worker.engine.families.sd import UNET_ATTENTION
 from worker.engine.models import BaseModel
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
 from worker.engine.weights import (
@@ -68,7 +67,6 @@ __all__ = ["CHECKPOINT_MARKER", "LossParts", "TrainConfig", "TrainResult", "deno
            "latest_checkpoint", "load_training_image", "min_snr_weights", "train"]
 
 STAGE = "training"
-UNET_LORA_TARGETS = UNET_ATTENTION  # SD's; every family names its own (Family.denoiser_lora_targets)
 CHECKPOINTS_DIR = "checkpoints"
 PREVIEWS_DIR = "previews"
 # Written last into a checkpoint folder; its presence is what makes the checkpoint complete.

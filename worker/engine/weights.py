@@ -30,8 +30,6 @@ from worker.engine.models import BaseModel
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"
-UNET_DIR = "unet"
-TEXT_ENCODER_DIR = "text_encoder"
 RUN_FILE = "run.json"
 
 

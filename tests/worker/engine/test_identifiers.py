@@ -79,3 +79,30 @@ def test_validate_identifier_rejects_bad_overrides(tokenizer, identifier: str, m
 def test_empty_class_noun_is_refused(tokenizer) -> None:
     with pytest.raises(EngineInputError, match="class noun"):
         choose_identifier(tokenizer, "  ")
+
+
+class _Splitting:
+    """A second tokenizer (SDXL has two) that splits one particular token into two pieces."""
+
+    def __init__(self, inner, splits: str) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.splits = inner, splits
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.inner.get_vocab())
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = list(self.inner.tokenize(text))
+        target = self.splits + "</w>"
+        if target in tokens:
+            at = tokens.index(target)
+            tokens[at: at + 1] = [self.splits[0], self.splits[1:] + "</w>"]
+        return tokens
+
+
+def test_with_two_tokenizers_the_identifier_is_one_token_in_both(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    alone = choose_identifier(tokenizer, "dog", seed=3)
+    both = choose_identifier([tokenizer, _Splitting(tokenizer, alone)], "dog", seed=3)
+    assert both != alone  # the first choice splits in the second tokenizer, so another is taken
+    assert validate_identifier([tokenizer, tokenizer], both, "dog") == both
+    with pytest.raises(EngineInputError, match="not one token"):
+        validate_identifier([tokenizer, _Splitting(tokenizer, alone)], alone, "dog")

@@ -242,3 +242,18 @@ def test_a_real_model_is_scored_by_the_papers_encoders_when_the_machine_has_them
     monkeypatch.setattr(job_module, "default_scorer", lambda: None)  # offline: no encoders to be had
     unscored = run_job(_spec(subject_photos, tmp_path, "offline", images_per_prompt=1), real_model)
     assert unscored.scores == [] and unscored.ranking == [] and len(unscored.images) == 2
+
+
+@pytest.mark.parametrize(("spec", "memory_gb", "expected"), [
+    ("tiny", 24.0, False), ("tiny", 8.0, True), ("tiny-sdxl", 24.0, True), ("tiny-sdxl", 80.0, False),
+    ("tiny-sdxl", None, False),  # the CPU: no plan for memory
+])
+def test_small_cards_train_with_gradient_checkpointing_from_the_start(
+        subject_photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str,
+        memory_gb: float | None, expected: bool) -> None:
+    model = build_builtin(spec, seed=0)
+    monkeypatch.setattr(job_module, "device_memory_gb", lambda device: memory_gb)
+    job = _spec(subject_photos, tmp_path, "work")
+    assert training_config(job, model, []).gradient_checkpointing is expected
+    chosen = dataclasses.replace(job, train_overrides={**job.train_overrides, "gradient_checkpointing": False})
+    assert training_config(chosen, model, []).gradient_checkpointing is False  # the caller's choice wins

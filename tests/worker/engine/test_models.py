@@ -104,3 +104,61 @@ def test_a_weights_file_of_another_kind_is_refused(tmp_path: Path) -> None:
     weights.write_bytes(b"\0" * 16)
     with pytest.raises(EngineInputError, match="not a .safetensors or .ckpt file"):
         load_base_model(str(weights), device=CPU, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+
+
+def test_sdxl_arch_has_the_real_sdxl_sizes() -> None:
+    from worker.engine.families.sdxl import build as build_sdxl
+
+    with torch.device("meta"):
+        modules, _, _, resolution = build_sdxl("sdxl-arch", tiny_tokenizer())
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(modules["unet"]) == 2_567_463_684
+    assert count(modules["vae"]) == 83_653_863
+    assert count(modules["text_encoder"]) == 123_060_480  # CLIP ViT-L
+    assert count(modules["text_encoder_2"]) == 694_659_840  # OpenCLIP ViT-bigG with its projection
+    assert resolution == 1024
+
+
+def test_tiny_sdxl_is_an_sdxl_model_that_builds_in_seconds() -> None:
+    started = time.monotonic()
+    model = build_builtin("tiny-sdxl", seed=0, device=CPU, dtype=torch.float32)
+    assert time.monotonic() - started < 5.0
+    assert model.family.name == "sdxl" and model.resolution == 64 and model.is_demo
+    assert set(model.modules) == {"text_encoder", "text_encoder_2", "vae", "unet"}
+    assert model.fingerprint != build_builtin("tiny", seed=0, device=CPU, dtype=torch.float32).fingerprint
+
+
+@pytest.mark.parametrize("spec", ["tiny", "tiny-sdxl"])
+def test_a_saved_folder_of_each_family_loads_as_that_family(spec: str, tmp_path: Path) -> None:
+    built = build_builtin(spec, seed=0, device=CPU, dtype=torch.float32)
+    built.pipeline().save_pretrained(tmp_path / spec)
+    loaded = load_base_model(str(tmp_path / spec), device=CPU, dtype=torch.float32)
+    assert loaded.family is built.family
+    assert loaded.fingerprint == built.fingerprint
+
+
+def test_a_folder_of_an_unsupported_pipeline_says_what_it_is_and_what_is_supported(tmp_path: Path) -> None:
+    index = '{"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1"}'
+    (tmp_path / "model_index.json").write_text(index)
+    with pytest.raises(EngineInputError, match=r"StableDiffusion3Pipeline; supported: .*StableDiffusionXLPipeline"):
+        load_base_model(str(tmp_path), device=CPU, dtype=torch.float32)
+
+
+def test_a_single_sdxl_file_loads_as_the_sdxl_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.engine import single_file
+
+    built = build_builtin("tiny-sdxl", seed=0, device=CPU, dtype=torch.float32)
+    path = tmp_path / "tiny-sdxl.safetensors"
+    single_file.save_single_file(built.pipeline(), path)
+    built.pipeline().save_pretrained(tmp_path / "configs")
+    real_loader = single_file.load_single_file
+    # The shipped SDXL configuration has the real sizes; this file has the tiny ones.
+    monkeypatch.setattr(single_file, "load_single_file", lambda p: real_loader(
+        p, tokenizers=dict(built.tokenizers), config_dir=tmp_path / "configs"))
+    loaded = load_base_model(str(path), device=CPU, dtype=torch.float32)
+    assert loaded.family.name == "sdxl"
+    assert loaded.fingerprint == built.fingerprint

@@ -63,3 +63,23 @@ def test_unknown_preset_is_named(subject: str, quality: str, named: str) -> None
         recipe(subject, quality)  # type: ignore[arg-type]
     with pytest.raises(EngineInputError, match=named):
         prior_images_for(subject, quality)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+@pytest.mark.parametrize("quality", QUALITIES)
+def test_sdxl_presets_follow_the_sdxl_anchors(subject: str, quality: str) -> None:
+    config = recipe(subject, quality, "sdxl")  # type: ignore[arg-type]
+    assert config.resolution == 1024
+    assert config.method == "lora"  # a full SDXL fine-tune does not fit a 24 GB card
+    assert 4 <= config.rank <= 64 and 5e-5 <= config.learning_rate <= 1e-4
+    assert config.offset_noise == pytest.approx(0.0357)
+    if config.train_text_encoder:
+        assert config.text_encoder_lr == 5e-6
+    assert config.num_class_images == prior_images_for(subject, quality, "sdxl")  # type: ignore[arg-type]
+    assert recipe(subject, quality, "sdxl", rank=4, resolution=64).rank == 4  # type: ignore[arg-type]
+
+
+def test_people_on_sdxl_train_both_text_encoders_and_get_the_higher_ranks() -> None:
+    assert all(recipe("person", q, "sdxl").train_text_encoder for q in QUALITIES)
+    ranks = [recipe("person", q, "sdxl").rank for q in QUALITIES]
+    assert ranks == sorted(ranks) and ranks[-1] >= 32

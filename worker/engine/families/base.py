@@ -87,7 +87,11 @@ class Family(ABC):
     tokenizer_keys: ClassVar[tuple[str, ...]]
     default_resolution: ClassVar[int]
     schedule_keys: ClassVar[tuple[str, ...]] = ()  # noise-schedule settings that identify the model, beyond SD's
-    latent_multiple: ClassVar[int] = 8  # image sides must be a multiple of this (VAE factor x any packing)
+    latent_multiple: ClassVar[int] = 8
+    # GPU memory (GiB) below which a job trains with gradient checkpointing from the start: an
+    # estimate of a LoRA + prior step at the native size without it, with headroom; the OOM retry
+    # in the worker still catches a card that turns out too small.
+    full_speed_memory_gb: ClassVar[float] = 16.0  # image sides must be a multiple of this (VAE factor x any packing)
     sample_steps: ClassVar[int]
     sample_guidance: ClassVar[float]
     sampler_name: ClassVar[str]  # as image viewers read it in the PNG's parameters
@@ -171,13 +175,23 @@ class Family(ABC):
                resolution: int, generators: list[torch.Generator],
                autocast_dtype: torch.dtype | None = None) -> np.ndarray:
         """Sample one image per prompt; float pixels in [0, 1], shape ``(len(prompts), H, W, 3)``."""
+        images = self.call_pipeline(pipe, prompts, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                    resolution=resolution, generators=generators, autocast_dtype=autocast_dtype,
+                                    output_type="np")
+        return np.asarray(images, dtype=np.float32)
+
+    def call_pipeline(self, pipe: Any, prompts: Sequence[str], *, negative_prompt: str, steps: int, guidance: float,
+                      resolution: int, generators: list[torch.Generator], autocast_dtype: torch.dtype | None,
+                      output_type: str) -> Any:
+        """The stock pipeline's call with the family's arguments; returns its ``images``."""
         extra: dict[str, Any] = {}
         if self.negative_prompts:
             extra["negative_prompt"] = [negative_prompt] * len(prompts)
         with torch.inference_mode(), sampling_autocast(pipe.device, autocast_dtype):
             output = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance,
-                          height=resolution, width=resolution, generator=generators, output_type="np", **extra)
-        return np.asarray(output.images, dtype=np.float32)
+                          height=resolution, width=resolution, generator=generators, output_type=output_type,
+                          **extra)
+        return output.images
 
     # Exports ----------------------------------------------------------------------------------
 

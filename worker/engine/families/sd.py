@@ -47,21 +47,15 @@ def dpm_solver(noise_scheduler: Any) -> DPMSolverMultistepScheduler:
                                                    steps_offset=1)
 
 
-class StableDiffusion(Family):
-    name = "sd"
-    label = "Stable Diffusion 1.x/2.x"
-    pipeline_class_name = "StableDiffusionPipeline"
+class UNetFamily(Family):
+    """What SD 1.x/2.x and SDXL share: a UNet trained with the DDPM objective, sampled with DPM-Solver++,
+    LoRA on its attention projections and on the CLIP text encoders' attention."""
+
     denoiser_key = "unet"
-    text_encoder_keys = ("text_encoder",)
-    tokenizer_keys = ("tokenizer",)
-    default_resolution = 512
-    sample_steps = 25
-    sample_guidance = 7.5
     sampler_name = "DPM++ 2M"
     sampler_id = "dpmsolver++"
     denoiser_lora_targets = UNET_ATTENTION
     text_encoder_lora_targets = CLIP_ATTENTION
-    kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
     def training_schedule(self, pipe_scheduler: Any) -> Any:
         return DDPMScheduler.from_config(pipe_scheduler.config)
@@ -71,15 +65,27 @@ class StableDiffusion(Family):
         vae: Any = modules["vae"]
         return int(unet.config.sample_size) * int(2 ** (len(vae.config.block_out_channels) - 1))
 
+    def objective(self, model: BaseModel, device: torch.device, *, min_snr_gamma: float | None,
+                  offset_noise: float) -> Objective:
+        return DDPMObjective(model.noise_scheduler, device, min_snr_gamma=min_snr_gamma, offset_noise=offset_noise)
+
+
+class StableDiffusion(UNetFamily):
+    name = "sd"
+    label = "Stable Diffusion 1.x/2.x"
+    pipeline_class_name = "StableDiffusionPipeline"
+    text_encoder_keys = ("text_encoder",)
+    tokenizer_keys = ("tokenizer",)
+    default_resolution = 512
+    sample_steps = 25
+    sample_guidance = 7.5
+    kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
     def encode_prompts(self, model: BaseModel, text_encoders: Mapping[str, torch.nn.Module],
                        prompts: Sequence[str]) -> Conditioning:
         encoder: Any = text_encoders["text_encoder"]
         ids = tokenize(model.tokenizers["tokenizer"], prompts).to(next(encoder.parameters()).device)
         return {"encoder_hidden_states": encoder(ids)[0]}
-
-    def objective(self, model: BaseModel, device: torch.device, *, min_snr_gamma: float | None,
-                  offset_noise: float) -> Objective:
-        return DDPMObjective(model.noise_scheduler, device, min_snr_gamma=min_snr_gamma, offset_noise=offset_noise)
 
     def predict(self, model: BaseModel, denoiser: torch.nn.Module, batch: NoisyBatch, conditioning: Conditioning,
                 meta: ImageMeta) -> torch.Tensor:
