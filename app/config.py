@@ -9,15 +9,37 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SECRET_KEY = "dev-only-secret-key-change-me"
+BASE_MODEL_KEY = re.compile(r"[a-z0-9][a-z0-9._-]{0,39}")
+MAX_BASE_MODEL_NAME = 80
+
+
+class BaseModelOption(BaseModel):
+    """One base model the operator offers (an entry of ``STUDIO_BASE_MODELS``).
+
+    ``key`` is the stable id a studio records and the API's ``base_model`` field names; ``name`` is
+    what people read; ``spec`` is what the worker loads (a hub id, a local diffusers folder, a single
+    ``.safetensors`` file, or a built-in name such as ``tiny``); ``licence`` is the model's licence
+    as people know it ("CreativeML Open RAIL++-M"), with an optional ``licence_url``. The family
+    (SD 1.x/2.x, SDXL, ...) is never written here: the worker detects it from what it loads.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    name: str
+    spec: str
+    licence: str
+    licence_url: str | None = None
 
 
 class Settings(BaseSettings):
@@ -89,6 +111,10 @@ class Settings(BaseSettings):
 
     # Jobs. ``base_model`` empty: the worker picks (the tiny demo model without CUDA).
     base_model: str = ""
+    # The base models people choose from when they create a studio, as a JSON list of
+    # {key, name, spec, licence, licence_url}; the first is the default. Empty: the one model above
+    # (``base_model``, or the worker's default) and no choice on the form.
+    base_models: Annotated[list[BaseModelOption], NoDecode] = []
     max_attempts: int = 3
     lease_seconds: int = 120
     heartbeat_seconds: int = 10
@@ -122,6 +148,36 @@ class Settings(BaseSettings):
                     "172.16.0.0/12); list the addresses of your reverse proxies, never everyone"
                 ) from None
         return entries
+
+    @field_validator("base_models", mode="before")
+    @classmethod
+    def _parse_base_models(cls, value: Any) -> Any:
+        """A JSON list of entries; each is checked on its own, and every error names its entry."""
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"STUDIO_BASE_MODELS is not valid JSON ({error}); write a list like "
+                                 '[{"key": "sdxl", "name": "SDXL 1.0", '
+                                 '"spec": "stabilityai/stable-diffusion-xl-base-1.0", '
+                                 '"licence": "CreativeML Open RAIL++-M"}]') from None
+        if not isinstance(value, list):
+            raise ValueError("STUDIO_BASE_MODELS must be a JSON list of models, each "
+                             "{key, name, spec, licence, licence_url}")
+        return [_base_model_option(position, entry) for position, entry in enumerate(value, start=1)]
+
+    @field_validator("base_models")
+    @classmethod
+    def _unique_base_model_keys(cls, value: list[BaseModelOption]) -> list[BaseModelOption]:
+        seen: dict[str, int] = {}
+        for position, option in enumerate(value, start=1):
+            if option.key in seen:
+                raise ValueError(f"STUDIO_BASE_MODELS entries {seen[option.key]} and {position} both have the key "
+                                 f"{option.key!r}; each model needs its own key")
+            seen[option.key] = position
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
@@ -186,6 +242,46 @@ class Settings(BaseSettings):
     @property
     def scratch_dir(self) -> Path:
         return (self.var_dir / "scratch").resolve()
+
+
+def _base_model_option(position: int, entry: Any) -> BaseModelOption:
+    """Entry ``position`` (1-based) of STUDIO_BASE_MODELS, checked; ValueError naming it when it is bad."""
+    if isinstance(entry, BaseModelOption):
+        return entry
+    where = f"STUDIO_BASE_MODELS entry {position}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is not an object like {{\"key\": ..., \"name\": ..., \"spec\": ..., "
+                         f"\"licence\": ...}}")
+    key = entry.get("key")
+    if isinstance(key, str) and key:
+        where += f" ({key!r})"
+    problems: list[str] = []
+    for field in ("key", "name", "spec", "licence"):
+        if not isinstance(entry.get(field), str) or not entry[field].strip():
+            problems.append(f"{field} is {'empty' if field in entry else 'missing'}")
+    unknown = sorted(set(entry) - set(BaseModelOption.model_fields))
+    if unknown:
+        problems.append(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                        f"(the fields are {', '.join(BaseModelOption.model_fields)})")
+    if isinstance(key, str) and key and not BASE_MODEL_KEY.fullmatch(key):
+        problems.append("key must be 1-40 lowercase letters, digits, '.', '-' or '_', starting with a letter "
+                        "or digit (it is the id studios record; keep it stable)")
+    name = entry.get("name")
+    if isinstance(name, str) and len(name.strip()) > MAX_BASE_MODEL_NAME:
+        problems.append(f"name is longer than {MAX_BASE_MODEL_NAME} characters")
+    url = entry.get("licence_url")
+    if url is not None and (not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https")
+                            or not urlsplit(url).netloc):
+        problems.append("licence_url must be an http(s) address")
+    if problems:
+        hint = (" (spec is what the worker loads: a hub id, a local diffusers folder, a .safetensors file or a "
+                "built-in name such as tiny)") if any(p.startswith("spec") for p in problems) else ""
+        raise ValueError(f"{where}: {'; '.join(problems)}{hint}")
+    try:
+        return BaseModelOption(key=str(key), name=" ".join(entry["name"].split()), spec=entry["spec"].strip(),
+                               licence=" ".join(entry["licence"].split()), licence_url=url or None)
+    except ValidationError as error:  # pragma: no cover - every field was checked above
+        raise ValueError(f"{where}: {error}") from None
 
 
 def _is_loopback(host: str) -> bool:

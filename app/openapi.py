@@ -9,7 +9,7 @@ contract lives in dependencies, middleware and services, so it is added here, in
   that is not the caller's, 413 for a body over the request limit, 403 for a cookie write without
   its CSRF token;
 - the errors particular routes answer (:data:`ROUTE_ERRORS`), and the settings-dependent limits
-  of the studio upload (how many photos).
+  of the studio upload (how many photos, which base models).
 
 ``tests/app/test_openapi.py`` runs schemathesis against the result: an answer the document does
 not describe fails the suite.
@@ -25,12 +25,14 @@ from fastapi.openapi.utils import get_openapi
 
 from app.config import Settings
 from app.security import SESSION_COOKIE
+from app.subjects.base_models import offered
 
 # Operations anyone may call: how one gets an account and a token, and the catalogue of styles.
 PUBLIC = {
     ("post", "/api/v1/auth/signup"),
     ("post", "/api/v1/auth/token"),
     ("get", "/api/v1/style-packs"),
+    ("get", "/api/v1/base-models"),
 }
 
 BUSY = "The server is busy hashing other passwords; try again after Retry-After seconds."
@@ -147,11 +149,17 @@ def complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
 
 
 def _upload_limits(schema: dict[str, Any], settings: Settings) -> None:
-    """The studio upload's photo count comes from the settings, so the document says this server's."""
+    """The studio upload's photo count and base models come from the settings, so the document says this server's."""
     operation = schema.get("paths", {}).get("/api/v1/subjects", {}).get("post")
     if operation is None:
         return
     body = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {})
+    choice = body.get("properties", {}).get("base_model")
+    if choice is not None:
+        # The offered keys are this server's settings, like the photo limits.
+        keys = [offer.key for offer in offered(settings)]
+        choice["enum"] = keys
+        choice["default"] = keys[0]
     photos = body.get("properties", {}).get("photos")
     if photos is not None:
         photos["minItems"] = settings.min_photos

@@ -26,6 +26,7 @@ from app.galleries.schemas import (
 from app.jobs import service as job_service
 from app.models import Subject, User
 from app.subjects import repository as subject_repository
+from app.subjects.schemas import BaseModelInfo
 
 router = APIRouter(prefix="/api/v1", tags=["galleries"])
 
@@ -161,6 +162,8 @@ def get_trained_model(subject_id: uuid.UUID, user: ApiUser, session: SessionDep)
     base = f"/api/v1/subjects/{subject.id}/model"
     return TrainedModelOut(
         method=model.method, base_model=model.base_model, demo_model=model.demo_model, trigger=model.trigger,
+        base_model_info=(BaseModelInfo(**model.base_model_info.as_json())
+                         if model.base_model_info is not None else None),
         downloads=[ModelDownloadOut(variant=d.variant, label=d.label, filename=d.filename, url=f"{base}/{d.variant}")
                    for d in model.downloads],
     )

@@ -1,9 +1,11 @@
 """The trained model as downloads, to use outside the studio.
 
-A LoRA studio offers its LoRA as AUTOMATIC1111 and ComfyUI load it (kohya-ss names) and as
-diffusers' ``load_lora_weights`` loads it; every studio offers all its weights files as one ZIP
-(the only form of a full fine-tune: diffusers folders). With them go what a person needs to use
-the model: the base model to load it on and the words that call up the subject ("qzx dog").
+A LoRA studio offers its LoRA as diffusers' ``load_lora_weights`` loads it and, when its family
+has one (the worker writes ``lora_kohya.safetensors`` only then), as AUTOMATIC1111 and ComfyUI load
+it (kohya-ss names); every studio offers all its weights files as one ZIP (the only form of a full
+fine-tune: diffusers folders). What is offered follows the files the worker published, never the
+family's name. With them go what a person needs to use the model: the base model to load it on (its
+name, family and licence) and the words that call up the subject ("qzx dog").
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Literal
 from app.galleries.service import ZipEntry, iter_zip, slugify
 from app.models import Subject, utcnow
 from app.storage import Storage
+from app.subjects.base_models import ModelFacts, model_facts
 
 DownloadVariant = Literal["a1111", "diffusers", "zip"]
 
@@ -43,6 +46,7 @@ class TrainedModel:
     trigger: str  # the words that call up the subject in a prompt, "qzx dog"
     downloads: list[ModelDownload]
     files: dict[str, str]  # name in the run folder -> storage key
+    base_model_info: ModelFacts | None = None  # its name, family and licence
 
     def download(self, variant: DownloadVariant) -> ModelDownload:
         for download in self.downloads:
@@ -75,6 +79,7 @@ def trained_model(subject: Subject) -> TrainedModel | None:
         trigger=trigger,
         downloads=downloads,
         files=files,
+        base_model_info=model_facts(subject),
     )
 
 
@@ -96,6 +101,7 @@ def iter_model_zip(storage: Storage, subject: Subject, model: TrainedModel) -> I
         "studio": subject.name,
         "method": model.method,
         "base_model": model.base_model,
+        "base_model_info": model.base_model_info.as_json() if model.base_model_info is not None else None,
         "trigger": model.trigger,
         "identifier": subject.identifier,
         "class_noun": subject.class_noun,

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.jobs.schemas import JobStatus
 from app.models import GeneratedImage
+from app.subjects.schemas import BaseModelInfo
 
 
 class Scores(BaseModel):
@@ -76,7 +77,10 @@ class TrainedModelOut(BaseModel):
     base_model: str = Field(description="what to load the weights on: a hub id, a path, or tiny (the demo model)")
     demo_model: bool = Field(description="trained on the built-in demo model, which exists only in this studio")
     trigger: str = Field(description='the words that call up the subject in a prompt, e.g. "qzx dog"')
-    downloads: list[ModelDownloadOut]
+    base_model_info: BaseModelInfo | None = Field(description="the base model's name, family and licence")
+    downloads: list[ModelDownloadOut] = Field(
+        description="what this studio's files allow: a1111 only for families with a kohya-ss format"
+    )
 
 
 class ImageList(BaseModel):

@@ -20,6 +20,7 @@ from app.config import Settings
 from app.jobs import repository as job_repository
 from app.models import GeneratedImage, GenerationRequest, Job, Subject, utcnow
 from app.storage import ObjectNotFound, Storage
+from app.subjects.base_models import model_facts
 from worker.engine.prompts import SUBJECT_PLACEHOLDER, normalize_free_prompt
 
 MAX_PROMPT_CHARS = 300
@@ -355,5 +356,6 @@ def zip_about(subject: Subject) -> dict[str, Any]:
         "class_noun": subject.class_noun,
         "identifier": subject.identifier,
         "base_model": subject.base_model,
+        "base_model_info": facts.as_json() if (facts := model_facts(subject)) is not None else None,
         "exported_at": utcnow().isoformat(),
     }

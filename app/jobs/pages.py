@@ -10,6 +10,7 @@ from starlette.responses import Response
 from app.deps import PageUser, SessionDep, StorageDep, require_csrf
 from app.galleries import repository as gallery_repository
 from app.jobs import repository, service
+from app.subjects import base_models
 from app.subjects import repository as subject_repository
 from app.templating import redirect_with_flash, render
 
@@ -31,7 +32,10 @@ def studio_page(subject_id: uuid.UUID, request: Request, user: PageUser, session
     job = jobs[0] if jobs else None
     job_status = service.job_status(session, job, subject.class_noun) if job is not None else None
     # The trained model is the last training job's; a demo "generate more" job says so in its details too.
-    demo_model = any(service.is_demo_model(each) for each in jobs[:2]) or subject.base_model == "tiny"
+    demo_model = (any(service.is_demo_model(each) for each in jobs[:2]) or subject.base_model == "tiny"
+                  or bool((subject.model_info or {}).get("demo_model")))
+    # Before training publishes, the family is in the training job's details (the worker records it on loading).
+    training = next((each for each in jobs if each.kind == "train"), None)
     image_count = gallery_repository.count_images(session, subject.id)
     context = {
         "subject": subject,
@@ -43,6 +47,7 @@ def studio_page(subject_id: uuid.UUID, request: Request, user: PageUser, session
         "image_count": image_count,
         "demo_model": demo_model,
         "demo_notice": DEMO_MODEL_NOTICE,
+        "base_model": base_models.model_facts(subject, training.details if training is not None else None),
         "can_generate": subject.weights_key is not None and (job_status is None or job_status.finished),
         # "Try again" reuses the kept photos of a studio never trained (the button shows once the job failed).
         "can_retry": job is not None and job.kind == "train" and subject.weights_key is None

@@ -19,6 +19,8 @@ class Subject(IdMixin, TimestampMixin, Base):
 
     ``kind`` is dog, cat, animal (``class_noun`` typed by the owner) or person (``class_noun`` man,
     woman or person). ``identifier`` is the rare token [V], chosen by the worker at training.
+    ``base_model_choice`` is what the owner chose to train on; ``base_model`` and ``model_info``
+    (with the model's family) are what the worker loaded and published.
     """
 
     __tablename__ = "subjects"
@@ -37,6 +39,9 @@ class Subject(IdMixin, TimestampMixin, Base):
     photos_deleted_at: Mapped[datetime | None] = mapped_column(default=None)
     weights_key: Mapped[str | None] = mapped_column(String(500), default=None)
     base_model: Mapped[str | None] = mapped_column(String(300), default=None)
+    # The base model the owner chose at creation, as offered then (app.subjects.base_models.Offer:
+    # key, name, spec, licence, licence_url); None for studios made before there was a choice.
+    base_model_choice: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     model_info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 

@@ -227,6 +227,7 @@
         prompts: "#prompts",
         images_per_prompt: "#images_per_prompt",
         quality: "input[name=quality]",
+        base_model: "input[name=base_model]",
         consent: "input[name=consent]",
         photos: "#photos"
       };

@@ -22,12 +22,14 @@ from app.deps import (
 )
 from app.galleries.files import photo_response
 from app.models import SUBJECT_KINDS, Job, Photo, Subject, User
-from app.subjects import repository, retention, service
+from app.subjects import base_models, repository, retention, service
 from app.subjects.forms import UploadDep, decode_slots, read_studio_upload
 from app.subjects.schemas import (
     DEFAULT_IMAGES_PER_PROMPT,
     DEFAULT_QUALITY,
     QUALITY_PRESETS,
+    BaseModelInfo,
+    BaseModelOut,
     JobSummary,
     PhotoOut,
     StudioCreated,
@@ -70,6 +72,10 @@ CREATE_STUDIO_BODY: dict[str, Any] = {
                     },
                     "images_per_prompt": {"type": "integer", "minimum": 1, "default": DEFAULT_IMAGES_PER_PROMPT},
                     "quality": {"type": "string", "enum": list(QUALITY_PRESETS), "default": DEFAULT_QUALITY},
+                    "base_model": {
+                        "type": "string",
+                        "description": "A key from GET /api/v1/base-models; default: the first one there.",
+                    },
                     "consent": {
                         "type": "string",
                         "enum": ["yes", "true", "on", "1"],
@@ -122,6 +128,12 @@ def subject_summary(card: service.StudioCard) -> SubjectSummary:
     )
 
 
+def base_model_info(subject: Subject, job: Job | None = None) -> BaseModelInfo | None:
+    """The studio's base model (name, family, licence); ``job``'s details tell the family before publishing."""
+    facts = base_models.model_facts(subject, job.details if job is not None else None)
+    return BaseModelInfo(**facts.as_json()) if facts is not None else None
+
+
 def subject_detail(session: Session, subject: Subject) -> SubjectDetail:
     """Everything about one studio (the caller found ``subject`` through an owner-scoped query)."""
     photos = [] if subject.photos_deleted_at else repository.photos_of(session, subject)
@@ -140,6 +152,7 @@ def subject_detail(session: Session, subject: Subject) -> SubjectDetail:
         quality=subject.quality,
         identifier=subject.identifier,
         base_model=subject.base_model,
+        base_model_info=base_model_info(subject, latest_job),
         consent_at=subject.consent_at,
         photos_deleted_at=subject.photos_deleted_at,
         photos=[
@@ -185,7 +198,7 @@ def owned_subject(session: Session, owner_id: uuid.UUID, subject_id: uuid.UUID) 
 )
 async def create_subject(request: Request, upload: UploadDep, storage: StorageDep, settings: SettingsDep) -> Response:
     """Create a studio from multipart fields (name, kind, class_noun, style_pack, prompts (repeated or one
-    per line), images_per_prompt, quality, consent) and 3–20 ``photos`` files; training is queued."""
+    per line), images_per_prompt, quality, base_model, consent) and 3–20 ``photos`` files; training is queued."""
 
     def create(session: Session, user: User) -> StudioCreated:
         subject, job = service.store_studio(session, storage, settings, user, checked)
@@ -279,4 +292,17 @@ def list_style_packs() -> list[StylePackOut]:
     return [
         StylePackOut(name=pack.name, title=pack.title, kind=pack.kind, prompts=list(pack.prompts))
         for pack in STYLE_PACKS.values()
+    ]
+
+
+@router.get("/base-models", response_model=list[BaseModelOut])
+def list_base_models(settings: SettingsDep) -> list[BaseModelOut]:
+    """The base models a studio can be trained on (the ``base_model`` field), the default first, each
+    with its licence. The family (SD 1.x/2.x, SDXL, ...) is known once a worker has loaded it: see a
+    studio's ``base_model_info``."""
+    offers = base_models.offered(settings)
+    return [
+        BaseModelOut(key=offer.key, name=offer.name, licence=offer.licence, licence_url=offer.licence_url,
+                     default=index == 0)
+        for index, offer in enumerate(offers)
     ]

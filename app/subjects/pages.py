@@ -26,7 +26,7 @@ from app.deps import (
 from app.galleries.files import photo_response
 from app.models import Subject
 from app.photos.sanitize import format_megabytes
-from app.subjects import repository, retention, service
+from app.subjects import base_models, repository, retention, service
 from app.subjects.forms import StudioUpload, UploadDep, decode_slots, read_studio_upload
 from app.subjects.schemas import (
     DEFAULT_IMAGES_PER_PROMPT,
@@ -69,7 +69,7 @@ KIND_CHOICES = (
 )
 
 
-def form_values(values: dict[str, list[str]] | None = None) -> dict[str, Any]:
+def form_values(values: dict[str, list[str]] | None = None, default_model: str = "") -> dict[str, Any]:
     """What the form's inputs show: the defaults, or what was sent (so a re-shown form keeps it)."""
     sent = values or {}
 
@@ -86,6 +86,7 @@ def form_values(values: dict[str, list[str]] | None = None) -> dict[str, Any]:
         "images_per_prompt": first("images_per_prompt", str(DEFAULT_IMAGES_PER_PROMPT)),
         "quality": first("quality", DEFAULT_QUALITY),
         "consent": first("consent") in ("1", "true", "on", "yes"),
+        "base_model": first("base_model", default_model),
     }
 
 
@@ -101,8 +102,11 @@ def new_studio_context(
     if ANIMAL_NOUN_FIELD not in field_errors and "class_noun" in field_errors:
         field_errors[ANIMAL_NOUN_FIELD] = field_errors[PERSON_NOUN_FIELD] = field_errors["class_noun"]
     errors = [message] if message else problems.sentences()
+    offers = base_models.offered(settings)
     return {
-        "values": form_values(values),
+        "values": form_values(values, offers[0].key),
+        # Only a real choice is shown: with one model the form is what it always was.
+        "base_models": offers if len(offers) > 1 else [],
         "kinds": KIND_CHOICES,
         "person_nouns": PERSON_NOUNS,
         "packs": [

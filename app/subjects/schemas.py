@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 # Quality preset → (title, one-line explanation) as the form shows them; the worker maps the name to steps.
 QUALITY_PRESETS: dict[str, tuple[str, str]] = {
@@ -36,6 +36,7 @@ class CreateStudio:
     images_per_prompt: int | None = DEFAULT_IMAGES_PER_PROMPT
     quality: str = DEFAULT_QUALITY
     consent: bool = False
+    base_model: str = ""  # a key of the offered base models; empty: the default one
 
     @classmethod
     def from_form(cls, values: dict[str, list[str]]) -> CreateStudio:
@@ -54,6 +55,7 @@ class CreateStudio:
             images_per_prompt=parse_whole_number(first("images_per_prompt", str(DEFAULT_IMAGES_PER_PROMPT))),
             quality=first("quality", DEFAULT_QUALITY).strip().lower() or DEFAULT_QUALITY,
             consent=first("consent").strip().lower() in ("1", "true", "on", "yes"),
+            base_model=first("base_model").strip(),
         )
 
 
@@ -114,6 +116,26 @@ class StylePackOut(BaseModel):
     prompts: list[str]
 
 
+class BaseModelOut(BaseModel):
+    key: str = Field(description="the value of the ``base_model`` field when creating a studio")
+    name: str = Field(description="the name people see")
+    licence: str | None = Field(description='the model\'s licence, e.g. "CreativeML Open RAIL++-M"')
+    licence_url: str | None
+    default: bool = Field(description="the model a studio gets when ``base_model`` is left out")
+
+
+class BaseModelInfo(BaseModel):
+    """A studio's base model: the owner's choice, and its family once a worker has loaded it."""
+
+    key: str | None = Field(description="the key chosen at creation (null for studios made before the choice)")
+    name: str
+    family: str | None = Field(description='detected when loaded, e.g. "Stable Diffusion XL"; null before')
+    family_id: str | None = Field(description='the family\'s short id, e.g. "sd" or "sdxl"')
+    licence: str | None
+    licence_url: str | None
+    spec: str | None = Field(description="what the worker loaded: a hub id, a path or a built-in name")
+
+
 class PhotoOut(BaseModel):
     id: uuid.UUID
     position: int
@@ -162,6 +184,7 @@ class SubjectDetail(SubjectSummary):
     quality: str
     identifier: str | None
     base_model: str | None
+    base_model_info: BaseModelInfo | None
     consent_at: datetime
     photos_deleted_at: datetime | None
     photos: list[PhotoOut]

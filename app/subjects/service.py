@@ -29,7 +29,7 @@ from app.photos.decoding import DecodeSlots
 from app.photos.sanitize import UploadSource
 from app.storage import Storage
 from app.storage.base import photo_key
-from app.subjects import repository
+from app.subjects import base_models, repository
 from app.subjects.retention import expiry_for
 from app.subjects.schemas import PERSON_NOUNS, QUALITY_PRESETS, CreateStudio, FileProblem, StudioProblems
 from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, normalize_free_prompt, subject_kind
@@ -112,6 +112,7 @@ class ValidStudio:
     prompts: list[str]
     images_per_prompt: int
     quality: str
+    base_model: base_models.Offer | None = None
 
 
 def clean_text(value: str) -> str:
@@ -194,6 +195,9 @@ def validate_fields(form: CreateStudio, settings: Settings, problems: StudioProb
         )
     if form.quality not in QUALITY_PRESETS:
         problems.fields["quality"] = "Choose a quality: fast, balanced or best."
+    base_model = base_models.choose(settings, form.base_model)
+    if base_model is None:
+        problems.fields["base_model"] = base_models.unknown_key_message(settings, form.base_model)
     if not form.consent:
         problems.fields["consent"] = (
             "Confirm that you are this person, or that this is your pet, or that you have their permission."
@@ -206,6 +210,7 @@ def validate_fields(form: CreateStudio, settings: Settings, problems: StudioProb
         prompts=prompts,
         images_per_prompt=images_per_prompt or 0,
         quality=form.quality,
+        base_model=base_model,
     )
 
 
@@ -330,6 +335,7 @@ def store_studio(
         prompts=valid.prompts,
         images_per_prompt=valid.images_per_prompt,
         quality=valid.quality,
+        base_model_choice=valid.base_model.record() if valid.base_model is not None else None,
         consent_at=now,
         expires_at=expiry_for(now, settings),
     )

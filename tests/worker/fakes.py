@@ -22,11 +22,22 @@ from worker.engine.spec import JobSpec
 from worker.tasks.engine_adapter import GenerationInputs
 
 
+@dataclass(frozen=True)
+class FakeFamily:
+    name: str
+    label: str
+
+
+SD_FAMILY = FakeFamily("sd", "Stable Diffusion 1.x/2.x")
+SDXL_FAMILY = FakeFamily("sdxl", "Stable Diffusion XL")
+
+
 @dataclass
 class FakeModel:
     spec: str
     fingerprint: str
     is_demo: bool = True
+    family: FakeFamily = SD_FAMILY
 
 
 @dataclass
@@ -93,7 +104,9 @@ class FakeEngine:
 
     def load_model(self, spec: str) -> FakeModel:
         self.calls.append(f"load:{spec}")
-        return FakeModel(spec=spec, fingerprint=f"fp-{spec}")
+        # Like the real engine, the family comes from what is loaded: here, from the spec's name.
+        family = SDXL_FAMILY if "sdxl" in spec.lower() else SD_FAMILY
+        return FakeModel(spec=spec, fingerprint=f"fp-{spec}", family=family)
 
     def train(self, inputs: JobSpec, model: Any, progress: ProgressCallback,
               should_cancel: CancelCheck) -> FakeResult:

@@ -16,11 +16,22 @@ from worker.engine.progress import CancelCheck, ProgressCallback
 from worker.engine.spec import JobSpec
 
 
+class FamilyLike(Protocol):
+    """A base-model family as the tasks record it: ``name`` ("sd", "sdxl") and ``label`` ("Stable Diffusion XL")."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+
+
 class ModelLike(Protocol):
     """Read-only views: the engine's dataclasses satisfy them, and so do test fakes."""
 
     @property
     def spec(self) -> str: ...
+    @property
+    def family(self) -> FamilyLike: ...
     @property
     def fingerprint(self) -> str: ...
     @property
@@ -94,6 +105,21 @@ class Engine(Protocol):
 
     def free_memory(self) -> None:
         """Give back the memory a failed run left cached (the GPU allocator's cache)."""
+
+
+def family_facts(model: ModelLike) -> dict[str, str]:
+    """The loaded model's family for the job's details and the subject's model_info (pages read them)."""
+    return {"family": str(model.family.name), "family_label": str(model.family.label)}
+
+
+def chosen_base_model(choice: dict[str, Any] | None, configured: str) -> str:
+    """The spec to train a studio on: the one its owner chose (recorded with the studio at creation),
+    else the worker's configured model (:func:`default_base_model`) — for the single, unlisted model
+    and for studios made before there was a choice."""
+    spec = (choice or {}).get("spec")
+    if isinstance(spec, str) and spec.strip():
+        return spec.strip()
+    return default_base_model(configured)
 
 
 def default_base_model(configured: str) -> str:

@@ -28,6 +28,7 @@ from worker.tasks.engine_adapter import (
     Engine,
     GenerationInputs,
     SampleLike,
+    family_facts,
     lighter_generation,
     run_within_memory,
 )
@@ -95,9 +96,10 @@ def _generate(ctx: WorkerContext, engine: Engine, attempt: LeasedAttempt, job: J
         raise JobFailure(NOT_TRAINED_REASON)
     for key in keys:
         ctx.storage.download_to(key, run_dir / key[len(subject.weights_key):])
+    # The model the studio was trained on, whatever the operator offers now.
     model = engine.load_model(subject.base_model)
     attempt.details.update({"base_model": subject.base_model, "demo_model": bool(model.is_demo),
-                            "images_done": 0, "images_total": total})
+                            **family_facts(model), "images_done": 0, "images_total": total})
     attempt.raise_if_stopped()
 
     def on_progress(event: Progress) -> None:

@@ -5,8 +5,9 @@ The steps of one attempt (see worker/tasks/runtime.py for the lease machinery):
 1. claim the job (a duplicate or stale delivery exits here);
 2. fetch the photos into the job's scratch folder, and the latest checkpoint of an earlier attempt
    into the work folder (so a job resumed on another worker continues from it);
-3. load the base model (``settings.base_model``; without one, the tiny demo model on a machine
-   without CUDA) and pull the shared class-prior bank of that model from storage;
+3. load the base model the owner chose (``Subject.base_model_choice``, one of STUDIO_BASE_MODELS);
+   without a choice ``settings.base_model``, and without that the tiny demo model on a machine
+   without CUDA; record its family; pull the shared class-prior bank of that model from storage;
 4. run the engine with throttled, fenced progress: stage, step/total, loss, ETA, previews and
    checkpoints uploaded to storage as they appear;
 5. push new prior-bank images, upload weights and images to a per-attempt place, and publish in ONE
@@ -49,7 +50,8 @@ from worker.tasks.engine_adapter import (
     ModelLike,
     SampleLike,
     ScoresLike,
-    default_base_model,
+    chosen_base_model,
+    family_facts,
     lighter_training,
     run_within_memory,
 )
@@ -139,9 +141,11 @@ class _TrainingRun:
         attempt.write(stage="preparing", step=0, total=len(self.photos), force=True)
         photo_paths = self._fetch_photos()
         self._restore_checkpoint()
-        spec = default_base_model(self.ctx.settings.base_model)
+        choice = self.subject.base_model_choice or {}
+        spec = chosen_base_model(choice, self.ctx.settings.base_model)
         model = self._load_model(spec)
-        attempt.details.update({"base_model": spec, "demo_model": bool(model.is_demo)})
+        attempt.details.update({"base_model": spec, "base_model_key": choice.get("key"),
+                                "demo_model": bool(model.is_demo), **family_facts(model)})
         bank_root = self.ctx.settings.resolved_prior_cache_dir
         with self.ctx.transaction() as session:
             pulled = pull_banks(session, self.ctx.storage, bank_root, model.fingerprint)
@@ -313,6 +317,7 @@ class _TrainingRun:
                 "base_model": spec,
                 "fingerprint": model.fingerprint,
                 "demo_model": bool(model.is_demo),
+                **family_facts(model),
                 "class_prompt": result.class_prompt,
                 "instance_prompt": getattr(result, "instance_prompt", None),
                 "weights_files": [key[len(weights_at):] for key in weight_keys],

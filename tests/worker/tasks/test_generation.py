@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from app.models import GeneratedImage, GenerationRequest, Job
+from app.models import GeneratedImage, GenerationRequest, Job, Subject
 from app.storage import LocalStorage
 from tests.worker.factories import make_job, make_subject, make_user
 from tests.worker.fakes import FakeEngine
@@ -70,3 +70,23 @@ def test_generate_more_out_of_gpu_memory_goes_on_one_image_at_a_time(ctx: Worker
         done = session.get(Job, job.id)
     assert done is not None and done.details["memory_fallback"] == ["one image per sampling call"]
     assert done.details["images_done"] == 2
+
+
+def test_generate_more_keeps_the_model_the_studio_was_trained_on(ctx: WorkerContext, storage: LocalStorage) -> None:
+    with ctx.transaction() as session:
+        subject = make_subject(session, storage, make_user(session), base_model_choice={
+            "key": "xl", "name": "Tiny SDXL", "spec": "tiny-sdxl", "licence": "MIT", "licence_url": None})
+        train_job = make_job(session, subject)
+    assert run_training_job(train_job.id, ctx=ctx, engine=FakeEngine()) == "done"
+    # The operator's offer changes afterwards; the studio's weights still belong to tiny-sdxl.
+    with ctx.transaction() as session:
+        fresh = session.get(Subject, subject.id)
+        assert fresh is not None
+        fresh.base_model_choice = {**fresh.base_model_choice, "spec": "something-else"}  # type: ignore[dict-item]
+    job = generate_job(ctx, train_job, ["a photo of {subject} as an astronaut"])
+    engine = FakeEngine()
+    assert run_generation_job(job.id, ctx=ctx, engine=engine) == "done"
+    assert engine.calls == ["load:tiny-sdxl", "generate"]
+    with ctx.transaction() as session:
+        done = session.get(Job, job.id)
+    assert done is not None and done.details["family_label"] == "Stable Diffusion XL"

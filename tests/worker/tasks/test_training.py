@@ -473,3 +473,34 @@ def test_a_full_media_storage_is_named_as_the_studios_storage_not_the_workers_di
     assert (failed.failure_reason or "").startswith("The studio's storage is full")
     assert "worker" not in (failed.failure_reason or "") and "Try again" in (failed.failure_reason or "")
     assert len(photos) == 4  # kept for "Try again"
+
+
+def test_the_model_the_owner_chose_is_the_one_trained_and_its_family_is_recorded(
+        ctx: WorkerContext, storage: LocalStorage) -> None:
+    # The worker's own STUDIO_BASE_MODEL serves only studios without a choice.
+    ctx = replace(ctx, settings=ctx.settings.model_copy(update={"base_model": "tiny"}))
+    choice = {"key": "xl", "name": "Tiny SDXL", "spec": "tiny-sdxl", "licence": "MIT", "licence_url": None}
+    job = new_job(ctx, storage, base_model_choice=choice)
+    engine = FakeEngine()
+    assert run_training_job(job.id, ctx=ctx, engine=engine) == "done"
+    assert engine.calls[0] == "load:tiny-sdxl"
+    done, subject, _, _ = load(ctx, job)
+    assert done.details["base_model"] == "tiny-sdxl" and done.details["base_model_key"] == "xl"
+    assert (done.details["family"], done.details["family_label"]) == ("sdxl", "Stable Diffusion XL")
+    assert subject is not None and subject.base_model == "tiny-sdxl"
+    assert subject.model_info["family"] == "sdxl" and subject.model_info["family_label"] == "Stable Diffusion XL"
+    assert subject.base_model_choice == choice  # the choice stays as it was made
+
+
+@pytest.mark.parametrize("choice", [None, {"key": "default", "name": "The studio's standard model", "spec": None,
+                                           "licence": None, "licence_url": None}])
+def test_without_a_chosen_spec_the_worker_trains_its_configured_model(
+        ctx: WorkerContext, storage: LocalStorage, choice: dict[str, object] | None) -> None:
+    ctx = replace(ctx, settings=ctx.settings.model_copy(update={"base_model": "tiny"}))
+    job = new_job(ctx, storage, base_model_choice=choice)
+    engine = FakeEngine()
+    assert run_training_job(job.id, ctx=ctx, engine=engine) == "done"
+    assert engine.calls[0] == "load:tiny"
+    done, subject, _, _ = load(ctx, job)
+    assert done.details["family_label"] == "Stable Diffusion 1.x/2.x"
+    assert subject is not None and subject.model_info["family"] == "sd"
