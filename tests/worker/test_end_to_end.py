@@ -161,8 +161,9 @@ def start_studio(settings: Settings, clean_db: Engine, monkeypatch: pytest.Monke
     started: list[Studio] = []
 
     def start(broker: str = "redis", training: dict[str, Any] | None = None, host_var_dir: Path | None = None,
-              empty_broker: bool = True) -> Studio:
-        """``host_var_dir``: the worker runs as if on another machine, with a var/ (scratch) of its own."""
+              empty_broker: bool = True, base_model: str = "tiny") -> Studio:
+        """``host_var_dir``: the worker runs as if on another machine, with a var/ (scratch) of its own;
+        ``base_model``: the built-in it trains."""
         broker_url = redis_url if broker == "redis" else ""
         if broker == "redis" and empty_broker:
             _empty_redis()
@@ -176,7 +177,8 @@ def start_studio(settings: Settings, clean_db: Engine, monkeypatch: pytest.Monke
                 [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "-Q", "gpu,cpu",
                  "-c", "1", "-l", "INFO", "-n", f"e2e-{uuid.uuid4().hex[:8]}@localhost", "--without-gossip",
                  "--without-mingle", "--without-heartbeat"],
-                cwd=ROOT, env=worker_env(values, training or FAST_TRAINING), stdout=log_file,
+                cwd=ROOT, env={**worker_env(values, training or FAST_TRAINING), "STUDIO_BASE_MODEL": base_model},
+                stdout=log_file,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
         studio = Studio(values, sessionmaker(bind=clean_db, expire_on_commit=False),
@@ -214,6 +216,22 @@ def test_a_studio_runs_to_done_and_its_gallery_is_published(start_studio: Callab
     done = studio.wait_finished(job.id)
     _assert_published(studio, done)
     assert done.details["prior_generated"] == 4 and done.attempts == 1
+
+
+def test_a_studio_on_a_flow_matching_model_runs_to_done(start_studio: Callable[..., Studio]) -> None:
+    # Z-Image's tiny built-in: a Qwen3 text encoder, a flow-matching transformer, through the same
+    # worker, task and publishing as the UNet families.
+    studio = start_studio("redis", base_model="tiny-zimage")
+    job = studio.create_studio()
+    done = studio.wait_finished(job.id)
+    assert done.status == "done", f"{done.status}: {done.failure_reason}\n{studio.log_tail()}"
+    assert (done.details["base_model"], done.details["family"]) == ("tiny-zimage", "zimage")
+    assert len(studio.images_of(job.id)) == 2
+    with studio.session() as session:
+        subject = session.get(Subject, job.subject_id)
+        assert subject is not None and subject.weights_key
+        files = {key.rsplit("/", 1)[-1] for key in studio.storage.list(subject.weights_key)}
+    assert {"pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"} <= files
 
 
 def test_duplicate_delivery_bank_reuse_and_deletion(start_studio: Callable[..., Studio]) -> None:
