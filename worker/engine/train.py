@@ -703,6 +703,7 @@ class _Run:
             key in self.trainables.modules for key in self.family.text_encoder_keys) else []
         if base_model_prior and not frozen_prompts:
             frozen_prompts = [class_prompt]  # the base model's targets need the base encoders' class prompt
+        frozen: Conditioning = {}
         if frozen_prompts:
             encoders = [model.modules[key] for key in self.family.text_encoder_keys]
             with _on_device(encoders, device), torch.no_grad():

@@ -242,3 +242,15 @@ def test_sdxl_decodes_in_full_precision_under_half_precision_autocast() -> None:
                                  autocast_dtype=torch.float16, **settings)
     assert upcast.shape == plain.shape == (1, 64, 64, 3)
     assert np.abs(upcast - plain).max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_bank_free_preservation_trains_with_trained_text_encoders_and_full_fine_tunes(
+        model: BaseModel, photos: list[Path], tmp_path: Path, method: str) -> None:
+    # The base model's targets come from the frozen base encoders and denoiser, whatever is trained.
+    before = {key: value.clone() for key, value in model.denoiser.state_dict().items()}
+    result = run(model, config(steps=2, method=method, learning_rate=1e-5 if method == "full" else 1e-3,
+                               train_text_encoder=True, prior_source="base_model"), photos, [], tmp_path / "run")
+    assert len(result.loss_history) == 2 and all(np.isfinite(result.loss_history))
+    for key, value in model.denoiser.state_dict().items():
+        assert torch.equal(value, before[key]), key  # the shared base model is never changed
