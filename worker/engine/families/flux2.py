@@ -29,21 +29,17 @@ from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux
 from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 from transformers import Qwen3ForCausalLM
 
-from worker.engine.families.base import Conditioning, Family, ImageMeta, NoisyBatch, Objective
-from worker.engine.families.flow import FlowMatchObjective, FlowShift
+from worker.engine.families.base import Conditioning, ImageMeta, NoisyBatch
 from worker.engine.families.qwen import (
-    FLOW_SCHEDULE_KEYS,
     QWEN3_4B,
+    QwenFlowFamily,
     chat_tokens,
     flow_schedule,
     qwen3_config,
-    save_transformer_lora,
     tiny_qwen_tokenizer,
-    write_comfy_lora,
 )
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     from worker.engine.models import BaseModel
 
@@ -98,29 +94,18 @@ def _declared_distilled(source: str) -> bool:
         return True
 
 
-class Flux2Klein(Family):
+class Flux2Klein(QwenFlowFamily):
     name = "flux2"
     label = "FLUX.2 klein"
     pipeline_class_name = "Flux2KleinPipeline"
-    denoiser_key = "transformer"
-    text_encoder_keys = ("text_encoder",)
-    tokenizer_keys = ("tokenizer",)
-    default_resolution = 1024
-    schedule_keys = FLOW_SCHEDULE_KEYS
-    latent_multiple = 16  # the VAE's 8× and the 2×2 packing
+    tokens_per_latent_pixel = 1.0  # the latents are already packed: one token per latent pixel
     # An estimate (not measured: no GPU here) of a LoRA + prior step at 1024 px without checkpointing:
     # klein 4B: 7.8 GB of bf16 weights and the activations of two 4608-token sequences.
     full_speed_memory_gb = 48.0
     sample_steps = 4  # klein 4B is step-distilled; the base checkpoint wants ~50 steps at CFG 4
     sample_guidance = 1.0  # ignored by a distilled klein
-    sampler_name = "Euler (flow matching)"
-    sampler_id = "flow-euler"
     negative_prompts = False  # Flux2KleinPipeline takes none (its CFG uses the empty prompt)
     denoiser_lora_targets = DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS
-    text_encoder_lora_targets = ()
-
-    def training_schedule(self, pipe_scheduler: Any) -> Any:
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe_scheduler.config)
 
     def is_distilled(self, model: BaseModel) -> bool:
         if "builtin" in model.source_info:
@@ -149,13 +134,6 @@ class Flux2Klein(Family):
 
     # Training ---------------------------------------------------------------------------------
 
-    def objective(self, model: BaseModel, device: torch.device, *, min_snr_gamma: float | None,
-                  offset_noise: float) -> Objective:
-        # The latents are already packed: one token per latent pixel.
-        return FlowMatchObjective(device, shift=FlowShift.from_scheduler(model.noise_scheduler.config),
-                                  law="logit_normal", tokens_per_latent_pixel=1.0, min_snr_gamma=min_snr_gamma,
-                                  offset_noise=offset_noise)
-
     def predict(self, model: BaseModel, denoiser: torch.nn.Module, batch: NoisyBatch, conditioning: Conditioning,
                 meta: ImageMeta) -> torch.Tensor:
         transformer: Any = denoiser
@@ -183,12 +161,9 @@ class Flux2Klein(Family):
 
     # Exports ----------------------------------------------------------------------------------
 
-    def save_lora(self, folder: Path, layers: Mapping[str, dict[str, torch.Tensor]],
-                  metadata: Mapping[str, dict[str, Any]]) -> None:
-        save_transformer_lora(self.pipeline_class(), folder, layers, metadata)
-
-    def export_tool_lora(self, run_dir: Path) -> Path | None:
-        return write_comfy_lora(run_dir, native_name, self.label)
+    @staticmethod
+    def native_name(path: str) -> tuple[str, int, int] | None:
+        return native_name(path)
 
 
 def native_name(path: str) -> tuple[str, int, int] | None:

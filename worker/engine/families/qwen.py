@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -29,6 +29,11 @@ from safetensors.torch import save_file
 from transformers import Qwen2Tokenizer, Qwen3Config
 
 from worker.engine.errors import EngineInputError
+from worker.engine.families.base import Family, Objective
+from worker.engine.families.flow import FlowMatchObjective, FlowShift
+
+if TYPE_CHECKING:
+    from worker.engine.models import BaseModel
 
 TINY_QWEN_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen-tokenizer"
 MAX_SEQUENCE_LENGTH = 512  # what Flux2KleinPipeline and ZImagePipeline pad prompts to
@@ -36,6 +41,44 @@ COMFY_LORA_FILE = "lora_comfyui.safetensors"
 # Scheduler settings that identify a flow-matching model's noise schedule (its shift law).
 FLOW_SCHEDULE_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
                       "max_image_seq_len", "time_shift_type")
+
+
+class QwenFlowFamily(Family):
+    """What FLUX.2 klein and Z-Image share: a Qwen3 text encoder that is never trained, a transformer
+    trained with the flow-matching objective under the model's own shift, its LoRA saved through the
+    stock pipeline and exported for ComfyUI under the original module names (:func:`write_comfy_lora`)."""
+
+    denoiser_key = "transformer"
+    text_encoder_keys = ("text_encoder",)
+    tokenizer_keys = ("tokenizer",)
+    default_resolution = 1024
+    schedule_keys = FLOW_SCHEDULE_KEYS
+    latent_multiple = 16  # the VAE's 8× and the 2×2 packing or patches
+    sampler_name = "Euler (flow matching)"
+    sampler_id = "flow-euler"
+    text_encoder_lora_targets = ()
+    tokens_per_latent_pixel: ClassVar[float]  # how many transformer tokens one latent pixel makes
+
+    @staticmethod
+    def native_name(path: str) -> tuple[str, int, int] | None:
+        """The original checkpoint's name of a diffusers module path, with the rows it covers of a fused layer."""
+        raise NotImplementedError
+
+    def training_schedule(self, pipe_scheduler: Any) -> Any:
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe_scheduler.config)
+
+    def objective(self, model: BaseModel, device: torch.device, *, min_snr_gamma: float | None,
+                  offset_noise: float) -> Objective:
+        return FlowMatchObjective(device, shift=FlowShift.from_scheduler(model.noise_scheduler.config),
+                                  law="logit_normal", tokens_per_latent_pixel=self.tokens_per_latent_pixel,
+                                  min_snr_gamma=min_snr_gamma, offset_noise=offset_noise)
+
+    def save_lora(self, folder: Path, layers: Mapping[str, dict[str, torch.Tensor]],
+                  metadata: Mapping[str, dict[str, Any]]) -> None:
+        save_transformer_lora(self.pipeline_class(), folder, layers, metadata)
+
+    def export_tool_lora(self, run_dir: Path) -> Path | None:
+        return write_comfy_lora(run_dir, self.native_name, self.label)
 
 
 @lru_cache(maxsize=1)

@@ -29,21 +29,17 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel
 from transformers import Qwen3ForCausalLM
 
-from worker.engine.families.base import Conditioning, Family, ImageMeta, NoisyBatch, Objective
-from worker.engine.families.flow import FlowMatchObjective, FlowShift
+from worker.engine.families.base import Conditioning, ImageMeta, NoisyBatch
 from worker.engine.families.qwen import (
-    FLOW_SCHEDULE_KEYS,
     QWEN3_4B,
+    QwenFlowFamily,
     chat_tokens,
     flow_schedule,
     qwen3_config,
-    save_transformer_lora,
     tiny_qwen_tokenizer,
-    write_comfy_lora,
 )
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     from worker.engine.models import BaseModel
 
@@ -53,29 +49,18 @@ FLUX1_VAE_SCALE, FLUX1_VAE_SHIFT = 0.3611, 0.1159
 ZIMAGE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
-class ZImage(Family):
+class ZImage(QwenFlowFamily):
     name = "zimage"
     label = "Z-Image"
     pipeline_class_name = "ZImagePipeline"
-    denoiser_key = "transformer"
-    text_encoder_keys = ("text_encoder",)
-    tokenizer_keys = ("tokenizer",)
-    default_resolution = 1024
-    schedule_keys = FLOW_SCHEDULE_KEYS
-    latent_multiple = 16  # the VAE's 8× and the transformer's 2×2 patches
+    tokens_per_latent_pixel = 0.25  # the transformer cuts the latent into 2×2 patches
     # An estimate (not measured: no GPU here) of a LoRA + prior step at 1024 px without checkpointing:
     # Z-Image: 12.3 GB of bf16 weights and 34 blocks of 3840-wide activations.
     full_speed_memory_gb = 64.0
     sample_steps = 9  # Z-Image-Turbo: 8 transformer calls
     sample_guidance = 0.0  # the turbo is distilled: no CFG
-    sampler_name = "Euler (flow matching)"
-    sampler_id = "flow-euler"
     negative_prompts = True
     denoiser_lora_targets = ZIMAGE_TARGETS
-    text_encoder_lora_targets = ()
-
-    def training_schedule(self, pipe_scheduler: Any) -> Any:
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe_scheduler.config)
 
     # Prompts ----------------------------------------------------------------------------------
 
@@ -89,13 +74,6 @@ class ZImage(Family):
         return {"encoder_hidden_states": hidden, "attention_mask": mask.to(hidden.dtype)}
 
     # Training ---------------------------------------------------------------------------------
-
-    def objective(self, model: BaseModel, device: torch.device, *, min_snr_gamma: float | None,
-                  offset_noise: float) -> Objective:
-        # The transformer cuts the latent into 2×2 patches: a quarter token per latent pixel.
-        return FlowMatchObjective(device, shift=FlowShift.from_scheduler(model.noise_scheduler.config),
-                                  law="logit_normal", tokens_per_latent_pixel=0.25, min_snr_gamma=min_snr_gamma,
-                                  offset_noise=offset_noise)
 
     def predict(self, model: BaseModel, denoiser: torch.nn.Module, batch: NoisyBatch, conditioning: Conditioning,
                 meta: ImageMeta) -> torch.Tensor:
@@ -121,12 +99,9 @@ class ZImage(Family):
 
     # Exports ----------------------------------------------------------------------------------
 
-    def save_lora(self, folder: Path, layers: Mapping[str, dict[str, torch.Tensor]],
-                  metadata: Mapping[str, dict[str, Any]]) -> None:
-        save_transformer_lora(self.pipeline_class(), folder, layers, metadata)
-
-    def export_tool_lora(self, run_dir: Path) -> Path | None:
-        return write_comfy_lora(run_dir, native_name, self.label)
+    @staticmethod
+    def native_name(path: str) -> tuple[str, int, int] | None:
+        return native_name(path)
 
 
 def native_name(path: str) -> tuple[str, int, int] | None:
