@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from app.config import BaseModelOption, Settings
 from app.main import create_app
 from app.models import Subject
 from tests.app import photo_factory
-from tests.worker.processes import ROOT, stop_worker, worker_env
+from tests.worker.processes import start_worker, stop_worker, worker_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Few steps: this test is about which model is trained, not how well (tiny-sdxl is slower than tiny on a CPU).
@@ -67,16 +66,9 @@ def worker(studio_settings: Settings, tmp_path: Path) -> Iterator[subprocess.Pop
     env = worker_env(studio_settings, TRAINING)
     # The worker reads the same list as the web process; what it trains is the spec the studio recorded.
     env["STUDIO_BASE_MODELS"] = json.dumps([model.model_dump() for model in MODELS])
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "-Q", "gpu,cpu", "-c", "1",
-         "-l", "INFO", "-n", f"models-{uuid.uuid4().hex[:8]}@localhost", "--without-gossip", "--without-mingle",
-         "--without-heartbeat"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    process = start_worker(env, tmp_path / "worker.log", "models")
     yield process
     stop_worker(process)
-    log.close()
 
 
 def test_a_person_picks_the_second_model_and_the_studio_names_it_with_its_licence(

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from app.main import create_app
 from app.models import GeneratedImage, Job, Photo, Subject
 from app.storage import LocalStorage
 from tests.app import photo_factory
-from tests.worker.processes import ROOT, stop_worker, worker_env
+from tests.worker.processes import start_worker, stop_worker, worker_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 TRAINING = {"steps": 200, "checkpoint_every": 100, "preview_every": 50}
@@ -59,16 +58,9 @@ def app(studio_settings: Settings, clean_db: Engine) -> FastAPI:
 @pytest.fixture
 def worker(studio_settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     env = worker_env(studio_settings, TRAINING)
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "-Q", "gpu,cpu", "-c", "1",
-         "-l", "INFO", "-n", f"flow-{uuid.uuid4().hex[:8]}@localhost", "--without-gossip", "--without-mingle",
-         "--without-heartbeat"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    process = start_worker(env, tmp_path / "worker.log", "flow")
     yield process
     stop_worker(process)
-    log.close()
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,18 @@ def worker_env(settings: Settings, training: dict[str, Any]) -> dict[str, str]:
         "OMP_NUM_THREADS": "2",
     })
     return env
+
+
+def start_worker(env: dict[str, str], log_path: Path, name: str) -> subprocess.Popen[bytes]:
+    """A `celery worker` on the gpu and cpu queues with one slot, logging to ``log_path``, in a session of
+    its own (so :func:`stop_worker` stops its children too)."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker", "-Q", "gpu,cpu", "-c",
+             "1", "-l", "INFO", "-n", f"{name}-{uuid.uuid4().hex[:8]}@localhost", "--without-gossip",
+             "--without-mingle", "--without-heartbeat"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
 
 
 def wait_until_ready(log_path: Path, worker: subprocess.Popen[bytes], timeout: float) -> None:
