@@ -18,7 +18,8 @@ from tests.app.conftest import free_port
 @contextmanager
 def serving(app: FastAPI, **options: Any) -> Iterator[str]:
     """``app`` served on a free loopback port in a thread (``options`` go to uvicorn.Config); yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", **options))
+    settings = {"log_level": "warning", **options}
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), **settings))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

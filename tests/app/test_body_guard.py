@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
@@ -31,7 +29,7 @@ from app.main import create_app
 from app.models import Photo, Subject, User
 from app.storage import Storage
 from tests.app import photo_factory
-from tests.app.conftest import free_port
+from tests.app.serving import serving
 
 FIELDS = {"name": "Rex", "kind": "dog", "consent": "yes"}
 
@@ -251,21 +249,10 @@ def test_a_client_that_hangs_up_mid_upload_is_one_log_line(
 
 
 @contextmanager
-def serving(app: FastAPI) -> Iterator[int]:
+def served_port(app: FastAPI) -> Iterator[int]:
     """``app`` under uvicorn on loopback; its log records reach pytest's caplog (no log config of its own)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None,
-                                           log_level="info"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield server.config.port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(app, log_config=None, log_level="info") as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def raw_post(port: int, path: str, headers: dict[str, str], content_length: int) -> bytes:
@@ -291,7 +278,7 @@ def test_a_content_length_shorter_than_the_body_stores_nothing(
 ) -> None:
     body, content_type = multipart(four_photos)
     short = len(body) - 6  # the server reads the body up to just before the final "--\r\n" (and 2 more)
-    with serving(app) as port, socket.create_connection(("127.0.0.1", port)) as connection:
+    with served_port(app) as port, socket.create_connection(("127.0.0.1", port)) as connection:
         connection.sendall(raw_post(port, "/api/v1/subjects", {**owner_headers, "Content-Type": content_type},
                                     short) + body[:short])
         answer = read_response(connection)  # the server's answer to the body it was told about
@@ -306,7 +293,7 @@ def test_a_stalled_upload_is_dropped_by_the_server(
 ) -> None:
     app = create_app(settings.model_copy(update={"request_body_timeout_seconds": 1.0}))
     body, content_type = multipart(four_photos)
-    with serving(app) as port, socket.create_connection(("127.0.0.1", port)) as connection:
+    with served_port(app) as port, socket.create_connection(("127.0.0.1", port)) as connection:
         connection.sendall(raw_post(port, "/api/v1/subjects", {**owner_headers, "Content-Type": content_type},
                                     len(body)) + body[:2000])
         started = time.monotonic()
@@ -321,7 +308,7 @@ def test_a_hang_up_mid_upload_logs_no_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     body, content_type = multipart(four_photos)
-    with caplog.at_level(logging.INFO), serving(app) as port:
+    with caplog.at_level(logging.INFO), served_port(app) as port:
         with socket.create_connection(("127.0.0.1", port)) as connection:
             connection.sendall(raw_post(port, "/api/v1/subjects", {**owner_headers, "Content-Type": content_type},
                                         len(body)) + body[:3000])

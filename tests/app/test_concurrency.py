@@ -20,33 +20,21 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import Engine
 
 from app.config import Settings
 from app.main import create_app
-from tests.app.conftest import free_port
+from tests.app.serving import serving
 
 CREDENTIALS = {"email": "burst@example.com", "password": "correct horse battery"}
 
 
 @contextmanager
-def serving(settings: Settings) -> Iterator[str]:
+def serving_with_one_connection(settings: Settings) -> Iterator[str]:
     """The app under a real uvicorn on loopback, with only one connection in the pool and one spare."""
     tiny_pool = settings.model_copy(update={"database_pool_size": 1, "database_max_overflow": 1})
-    server = uvicorn.Server(uvicorn.Config(create_app(tiny_pool), host="127.0.0.1", port=free_port(),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(create_app(tiny_pool)) as url:
+        yield url
 
 
 def bearer_token(url: str) -> str:
@@ -56,7 +44,7 @@ def bearer_token(url: str) -> str:
 
 
 def test_a_burst_bigger_than_the_pool_is_served(settings: Settings, clean_db: Engine) -> None:
-    with serving(settings) as url:
+    with serving_with_one_connection(settings) as url:
         token = bearer_token(url)
 
         async def burst() -> list[int]:
@@ -68,7 +56,7 @@ def test_a_burst_bigger_than_the_pool_is_served(settings: Settings, clean_db: En
 
 
 def test_a_slow_upload_holds_no_session_while_its_body_arrives(settings: Settings, clean_db: Engine) -> None:
-    with serving(settings) as url:
+    with serving_with_one_connection(settings) as url:
         token = bearer_token(url)
         port = int(url.rsplit(":", 1)[1])
         boundary = "studio-test-boundary"
@@ -115,7 +103,7 @@ def test_photos_decode_in_slots_of_their_own_not_in_a_session(
 
     monkeypatch.setattr(sanitize, "sanitize_upload", slow_sanitize)
     one_decoder = settings.model_copy(update={"upload_decode_concurrency": 1, "max_active_jobs_per_user": 5})
-    with serving(one_decoder) as url:
+    with serving_with_one_connection(one_decoder) as url:
         headers = {"Authorization": f"Bearer {bearer_token(url)}"}
         files = [("photos", (name, data, "image/jpeg")) for name, data in make_photos(3)]
         statuses: list[int] = []
