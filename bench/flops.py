@@ -8,6 +8,7 @@ frozen weight gets a gradient; full: every weight does). Text embeddings and lat
 by the trainer, so the text encoders and the VAE are not part of a step.
 
     python bench/flops.py [--models sd15-arch,sdxl-arch] [--method lora|full]
+    python bench/flops.py --weights flux2-klein-arch,zimage-arch    (weight memory, bf16 and int8)
 
 The LLM-encoded families (FLUX.2 klein, Z-Image) cannot be counted this way yet: their text
 encoder's attention mask and Z-Image's unpadding read tensor values, which the meta device does
@@ -103,12 +104,39 @@ def training_step_flops(name: str, resolution: int, method: str = "lora", rank: 
     return float(counter.get_total_flops())
 
 
+def denoiser_weight_bytes(name: str) -> tuple[int, int, int]:
+    """Parameters of the built-in's denoiser, and its bytes in bf16 and with the frozen linears in int8
+    (worker.engine.quantize, as a LoRA run with ``quantize_base="int8"`` keeps it), on the meta device."""
+    import torch
+
+    from worker.engine.families import BUILTINS, FAMILIES
+    from worker.engine.models import tiny_tokenizer
+    from worker.engine.quantize import quantize_frozen_linears, weight_bytes
+
+    family = FAMILIES[BUILTINS[name][0]]
+    with torch.device("meta"):
+        modules, _, _, _ = BUILTINS[name][1](name, tiny_tokenizer())
+    denoiser = modules[family.denoiser_key].to(torch.bfloat16).requires_grad_(False)
+    parameters = sum(parameter.numel() for parameter in denoiser.parameters())
+    bf16 = weight_bytes(denoiser)
+    quantize_frozen_linears(denoiser)
+    return parameters, bf16, weight_bytes(denoiser)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="sd15-arch,sdxl-arch", help="comma-separated built-in names")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
     parser.add_argument("--prior-source", choices=("bank", "base_model"), default="bank")
+    parser.add_argument("--weights", default="", help="comma-separated built-ins: print their denoiser's "
+                        "weight memory in bf16 and int8 instead of FLOPs")
     args = parser.parse_args()
+    if args.weights:
+        print(f"{'model':<18} {'denoiser parameters':>20} {'bf16 GB':>8} {'int8 GB':>8}")
+        for name in args.weights.split(","):
+            parameters, bf16, int8 = denoiser_weight_bytes(name)
+            print(f"{name:<18} {parameters:>20,} {bf16 / 1e9:>8.2f} {int8 / 1e9:>8.2f}")
+        return
 
     from worker.engine.families import BUILTINS, FAMILIES
 

@@ -119,6 +119,8 @@ def training_config(spec: JobSpec, model: BaseModel, preview_prompts: list[str])
     memory = device_memory_gb(model.device)
     if "gradient_checkpointing" not in spec.train_overrides and memory is not None:
         config.gradient_checkpointing = memory < model.family.full_speed_memory_gb
+    if "quantize_base" not in spec.train_overrides and memory is not None and config.method == "lora":
+        config.quantize_base = "int8" if memory < model.family.int8_base_memory_gb else "none"
     config.validate()
     return config
 

@@ -92,6 +92,9 @@ class Family(ABC):
     # estimate of a LoRA + prior step at the native size without it, with headroom; the OOM retry
     # in the worker still catches a card that turns out too small.
     full_speed_memory_gb: ClassVar[float] = 16.0  # image sides must be a multiple of this (VAE factor x any packing)
+    # GPU memory (GiB) below which a LoRA job keeps the frozen denoiser in int8 (TrainConfig.quantize_base):
+    # 0 for families whose bf16 weights leave room on any card the studio supports.
+    int8_base_memory_gb: ClassVar[float] = 0.0
     sample_steps: ClassVar[int]
     sample_guidance: ClassVar[float]
     sampler_name: ClassVar[str]  # as image viewers read it in the PNG's parameters

@@ -102,6 +102,9 @@ class Flux2Klein(QwenFlowFamily):
     # An estimate (not measured: no GPU here) of a LoRA + prior step at 1024 px without checkpointing:
     # klein 4B: 7.8 GB of bf16 weights and the activations of two 4608-token sequences.
     full_speed_memory_gb = 48.0
+    # klein's 7.75 GB of bf16 transformer weights are 3.88 GB in int8 (bench/flops.py --weights): cards of 24 GB
+    # and less keep them in int8, so a LoRA + prior step with checkpointing leaves room for activations.
+    int8_base_memory_gb = 25.0
     sample_steps = 4  # klein 4B is step-distilled; the base checkpoint wants ~50 steps at CFG 4
     sample_guidance = 1.0  # ignored by a distilled klein
     negative_prompts = False  # Flux2KleinPipeline takes none (its CFG uses the empty prompt)

@@ -57,6 +57,8 @@ class ZImage(QwenFlowFamily):
     # An estimate (not measured: no GPU here) of a LoRA + prior step at 1024 px without checkpointing:
     # Z-Image: 12.3 GB of bf16 weights and 34 blocks of 3840-wide activations.
     full_speed_memory_gb = 64.0
+    # Z-Image's 12.31 GB of bf16 transformer weights are 6.16 GB in int8 (bench/flops.py --weights).
+    int8_base_memory_gb = 25.0
     sample_steps = 9  # Z-Image-Turbo: 8 transformer calls
     sample_guidance = 0.0  # the turbo is distilled: no CFG
     negative_prompts = True
