@@ -177,9 +177,10 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
     if not config.with_prior or config.prior_source == "base_model":
         prior_count = 0  # no prior term, or its targets come from the base model: no class images
     if prior_count > 0:
+        default_steps, default_guidance = model.family.sample_defaults(model)
         bank = fill_prior_bank(model, spec.bank_root, class_prompt, prior_count, resolution=config.resolution,
-                               steps=spec.prior_steps or model.family.sample_steps,
-                               guidance=_or_default(spec.prior_guidance, model.family.sample_guidance),
+                               steps=spec.prior_steps or default_steps,
+                               guidance=_or_default(spec.prior_guidance, default_guidance),
                                negative_prompt=spec.prior_negative_prompt, batch_size=spec.batch_size,
                                progress=progress, should_cancel=should_cancel)
         class_images, prior_generated, prior_reused, bank_key = bank.images, bank.generated, bank.reused, bank.key
@@ -311,9 +312,10 @@ def generate_more(model: BaseModel, run_dir: Path, prompts: list[str], *, identi
     subject = f"{identifier} {class_noun}"
     expanded = [p if subject in p else expand_prompts([p], identifier, class_noun)[0] for p in prompts]
     pipe = load_trained_pipeline(model, run_dir)
+    default_steps, default_guidance = model.family.sample_defaults(model)
     return sample_images(pipe, expanded, images_per_prompt=images_per_prompt, out_dir=out_dir, seed=seed,
-                         steps=steps or model.family.sample_steps,
-                         guidance=_or_default(guidance, model.family.sample_guidance),
+                         steps=steps or default_steps,
+                         guidance=_or_default(guidance, default_guidance),
                          negative_prompt=negative_prompt, batch_size=batch_size,
                          resolution=resolution, base_model=model.spec, progress=progress,
                          should_cancel=should_cancel, autocast_dtype=model.dtype)

@@ -991,7 +991,8 @@ def _write_previews(run: _Run, step: int) -> list[Path]:
             for index, prompt in enumerate(config.preview_prompts):
                 generator = torch.Generator().manual_seed(config.preview_seed + index)
                 pixels = model.family.render(pipe, [prompt], negative_prompt="", steps=config.preview_steps,
-                                             guidance=model.family.sample_guidance, resolution=config.resolution,
+                                             guidance=model.family.sample_defaults(model)[1],
+                                             resolution=config.resolution,
                                              generators=[generator], autocast_dtype=run.amp_dtype)[0]
                 path = folder / f"step-{step}-{index}.png"
                 Image.fromarray(np.clip(np.round(np.nan_to_num(pixels) * 255.0), 0, 255).astype(np.uint8)).save(path)

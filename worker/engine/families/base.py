@@ -174,6 +174,11 @@ class Family(ABC):
     def pipeline(self, model: BaseModel, parts: Mapping[str, torch.nn.Module]) -> Any:
         """The family's stock pipeline over the model's components, with ``parts`` replacing some."""
 
+    def sample_defaults(self, model: BaseModel) -> tuple[int, float]:
+        """The steps and guidance ``model`` samples well with when the job names none: the family's,
+        unless the checkpoint is a different kind (a step-distilled one, or the base it was distilled from)."""
+        return self.sample_steps, self.sample_guidance
+
     def render(self, pipe: Any, prompts: Sequence[str], *, negative_prompt: str, steps: int, guidance: float,
                resolution: int, generators: list[torch.Generator],
                autocast_dtype: torch.dtype | None = None) -> np.ndarray:
