@@ -7,12 +7,12 @@ built-in is built on PyTorch's meta device (shapes only, no memory) and one step
 frozen weight gets a gradient; full: every weight does). Text embeddings and latents are cached
 by the trainer, so the text encoders and the VAE are not part of a step.
 
-    python bench/flops.py [--models sd15-arch,sdxl-arch] [--method lora|full]
+    python bench/flops.py [--models sd15-arch,sdxl-arch,flux2-klein-arch,zimage-arch] [--method lora|full]
     python bench/flops.py --weights flux2-klein-arch,zimage-arch    (weight memory, bf16 and int8)
 
-The LLM-encoded families (FLUX.2 klein, Z-Image) cannot be counted this way yet: their text
-encoder's attention mask and Z-Image's unpadding read tensor values, which the meta device does
-not have.
+The LLM-encoded families (FLUX.2 klein, Z-Image) count their transformer with the prompt as the
+trainer caches it: FLUX.2 klein's 512 padded text tokens, Z-Image's real tokens only (its
+unpadding reads the mask's values, so that mask is made on the CPU).
 
 ``bench/train.py`` divides these counts by its measured step times for the share of the GPU's
 peak that a run reaches.
@@ -83,8 +83,22 @@ def training_step_flops(name: str, resolution: int, method: str = "lora", rank: 
         denoiser.requires_grad_(True)
     rows = 2
     prompts = ["a photo of xqz dog", "a photo of a dog"][:rows]
+    for key in family.text_encoder_keys:
+        # An LLM encoder's SDPA mask asks whether the padding mask is all ones, a value the meta device
+        # does not have; the eager mask is built from shapes. (The encoder is not part of a step.)
+        config = getattr(modules[key], "config", None)
+        if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+            modules[key].set_attn_implementation("eager")  # type: ignore[operator]
     with torch.no_grad():
-        conditioning = family.encode_prompts(model, modules, prompts)
+        conditioning = dict(family.encode_prompts(model, modules, prompts))
+    if "attention_mask" in conditioning and conditioning["attention_mask"].is_meta:
+        # Z-Image keeps only the prompt's real tokens, which the meta device cannot tell from padding:
+        # the mask is made on the CPU from the chat template with the repo's small tokenizer (17 and 15
+        # tokens for the two prompts, near what Qwen3's makes of them, against 4,096 image tokens).
+        from worker.engine.families.qwen import chat_tokens
+
+        _, mask = chat_tokens(model.tokenizers["tokenizer"], prompts, enable_thinking=True)
+        conditioning["attention_mask"] = mask.float()
     side = resolution // model.vae_scale_factor  # a VAE sample's shape, without running the VAE
     sampled = torch.empty(rows, int(model.vae.config.latent_channels), side, side, device=meta)
     with torch.no_grad():
@@ -125,7 +139,8 @@ def denoiser_weight_bytes(name: str) -> tuple[int, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="sd15-arch,sdxl-arch", help="comma-separated built-in names")
+    parser.add_argument("--models", default="sd15-arch,sdxl-arch,flux2-klein-arch,zimage-arch",
+                        help="comma-separated built-in names")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
     parser.add_argument("--prior-source", choices=("bank", "base_model"), default="bank")
     parser.add_argument("--weights", default="", help="comma-separated built-ins: print their denoiser's "
