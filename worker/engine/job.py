@@ -33,6 +33,7 @@ from worker.engine.models import BaseModel, device_memory_gb
 from worker.engine.photos import PhotoProblem, prepare_photos
 from worker.engine.priors import fill_prior_bank
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, check_cancel
+from worker.engine.presets import DEMO_PRIOR_IMAGES
 from worker.engine.recipes import recipe
 from worker.engine.sample import (
     INDEX_FILE,
@@ -54,10 +55,6 @@ SCORES_FILE = "scores.json"
 PREVIEW_PROMPT_COUNT = 2  # the first prompts of the pack are sampled as training previews
 PREVIEWS_PER_RUN = 4  # preview rounds over a training run, when the caller does not set preview_every
 QUALITIES = ("fast", "balanced", "best")
-# The built-in demo models (random weights, 64 px) paint noise for class priors too: a first studio
-# on them takes at most this many (the recipe's 100-300 took three quarters of its time on a CPU),
-# unless the caller asks for a number. Real models keep the recipe's count.
-DEMO_PRIOR_IMAGES = 40
 
 
 def instance_prompt_for(identifier: str, class_noun: str) -> str:
