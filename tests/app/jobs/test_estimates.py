@@ -104,3 +104,21 @@ def test_a_queued_job_waits_for_what_the_jobs_ahead_have_left(db_session: Sessio
     assert status.queue_wait_seconds == pytest.approx(180.0)
     assert status.eta_seconds == pytest.approx(180.0 + 130.0)
     assert status.stage_label == "Waiting in line — 1 job ahead (starts in about 3 min)"
+
+
+def test_the_new_studio_page_gets_each_offered_models_estimate(db_session: Session, settings: Settings) -> None:
+    from app.subjects.pages import time_estimates
+
+    owner = make_user(db_session)
+    finished_studio(db_session, owner)
+    settings.base_model = "tiny"
+
+    found = time_estimates(db_session, settings)
+
+    model = found["models"][found["default_model"]]
+    assert model["measured_jobs"] == 1 and model["warm_classes"] == ["dog"]
+    assert model["per_image"] == pytest.approx(0.2)
+    # Balanced pet: 3 s preparing, 40 class pictures x 0.2 s, 500 steps x 0.04 s, 2 s publishing.
+    assert model["fixed"]["pet"]["balanced"] == pytest.approx(3 + 8 + 20 + 2)
+    assert model["priors"]["pet"]["balanced"] == pytest.approx(8.0)
+    assert found["pack_sizes"]["pet-adventures"] == len(estimates.STYLE_PACKS["pet-adventures"].prompts)
