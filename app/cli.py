@@ -256,11 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def with_thread_option(extra: list[str], settings_loader: Callable[[], Settings]) -> list[str]:
+    """``studio train``/``sample`` arguments with ``--threads`` from STUDIO_WORKER_THREADS unless they give it."""
+    if any(arg == "--threads" or arg.startswith("--threads=") for arg in extra):
+        return extra
+    from worker.settings import worker_settings_from
+
+    threads = worker_settings_from(settings_loader()).worker_threads
+    return [*extra, "--threads", str(threads)] if threads else extra
+
+
 def run_passthrough(command: str, extra: list[str], settings_loader: Callable[[], Settings] = get_settings) -> int:
     if command in ("train", "sample"):
         from worker.engine.cli import main as engine_main  # torch is imported here, not before
 
-        return int(engine_main([command, *extra]))
+        return int(engine_main([command, *with_thread_option(extra, settings_loader)]))
     if command == "worker":
         return subprocess.call(worker_command(extra))
     return subprocess.call(beat_command(settings_loader(), extra))

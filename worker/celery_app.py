@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,12 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 from celery.schedules import crontab
-from celery.signals import celeryd_after_setup, worker_init, worker_ready
+from celery.signals import celeryd_after_setup, worker_init, worker_process_init, worker_ready
 from celery.worker.control import control_command
 
 from app import config as studio_config
 from app.config import Settings
+from worker.engine.threads import apply_threads, thread_environment, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,9 @@ def preload_engine(**_: Any) -> None:
     """
     # CUDA must not be initialised before a fork; with this, torch.cuda.is_available() asks NVML instead.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    threads = _worker_threads()
+    # Before torch's first import, so that its OpenMP pool starts at this size (and the jobs' children inherit it).
+    os.environ.update(thread_environment(threads))
     try:
         import torch
 
@@ -166,8 +171,23 @@ def preload_engine(**_: Any) -> None:
     except ImportError:
         log.warning("the engine could not be preloaded; each job will import it itself", exc_info=True)
         return
+    log.info("PyTorch uses %d CPU thread(s) (%d usable core(s); STUDIO_WORKER_THREADS sets it)",
+             apply_threads(threads), usable_cpus())
     if torch.cuda.is_initialized():
         log.error("CUDA was initialised in the worker's main process; forked jobs may fail to use the GPU")
+
+
+def _worker_threads() -> int:
+    from worker.settings import get_worker_settings
+
+    return get_worker_settings().resolved_worker_threads
+
+
+@worker_process_init.connect
+def size_the_job_threads(**_: Any) -> None:
+    """A job's process (forked from the preloaded parent) runs with the worker's thread count too."""
+    if "torch" in sys.modules:
+        apply_threads(_worker_threads())
 
 
 @worker_ready.connect

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.jobs import estimates
 from app.jobs import repository as job_repository
 from app.models import GeneratedImage, GenerationRequest, Job, Subject, utcnow
 from app.storage import ObjectNotFound, Storage
@@ -196,7 +197,8 @@ def request_generation(
         status="queued",
         stage="queued",
         max_attempts=settings.max_attempts,
-        details={"images_done": 0, "images_total": len(prompts) * images_per_prompt},
+        details={"images_done": 0, "images_total": len(prompts) * images_per_prompt,
+                 **planned_generation(session, settings, subject, len(prompts) * images_per_prompt)},
     )
     session.add(job)
     session.flush()
@@ -206,6 +208,12 @@ def request_generation(
     session.flush()
     enqueue(session, "generation.run", job_id=str(job.id))
     return job
+
+
+def planned_generation(session: Session, settings: Settings, subject: Subject, images: int) -> dict[str, Any]:
+    """A "generate more" job's plan (its seconds), when a speed is known for the studio's model."""
+    plan = estimates.plan_generation(session, settings, subject, images)
+    return {"plan": plan} if plan else {}
 
 
 # --- the ZIP export -------------------------------------------------------------------------------

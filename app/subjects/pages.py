@@ -35,6 +35,7 @@ from app.subjects.schemas import (
     QUALITY_PRESETS,
     StudioProblems,
 )
+from app.jobs import estimates
 from app.templating import format_date, redirect_with_flash, render
 from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS
 
@@ -131,6 +132,18 @@ def new_studio_context(
     }
 
 
+def time_estimates(session: Session, settings: Settings) -> dict[str, Any]:
+    """What the page's script needs to say how long the studio the form describes will take."""
+    offers = base_models.offered(settings)
+    return {
+        "models": estimates.studio_estimates(session, settings,
+                                             [(offer.key, offer.spec or settings.base_model) for offer in offers]),
+        "default_model": offers[0].key,
+        "pack_sizes": {pack.name: len(pack.prompts) for pack in STYLE_PACKS.values()},
+        "default_packs": DEFAULT_PACK,
+    }
+
+
 @router.get("/studios", name="studios")
 def my_studios(request: Request, user: PageUser, session: SessionDep) -> Response:
     """My studios as cards: status, thumbnail, expiry date; an invitation when there are none yet."""
@@ -141,6 +154,7 @@ def my_studios(request: Request, user: PageUser, session: SessionDep) -> Respons
 @router.get("/studios/new", name="new_studio")
 def new_studio(request: Request, user: PageUser, session: SessionDep, settings: SettingsDep) -> Response:
     context = new_studio_context(settings)
+    context["time_estimates"] = time_estimates(session, settings)
     limit = service.studio_limit(session, user, settings)
     if limit is not None:
         # Said before the person picks photos, not only after the upload.

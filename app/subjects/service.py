@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app import rate_limits
 from app.config import Settings
+from app.jobs import estimates
 from app.jobs.service import format_duration
 from app.models import SUBJECT_KINDS, Job, Photo, Subject, User, utcnow
 from app.photos import SanitizedBatch, SanitizedPhoto, sanitize_uploads
@@ -367,6 +368,7 @@ def store_studio(
             status="queued",
             stage="queued",
             max_attempts=settings.max_attempts,
+            details=planned(session, settings, subject),
         )
         session.add(subject)
         session.flush()  # the subject first: photos and the job refer to it
@@ -387,6 +389,12 @@ def store_studio(
         raise
     _track_until_commit(session, storage, stored)
     return subject, job
+
+
+def planned(session: Session, settings: Settings, subject: Subject) -> dict[str, Any]:
+    """A new training job's details: its plan (the seconds each step should take), when a speed is known."""
+    plan = estimates.plan_training(session, settings, subject)
+    return {"plan": plan} if plan else {}
 
 
 RETRYABLE_STATUSES = ("failed", "cancelled")
@@ -423,7 +431,7 @@ def retry_studio(session: Session, settings: Settings, owner: User, subject: Sub
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
         raise TooManyActiveJobs(settings.max_active_jobs_per_user)
     job = Job(subject_id=subject.id, owner_id=owner.id, kind="train", status="queued", stage="queued",
-              max_attempts=settings.max_attempts)
+              max_attempts=settings.max_attempts, details=planned(session, settings, subject))
     session.add(job)
     session.flush()
 

@@ -33,6 +33,7 @@ from worker.engine.models import BaseModel, device_memory_gb
 from worker.engine.photos import PhotoProblem, prepare_photos
 from worker.engine.priors import fill_prior_bank
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, check_cancel
+from worker.engine.presets import DEMO_PRIOR_IMAGES
 from worker.engine.recipes import recipe
 from worker.engine.sample import (
     INDEX_FILE,
@@ -125,6 +126,12 @@ def training_config(spec: JobSpec, model: BaseModel, preview_prompts: list[str])
     return config
 
 
+def recipe_prior_images(config: TrainConfig, model: BaseModel) -> int:
+    """The class-prior images a job takes when the caller does not say: the recipe's, at most
+    :data:`DEMO_PRIOR_IMAGES` on a demo model."""
+    return min(config.num_class_images, DEMO_PRIOR_IMAGES) if model.is_demo else config.num_class_images
+
+
 def job_prompts(spec: JobSpec, identifier: str, class_noun: str) -> list[str]:
     """The prompts a job samples: the named pack (or, with no free prompts, the kind's default pack),
     then the free prompts, all expanded with "[V] [class noun]"."""
@@ -173,7 +180,7 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
 
     # 2. priors
     check_cancel(should_cancel)
-    prior_count = spec.prior_images if spec.prior_images is not None else config.num_class_images
+    prior_count = spec.prior_images if spec.prior_images is not None else recipe_prior_images(config, model)
     if not config.with_prior or config.prior_source == "base_model":
         prior_count = 0  # no prior term, or its targets come from the base model: no class images
     if prior_count > 0:

@@ -247,6 +247,7 @@ class LeasedAttempt:
         self._last_cancel_poll = 0.0
         self._last_write = 0.0
         self._pending_values: dict[str, Any] = {}
+        self._stage_started = time.monotonic()
         self.scratch: Path | None = None  # the attempt's scratch folder, once it has one
 
     # -- heartbeat -----------------------------------------------------------------------------
@@ -336,12 +337,23 @@ class LeasedAttempt:
         self._pending_values.update(values)
         if "stage" in values and values["stage"] != self.stage:
             log.info("job %s: stage %s", self.job_id, values["stage"])
+            self._time_stage(values["stage"])
             self.stage = values["stage"]
             force = True
         now = time.monotonic()
         if not force and now - self._last_write < self.ctx.settings.progress_write_seconds:
             return
         self.flush()
+
+    def _time_stage(self, next_stage: str) -> None:
+        """Add the seconds of the stage that ends to ``details["stage_seconds"]``: the web's time estimates
+        (app/jobs/estimates.py) learn each stage's speed on this studio's workers from them."""
+        now = time.monotonic()
+        if self.stage not in ("queued", None):
+            timings = dict(self.details.get("stage_seconds") or {})
+            timings[self.stage] = round(float(timings.get(self.stage, 0.0)) + now - self._stage_started, 3)
+            self.details["stage_seconds"] = timings
+        self._stage_started = now
 
     def flush(self) -> None:
         values = {**self._pending_values, "details": dict(self.details), "preview_keys": list(self.preview_keys)}
