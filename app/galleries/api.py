@@ -118,6 +118,36 @@ def update_image(image_id: uuid.UUID, update: FavouriteUpdate, user: ApiUser, se
     return ImageOut.of(image)
 
 
+@router.delete("/images/{image_id:uuid}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Depends(require_csrf)])
+def delete_image(image_id: uuid.UUID, user: ApiUser, session: SessionDep, storage: StorageDep) -> Response:
+    """Delete one picture, its file with it; the studio's other pictures stay as they are."""
+    image = repository.get_image(session, image_id, user.id)
+    if image is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, IMAGE_NOT_FOUND)
+    service.delete_image(session, storage, image)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/images/{image_id:uuid}/more",
+    response_model=GenerateAccepted,
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_csrf)],
+)
+def more_like_this(image_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep) -> GenerateAccepted:
+    """"More like this": new pictures of this picture's prompt with new seeds, as a "generate more" job
+    (the same refusals: 409, 429)."""
+    found = repository.get_image_with_subject(session, image_id, user.id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, IMAGE_NOT_FOUND)
+    image, subject = found
+    try:
+        job = service.request_more_like(session, settings, subject, image)
+    except service.GalleryError as error:
+        raise gallery_error(error) from None
+    return GenerateAccepted(job=job_service.job_status(session, job, subject.class_noun))
+
+
 @router.post(
     "/subjects/{subject_id:uuid}/generate",
     response_model=GenerateAccepted,

@@ -58,14 +58,17 @@ def gallery_context(
     """What the gallery page shows; ``sort`` None means "by likeness when the images were scored"."""
     all_images = repository.images_of_subject(session, subject.id, user.id)
     scored = service.has_scores(all_images)
-    chosen: SortChoice = sort or ("likeness" if scored else "created")
-    images = repository.images_of_subject(session, subject.id, user.id, favourites_only=favourites, sort=chosen)
+    chosen: SortChoice = sort or service.default_order(all_images)
+    shown = [image for image in all_images if image.favourite] if favourites else all_images
+    groups = service.arrange(subject, shown, chosen)
+    images = service.viewing_order(groups)
     jobs = job_repository.jobs_of_subject(session, subject.id, user.id)
     active_job = next((job for job in jobs if job.status in ("queued", "running")), None)
     return {
         "subject": subject,
-        "groups": service.group_by_prompt(subject, images),
+        "groups": groups,
         "images": images,
+        "captions": {image.id: service.readable_prompt(image.prompt_template, subject.name) for image in images},
         "total_count": len(all_images),
         "favourite_count": sum(1 for image in all_images if image.favourite),
         "positions": service.positions_by_image(all_images),
@@ -105,13 +108,16 @@ def image_page(
     request: Request,
     user: PageUser,
     session: SessionDep,
+    settings: SettingsDep,
     favourites: bool = False,
     sort: SortChoice | None = None,
 ) -> Response:
     """One image at full size with previous/next links: the gallery's full view without JavaScript."""
     image, subject = owned_image(session, subject_id, image_id, user)
-    order: SortChoice = sort or "created"
-    images = repository.images_of_subject(session, subject.id, user.id, favourites_only=favourites, sort=order)
+    all_images = repository.images_of_subject(session, subject.id, user.id)
+    shown = [each for each in all_images if each.favourite] if favourites else all_images
+    # The gallery's order, from the same service function (its lightbox walks the same one).
+    images = service.viewing_order(service.arrange(subject, shown, sort or service.default_order(all_images)))
     ids = [each.id for each in images]
     index = ids.index(image.id) if image.id in ids else None
     previous = images[index - 1] if index is not None and index > 0 else None
@@ -130,6 +136,10 @@ def image_page(
         "query": f"?{query}" if query else "",
         "gallery_url": gallery_url(subject.id, favourites, sort),
         "filename": service.download_filename(subject, image, repository.position_in_prompt(session, image)),
+        "shape": service.shape_of(image),
+        "can_generate": subject.weights_key is not None
+        and job_repository.active_job_of_subject(session, subject.id) is None,
+        "more_count": min(service.MORE_LIKE_THIS_COUNT, settings.max_images_per_prompt),
     }
     return render(request, "galleries/image.html", context)
 
@@ -185,6 +195,42 @@ def favourite_form(
     back = return_to if return_to.startswith(own_pages) and "//" not in return_to else gallery_url(subject.id)
     message = "Added to your favourites." if favourite else "Removed from your favourites."
     return redirect_with_flash(request, back, message, "success")
+
+
+@router.post(
+    "/studios/{subject_id:uuid}/images/{image_id:uuid}/delete",
+    name="image_delete",
+    dependencies=[Depends(require_csrf)],
+)
+def delete_image_form(
+    subject_id: uuid.UUID, image_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep,
+    storage: StorageDep,
+) -> Response:
+    """"Delete this picture" on the image page (the page asks first); back to the gallery."""
+    image, subject = owned_image(session, subject_id, image_id, user)
+    service.delete_image(session, storage, image)
+    return redirect_with_flash(request, gallery_url(subject.id), "The picture was deleted.", "success")
+
+
+@router.post(
+    "/studios/{subject_id:uuid}/images/{image_id:uuid}/more",
+    name="image_more",
+    dependencies=[Depends(require_csrf)],
+)
+def more_like_this_form(
+    subject_id: uuid.UUID, image_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep,
+    settings: SettingsDep,
+) -> Response:
+    """"More like this": new pictures of this prompt with new seeds; the studio page follows the job."""
+    image, subject = owned_image(session, subject_id, image_id, user)
+    try:
+        service.request_more_like(session, settings, subject, image)
+    except service.GalleryError as error:
+        back = f"/studios/{subject.id}/images/{image.id}"
+        return redirect_with_flash(request, back, str(error), "warning")
+    return redirect_with_flash(
+        request, f"/studios/{subject.id}", "More pictures like this one are on their way: follow them here.", "success"
+    )
 
 
 @router.post("/studios/{subject_id:uuid}/generate", name="generate_more", dependencies=[Depends(require_csrf)])

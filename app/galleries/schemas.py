@@ -98,8 +98,9 @@ class FavouriteUpdate(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    # No min_length: an empty list gets the service's sentence ("Write at least one prompt, …"), as a
+    # list of blank prompts does, not pydantic's error list.
     prompts: list[str] = Field(
-        min_length=1,
         max_length=100,
         description='new prompts; use {subject} where the subject goes ("a photo of {subject} in the snow"). '
         "A prompt without it gets \"a photo of {subject}, \" in front.",

@@ -89,6 +89,21 @@
     });
   }
 
+  // The gallery's picture count, asked once the job is done: "generate more" and the first
+  // training change it, and the button should say so without a reload.
+  function refreshCount(link) {
+    var url = link.getAttribute("data-subject-url");
+    if (!url) return;
+    fetch(url, { credentials: "same-origin", cache: "no-store", headers: { Accept: "application/json" } })
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (subject) {
+        if (!subject || !subject.counts) return;
+        var count = subject.counts.images;
+        setText(link.querySelector("[data-gallery-count]"), count ? " (" + count + ")" : "");
+      })
+      .catch(function () { /* the count stays as it was */ });
+  }
+
   function render(root, status) {
     root.setAttribute("data-status", status.status);
     setText(root.querySelector("[data-stage-label]"), status.stage_label);
@@ -122,7 +137,9 @@
       setText(attemptFact.querySelector("[data-attempt]"), status.attempts + " of " + status.max_attempts);
     }
     if (status.started_at) {
-      setText(root.querySelector("[data-started]"), new Date(status.started_at).toLocaleString());
+      // The same words and zone as the server's (studio.js: StudioDates).
+      var started = window.StudioDates ? window.StudioDates.format(status.started_at, "datetime") : status.started_at;
+      setText(root.querySelector("[data-started]"), started);
     }
     updatePreviews(root, status.preview_urls || []);
     updateNotes(root, status.notes || []);
@@ -138,7 +155,13 @@
     if (demoNotice && status.demo_model) demoNotice.hidden = false;
     if (status.status === "done") {
       var galleryLink = document.querySelector("[data-gallery-link]");
-      if (galleryLink) galleryLink.hidden = false;
+      if (galleryLink) {
+        galleryLink.hidden = false;
+        if (!root.hasAttribute("data-counted")) {
+          root.setAttribute("data-counted", "");
+          refreshCount(galleryLink);
+        }
+      }
     }
   }
 

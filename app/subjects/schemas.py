@@ -192,6 +192,10 @@ class SubjectDetail(SubjectSummary):
     counts: SubjectCounts
 
 
+class SubjectUpdate(BaseModel):
+    name: str = Field(max_length=1000, description="the studio's new name, 1 to 100 characters")
+
+
 class SubjectList(BaseModel):
     subjects: list[SubjectSummary]
 

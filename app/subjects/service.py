@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from app import rate_limits
 from app.config import Settings
 from app.jobs.service import format_duration
-from app.models import SUBJECT_KINDS, Job, Photo, Subject, User, utcnow
+from app.models import SUBJECT_KINDS, GeneratedImage, Job, Photo, Subject, User, utcnow
 from app.photos import SanitizedBatch, SanitizedPhoto, sanitize_uploads
 from app.photos.decoding import DecodeSlots
 from app.photos.sanitize import UploadSource
@@ -176,6 +176,22 @@ def _prompts(form: CreateStudio, settings: Settings, problems: StudioProblems) -
         if template not in templates:
             templates.append(template)
     return templates
+
+
+class InvalidName(ValueError):
+    """A studio name that cannot be used; the message is a sentence for the person."""
+
+
+def rename_subject(session: Session, subject: Subject, raw_name: str) -> str:
+    """Give the studio a new name (flushed); the pictures' captions and file names follow it.
+
+    Raises InvalidName, and changes nothing, for an empty or too long name."""
+    name = clean_text(raw_name)
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidName(f"Give the studio a name of 1 to {MAX_NAME_LENGTH} characters, like “Rex”.")
+    subject.name = name
+    session.flush()
+    return name
 
 
 def validate_fields(form: CreateStudio, settings: Settings, problems: StudioProblems) -> ValidStudio:
@@ -442,6 +458,8 @@ class StudioCard:
     status: str
     thumbnail: Photo | None
     latest_job: Job | None
+    # The cover once the photos are gone (removed after training): the studio's best picture.
+    cover_image: GeneratedImage | None = None
 
 
 def subject_status(subject: Subject, latest_job: Job | None) -> str:
@@ -455,12 +473,16 @@ def studio_cards(session: Session, owner: User) -> list[StudioCard]:
     ids = [subject.id for subject in subjects]
     jobs = repository.latest_jobs(session, ids)
     thumbnails = repository.first_photos(session, ids)
+    without_photos = [subject.id for subject in subjects
+                      if subject.photos_deleted_at is not None or subject.id not in thumbnails]
+    covers = repository.best_images(session, without_photos)
     return [
         StudioCard(
             subject=subject,
             status=subject_status(subject, jobs.get(subject.id)),
             thumbnail=None if subject.photos_deleted_at else thumbnails.get(subject.id),
             latest_job=jobs.get(subject.id),
+            cover_image=covers.get(subject.id),
         )
         for subject in subjects
     ]
