@@ -69,6 +69,7 @@ def gallery_context(
         "groups": groups,
         "images": images,
         "captions": {image.id: service.readable_prompt(image.prompt_template, subject.name) for image in images},
+        "caption_parts": {image.id: service.prompt_parts(image.prompt_template) for image in images},
         "total_count": len(all_images),
         "favourite_count": sum(1 for image in all_images if image.favourite),
         "positions": service.positions_by_image(all_images),

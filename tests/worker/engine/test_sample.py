@@ -27,7 +27,8 @@ def test_packs_cover_both_kinds_and_name_the_subject() -> None:
     assert PACK_KINDS[DEFAULT_PACKS["pet"]] == "pet"
     assert PACK_KINDS[DEFAULT_PACKS["person"]] == "person"
     all_pet = " ".join(t for name, ts in PROMPT_PACKS.items() if PACK_KINDS[name] == "pet" for t in ts)
-    for phrase in ("on the beach", "in the snow", "in the jungle", "santa hat", "chef outfit", "a wet {subject}"):
+    for phrase in ("on the beach", "in the snow", "in the jungle", "santa hat", "chef outfit", "a wet {subject}",
+                   "oil painting", "flower crown"):
         assert phrase in all_pet
     assert any("astronaut" in t for t in pack_templates(None, "person"))
     assert all("{subject}" in template for templates in PROMPT_PACKS.values() for template in templates)
