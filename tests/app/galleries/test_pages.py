@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 import zipfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -69,7 +70,8 @@ def test_gallery_groups_by_prompt_and_sorts_by_likeness(
     # The image page walks the same order as the gallery (and its lightbox), with or without a sort asked for.
     for query, order in (("", ranked), ("?sort=likeness", ranked),
                          ("?sort=created", [images[0].id, images[1].id, images[2].id, images[3].id])):
-        walked, current = [], order[0]
+        walked: list[uuid.UUID] = []
+        current: uuid.UUID | None = order[0]
         while current is not None:
             walked.append(current)
             page = client.get(f"/studios/{subject.id}/images/{current}{query}").context  # type: ignore[attr-defined]
