@@ -45,7 +45,8 @@ PHONE = {"width": 360, "height": 740}
 DESKTOP = {"width": 1280, "height": 860}
 ZONE = "Europe/Berlin"  # not UTC, so a date in the wrong zone shows
 LONG_EMAIL = "rex.and.bella.owner.with.a.long.address@a-rather-long-example-domain-name.example.com"
-LIKENESS_ORDER_JS = "Array.from(document.querySelectorAll('[data-gallery] [data-image-id]')).map(e => e.dataset.imageId)"
+LIKENESS_ORDER_JS = ("Array.from(document.querySelectorAll('[data-gallery] [data-image-id]'))"
+                     ".map(e => e.dataset.imageId)")
 # What the server wrote into every <time>, and what the page's own formatter makes of the same moment.
 TIMES_JS = """() => Array.from(document.querySelectorAll('time[data-when]')).map(t =>
   [t.textContent, window.StudioDates.format(t.getAttribute('datetime'), t.getAttribute('data-when'))])"""
@@ -225,8 +226,10 @@ def test_every_page_fits_a_phone_and_reads_like_a_product(
     expect(link).to_have_text(re.compile(rf"\({len(order) - 1}\)"))
     with Session(clean_db, expire_on_commit=False) as session:
         job = session.query(Job).filter(Job.subject_id == rex.id, Job.kind == "generate").one()
+        trained_rex = session.get(Subject, rex.id)
+        assert trained_rex is not None
         for seed in range(4):
-            make_image(session, storage, session.get(Subject, rex.id), job, "a photo of {subject} on the beach at sunset",
+            make_image(session, storage, trained_rex, job, "a photo of {subject} on the beach at sunset",
                        seed=100 + seed)
         job.status, job.stage, job.started_at, job.finished_at = "done", "finished", utcnow(), utcnow()
         session.commit()
