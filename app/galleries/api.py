@@ -161,7 +161,8 @@ def generate_more(
     runs; 429 when the account has its maximum of active jobs. Poll the returned job like any other."""
     subject = owned_subject(session, subject_id, user)
     try:
-        job = service.request_generation(session, settings, subject, body.prompts, body.images_per_prompt)
+        job = service.request_generation(session, settings, subject, body.prompts, body.images_per_prompt,
+                                         body.shape)
     except service.GalleryError as error:
         raise gallery_error(error) from None
     return GenerateAccepted(job=job_service.job_status(session, job, subject.class_noun))

@@ -81,7 +81,9 @@ def gallery_context(
         "trained_model": model_export.trained_model(subject),
         "max_prompts": settings.max_prompts,
         "max_images_per_prompt": settings.max_images_per_prompt,
-        "generate_form": {"prompts": "", "images_per_prompt": min(4, settings.max_images_per_prompt)},
+        "generate_form": {"prompts": "", "images_per_prompt": min(4, settings.max_images_per_prompt),
+                          "shape": "square"},
+        "shape_choices": service.SHAPE_CHOICES,
         "generate_error": None,
         "gallery_url": gallery_url(subject.id, favourites, sort),
     }
@@ -243,14 +245,15 @@ def generate_form(
     settings: SettingsDep,
     prompts: str = Form(""),
     images_per_prompt: int = Form(4),
+    shape: Literal["square", "portrait", "landscape"] = Form("square"),
 ) -> Response:
     """"Generate more": one prompt per line; on success the studio page shows the new job's progress."""
     subject = owned_subject(session, subject_id, user)
     try:
-        service.request_generation(session, settings, subject, prompts.splitlines(), images_per_prompt)
+        service.request_generation(session, settings, subject, prompts.splitlines(), images_per_prompt, shape)
     except service.GalleryError as error:
         context = gallery_context(session, settings, subject, user, False, None)
-        context["generate_form"] = {"prompts": prompts, "images_per_prompt": images_per_prompt}
+        context["generate_form"] = {"prompts": prompts, "images_per_prompt": images_per_prompt, "shape": shape}
         context["generate_error"] = str(error)
         if isinstance(error, service.TooManyActiveJobs):
             headers = {"Retry-After": str(service.RETRY_AFTER_SECONDS)}

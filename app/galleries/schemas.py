@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,6 +107,11 @@ class GenerateRequest(BaseModel):
         "A prompt without it gets \"a photo of {subject}, \" in front.",
     )
     images_per_prompt: int = Field(default=4, ge=1, le=100)
+    shape: Literal["square", "portrait", "landscape"] | None = Field(
+        default=None,
+        description='the pictures\' shape: portrait 3:4, landscape 4:3, square; a prompt ending in "(portrait)", '
+        '"(landscape)" or "(square)" keeps its own. Default: square',
+    )
 
 
 class GenerateAccepted(BaseModel):

@@ -21,7 +21,7 @@ from app.jobs import repository as job_repository
 from app.models import GeneratedImage, GenerationRequest, Job, Subject, utcnow
 from app.storage import ObjectNotFound, Storage
 from app.subjects.base_models import model_facts
-from worker.engine.prompts import SUBJECT_PLACEHOLDER, normalize_free_prompt
+from worker.engine.prompts import SUBJECT_PLACEHOLDER, Shape, normalize_free_prompt, split_shape, with_shape
 
 MAX_PROMPT_CHARS = 300
 # What a 429 tells a client with too many active jobs: jobs take minutes, so asking again in one is soon enough.
@@ -61,13 +61,14 @@ def slugify(text: str, fallback: str = "image") -> str:
 
 
 def readable_prompt(template: str, subject_name: str) -> str:
-    """The prompt template with ``{subject}`` replaced by the subject's name: "a photo of Rex on the beach"."""
-    return template.replace(SUBJECT_PLACEHOLDER, subject_name)
+    """The prompt template with ``{subject}`` replaced by the subject's name: "a photo of Rex on the beach"
+    (a shape marker such as "(portrait)" left out: the picture shows its shape)."""
+    return split_shape(template)[0].replace(SUBJECT_PLACEHOLDER, subject_name)
 
 
 def prompt_parts(template: str) -> list[str]:
     """The template split around ``{subject}``, so a page can show the subject as a highlighted chip."""
-    return template.split(SUBJECT_PLACEHOLDER)
+    return split_shape(template)[0].split(SUBJECT_PLACEHOLDER)
 
 
 def prompt_slug(template: str, subject_name: str) -> str:
@@ -128,6 +129,11 @@ def group_by_prompt(subject: Subject, images: list[GeneratedImage]) -> list[Prom
             groups[template] = group
         group.images.append(image)
     return sorted(groups.values(), key=lambda group: first_made[group.template])
+
+
+SHAPE_CHOICES: dict[Shape, str] = {
+    "square": "Square", "portrait": "Portrait (taller)", "landscape": "Landscape (wider)",
+}
 
 
 def shape_of(image: GeneratedImage) -> str:
@@ -208,13 +214,16 @@ def request_more_like(session: Session, settings: Settings, subject: Subject, im
     return request_generation(session, settings, subject, [image.prompt_template], count)
 
 
-def clean_prompts(raw_prompts: Iterable[str], settings: Settings) -> list[str]:
-    """The prompts as templates with ``{subject}``: blank lines dropped, duplicates removed, limits checked."""
+def clean_prompts(raw_prompts: Iterable[str], settings: Settings, shape: Shape | None = None) -> list[str]:
+    """The prompts as templates with ``{subject}``: blank lines dropped, duplicates removed, limits checked.
+    ``shape`` marks each prompt that does not name its own ("... (landscape)") with that shape."""
     prompts: list[str] = []
     for raw in raw_prompts:
         if not raw or not raw.strip():
             continue
         template = normalize_free_prompt(raw)
+        if shape is not None and split_shape(template)[1] == "square" and not template.lower().endswith("(square)"):
+            template = with_shape(template, shape)
         if len(template) > MAX_PROMPT_CHARS:
             raise InvalidGenerationRequest(
                 f"The prompt {raw.strip()[:40]!r}... is too long: at most {MAX_PROMPT_CHARS} characters."
@@ -239,6 +248,7 @@ def request_generation(
     subject: Subject,
     raw_prompts: Iterable[str],
     images_per_prompt: int,
+    shape: Shape | None = None,
 ) -> Job:
     """Queue a "generate more" job on a trained subject: a GenerationRequest, a Job, and the task.
 
@@ -255,7 +265,7 @@ def request_generation(
         raise InvalidGenerationRequest(
             f"Images per prompt must be between 1 and {settings.max_images_per_prompt}; {images_per_prompt} given."
         )
-    prompts = clean_prompts(raw_prompts, settings)
+    prompts = clean_prompts(raw_prompts, settings, shape)
     if job_repository.count_active_jobs_of_owner(session, subject.owner_id) >= settings.max_active_jobs_per_user:
         raise TooManyActiveJobs(
             f"You already have {settings.max_active_jobs_per_user} jobs in progress: wait for one to finish."

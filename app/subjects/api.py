@@ -304,7 +304,8 @@ def get_photo(
 def list_style_packs() -> list[StylePackOut]:
     """Every style pack: its name (the ``style_pack`` field), title, subject kind ("pet" or "person"), prompts."""
     return [
-        StylePackOut(name=pack.name, title=pack.title, kind=pack.kind, prompts=list(pack.prompts))
+        StylePackOut(name=pack.name, title=pack.title, kind=pack.kind, prompts=list(pack.prompts), shape=pack.shape,
+                     sample_url=service.pack_sample_url(pack.name))
         for pack in STYLE_PACKS.values()
     ]
 

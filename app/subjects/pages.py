@@ -36,7 +36,7 @@ from app.subjects.schemas import (
     StudioProblems,
 )
 from app.templating import format_date, person_zone, redirect_with_flash, render
-from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS
+from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, split_shape
 
 router = APIRouter(include_in_schema=False)
 
@@ -110,7 +110,9 @@ def new_studio_context(
         "kinds": KIND_CHOICES,
         "person_nouns": PERSON_NOUNS,
         "packs": [
-            {"name": pack.name, "title": pack.title, "kind": pack.kind, "prompts": list(pack.prompts)}
+            {"name": pack.name, "title": pack.title, "kind": pack.kind, "shape": pack.shape,
+             "prompts": [split_shape(prompt)[0] for prompt in pack.prompts],
+             "sample_url": service.pack_sample_url(pack.name)}
             for pack in STYLE_PACKS.values()
         ],
         "default_packs": DEFAULT_PACK,

@@ -113,7 +113,10 @@ class StylePackOut(BaseModel):
     name: str
     title: str
     kind: Literal["pet", "person"]
-    prompts: list[str]
+    prompts: list[str] = Field(description='templates; a trailing "(portrait)" or "(landscape)" is the shape')
+    shape: Literal["square", "portrait", "landscape"] = Field(description="the shape of the pack's pictures")
+    sample_url: str | None = Field(
+        description="a small illustration of the pack's style, drawn for this page: not a picture the studio made")
 
 
 class BaseModelOut(BaseModel):

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
@@ -176,6 +177,16 @@ def _prompts(form: CreateStudio, settings: Settings, problems: StudioProblems) -
         if template not in templates:
             templates.append(template)
     return templates
+
+
+# Each style pack's sample: a small SVG illustration drawn by hand for the form (app/static/packs),
+# not a picture a studio made; the page says so under it.
+PACK_SAMPLES_DIR = Path(__file__).resolve().parents[1] / "static" / "packs"
+
+
+def pack_sample_url(pack_name: str) -> str | None:
+    """The URL of ``pack_name``'s illustration, or None when there is none."""
+    return f"/static/packs/{pack_name}.svg" if (PACK_SAMPLES_DIR / f"{pack_name}.svg").is_file() else None
 
 
 class InvalidName(ValueError):

@@ -13,14 +13,53 @@ from typing import Literal
 
 SUBJECT_PLACEHOLDER = "{subject}"
 SubjectKind = Literal["pet", "person"]
+Shape = Literal["square", "portrait", "landscape"]
+# A prompt ending in one of these is painted in that shape (the words are not sent to the model):
+# "a photo of {subject} in the snow (landscape)". Without one, a picture is square.
+SHAPE_MARKERS: dict[str, Shape] = {"(portrait)": "portrait", "(landscape)": "landscape", "(square)": "square"}
+# The long side is the model's native size; the short side three quarters of it (3:4 and 4:3).
+SHORT_SIDE = 0.75
+
+
+def split_shape(prompt: str) -> tuple[str, Shape]:
+    """The prompt without its trailing shape marker, and the shape ("square" when it has none)."""
+    text = prompt.rstrip()
+    for marker, shape in SHAPE_MARKERS.items():
+        if text.lower().endswith(marker):
+            return text[: -len(marker)].rstrip(" ,"), shape
+    return text, "square"
+
+
+def with_shape(prompt: str, shape: Shape) -> str:
+    """``prompt`` marked to be painted in ``shape`` (its own marker, if any, replaced)."""
+    text, _ = split_shape(prompt)
+    return text if shape == "square" else f"{text} ({shape})"
+
+
+def size_for(shape: Shape, resolution: int) -> tuple[int, int]:
+    """(width, height) of a ``shape`` picture on a model of native ``resolution``: the long side is
+    the resolution, the short side 3/4 of it, a multiple of 16 (what every family's latents divide)."""
+    short = max(16, int(round(resolution * SHORT_SIDE / 16)) * 16)
+    if shape == "portrait":
+        return short, resolution
+    if shape == "landscape":
+        return resolution, short
+    return resolution, resolution
 
 
 @dataclass(frozen=True)
 class StylePack:
+    """A set of prompts a person picks on the form; ``shape`` is the shape of its pictures (each
+    prompt carries it as its marker, so a pack's pictures keep it whatever path samples them)."""
+
     name: str
     title: str
     kind: SubjectKind
     prompts: tuple[str, ...]
+    shape: Shape = "square"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompts", tuple(with_shape(prompt, self.shape) for prompt in self.prompts))
 
 
 # The prompts of the DreamBooth dataset's live subjects, kept as one pack for comparing with the
@@ -109,14 +148,15 @@ _PORTRAITS = (
 STYLE_PACKS: dict[str, StylePack] = {
     pack.name: pack
     for pack in (
-        StylePack("pet-adventures", "Days out: beach, snow, parks and trips", "pet", _PET_ADVENTURES),
+        StylePack("pet-adventures", "Days out: beach, snow, parks and trips", "pet", _PET_ADVENTURES,
+                  shape="landscape"),
         StylePack("pet-dress-up", "Dress-up: hats, costumes and holidays", "pet", _PET_DRESS_UP),
-        StylePack("pet-fun", "Art and portraits: paintings, sketches, pop art", "pet", _PET_ART),
+        StylePack("pet-fun", "Art and portraits: paintings, sketches, pop art", "pet", _PET_ART, shape="portrait"),
         StylePack("pet-dreambooth", "Research: the DreamBooth paper's 25 prompts", "pet",
                   _DREAMBOOTH_PLACES + _DREAMBOOTH_ACCESSORIES + _DREAMBOOTH_PROPERTIES),
-        StylePack("portrait-classics", "Portrait classics", "person", _PORTRAITS[:5]),
-        StylePack("portrait-stories", "Portrait stories", "person", _PORTRAITS[4:]),
-        StylePack("portrait-all", "Every portrait style", "person", _PORTRAITS),
+        StylePack("portrait-classics", "Portrait classics", "person", _PORTRAITS[:5], shape="portrait"),
+        StylePack("portrait-stories", "Portrait stories", "person", _PORTRAITS[4:], shape="portrait"),
+        StylePack("portrait-all", "Every portrait style", "person", _PORTRAITS, shape="portrait"),
     )
 }
 DEFAULT_PACK: dict[SubjectKind, str] = {"pet": "pet-adventures", "person": "portrait-classics"}

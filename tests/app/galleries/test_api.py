@@ -250,3 +250,17 @@ def test_rename_through_the_api(client: TestClient, db: Session, make_user: Call
     refused = client.patch(url, json={"name": ""}, headers=api_headers(user))
     assert refused.status_code == 422
     assert refused.json() == {"detail": "Give the studio a name of 1 to 100 characters, like “Rex”."}
+
+
+def test_generate_more_in_a_shape(client: TestClient, db: Session, make_user: Callable[..., User],
+                                  api_headers: Headers, sent_tasks: SentTasks) -> None:
+    user = make_user()
+    subject = make_subject(db, user, weights_key="w")
+    db.commit()
+    response = client.post(f"/api/v1/subjects/{subject.id}/generate", headers=api_headers(user), json={
+        "prompts": ["on a sofa", "a photo of {subject} in the snow (landscape)"], "shape": "portrait"})
+    assert response.status_code == 202
+    request = db.scalars(select(GenerationRequest)).one()
+    # The chosen shape for each prompt; a prompt that names its own keeps it.
+    assert request.prompts == ["a photo of {subject}, on a sofa (portrait)",
+                               "a photo of {subject} in the snow (landscape)"]
