@@ -199,7 +199,11 @@
           if (status) {
             delay = POLL_MS;
             render(root, status);
-            if (status.finished) stopped = true;
+            if (status.finished) {
+              stopped = true;
+              // For whoever waits for the end on this page (studio-notify.js: the browser notification).
+              root.dispatchEvent(new CustomEvent("studio:job-finished", { bubbles: true, detail: status }));
+            }
           }
           schedule();
         })

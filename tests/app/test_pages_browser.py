@@ -14,7 +14,8 @@ What issue 15's newcomer stumbled on, checked where it shows:
 - seed, guidance and the likeness scores wait behind "Technical details"; a phone is offered
   "Choose photos", not "Drop photos here";
 - a bad password on sign-up puts the focus on the password field;
-- renaming, "More like this" and deleting one picture work from the pages.
+- renaming, "More like this" and deleting one picture work from the pages, and the browser tells
+  the person when the studio's job is done while its page is open.
 
 With STUDIO_SCREENSHOTS=DIR the pages are saved there as PNGs (docs/screenshots in the repo):
 ``phone-*.png`` at 360×740 and a few desktop pages.
@@ -50,6 +51,11 @@ LIKENESS_ORDER_JS = ("Array.from(document.querySelectorAll('[data-gallery] [data
 # What the server wrote into every <time>, and what the page's own formatter makes of the same moment.
 TIMES_JS = """() => Array.from(document.querySelectorAll('time[data-when]')).map(t =>
   [t.textContent, window.StudioDates.format(t.getAttribute('datetime'), t.getAttribute('data-when'))])"""
+
+# The browser's notifications, recorded instead of shown (a headless browser shows none); permission granted.
+FAKE_NOTIFICATIONS_JS = """window.__notes = [];
+window.Notification = class { constructor(title) { window.__notes.push(title); } close() {}
+  static get permission() { return "granted"; } static requestPermission() { return Promise.resolve("granted"); } };"""
 
 pytestmark = [
     pytest.mark.browser,
@@ -130,6 +136,7 @@ def test_every_page_fits_a_phone_and_reads_like_a_product(
     studios = seed_studios(clean_db, storage, user)
     rex, bella = studios["rex"], studios["bella"]
     context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True, timezone_id=ZONE)
+    context.add_init_script(FAKE_NOTIFICATIONS_JS)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -221,7 +228,10 @@ def test_every_page_fits_a_phone_and_reads_like_a_product(
     page.wait_for_url(f"**{rex_url}")
     expect(page.locator("[data-stage-label]")).to_have_text(re.compile("in line"))
 
-    # The "generate more" job finishes while the page is open: the count follows without a reload.
+    expect(page.locator("[data-notify-state]")).to_contain_text("We will tell you here when it is ready")
+
+    # The "generate more" job finishes while the page is open: the count follows without a reload, and
+    # the browser says so.
     link = page.locator("[data-gallery-link]")
     expect(link).to_have_text(re.compile(rf"\({len(order) - 1}\)"))
     with Session(clean_db, expire_on_commit=False) as session:
@@ -235,6 +245,7 @@ def test_every_page_fits_a_phone_and_reads_like_a_product(
         session.commit()
     expect(page.locator("[data-outcome=done]")).to_be_visible(timeout=20_000)
     expect(link).to_have_text(re.compile(rf"\({len(order) + 3}\)"), timeout=20_000)
+    assert page.evaluate("window.__notes") == ["Rex's pictures are ready"]
     assert_one_date_format(page, rex_url)  # the "Started" date the script wrote
 
     # Rename.
