@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from app.config import Settings
 from app.deps import PageUser, SessionDep, SettingsDep, StorageDep, require_csrf
-from app.galleries import model_export, repository, service
+from app.galleries import model_export, repository, service, sharing
 from app.galleries.files import file_response, model_download_response, zip_response
 from app.jobs import repository as job_repository
 from app.models import GeneratedImage, Subject, User
@@ -86,6 +86,10 @@ def gallery_context(
         "shape_choices": service.SHAPE_CHOICES,
         "generate_error": None,
         "gallery_url": gallery_url(subject.id, favourites, sort),
+        "shares": [(link, sharing.share_url(settings, link))
+                   for link in sharing.links_of(session, subject.id, user.id)],
+        "share_days": sharing.SHARE_DAYS,
+        "default_share_days": sharing.DEFAULT_SHARE_DAYS,
     }
 
 
@@ -143,6 +147,8 @@ def image_page(
         "can_generate": subject.weights_key is not None
         and job_repository.active_job_of_subject(session, subject.id) is None,
         "more_count": min(service.MORE_LIKE_THIS_COUNT, settings.max_images_per_prompt),
+        "share_days": sharing.SHARE_DAYS,
+        "default_share_days": sharing.DEFAULT_SHARE_DAYS,
     }
     return render(request, "galleries/image.html", context)
 
@@ -234,6 +240,80 @@ def more_like_this_form(
     return redirect_with_flash(
         request, f"/studios/{subject.id}", "More pictures like this one are on their way: follow them here.", "success"
     )
+
+
+@router.post("/studios/{subject_id:uuid}/shares", name="share_create", dependencies=[Depends(require_csrf)])
+def create_share_form(
+    subject_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep,
+    image_id: str = Form(""), days: int = Form(sharing.DEFAULT_SHARE_DAYS),
+) -> Response:
+    """"Share": a link of the gallery, or of one picture (``image_id``); back to the gallery's share card."""
+    subject = owned_subject(session, subject_id, user)
+    image = None
+    if image_id:
+        try:
+            image, _ = owned_image(session, subject.id, uuid.UUID(image_id), user)
+        except ValueError:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "No such image.") from None
+    back = f"{gallery_url(subject.id)}#share"
+    try:
+        sharing.create_share(session, subject, image, days)
+    except sharing.ShareRefused as error:
+        return redirect_with_flash(request, back, str(error), "warning")
+    what = "this picture" if image is not None else "the gallery"
+    return redirect_with_flash(request, back, f"A link to {what} is ready below: copy it and send it. "
+                               f"It works for {days} day{'' if days == 1 else 's'} unless you turn it off.")
+
+
+@router.post(
+    "/studios/{subject_id:uuid}/shares/{share_id:uuid}/revoke",
+    name="share_revoke",
+    dependencies=[Depends(require_csrf)],
+)
+def revoke_share_form(
+    subject_id: uuid.UUID, share_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep
+) -> Response:
+    subject = owned_subject(session, subject_id, user)
+    link = sharing.get_owned(session, share_id, user.id)
+    if link is None or link.subject_id != subject.id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such share link.")
+    sharing.revoke(session, link)
+    return redirect_with_flash(request, f"{gallery_url(subject.id)}#share", "The link is turned off.", "success")
+
+
+# --- what a share link shows (no account needed: the link is the permission) -----------------------
+
+
+@router.get("/s/{token}", name="shared")
+def shared_page(token: str, request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+    """The pictures of a live share link, read-only; 404 for a link that is forged, revoked or expired."""
+    opened = sharing.open_share(session, settings, token)
+    if opened is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "This link has expired or was turned off.")
+    link, subject = opened
+    images = sharing.shared_images(session, link)
+    context = {
+        "subject": subject,
+        "link": link,
+        "token": token,
+        "images": images,
+        "captions": {image.id: service.readable_prompt(image.prompt_template, subject.name) for image in images},
+    }
+    return render(request, "galleries/shared.html", context, headers={"Referrer-Policy": "no-referrer",
+                                                                       "X-Robots-Tag": "noindex"})
+
+
+@router.get("/s/{token}/images/{image_id:uuid}/file", name="shared_file")
+def shared_file(
+    token: str, image_id: uuid.UUID, session: SessionDep, storage: StorageDep, settings: SettingsDep
+) -> Response:
+    opened = sharing.open_share(session, settings, token)
+    image = next((each for each in sharing.shared_images(session, opened[0]) if each.id == image_id),
+                 None) if opened is not None else None
+    if opened is None or image is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such image.")
+    return file_response(storage, settings, image.storage_key, "image/png",
+                         service.download_filename(opened[1], image), "inline")
 
 
 @router.post("/studios/{subject_id:uuid}/generate", name="generate_more", dependencies=[Depends(require_csrf)])

@@ -116,3 +116,17 @@ class GenerateRequest(BaseModel):
 
 class GenerateAccepted(BaseModel):
     job: JobStatus
+
+
+class ShareCreate(BaseModel):
+    image_id: uuid.UUID | None = Field(default=None, description="one picture of the studio; none: the whole gallery")
+    days: Literal[1, 7, 30] = Field(default=7, description="how long the link works")
+
+
+class ShareOut(BaseModel):
+    id: uuid.UUID
+    url: str = Field(description="the link's path on this site; anyone with it sees the pictures until it ends")
+    image_id: uuid.UUID | None
+    created_at: datetime
+    expires_at: datetime
+    revoked: bool

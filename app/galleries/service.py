@@ -195,7 +195,10 @@ def delete_image(session: Session, storage: Storage, image: GeneratedImage) -> N
 
     As a studio's deletion does, the file goes inside the request's transaction; a ZIP being written
     at that moment lists it under ``missing``. The other pictures keep their ranks and names."""
+    from app.galleries.sharing import delete_links_of_image  # sharing imports this module's neighbours
+
     key = image.storage_key
+    delete_links_of_image(session, image.id)
     session.delete(image)
     session.flush()
     storage.delete(key)  # a file already gone is no error: it is what was asked for

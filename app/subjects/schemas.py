@@ -196,7 +196,8 @@ class SubjectDetail(SubjectSummary):
 
 
 class SubjectUpdate(BaseModel):
-    name: str = Field(max_length=1000, description="the studio's new name, 1 to 100 characters")
+    name: str = Field(min_length=1, max_length=100,
+                      description="the studio's new name, 1 to 100 characters (spaces at the ends dropped)")
 
 
 class SubjectList(BaseModel):
