@@ -14,8 +14,8 @@ What issue 15's newcomer stumbled on, checked where it shows:
 - seed, guidance and the likeness scores wait behind "Technical details"; a phone is offered
   "Choose photos", not "Drop photos here";
 - a bad password on sign-up puts the focus on the password field;
-- renaming, "More like this" and deleting one picture work from the pages, and the browser tells
-  the person when the studio's job is done while its page is open.
+- renaming, "More like this", deleting one picture and share links work from the pages, and the
+  browser tells the person when the studio's job is done while its page is open.
 
 With STUDIO_SCREENSHOTS=DIR the pages are saved there as PNGs (docs/screenshots in the repo):
 ``phone-*.png`` at 360×740 and a few desktop pages.
@@ -248,7 +248,26 @@ def test_every_page_fits_a_phone_and_reads_like_a_product(
     assert page.evaluate("window.__notes") == ["Rex's pictures are ready"]
     assert_one_date_format(page, rex_url)  # the "Started" date the script wrote
 
+    # Share the gallery: the link opens for someone without an account (on a phone too), and shows
+    # nothing once turned off.
+    page.goto(f"{live_url}{rex_url}/gallery#share")
+    page.click("[data-share-form] button[type=submit]")
+    shared_url = page.locator("[data-share-url]").first.input_value()
+    assert shared_url.startswith(f"{live_url}/s/")
+    outsider = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True, timezone_id=ZONE)
+    shared = outsider.new_page()
+    shared.goto(shared_url)
+    expect(shared.locator("[data-shared] img")).to_have_count(len(order) + 3)
+    assert_fits(shared, "/s/…")
+    shots(shared, "phone-shared")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("[data-share-revoke]")
+    expect(page.locator("[data-share-revoke]")).to_have_count(0)
+    assert shared.goto(shared_url).status == 404
+    outsider.close()
+
     # Rename.
+    page.goto(live_url + rex_url)
     page.click("[data-rename] summary")
     page.fill("#rename-name", "Rex the Brave")
     page.click("[data-rename] button[type=submit]")
