@@ -62,6 +62,10 @@ ROUTE_ERRORS: dict[tuple[str, str], dict[int, str]] = {
         409: "The studio has no trained model yet, or a job of it is still running.",
         429: "The account has its maximum of queued and running jobs; see Retry-After.",
     },
+    ("post", "/api/v1/images/{image_id}/more"): {
+        409: "The studio has no trained model yet, or a job of it is still running.",
+        429: "The account has its maximum of queued and running jobs; see Retry-After.",
+    },
 }
 # Files are streamed from local storage, or answered with a redirect to a short-lived signed URL on S3.
 REDIRECTED = {
@@ -71,7 +75,11 @@ REDIRECTED = {
 }
 # Answers whose 422 is a sentence (a request that parsed but asks for something impossible), not a
 # list of validation errors.
-SENTENCE_422 = {("post", "/api/v1/subjects/{subject_id}/generate")}
+SENTENCE_422 = {
+    ("post", "/api/v1/subjects/{subject_id}/generate"),
+    ("post", "/api/v1/images/{image_id}/more"),
+    ("patch", "/api/v1/subjects/{subject_id}"),
+}
 
 ERROR_SCHEMA = {
     "title": "Error",

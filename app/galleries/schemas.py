@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -98,14 +99,34 @@ class FavouriteUpdate(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    # No min_length: an empty list gets the service's sentence ("Write at least one prompt, …"), as a
+    # list of blank prompts does, not pydantic's error list.
     prompts: list[str] = Field(
-        min_length=1,
         max_length=100,
         description='new prompts; use {subject} where the subject goes ("a photo of {subject} in the snow"). '
         "A prompt without it gets \"a photo of {subject}, \" in front.",
     )
     images_per_prompt: int = Field(default=4, ge=1, le=100)
+    shape: Literal["square", "portrait", "landscape"] | None = Field(
+        default=None,
+        description='the pictures\' shape: portrait 3:4, landscape 4:3, square; a prompt ending in "(portrait)", '
+        '"(landscape)" or "(square)" keeps its own. Default: square',
+    )
 
 
 class GenerateAccepted(BaseModel):
     job: JobStatus
+
+
+class ShareCreate(BaseModel):
+    image_id: uuid.UUID | None = Field(default=None, description="one picture of the studio; none: the whole gallery")
+    days: Literal[1, 7, 30] = Field(default=7, description="how long the link works")
+
+
+class ShareOut(BaseModel):
+    id: uuid.UUID
+    url: str = Field(description="the link's path on this site; anyone with it sees the pictures until it ends")
+    image_id: uuid.UUID | None
+    created_at: datetime
+    expires_at: datetime
+    revoked: bool

@@ -3,6 +3,7 @@
 from app.models.base import Base, utcnow
 from app.models.image import GeneratedImage, PriorBank
 from app.models.job import ACTIVE_STATUSES, JOB_STAGES, JOB_STATUSES, GenerationRequest, Job
+from app.models.share import ShareLink
 from app.models.subject import SUBJECT_KINDS, Photo, Subject
 from app.models.user import ApiToken, RateEvent, User, UserSession
 
@@ -19,6 +20,7 @@ __all__ = [
     "Photo",
     "PriorBank",
     "RateEvent",
+    "ShareLink",
     "Subject",
     "User",
     "UserSession",

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
@@ -24,7 +25,7 @@ from app import rate_limits
 from app.config import Settings
 from app.jobs import estimates
 from app.jobs.service import format_duration
-from app.models import SUBJECT_KINDS, Job, Photo, Subject, User, utcnow
+from app.models import SUBJECT_KINDS, GeneratedImage, Job, Photo, Subject, User, utcnow
 from app.photos import SanitizedBatch, SanitizedPhoto, sanitize_uploads
 from app.photos.decoding import DecodeSlots
 from app.photos.sanitize import UploadSource
@@ -177,6 +178,32 @@ def _prompts(form: CreateStudio, settings: Settings, problems: StudioProblems) -
         if template not in templates:
             templates.append(template)
     return templates
+
+
+# Each style pack's sample: a small SVG illustration drawn by hand for the form (app/static/packs),
+# not a picture a studio made; the page says so under it.
+PACK_SAMPLES_DIR = Path(__file__).resolve().parents[1] / "static" / "packs"
+
+
+def pack_sample_url(pack_name: str) -> str | None:
+    """The URL of ``pack_name``'s illustration, or None when there is none."""
+    return f"/static/packs/{pack_name}.svg" if (PACK_SAMPLES_DIR / f"{pack_name}.svg").is_file() else None
+
+
+class InvalidName(ValueError):
+    """A studio name that cannot be used; the message is a sentence for the person."""
+
+
+def rename_subject(session: Session, subject: Subject, raw_name: str) -> str:
+    """Give the studio a new name (flushed); the pictures' captions and file names follow it.
+
+    Raises InvalidName, and changes nothing, for an empty or too long name."""
+    name = clean_text(raw_name)
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidName(f"Give the studio a name of 1 to {MAX_NAME_LENGTH} characters, like “Rex”.")
+    subject.name = name
+    session.flush()
+    return name
 
 
 def validate_fields(form: CreateStudio, settings: Settings, problems: StudioProblems) -> ValidStudio:
@@ -450,6 +477,8 @@ class StudioCard:
     status: str
     thumbnail: Photo | None
     latest_job: Job | None
+    # The cover once the photos are gone (removed after training): the studio's best picture.
+    cover_image: GeneratedImage | None = None
 
 
 def subject_status(subject: Subject, latest_job: Job | None) -> str:
@@ -463,12 +492,16 @@ def studio_cards(session: Session, owner: User) -> list[StudioCard]:
     ids = [subject.id for subject in subjects]
     jobs = repository.latest_jobs(session, ids)
     thumbnails = repository.first_photos(session, ids)
+    without_photos = [subject.id for subject in subjects
+                      if subject.photos_deleted_at is not None or subject.id not in thumbnails]
+    covers = repository.best_images(session, without_photos)
     return [
         StudioCard(
             subject=subject,
             status=subject_status(subject, jobs.get(subject.id)),
             thumbnail=None if subject.photos_deleted_at else thumbnails.get(subject.id),
             latest_job=jobs.get(subject.id),
+            cover_image=covers.get(subject.id),
         )
         for subject in subjects
     ]

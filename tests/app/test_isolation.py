@@ -23,7 +23,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import queue
-from app.models import ApiToken, GeneratedImage, Job, Subject, User
+from app.galleries import sharing
+from app.models import ApiToken, GeneratedImage, Job, ShareLink, Subject, User
 from app.storage import Storage
 from app.storage.base import preview_key
 from tests.app.factories import make_image, make_job, make_photo, make_subject, png_bytes
@@ -77,7 +78,26 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/studios/{subject_id:uuid}/model/{variant}"): Case(),
     ("GET", "/studios/{subject_id:uuid}/delete"): Case(),
     ("POST", "/studios/{subject_id:uuid}/delete"): Case(form={}),
+    # renaming, one picture's deletion, "more like this" (issue 15)
+    ("PATCH", "/api/v1/subjects/{subject_id:uuid}"): Case(json={"name": "Stolen"}),
+    ("POST", "/studios/{subject_id:uuid}/rename"): Case(form={"name": "Stolen"}),
+    ("DELETE", "/api/v1/images/{image_id:uuid}"): Case(),
+    ("POST", "/api/v1/images/{image_id:uuid}/more"): Case(),
+    ("POST", "/studios/{subject_id:uuid}/images/{image_id:uuid}/delete"): Case(form={}),
+    ("POST", "/studios/{subject_id:uuid}/images/{image_id:uuid}/more"): Case(form={}),
+    # share links (issue 15)
+    ("POST", "/api/v1/subjects/{subject_id:uuid}/shares"): Case(json={}),
+    ("GET", "/api/v1/subjects/{subject_id:uuid}/shares"): Case(),
+    ("DELETE", "/api/v1/shares/{share_id:uuid}"): Case(),
+    ("POST", "/studios/{subject_id:uuid}/shares"): Case(form={"days": "7"}),
+    ("POST", "/studios/{subject_id:uuid}/shares/{share_id:uuid}/revoke"): Case(form={}),
+    ("GET", "/s/{token}"): Case(),
+    ("GET", "/s/{token}/images/{image_id:uuid}/file"): Case(),
 }
+# What a share link shows is public by design: whoever has the link (its signed token) sees it, with or
+# without an account. tests/app/galleries/test_sharing.py checks that a link shows nothing else, and
+# nothing once revoked or expired; here only the owner's control request runs.
+PUBLIC_BY_LINK = {("GET", "/s/{token}"), ("GET", "/s/{token}/images/{image_id:uuid}/file")}
 # The owner may get a redirect (307 to a signed URL) or a 200; anything but 404 proves the route works.
 OWNER_OK = {200, 307}
 
@@ -135,6 +155,7 @@ def owned(app: FastAPI, clean_db: Engine, make_user: Callable[..., User],
         job.preview_keys = [key]
         image = make_image(session, storage, subject, job)
         token = session.scalars(select(ApiToken).where(ApiToken.user_id == owner.id)).one()
+        share = sharing.create_share(session, subject, None, 7)
         session.commit()
         ids = {
             "subject_id": str(subject.id),
@@ -144,6 +165,8 @@ def owned(app: FastAPI, clean_db: Engine, make_user: Callable[..., User],
             "token_id": str(token.id),
             "index": "0",
             "variant": "zip",
+            "share_id": str(share.id),
+            "token": sharing.share_token(app.state.settings, share),
         }
     return Owned(owner=owner, ids=ids, owner_headers=owner_headers)
 
@@ -157,12 +180,15 @@ def snapshot(engine: Engine, storage: Storage, owned: Owned) -> dict[str, Any]:
         token = session.get(ApiToken, uuid.UUID(owned.ids["token_id"]))
         return {
             "subject": session.get(Subject, subject_id) is not None,
+            "name": subject.name if (subject := session.get(Subject, subject_id)) else None,
+            "image": image is not None,
             "expires_at": subject.expires_at if (subject := session.get(Subject, subject_id)) else None,
             "job": (job.status, job.cancel_requested) if job else None,
             "jobs": session.scalar(select(func.count()).select_from(Job)),
             "favourite": image.favourite if image else None,
             "token_revoked": token.revoked_at is not None if token else None,
             "files": len(storage.list(f"users/{owned.owner.id}/")),
+            "shares": sorted((str(link.id), link.revoked_at is None) for link in session.scalars(select(ShareLink))),
         }
 
 
@@ -188,6 +214,8 @@ def test_another_account_gets_404_on_every_object_route(
 
     answers = {}
     for method, path in object_routes(app):
+        if (method, path) in PUBLIC_BY_LINK:
+            continue
         case = CASES[(method, path)]
         url = fill(path, owned.ids)
         if path.startswith("/api/"):

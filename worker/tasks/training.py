@@ -40,7 +40,7 @@ from app.storage import ObjectNotFound
 from app.storage.base import checkpoint_prefix, image_key, preview_key, subject_prefix, weights_prefix
 from worker.celery_app import celery_app
 from worker.engine.progress import Progress
-from worker.engine.prompts import STYLE_PACKS, expand, subject_kind
+from worker.engine.prompts import STYLE_PACKS, expand, split_shape, subject_kind
 from worker.engine.spec import JobSpec
 from worker.scratch import scratch_folder
 from worker.tasks.engine_adapter import (
@@ -455,6 +455,7 @@ def template_for(record: SampleLike, templates: list[str], identifier: str, clas
     if isinstance(explicit, str) and explicit:
         return explicit
     for template in templates:
-        if expand(template, identifier, class_noun) == record.prompt:
+        # The sample's prompt is what was painted: without the template's shape marker, if it has one.
+        if split_shape(expand(template, identifier, class_noun))[0] == record.prompt:
             return template
     return record.prompt

@@ -352,3 +352,21 @@ def test_studio_on_s3_storage_stores_photos_in_the_bucket_and_removes_them_on_ro
     assert Image.open(io.BytesIO(s3_storage.get_bytes(keys[0]))).format == "JPEG"
     db_session.rollback()
     assert s3_storage.list("users/") == []
+
+
+def test_a_studio_without_its_photos_shows_its_best_picture(
+    db_session: Session, storage: LocalStorage, owner: User
+) -> None:
+    finished = factories.make_subject(db_session, owner, photos_deleted_at=utcnow())
+    job = factories.make_job(db_session, finished, status="done", stage="finished")
+    factories.make_image(db_session, storage, finished, job, seed=1, rank=2)
+    best = factories.make_image(db_session, storage, finished, job, "a photo of {subject} in the snow", seed=2, rank=1)
+    unscored = factories.make_subject(db_session, owner, photos_deleted_at=utcnow())
+    first = factories.make_image(db_session, storage, unscored, factories.make_job(db_session, unscored), seed=3)
+    with_photos = factories.make_subject(db_session, owner)
+    photo = factories.make_photo(db_session, storage, with_photos)
+    db_session.flush()
+    cards = {card.subject.id: card for card in studio_cards(db_session, owner)}
+    assert cards[finished.id].thumbnail is None and cards[finished.id].cover_image is best
+    assert cards[unscored.id].cover_image is first
+    assert cards[with_photos.id].thumbnail is photo and cards[with_photos.id].cover_image is None

@@ -181,23 +181,25 @@ class Family(ABC):
 
     def render(self, pipe: Any, prompts: Sequence[str], *, negative_prompt: str, steps: int, guidance: float,
                resolution: int, generators: list[torch.Generator],
-               autocast_dtype: torch.dtype | None = None) -> np.ndarray:
-        """Sample one image per prompt; float pixels in [0, 1], shape ``(len(prompts), H, W, 3)``."""
+               autocast_dtype: torch.dtype | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Sample one image per prompt; float pixels in [0, 1], shape ``(len(prompts), H, W, 3)``.
+        ``size`` (width, height) for a portrait or landscape picture; square ``resolution`` without it."""
         images = self.call_pipeline(pipe, prompts, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     resolution=resolution, generators=generators, autocast_dtype=autocast_dtype,
-                                    output_type="np")
+                                    output_type="np", size=size)
         return np.asarray(images, dtype=np.float32)
 
     def call_pipeline(self, pipe: Any, prompts: Sequence[str], *, negative_prompt: str, steps: int, guidance: float,
                       resolution: int, generators: list[torch.Generator], autocast_dtype: torch.dtype | None,
-                      output_type: str) -> Any:
+                      output_type: str, size: tuple[int, int] | None = None) -> Any:
         """The stock pipeline's call with the family's arguments; returns its ``images``."""
         extra: dict[str, Any] = {}
         if self.negative_prompts:
             extra["negative_prompt"] = [negative_prompt] * len(prompts)
+        width, height = size or (resolution, resolution)
         with torch.inference_mode(), sampling_autocast(pipe.device, autocast_dtype):
             output = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance,
-                          height=resolution, width=resolution, generator=generators, output_type=output_type,
+                          height=height, width=width, generator=generators, output_type=output_type,
                           **extra)
         return output.images
 
