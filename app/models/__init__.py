@@ -4,7 +4,7 @@ from app.models.base import Base, utcnow
 from app.models.image import GeneratedImage, PriorBank
 from app.models.job import ACTIVE_STATUSES, JOB_STAGES, JOB_STATUSES, GenerationRequest, Job
 from app.models.subject import SUBJECT_KINDS, Photo, Subject
-from app.models.user import ApiToken, RateEvent, User, UserSession
+from app.models.user import ApiToken, DataExport, OutgoingEmail, PasswordReset, RateEvent, User, UserSession
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -13,9 +13,12 @@ __all__ = [
     "SUBJECT_KINDS",
     "ApiToken",
     "Base",
+    "DataExport",
     "GeneratedImage",
     "GenerationRequest",
     "Job",
+    "OutgoingEmail",
+    "PasswordReset",
     "Photo",
     "PriorBank",
     "RateEvent",
