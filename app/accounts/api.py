@@ -216,6 +216,8 @@ def api_delete_me(body: PasswordIn, request: Request, user: ApiUser, session: Se
     if retry_after is not None:
         return _too_many(retry_after, "wrong passwords")
     if not service.password_matches(user, body.password):
+        # This request's transaction may hold SQLite's write lock (a token's last_used_at): end it first.
+        session.rollback()
         rate_limits.record_apart(request.app.state.sessionmaker, counters)
         raise HTTPException(status_code=403, detail="The password is wrong: the account is not deleted.")
     delete_account(session, storage, settings, user)
