@@ -49,7 +49,7 @@ TASK_QUEUES: dict[str, str] = {
 }
 
 TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance",
-                "worker.tasks.mail")
+                "worker.tasks.mail", "worker.tasks.accounts")
 
 REAP_EVERY_SECONDS = 30.0
 SWEEP_SCRATCH_COMMAND = "studio_sweep_scratch"

@@ -11,10 +11,11 @@ from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from app import rate_limits
-from app.accounts import email_flows, repository, service, throttle
+from app.accounts import email_flows, export, repository, service, throttle
 from app.accounts.deletion import delete_account
 from app.accounts.schemas import (
     DetailOut,
+    ExportOut,
     ForgotPasswordIn,
     NewTokenOut,
     PasswordIn,
@@ -30,7 +31,8 @@ from app.accounts.schemas import (
     VerifyEmailIn,
 )
 from app.deps import ApiUser, PasswordHashSlot, SessionDep, SettingsDep, StorageDep, require_csrf
-from app.models import User
+from app.galleries.files import file_response
+from app.models import DataExport, User
 
 router = APIRouter(prefix="/api/v1", tags=["accounts"])
 
@@ -222,3 +224,46 @@ def api_delete_me(body: PasswordIn, request: Request, user: ApiUser, session: Se
         raise HTTPException(status_code=403, detail="The password is wrong: the account is not deleted.")
     delete_account(session, storage, settings, user)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _export_out(found: DataExport) -> ExportOut:
+    ready = found.status == "ready"
+    return ExportOut(id=found.id, status=found.status, created_at=found.created_at, expires_at=found.expires_at,
+                     download_url=f"/api/v1/me/exports/{found.id}/download" if ready else None)
+
+
+@router.post("/me/exports", status_code=status.HTTP_202_ACCEPTED, response_model=ExportOut,
+             dependencies=[Depends(require_csrf)])
+def api_request_export(user: ApiUser, session: SessionDep, settings: SettingsDep) -> ExportOut:
+    """Start building a ZIP of the caller's data (account, studios, kept photos, pictures); an email
+    says when it is ready. 409 while another export is being built."""
+    try:
+        created = export.request_export(session, settings, user)
+    except export.ExportBusy as busy:
+        raise HTTPException(status_code=409, detail=str(busy)) from None
+    return _export_out(created)
+
+
+@router.get("/me/exports", response_model=list[ExportOut])
+def api_list_exports(user: ApiUser, session: SessionDep) -> list[ExportOut]:
+    """The caller's exports that have not expired, newest first."""
+    return [_export_out(found) for found in export.exports_of(session, user.id)]
+
+
+@router.get("/me/exports/{export_id}", response_model=ExportOut)
+def api_get_export(export_id: uuid.UUID, user: ApiUser, session: SessionDep) -> ExportOut:
+    found = export.live_export(session, user.id, export_id)
+    if found is None:
+        raise HTTPException(status_code=404, detail="No such export, or it has expired.")
+    return _export_out(found)
+
+
+@router.get("/me/exports/{export_id}/download", response_class=Response)
+def api_download_export(export_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep,
+                        storage: StorageDep) -> Response:
+    """The ZIP: streamed, or a redirect to a short-lived signed URL. 404 before it is ready and once expired."""
+    found = export.live_export(session, user.id, export_id)
+    if found is None or found.status != "ready" or found.storage_key is None:
+        raise HTTPException(status_code=404, detail="No such export, or it is not ready, or it has expired.")
+    return file_response(storage, settings, found.storage_key, "application/zip",
+                         f"studio-export-{found.created_at:%Y-%m-%d}.zip", "attachment", cache_control="no-store")

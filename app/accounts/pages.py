@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from app import rate_limits
-from app.accounts import email_flows, repository, service, throttle
+from app.accounts import email_flows, export, repository, service, throttle
 from app.accounts.cookies import clear_session_cookie, set_session_cookie
 from app.accounts.deletion import delete_account
 from app.config import Settings
@@ -26,6 +26,7 @@ from app.deps import (
     StorageDep,
     require_csrf,
 )
+from app.galleries.files import file_response
 from app.models import User
 from app.security import safe_next
 from app.templating import redirect_with_flash, render
@@ -140,6 +141,7 @@ def _account_page(request: Request, session: SessionDep, user: PageUser, status_
         "password_error_field": None,
         "other_sessions": len(repository.live_sessions(session, user.id)) - 1,
         "delete_errors": [],
+        "exports": export.exports_of(session, user.id),
     }
     values.update(context)
     return render(request, "accounts/account.html", values, status_code=status_code)
@@ -335,3 +337,27 @@ def delete_my_account(request: Request, session: SessionDep, settings: SettingsD
                                    kind="info")
     clear_session_cookie(response, settings)
     return response
+
+
+# --- export my data ----------------------------------------------------------------------------------
+
+
+@router.post("/account/exports", dependencies=[Depends(require_csrf)])
+def request_export(request: Request, session: SessionDep, settings: SettingsDep, user: PageUser) -> Response:
+    try:
+        export.request_export(session, settings, user)
+    except export.ExportBusy as busy:
+        return redirect_with_flash(request, "/account", str(busy), kind="info")
+    return redirect_with_flash(request, "/account", "Your data export is being prepared: we email you a link "
+                               "when it is ready, and it shows here.")
+
+
+@router.get("/account/exports/{export_id:uuid}", name="export_download")
+def download_export(export_id: uuid.UUID, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+                    user: PageUser) -> Response:
+    """The owner's ready export, until it expires (404 after: the link in the email has expired)."""
+    found = export.live_export(session, user.id, export_id)
+    if found is None or found.status != "ready" or found.storage_key is None:
+        raise HTTPException(status_code=404, detail="No such export, or its link has expired.")
+    return file_response(storage, settings, found.storage_key, "application/zip",
+                         f"studio-export-{found.created_at:%Y-%m-%d}.zip", "attachment", cache_control="no-store")

@@ -96,3 +96,13 @@ class PasswordResetOut(SignedOutOut):
     """A password set with a reset link: every session and token of the account ended with it."""
 
     detail: str
+
+
+class ExportOut(BaseModel):
+    """An "export my data" ZIP: ``building``, then ``ready`` with ``download_url`` until ``expires_at``."""
+
+    id: uuid.UUID
+    status: str = Field(description="building, ready or failed")
+    created_at: datetime
+    expires_at: datetime
+    download_url: str | None = Field(description="Where the ZIP is downloaded (with the same credentials) once ready.")

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from app import db as studio_db
 from app import storage as studio_storage
 from app.accounts.deletion import purge_user_files
+from app.accounts.export import remove_expired as remove_expired_exports
 from app.config import Settings
 from app.jobs import lease
 from app.mail.outbox import resend_stale
@@ -206,7 +207,10 @@ def retention_task() -> dict[str, int]:
     settings = get_worker_settings()
     with studio_db.session_scope() as session:
         report = enforce_retention(session, studio_storage.get_storage(), settings)
-    return {"expired_subjects": len(report.expired_subjects), "photo_sets_removed": len(report.photo_sets_removed)}
+    with studio_db.session_scope() as session:
+        exports = remove_expired_exports(session, studio_storage.get_storage())
+    return {"expired_subjects": len(report.expired_subjects), "photo_sets_removed": len(report.photo_sets_removed),
+            "expired_exports": exports}
 
 
 @celery_app.task(name="maintenance.reconcile_storage")
