@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from app.accounts.service import MAX_EMAIL_LENGTH, MAX_TOKEN_NAME_LENGTH
 from app.security import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
@@ -47,7 +47,7 @@ class UserOut(BaseModel):
 
 
 class UserUpdateIn(BaseModel):
-    notify_by_email: bool | None = Field(default=None, description="Turn the studio emails on or off.")
+    notify_by_email: StrictBool | None = Field(default=None, description="Turn the studio emails on or off.")
 
 
 class VerifyEmailIn(BaseModel):
