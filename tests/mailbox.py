@@ -22,6 +22,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 
 LINK = re.compile(r"https?://\S+")
+REFUSED_DOMAIN = "refused.example.com"
 
 
 class _Collector:
@@ -29,6 +30,14 @@ class _Collector:
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,  # noqa: N802
+                          rcpt_options: list[str]) -> str:
+        """Every address is taken except those of :data:`REFUSED_DOMAIN`, refused for good (550)."""
+        if address.endswith("@" + REFUSED_DOMAIN):
+            return "550 5.1.1 No such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name
         parsed = message_from_bytes(envelope.original_content or envelope.content, policy=policy.default)

@@ -158,3 +158,10 @@ def reset_password(session: Session, settings: Settings, token: str, new_passwor
     ended = sign_out_everywhere(session, user)
     queue_email(session, user.email, "password_changed", base_url=settings.base_url)
     return user, ended
+
+
+def forget_old_reset_links(session: Session, now: datetime | None = None) -> int:
+    """Delete reset links that expired (used or not) over a day ago; the hourly retention pass calls it."""
+    before = (now or utcnow()) - timedelta(days=1)
+    result = session.execute(delete(PasswordReset).where(PasswordReset.expires_at <= before))
+    return int(getattr(result, "rowcount", 0) or 0)

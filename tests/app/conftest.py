@@ -32,7 +32,6 @@ from app.config import Settings
 from app.main import create_app
 from app.models import User
 from app.storage import Storage
-from tests.mailbox import Mailbox
 
 PASSWORD = "correct horse battery"
 
@@ -173,18 +172,3 @@ def app_storage(app: FastAPI) -> Storage:
     storage: Storage = app.state.storage
     return storage
 
-
-@pytest.fixture
-def mailbox(settings: Settings) -> Iterator[Mailbox]:
-    """A real SMTP server on loopback that the test's settings send to (plain SMTP, no TLS), with the
-    app's tasks recorded instead of sent to a broker; ``mailbox.wait_for(n)`` delivers the mail."""
-    from app import queue
-
-    box = Mailbox(free_port())
-    box.start()
-    settings.smtp_host, settings.smtp_port, settings.smtp_tls = "127.0.0.1", box.port, "none"
-    settings.mail_from = "Studio <studio@example.org>"
-    queue.set_sender(box.record)
-    yield box
-    queue.set_sender(None)
-    box.stop()

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from app import db as studio_db
 from app import storage as studio_storage
 from app.accounts.deletion import purge_user_files
+from app.accounts.email_flows import forget_old_reset_links
 from app.accounts.export import remove_expired as remove_expired_exports
 from app.config import Settings
 from app.jobs import lease
@@ -203,12 +204,13 @@ def reap_task() -> dict[str, int]:
 
 @celery_app.task(name="maintenance.retention")
 def retention_task() -> dict[str, int]:
-    """Beat's hourly retention pass."""
+    """Beat's hourly retention pass: expired studios, photos after training, expired data exports, old reset links."""
     settings = get_worker_settings()
     with studio_db.session_scope() as session:
         report = enforce_retention(session, studio_storage.get_storage(), settings)
     with studio_db.session_scope() as session:
         exports = remove_expired_exports(session, studio_storage.get_storage())
+        forget_old_reset_links(session)
     return {"expired_subjects": len(report.expired_subjects), "photo_sets_removed": len(report.photo_sets_removed),
             "expired_exports": exports}
 

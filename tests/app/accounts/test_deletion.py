@@ -30,7 +30,7 @@ from app.models import (
 )
 from app.storage import Storage
 from app.storage.base import checkpoint_prefix, image_key, preview_key, weights_prefix, zip_key
-from tests.app.conftest import PASSWORD
+from tests.app.conftest import PASSWORD, page_context
 from tests.app.storage.conftest import s3_client, s3_endpoint, s3_settings, s3_storage  # noqa: F401
 from tests.mailbox import Mailbox, text_of
 from tests.worker.factories import make_job, make_subject
@@ -152,3 +152,18 @@ def test_delete_my_account_asks_for_the_password(client: TestClient, make_user: 
     db.expire_all()
     assert db.get(User, user.id) is None and rows_pointing_to(db, user.id) == {}
     assert [message["Subject"] for message in mailbox.wait_for(1)] == ["Your account is deleted"]
+
+
+def test_the_account_page_deletes_after_the_password(client: TestClient, make_user: MakeUser,
+                                                     login: Callable[..., TestClient],
+                                                     csrf_token: Callable[[TestClient], str], mailbox: Mailbox,
+                                                     db: Session) -> None:
+    user = make_user("page@example.com")
+    login(client, user)
+    wrong = client.post("/account/delete", data={"password": "not my password", "csrf_token": csrf_token(client)})
+    assert wrong.status_code == 400 and page_context(wrong)["delete_errors"]
+    gone = client.post("/account/delete", data={"password": PASSWORD, "csrf_token": csrf_token(client)},
+                       follow_redirects=False)
+    assert gone.status_code == 303 and gone.headers["location"] == "/"
+    assert client.get("/account", follow_redirects=False).status_code == 303  # signed out: the session went too
+    assert db.get(User, user.id) is None

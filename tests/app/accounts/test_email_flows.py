@@ -127,6 +127,8 @@ def test_a_reset_link_expires(client: TestClient, db: Session, make_user: MakeUs
     assert expired.status_code == 400 and "expired" in expired.json()["detail"]
     page = client.get(f"/password/reset?token={token}")
     assert page.status_code == 400 and "expired" in page.text
+    # A day after it expired, the hourly retention pass forgets the link altogether.
+    assert email_flows.forget_old_reset_links(db, now=utcnow() + timedelta(days=1)) == 1
 
 
 def test_reset_requests_are_limited_alike_for_known_and_unknown_addresses(
@@ -168,3 +170,15 @@ def test_training_can_require_a_confirmed_address(client: TestClient, make_user:
         session.commit()
     allowed = client.post("/api/v1/subjects", headers=headers, files={"name": (None, "Rex")})
     assert allowed.status_code == 422  # past the gate: now it is the missing photos and fields
+
+
+def test_a_new_confirmation_link_can_be_asked_for_three_times_an_hour(
+        client: TestClient, make_user: MakeUser, login: Callable[..., TestClient],
+        csrf_token: Callable[[TestClient], str], mailbox: Mailbox) -> None:
+    login(client, make_user("fay@example.com"))
+    flashes = [page_context(client.post("/account/verify/resend", data={"csrf_token": csrf_token(client)}))["flash"]
+               for _ in range(4)]
+    assert [flash.kind for flash in flashes] == ["success", "success", "success", "warning"]
+    messages = mailbox.wait_for(3)
+    assert all(link_in(message, "/verify-email?token=") for message in messages)
+    assert [message["To"] for message in mailbox.messages] == ["fay@example.com"] * 3  # the fourth was refused

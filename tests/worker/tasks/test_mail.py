@@ -16,7 +16,8 @@ from app.config import Settings
 from app.mail import queue_email
 from app.mail.transport import DeliveryError
 from app.models import OutgoingEmail
-from tests.app.conftest import free_port
+from tests.mailbox import REFUSED_DOMAIN, Mailbox
+from tests.servers import free_port
 from worker import settings as worker_settings_module
 from worker.tasks.mail import retry_delay, send_email_task
 
@@ -61,3 +62,17 @@ def test_an_unreachable_server_keeps_the_message_for_a_retry(queued: list[str], 
         send_email_task(queued[0])  # called directly, Celery's retry re-raises; a worker schedules it instead
     assert outbox_rows(db_session) == 1
     assert [retry_delay(n) for n in range(9)] == [30, 60, 120, 240, 480, 960, 1920, 3600, 3600]
+
+
+def test_a_message_the_server_refuses_for_good_is_dropped(db_session: Session, settings: Settings,
+                                                          mailbox: Mailbox) -> None:
+    from app.mail.outbox import queue_email as queue
+
+    queue(db_session, f"nobody@{REFUSED_DOMAIN}", "password_changed", base_url=settings.base_url)
+    queue(db_session, "ann@example.com", "password_changed", base_url=settings.base_url)
+    db_session.commit()
+    worker_settings_module.get_worker_settings.cache_clear()
+    outcomes = [send_email_task(**kwargs) for name, kwargs in mailbox.sent if name == "mail.send"]
+    assert outcomes == ["dropped", "sent"]  # a 550 is not retried: the row, with its address, goes
+    assert [message["To"] for message in mailbox.messages] == ["ann@example.com"]
+    assert outbox_rows(db_session) == 0
