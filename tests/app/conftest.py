@@ -171,4 +171,3 @@ def app_storage(app: FastAPI) -> Storage:
     """The storage the app serves from."""
     storage: Storage = app.state.storage
     return storage
-
