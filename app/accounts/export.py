@@ -136,11 +136,15 @@ def build_export(session: Session, storage: Storage, settings: Settings, export_
         path = Path(folder) / "export.zip"
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:  # JPEG and PNG: no gain
             archive.writestr("account.json", json.dumps(account, indent=2, ensure_ascii=False))
+            piece = Path(folder) / "piece"
             for stored_key, name in files:
                 try:
-                    archive.writestr(name, storage.get_bytes(stored_key))
+                    storage.download_to(stored_key, piece)  # one file at a time on disk, never all in memory
                 except ObjectNotFound:
                     log.warning("export %s: %s is no longer stored; left out", export_id, stored_key)
+                    continue
+                archive.write(piece, name)
+                piece.unlink()
         storage.put_file(key, path, "application/zip")
     export.status, export.storage_key = "ready", key
     session.flush()
