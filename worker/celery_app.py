@@ -46,9 +46,12 @@ TASK_QUEUES: dict[str, str] = {
     "training.*": GPU_QUEUE,
     "generation.*": GPU_QUEUE,
     "maintenance.*": CPU_QUEUE,
+    "mail.*": CPU_QUEUE,
+    "accounts.*": CPU_QUEUE,
 }
 
-TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance")
+TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance",
+                "worker.tasks.mail", "worker.tasks.accounts")
 
 REAP_EVERY_SECONDS = 30.0
 SWEEP_SCRATCH_COMMAND = "studio_sweep_scratch"
@@ -59,7 +62,8 @@ def queue_for(task_name: str) -> str:
     domain = task_name.split(".", 1)[0]
     queue = TASK_QUEUES.get(f"{domain}.*")
     if queue is None or "." not in task_name:
-        raise ValueError(f"unknown task name {task_name!r}: expected 'training.*', 'generation.*' or 'maintenance.*'")
+        expected = ", ".join(repr(pattern) for pattern in TASK_QUEUES)
+        raise ValueError(f"unknown task name {task_name!r}: expected one of {expected}")
     return queue
 
 

@@ -202,8 +202,8 @@ async def create_studio(request: Request, storage: StorageDep, settings: Setting
             request,
             "subjects/new.html",
             context,
-            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-            headers={"Retry-After": str(error.retry_after)},
+            status_code=error.status_code,
+            headers=error.headers,
         )
     except service.StudioRejected as error:
         code = status.HTTP_413_CONTENT_TOO_LARGE if error.too_large else status.HTTP_422_UNPROCESSABLE_CONTENT

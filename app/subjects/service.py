@@ -59,11 +59,28 @@ class StudioRejected(Exception):
 
 
 class StudioLimitReached(Exception):
-    """The owner may not start another studio now (answered with 429 and ``Retry-After: retry_after``)."""
+    """The owner may not start another studio now (answered with ``status_code``, 429 and
+    ``Retry-After: retry_after`` unless a subclass says otherwise)."""
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    status_code = 429
+
+    def __init__(self, message: str, retry_after: int | None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class EmailNotVerified(StudioLimitReached):
+    """The operator requires a confirmed address before training (``require_verified_email``); 403."""
+
+    status_code = 403
+
+    def __init__(self) -> None:
+        super().__init__("Confirm your email address before you start a training: open the link we sent you, "
+                         "or ask for a new one on your account page.", None)
 
 
 class TooManyActiveJobs(StudioLimitReached):
@@ -94,6 +111,8 @@ def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
 def studio_limit(session: Session, owner: User, settings: Settings) -> StudioLimitReached | None:
     """The limit that keeps ``owner`` from starting a studio now, or None. The new-studio page says it
     before any photo is picked; :func:`create_studio` raises it."""
+    if settings.require_verified_email and owner.email_verified_at is None:
+        return EmailNotVerified()
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
         return TooManyActiveJobs(settings.max_active_jobs_per_user)
     if settings.max_studios_per_hour > 0:
@@ -455,6 +474,8 @@ def retry_studio(session: Session, settings: Settings, owner: User, subject: Sub
     refusal = retry_refusal(session, subject)
     if refusal is not None:
         raise refusal
+    if settings.require_verified_email and owner.email_verified_at is None:
+        raise EmailNotVerified()
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
         raise TooManyActiveJobs(settings.max_active_jobs_per_user)
     job = Job(subject_id=subject.id, owner_id=owner.id, kind="train", status="queued", stage="queued",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -23,8 +24,9 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import queue
+from app.accounts.export import export_key
 from app.galleries import sharing
-from app.models import ApiToken, GeneratedImage, Job, ShareLink, Subject, User
+from app.models import ApiToken, DataExport, GeneratedImage, Job, ShareLink, Subject, User, utcnow
 from app.storage import Storage
 from app.storage.base import preview_key
 from tests.app.factories import make_image, make_job, make_photo, make_subject, png_bytes
@@ -43,6 +45,10 @@ CASES: dict[tuple[str, str], Case] = {
     # accounts (W1): API tokens belong to an account too
     ("DELETE", "/api/v1/tokens/{token_id}"): Case(),
     ("POST", "/account/tokens/{token_id}/revoke"): Case(form={}),
+    # "export my data" (accounts): an export is its account's
+    ("GET", "/api/v1/me/exports/{export_id}"): Case(),
+    ("GET", "/api/v1/me/exports/{export_id}/download"): Case(),
+    ("GET", "/account/exports/{export_id:uuid}"): Case(),
     # subjects and their photos (W2)
     ("GET", "/api/v1/subjects/{subject_id:uuid}"): Case(),
     ("GET", "/api/v1/subjects/{subject_id:uuid}/photos/{photo_id:uuid}"): Case(),
@@ -142,7 +148,7 @@ def sent_tasks() -> Iterator[list[str]]:
 def owned(app: FastAPI, clean_db: Engine, make_user: Callable[..., User],
           api_headers: Callable[[User], dict[str, str]]) -> Owned:
     """The owner's account with one of every object: a trained studio, a photo, a running job with a
-    preview, a generated image, an API token."""
+    preview, a generated image, an API token, a data export."""
     owner = make_user("owner@example.com")
     owner_headers = api_headers(owner)
     storage: Storage = app.state.storage
@@ -156,6 +162,10 @@ def owned(app: FastAPI, clean_db: Engine, make_user: Callable[..., User],
         image = make_image(session, storage, subject, job)
         token = session.scalars(select(ApiToken).where(ApiToken.user_id == owner.id)).one()
         share = sharing.create_share(session, subject, None, 7)
+        export = DataExport(id=uuid.uuid4(), user_id=owner.id, status="ready", expires_at=utcnow() + timedelta(hours=1))
+        export.storage_key = export_key(owner.id, export.id)
+        storage.put_bytes(export.storage_key, b"zip", "application/zip")
+        session.add(export)
         session.commit()
         ids = {
             "subject_id": str(subject.id),
@@ -163,6 +173,7 @@ def owned(app: FastAPI, clean_db: Engine, make_user: Callable[..., User],
             "job_id": str(job.id),
             "image_id": str(image.id),
             "token_id": str(token.id),
+            "export_id": str(export.id),
             "index": "0",
             "variant": "zip",
             "share_id": str(share.id),
@@ -210,7 +221,7 @@ def test_another_account_gets_404_on_every_object_route(
     login(client, stranger)
     token = csrf_token(client)
     before = snapshot(clean_db, storage, owned)
-    assert before["files"] == 3  # photo, preview, image
+    assert before["files"] == 4  # photo, preview, image, export
 
     answers = {}
     for method, path in object_routes(app):
