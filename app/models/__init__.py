@@ -5,6 +5,7 @@ from app.models.image import GeneratedImage, PriorBank
 from app.models.job import ACTIVE_STATUSES, JOB_STAGES, JOB_STATUSES, GenerationRequest, Job
 from app.models.subject import SUBJECT_KINDS, Photo, Subject
 from app.models.user import ApiToken, RateEvent, User, UserSession
+from app.models.worker import WorkerHeartbeat
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -22,5 +23,6 @@ __all__ = [
     "Subject",
     "User",
     "UserSession",
+    "WorkerHeartbeat",
     "utcnow",
 ]
