@@ -5,7 +5,8 @@
     studio web [--host --port --reload]
     studio worker [celery options]   (default: -Q gpu,cpu)
     studio beat [celery options]
-    studio createuser EMAIL [--password-stdin]
+    studio createuser EMAIL [--password-stdin] [--operator]
+    studio grant-operator EMAIL [--revoke]   the operator console (/operator)
     studio train ... / studio sample ...   the DreamBooth engine without web, database or queue
 
 This module imports no ML code: ``train`` and ``sample`` import ``worker.engine.cli`` only when run.
@@ -69,13 +70,28 @@ def read_new_password(from_stdin: bool) -> str:
     return first
 
 
-def create_user(email: str, password: str) -> str:
-    """Create an account and return its id; raises AccountError with a sentence on bad input."""
+def create_user(email: str, password: str, operator: bool = False) -> str:
+    """Create an account (an operator with ``operator``) and return its id; raises AccountError with a
+    sentence on bad input."""
     from app.accounts import service
     from app.db import session_scope
 
     with session_scope() as session:
         user = service.sign_up(session, email, password)
+        user.is_operator = operator
+        return f"{user.email} ({user.id})"
+
+
+def grant_operator(email: str, revoke: bool = False) -> str:
+    """Make an existing account an operator (or no longer one); raises ValueError when there is none."""
+    from app.accounts import repository, service
+    from app.db import session_scope
+
+    with session_scope() as session:
+        user = repository.user_by_email(session, service.normalize_email(email))
+        if user is None:
+            raise ValueError(f"There is no account with the email {email!r}.")
+        user.is_operator = not revoke
         return f"{user.email} ({user.id})"
 
 
@@ -249,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     createuser = commands.add_parser("createuser", help="create an account")
     createuser.add_argument("email")
     createuser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    createuser.add_argument("--operator", action="store_true", help="the account may use the operator console")
+    grant = commands.add_parser("grant-operator", help="let an existing account use the operator console")
+    grant.add_argument("email")
+    grant.add_argument("--revoke", action="store_true", help="take the operator role away instead")
 
     commands.add_parser("train", help="fine-tune on a folder of photos (see: studio train --help)", add_help=False)
     commands.add_parser("sample", help="sample prompts from trained weights (see: studio sample --help)",
@@ -293,11 +313,19 @@ def _run(argv: Sequence[str] | None) -> int:
         from app.accounts.service import AccountError
 
         try:
-            created = create_user(args.email, read_new_password(args.password_stdin))
+            created = create_user(args.email, read_new_password(args.password_stdin), operator=args.operator)
         except (AccountError, ValueError) as error:
             print(f"studio createuser: {error}", file=sys.stderr)
             return EXIT_ERROR
-        print(f"Created the account {created}.")
+        print(f"Created the {'operator ' if args.operator else ''}account {created}.")
+        return EXIT_OK
+    if args.command == "grant-operator":
+        try:
+            changed = grant_operator(args.email, revoke=args.revoke)
+        except ValueError as error:
+            print(f"studio grant-operator: {error}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"{changed} {'is no longer' if args.revoke else 'is now'} an operator.")
         return EXIT_OK
     if args.command == "web":
         import uvicorn

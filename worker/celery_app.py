@@ -28,7 +28,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 from celery.schedules import crontab
-from celery.signals import celeryd_after_setup, worker_init, worker_ready
+from celery.signals import celeryd_after_setup, worker_init, worker_ready, worker_shutdown
 from celery.worker.control import control_command
 
 from app import config as studio_config
@@ -179,6 +179,36 @@ def sweep_scratch_at_start(**_: Any) -> None:
         sweep_scratch(studio_config.get_settings().scratch_dir)
     except OSError:
         log.warning("the scratch sweep at start failed; the reaper's sweep will try again", exc_info=True)
+
+
+_heartbeat: Any = None
+
+
+def consumed_queues(consumer: Any) -> list[str]:
+    """The names of the queues a worker consumes (from its ``worker_ready`` sender)."""
+    try:
+        return sorted(queue.name for queue in consumer.task_consumer.queues)
+    except AttributeError:
+        return sorted(consumer.app.amqp.queues.consume_from or {})
+
+
+@worker_ready.connect
+def start_worker_heartbeat(sender: Any = None, **_: Any) -> None:
+    """Record this worker in ``worker_heartbeats`` every ``heartbeat_seconds`` (worker.heartbeat), from its
+    main process, for as long as it lives."""
+    global _heartbeat
+    from worker.heartbeat import Heartbeat, private_sessions
+
+    settings = studio_config.get_settings()
+    queues = consumed_queues(sender) if sender is not None else []
+    _heartbeat = Heartbeat(private_sessions(settings.resolved_database_url), queues,
+                           float(settings.heartbeat_seconds)).start()
+
+
+@worker_shutdown.connect
+def stop_worker_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 @control_command(name=SWEEP_SCRATCH_COMMAND)  # type: ignore[untyped-decorator]

@@ -21,6 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from app import rate_limits
+from app.accounts import usage
 from app.config import Settings
 from app.jobs.service import format_duration
 from app.models import SUBJECT_KINDS, Job, Photo, Subject, User, utcnow
@@ -85,6 +86,30 @@ class TooManyStudiosThisHour(StudioLimitReached):
         self.limit = limit
 
 
+class MonthlyQuotaReached(StudioLimitReached):
+    """The owner used this month's quota (studios or GPU minutes) that an operator set on the account."""
+
+
+def monthly_quota(session: Session, owner: User) -> MonthlyQuotaReached | None:
+    """The monthly quota ``owner`` has used up, or None; the quotas reset on the first of the month (UTC)."""
+    if owner.studios_per_month is None and owner.gpu_minutes_per_month is None:
+        return None
+    now = utcnow()
+    next_month = usage.next_month_start(now)
+    wait = max(1, int((next_month - now).total_seconds()))
+    when = f"{next_month.day} {next_month:%B}"
+    quota = owner.studios_per_month
+    if quota is not None and usage.studios_this_month(session, owner.id, now) >= quota:
+        studios = "no studios" if quota == 0 else ("1 studio" if quota == 1 else f"{quota} studios")
+        return MonthlyQuotaReached(f"Your account may create {studios} a month and this month's are used. "
+                                   f"You can start the next one on {when}.", wait)
+    minutes = owner.gpu_minutes_per_month
+    if minutes is not None and usage.gpu_minutes_this_month(session, owner.id, now) >= minutes:
+        return MonthlyQuotaReached(f"Your account has used this month's {minutes} GPU minutes. "
+                                   f"You can start the next studio on {when}.", wait)
+    return None
+
+
 def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
     return (rate_limits.Limit("studios", settings.max_studios_per_hour, timedelta(hours=1)), str(owner.id))
 
@@ -94,6 +119,9 @@ def studio_limit(session: Session, owner: User, settings: Settings) -> StudioLim
     before any photo is picked; :func:`create_studio` raises it."""
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
         return TooManyActiveJobs(settings.max_active_jobs_per_user)
+    quota = monthly_quota(session, owner)
+    if quota is not None:
+        return quota
     if settings.max_studios_per_hour > 0:
         wait = rate_limits.retry_after(session, [studios_per_hour(owner, settings)])
         if wait is not None:
