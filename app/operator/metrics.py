@@ -69,7 +69,7 @@ class DatabaseCollector(Collector):
         yield queue
 
         states = GaugeMetricFamily("studio_jobs", "Jobs in the database, by state.", labels=["state"])
-        by_state = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
+        by_state = {row[0]: int(row[1]) for row in session.execute(select(Job.status, func.count()).group_by(Job.status))}
         for state in JOB_STATUSES:
             states.add_metric([state], int(by_state.get(state, 0)))
         yield states
