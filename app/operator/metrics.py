@@ -69,7 +69,8 @@ class DatabaseCollector(Collector):
         yield queue
 
         states = GaugeMetricFamily("studio_jobs", "Jobs in the database, by state.", labels=["state"])
-        by_state = {row[0]: int(row[1]) for row in session.execute(select(Job.status, func.count()).group_by(Job.status))}
+        counted = session.execute(select(Job.status, func.count()).group_by(Job.status))
+        by_state = {row[0]: int(row[1]) for row in counted}
         for state in JOB_STATUSES:
             states.add_metric([state], int(by_state.get(state, 0)))
         yield states

@@ -179,7 +179,8 @@ def snapshot(engine: Engine, storage: Storage, owned: Owned) -> dict[str, Any]:
             "jobs": session.scalar(select(func.count()).select_from(Job)),
             "favourite": image.favourite if image else None,
             "token_revoked": token.revoked_at is not None if token else None,
-            "owner": (owner.is_active, owner.studios_per_month) if (owner := session.get(User, owned.owner.id)) else None,
+            "owner": (owner.is_active, owner.studios_per_month)
+            if (owner := session.get(User, owned.owner.id)) else None,
             "banks": session.scalar(select(func.count()).select_from(PriorBank)),
             "files": len(storage.list(f"users/{owned.owner.id}/")),
         }
