@@ -117,11 +117,12 @@ def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
 def studio_limit(session: Session, owner: User, settings: Settings) -> StudioLimitReached | None:
     """The limit that keeps ``owner`` from starting a studio now, or None. The new-studio page says it
     before any photo is picked; :func:`create_studio` raises it."""
-    if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
-        return TooManyActiveJobs(settings.max_active_jobs_per_user)
+    # The monthly quota first: it says when the next studio is possible, where the others only say "later".
     quota = monthly_quota(session, owner)
     if quota is not None:
         return quota
+    if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
+        return TooManyActiveJobs(settings.max_active_jobs_per_user)
     if settings.max_studios_per_hour > 0:
         wait = rate_limits.retry_after(session, [studios_per_hour(owner, settings)])
         if wait is not None:
