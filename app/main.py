@@ -42,7 +42,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import config as config_module
 from app import db as db_module
-from app import openapi
+from app import logs, openapi
 from app import storage as storage_module
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
@@ -455,6 +455,7 @@ def request_slots(pool_size: int, max_overflow: int) -> int:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the studio's web app for ``settings`` (default: from the environment)."""
     settings = settings or config_module.get_settings()
+    logs.configure_logging(settings)
     session_factory, private_engine = _session_factory(settings)
 
     @asynccontextmanager

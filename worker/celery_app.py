@@ -28,7 +28,14 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 from celery.schedules import crontab
-from celery.signals import celeryd_after_setup, worker_init, worker_ready, worker_shutdown
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    celeryd_after_setup,
+    worker_init,
+    worker_ready,
+    worker_shutdown,
+)
 from celery.worker.control import control_command
 
 from app import config as studio_config
@@ -147,6 +154,16 @@ def quiet_the_cancel_on_connection_loss_warning(**_: Any) -> None:
     sets it on purpose. Installed after the worker set up its logging, which turns those warnings on."""
     warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
                             category=CPendingDeprecationWarning)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def json_log_lines(logger: logging.Logger | None = None, **_: Any) -> None:
+    """With ``STUDIO_LOG_JSON``, the worker's log lines are JSON objects too (app.logs)."""
+    if logger is not None and studio_config.get_settings().log_json:
+        from app.logs import format_as_json
+
+        format_as_json(logger)
 
 
 @worker_init.connect
