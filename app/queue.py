@@ -85,6 +85,16 @@ def send_now(task_name: str, **ids: str) -> None:
     (_sender_override or _broker_send)(task_name, dict(ids), queue_for(task_name))
 
 
+def send_operator_command(task_name: str, **values: str) -> None:
+    """Send an operator's command now, whose arguments are settings rather than ids (the prior fill's model
+    key, class noun and count). Like every task, it carries nothing personal; the caller checked the values."""
+    from worker.celery_app import queue_for
+
+    if not all(isinstance(value, str) for value in values.values()):
+        raise TypeError(f"task {task_name!r}: arguments must be strings")
+    (_sender_override or _broker_send)(task_name, dict(values), queue_for(task_name))
+
+
 def _check_ids(task_name: str, ids: dict[str, str]) -> None:
     if not ids:
         raise ValueError(f"task {task_name!r} needs at least one id argument")

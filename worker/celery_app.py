@@ -50,10 +50,11 @@ CPU_QUEUE = "cpu"
 TASK_QUEUES: dict[str, str] = {
     "training.*": GPU_QUEUE,
     "generation.*": GPU_QUEUE,
+    "priors.*": GPU_QUEUE,  # the operator's prior-bank fill: it paints with the base model
     "maintenance.*": CPU_QUEUE,
 }
 
-TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance")
+TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance", "worker.tasks.priors")
 
 REAP_EVERY_SECONDS = 30.0
 SWEEP_SCRATCH_COMMAND = "studio_sweep_scratch"
@@ -64,7 +65,8 @@ def queue_for(task_name: str) -> str:
     domain = task_name.split(".", 1)[0]
     queue = TASK_QUEUES.get(f"{domain}.*")
     if queue is None or "." not in task_name:
-        raise ValueError(f"unknown task name {task_name!r}: expected 'training.*', 'generation.*' or 'maintenance.*'")
+        raise ValueError(f"unknown task name {task_name!r}: expected 'training.*', 'generation.*', 'priors.*' "
+                         "or 'maintenance.*'")
     return queue
 
 

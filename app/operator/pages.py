@@ -128,14 +128,14 @@ def _set_active(user_id: uuid.UUID, request: Request, user: User, session: Sessi
 
 
 def quota_field(value: object, label: str) -> int | None:
-    """A quota typed in a form: empty for none, else a whole number; ValueError names the field."""
+    """A number typed in a form: empty for none, else a whole number; ValueError names the field."""
     text = value.strip() if isinstance(value, str) else ""
     if not text:
         return None
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{label} must be a whole number, or empty for no quota (got “{text[:20]}”).") from None
+        raise ValueError(f"{label} must be a whole number (got “{text[:20]}”).") from None
 
 
 @router.post("/operator/accounts/{user_id:uuid}/quotas", dependencies=[Depends(require_csrf)])
@@ -163,3 +163,19 @@ def clear_prior_bank(bank_id: uuid.UUID, request: Request, user: PageUser, sessi
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No such prior bank.") from None
     return redirect_with_flash(request, "/operator/storage",
                                f"The prior bank “{bank.class_prompt}” was cleared; the next job paints it again.")
+
+
+@router.post("/operator/priors/fill", dependencies=[Depends(require_csrf)])
+def fill_prior_bank(request: Request, user: PageUser, session: SessionDep, settings: SettingsDep,
+                    model: FormText = "", class_noun: FormText = "", count: FormText = "") -> Response:
+    """Send a GPU worker the fill of one bank (model and class); the storage page shows it once pushed."""
+    operator = operator_of(session, user)
+    try:
+        number = quota_field(count, "The number of images")
+        noun = service.request_prior_fill(session, operator, settings, model, class_noun,
+                                          number if number is not None else 0)
+    except ValueError as error:
+        return redirect_with_flash(request, "/operator/storage", str(error), "error")
+    return redirect_with_flash(request, "/operator/storage",
+                               f"A GPU worker will paint {count.strip()} prior images of “{noun}”: "
+                               "the bank shows them here once it is done.", "info")

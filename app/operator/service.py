@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import re
 import statistics
 import uuid
 from collections import defaultdict
@@ -24,6 +25,7 @@ from app.models import Job, PriorBank, Subject, User, WorkerHeartbeat, utcnow
 from app.operator import repository
 from app.storage import Storage
 from app.storage.base import StoredObject
+from app.subjects import base_models
 from app.subjects import service as subject_service
 
 log = logging.getLogger(__name__)
@@ -321,3 +323,42 @@ def clear_prior_bank(session: Session, operator: User, bank_id: uuid.UUID, stora
     # and paints the missing ones, so a half-deleted folder is harmless.
     storage.delete_prefix(bank.storage_prefix)
     return bank
+
+
+# --- warming the prior bank -----------------------------------------------------------------------
+
+CLASS_NOUN = re.compile(r"[a-z]+(?: [a-z]+)*")
+MAX_CLASS_NOUN = 30
+MAX_PRIOR_FILL = 1000
+
+
+class PriorFillRefused(ValueError):
+    """A prior-bank fill that cannot start; the message names what was wrong."""
+
+
+def check_prior_fill(class_noun: str, count: int) -> str:
+    """The class noun of a fill, normalised; :class:`PriorFillRefused` naming the problem otherwise."""
+    noun = " ".join(class_noun.lower().split())
+    if not CLASS_NOUN.fullmatch(noun) or len(noun) > MAX_CLASS_NOUN:
+        raise PriorFillRefused(f"The class must be a noun of letters and spaces, at most {MAX_CLASS_NOUN} "
+                               f"characters (like dog, cat, woman), not “{class_noun[:40]}”.")
+    if not 1 <= count <= MAX_PRIOR_FILL:
+        raise PriorFillRefused(f"The number of images must be between 1 and {MAX_PRIOR_FILL}, not {count}.")
+    return noun
+
+
+def request_prior_fill(session: Session, operator: User, settings: Settings, model_key: str, class_noun: str,
+                       count: int) -> str:
+    """Send a GPU worker the fill of the bank of an offered model and a class (``priors.fill``); returns
+    the class noun as it will be filled. Raises :class:`PriorFillRefused` for an unknown model or bad values."""
+    if repository.get_operator(session, operator.id) is None:
+        raise LookupError("No such page.")
+    offer = base_models.choose(settings, model_key)
+    if offer is None:
+        raise PriorFillRefused(base_models.unknown_key_message(settings, model_key))
+    noun = check_prior_fill(class_noun, count)
+    from app.queue import send_operator_command
+
+    send_operator_command("priors.fill", model=offer.key, class_noun=noun, count=str(count))
+    log.info("operator %s asked for %d prior images of %r on %s", operator.id, count, noun, offer.key)
+    return noun

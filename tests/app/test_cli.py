@@ -69,6 +69,13 @@ def test_operators_are_created_or_granted(settings: Settings, clean_db: object, 
     assert roles == {"op@example.com": False, "ann@example.com": True}
 
 
+def test_priors_fill_names_a_bad_class(settings: Settings, clean_db: object,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # The filling itself (which loads a model) is tested in tests/worker/tasks/test_priors.py.
+    assert cli.main(["priors", "fill", "--model", "tiny", "--class", "d0g", "--count", "5"]) == 1
+    assert "The class must be a noun" in capsys.readouterr().err
+
+
 def test_createuser_refuses_a_short_password(settings: Settings, clean_db: object, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("short\n"))

@@ -193,3 +193,23 @@ def test_storage_page_counts_bytes_by_kind_and_clears_a_prior_bank(
     assert cleared.status_code == 200 and "was cleared" in cleared.text
     assert app_storage.list("priors/") == []
     assert client.get("/operator/models").status_code == 200
+
+    # Fill: a GPU worker gets the task with the model's key, the class and the count; bad values are named.
+    from app import queue
+
+    sent: list[tuple[str, dict[str, str], str]] = []
+    queue.set_sender(lambda name, kwargs, queue_name: sent.append((name, kwargs, queue_name)))
+    try:
+        token = csrf_token(client)
+        filled = client.post("/operator/priors/fill", data={"csrf_token": token, "model": "default",
+                                                            "class_noun": " Dog", "count": "50"})
+        assert "A GPU worker will paint 50 prior images of “dog”" in filled.text
+        refused = client.post("/operator/priors/fill", data={"csrf_token": token, "model": "sdxl",
+                                                             "class_noun": "dog", "count": "50"})
+        assert "sdxl" in page_context(refused)["flash"].message
+        refused = client.post("/operator/priors/fill", data={"csrf_token": token, "model": "default",
+                                                             "class_noun": "dog", "count": "5000"})
+        assert "between 1 and 1000" in refused.text
+    finally:
+        queue.set_sender(None)
+    assert sent == [("priors.fill", {"model": "default", "class_noun": "dog", "count": "50"}, "gpu")]
