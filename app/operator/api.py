@@ -16,7 +16,10 @@ from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, require_csrf
 from app.models import Job, User
 from app.operator import repository, service
 
-router = APIRouter(prefix="/api/v1/operator", tags=["operator"])
+router = APIRouter(prefix="/api/v1/operator", tags=["operator"], responses={
+    404: {"description": "The account is not an operator (the same answer as an address that does not exist), "
+                         "or no such object"},
+})
 
 NOT_FOUND = "Not Found"
 
@@ -148,7 +151,8 @@ def get_accounts(user: ApiUser, session: SessionDep, storage: StorageDep) -> lis
     return [account_out(usage) for usage in service.accounts_view(session, operator_of(session, user), storage)]
 
 
-@router.patch("/accounts/{user_id:uuid}", response_model=AccountOut, dependencies=[Depends(require_csrf)])
+@router.patch("/accounts/{user_id:uuid}", response_model=AccountOut, dependencies=[Depends(require_csrf)],
+              responses={409: {"description": "An operator cannot disable its own account"}})
 def change_account(user_id: uuid.UUID, change: AccountChange, user: ApiUser, session: SessionDep) -> AccountOut:
     """Disable or re-enable an account, or set its monthly quotas (only the fields sent change)."""
     operator = operator_of(session, user)
@@ -174,7 +178,8 @@ def change_account(user_id: uuid.UUID, change: AccountChange, user: ApiUser, ses
     return account_out(usage)
 
 
-@router.post("/jobs/{job_id:uuid}/cancel", response_model=ConsoleJob, dependencies=[Depends(require_csrf)])
+@router.post("/jobs/{job_id:uuid}/cancel", response_model=ConsoleJob, dependencies=[Depends(require_csrf)],
+             responses={409: {"description": "The job already ended"}})
 def cancel_job(job_id: uuid.UUID, user: ApiUser, session: SessionDep, storage: StorageDep) -> ConsoleJob:
     """Cancel any account's job: a queued one ends at once, a running one stops within a few steps."""
     try:
@@ -187,7 +192,8 @@ def cancel_job(job_id: uuid.UUID, user: ApiUser, session: SessionDep, storage: S
 
 
 @router.post("/subjects/{subject_id:uuid}/retry", response_model=ConsoleJob, status_code=201,
-             dependencies=[Depends(require_csrf)])
+             dependencies=[Depends(require_csrf)],
+             responses={409: {"description": "The studio cannot be tried again, or its owner is at a limit"}})
 def retry_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep) -> ConsoleJob:
     """Try a failed or cancelled studio again for its owner (the owner's active-job limit applies)."""
     try:
