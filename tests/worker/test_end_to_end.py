@@ -320,6 +320,7 @@ def test_cancel_during_training_stops_within_a_few_steps(start_studio: Callable[
     with TestClient(web) as client:
         studio.eventually(lambda: len(heartbeats()) == 1, "the worker's first heartbeat")
         worker = heartbeats()[0]
+        assert worker.queues == ["cpu", "gpu"] and worker.current_job_id is None
         before = scrape_metrics(client)
         assert before['studio_queue_length{queue="gpu"}'] == 0
         assert before[f'studio_worker_up{{host="{worker.host}",worker="{worker.name}"}}'] == 1
@@ -335,6 +336,7 @@ def test_cancel_during_training_stops_within_a_few_steps(start_studio: Callable[
         assert during['studio_queue_length{queue="gpu"}'] == 1
         assert during['studio_jobs{state="running"}'] == 1
         assert during[speed] > 0
+        assert heartbeats()[0].current_job_id == job.id  # the job's child names it on its worker's row
         # Preparing and priors are over: the job recorded how long each took.
         assert during['studio_stage_duration_seconds_count{stage="preparing"}'] == 1
         assert during['studio_stage_duration_seconds_count{stage="priors"}'] == 1
