@@ -251,6 +251,32 @@ def broker_view(queue_names: list[str]) -> BrokerView | None:
     return BrokerView(frozenset(waiting), frozenset(delivered))
 
 
+def broker_queue_lengths(queue_names: list[str], timeout: float = 1.0) -> dict[str, int] | None:
+    """How many messages wait in each queue of the broker (priorities summed); None unless it is Redis and
+    answers. For the metrics: the database counts jobs, the broker counts every task (maintenance too)."""
+    url = studio_config.get_settings().resolved_broker_url
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for name in queue_names:
+                    pipe.llen(name)
+                    for priority in _REDIS_PRIORITY_STEPS:
+                        pipe.llen(f"{name}{_REDIS_PRIORITY_SEPARATOR}{priority}")
+                replies = pipe.execute()
+        finally:
+            client.close()
+    except Exception:
+        log.warning("could not read the broker's queue lengths", exc_info=True)
+        return None
+    per_queue = 1 + len(_REDIS_PRIORITY_STEPS)
+    return {name: sum(int(n) for n in replies[i * per_queue:(i + 1) * per_queue]) for i, name in enumerate(queue_names)}
+
+
 def _json(raw: bytes | str) -> Any:
     try:
         return json.loads(raw)

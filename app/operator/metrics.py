@@ -35,8 +35,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 from app.models import JOB_STATUSES, Job, WorkerHeartbeat, utcnow
+from app.queue import broker_queue_lengths
 
 QUEUE_BY_KIND = {"train": "gpu", "generate": "gpu"}  # worker.celery_app.TASK_QUEUES, by job kind
+BROKER_QUEUES = ("gpu", "cpu")
 STAGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 MAX_REASON_LENGTH = 120
@@ -67,6 +69,14 @@ class DatabaseCollector(Collector):
         for name in sorted({*QUEUE_BY_KIND.values(), *waiting}):
             queue.add_metric([name], waiting[name])
         yield queue
+
+        lengths = broker_queue_lengths(list(BROKER_QUEUES))
+        if lengths is not None:
+            messages = GaugeMetricFamily("studio_broker_queue_messages", "Messages waiting in the broker, per queue "
+                                         "(Redis only; maintenance tasks included).", labels=["queue"])
+            for name, count in lengths.items():
+                messages.add_metric([name], count)
+            yield messages
 
         states = GaugeMetricFamily("studio_jobs", "Jobs in the database, by state.", labels=["state"])
         counted = session.execute(select(Job.status, func.count()).group_by(Job.status))

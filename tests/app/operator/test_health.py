@@ -82,3 +82,22 @@ def test_healthz_stays_liveness_and_metrics_needs_its_token(settings: Settings, 
         assert 'studio_http_request_duration_seconds_count{method="GET",route="/studios/new"} 1.0' in scraped.text
         assert 'studio_queue_length{queue="gpu"} 0.0' in scraped.text
         assert 'studio_jobs{state="queued"} 0.0' in scraped.text
+
+
+def test_metrics_count_the_brokers_messages_per_queue(settings: Settings, clean_db: Engine,
+                                                      redis_server: PrivateRedis,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from app import config as config_module
+
+    values = settings.model_copy(update={"broker_url": redis_server.url, "metrics_token": "t" * 20})
+    monkeypatch.setattr(config_module, "get_settings", lambda: values)
+    client = redis.Redis.from_url(redis_server.url)
+    client.lpush("cpu", "a", "b")
+    client.lpush("gpu\x06\x163", "c")  # a message of priority 3 lives in a list of its own
+    client.close()
+    with TestClient(create_app(values)) as web:
+        text = web.get("/metrics", headers={"Authorization": "Bearer " + "t" * 20}).text
+    assert 'studio_broker_queue_messages{queue="cpu"} 2.0' in text
+    assert 'studio_broker_queue_messages{queue="gpu"} 1.0' in text
