@@ -7,12 +7,13 @@ last heartbeat while it runs). Both come from rows, so a deleted studio no longe
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from app.models import Job, Subject, utcnow
+from app.models import Job, Subject, User, utcnow
 
 
 def month_start(now: datetime | None = None) -> datetime:
@@ -53,3 +54,32 @@ def gpu_minutes_this_month(session: Session, owner_id: uuid.UUID, now: datetime 
         if started is not None:
             seconds += gpu_seconds(started, finished, beat, since)
     return seconds / 60
+
+
+@dataclass(frozen=True)
+class QuotaUsed:
+    """A monthly quota the account has used up: the sentence to show, and seconds until it resets."""
+
+    message: str
+    retry_after: int
+
+
+def quota_used(session: Session, owner: User, *, studios: bool, now: datetime | None = None) -> QuotaUsed | None:
+    """The monthly quota ``owner`` has used up, or None. ``studios``: the studio count counts too (a new
+    studio); otherwise only GPU minutes do ("generate more"). Quotas reset on the 1st of the month, UTC."""
+    if owner.studios_per_month is None and owner.gpu_minutes_per_month is None:
+        return None
+    now = now or utcnow()
+    next_month = next_month_start(now)
+    wait = max(1, int((next_month - now).total_seconds()))
+    when = f"{next_month.day} {next_month:%B}"
+    quota = owner.studios_per_month
+    if studios and quota is not None and studios_this_month(session, owner.id, now) >= quota:
+        count = "no studios" if quota == 0 else ("1 studio" if quota == 1 else f"{quota} studios")
+        return QuotaUsed(f"Your account may create {count} a month and this month's are used. "
+                         f"You can start the next one on {when}.", wait)
+    minutes = owner.gpu_minutes_per_month
+    if minutes is not None and gpu_minutes_this_month(session, owner.id, now) >= minutes:
+        return QuotaUsed(f"Your account has used this month's {minutes} GPU minutes. "
+                         f"You can start new work on {when}.", wait)
+    return None

@@ -91,23 +91,9 @@ class MonthlyQuotaReached(StudioLimitReached):
 
 
 def monthly_quota(session: Session, owner: User) -> MonthlyQuotaReached | None:
-    """The monthly quota ``owner`` has used up, or None; the quotas reset on the first of the month (UTC)."""
-    if owner.studios_per_month is None and owner.gpu_minutes_per_month is None:
-        return None
-    now = utcnow()
-    next_month = usage.next_month_start(now)
-    wait = max(1, int((next_month - now).total_seconds()))
-    when = f"{next_month.day} {next_month:%B}"
-    quota = owner.studios_per_month
-    if quota is not None and usage.studios_this_month(session, owner.id, now) >= quota:
-        studios = "no studios" if quota == 0 else ("1 studio" if quota == 1 else f"{quota} studios")
-        return MonthlyQuotaReached(f"Your account may create {studios} a month and this month's are used. "
-                                   f"You can start the next one on {when}.", wait)
-    minutes = owner.gpu_minutes_per_month
-    if minutes is not None and usage.gpu_minutes_this_month(session, owner.id, now) >= minutes:
-        return MonthlyQuotaReached(f"Your account has used this month's {minutes} GPU minutes. "
-                                   f"You can start the next studio on {when}.", wait)
-    return None
+    """The monthly quota ``owner`` has used up (studios or GPU minutes), or None (app.accounts.usage)."""
+    used = usage.quota_used(session, owner, studios=True)
+    return None if used is None else MonthlyQuotaReached(used.message, used.retry_after)
 
 
 def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:

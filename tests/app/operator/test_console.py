@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.accounts.usage import next_month_start
 from app.models import Job, PriorBank, Subject, User, WorkerHeartbeat, utcnow
 from app.operator import service
 from app.storage import Storage
@@ -149,6 +150,14 @@ def test_disable_refuses_the_next_request_and_quotas_refuse_the_next_studio(
     refused = client.post("/api/v1/subjects", headers=ann_headers, files=[("photos", ("a.jpg", b"x", "image/jpeg"))],
                           data={"name": "Rex", "kind": "dog", "consent": "true"})
     assert refused.status_code == 429 and "used this month's 20 GPU minutes" in refused.json()["detail"]
+    # "Generate more" spends GPU minutes too: refused until the month ends.
+    subject.weights_key = "users/weights/lora.safetensors"
+    db.commit()
+    refused = client.post(f"/api/v1/subjects/{subject.id}/generate", headers=ann_headers,
+                          json={"prompts": ["in the snow"]})
+    assert refused.status_code == 429 and "used this month's 20 GPU minutes" in refused.json()["detail"]
+    until_next_month = (next_month_start() - utcnow()).total_seconds()
+    assert abs(int(refused.headers["Retry-After"]) - until_next_month) < 30
 
     # A bad quota on the page is named; nothing changes.
     login(client, operator)
