@@ -428,13 +428,16 @@ def retry_refusal(session: Session, subject: Subject) -> RetryRefused | None:
 def retry_studio(session: Session, settings: Settings, owner: User, subject: Subject) -> Job:
     """Start a new training job of ``subject`` from the photos it kept ("Try again" on a failed studio).
 
-    Raises :class:`RetryRefused` when the studio cannot be tried again and :class:`TooManyActiveJobs`
-    when the owner is at the active-job limit. A retry is not a new studio: the hourly studio limit
-    does not count it. The job is flushed and "training.run" is sent once the caller commits.
+    Raises :class:`RetryRefused` when the studio cannot be tried again, :class:`MonthlyQuotaReached`
+    when the owner used this month's GPU minutes, and :class:`TooManyActiveJobs` at the active-job limit.
+    A retry is not a new studio: the hourly studio limit and the monthly studio quota do not count it. The job is flushed and "training.run" is sent once the caller commits.
     """
     refusal = retry_refusal(session, subject)
     if refusal is not None:
         raise refusal
+    used = usage.quota_used(session, owner, studios=False)  # a retry trains again: GPU minutes count
+    if used is not None:
+        raise MonthlyQuotaReached(used.message, used.retry_after)
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
         raise TooManyActiveJobs(settings.max_active_jobs_per_user)
     job = Job(subject_id=subject.id, owner_id=owner.id, kind="train", status="queued", stage="queued",
