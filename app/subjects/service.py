@@ -430,7 +430,8 @@ def retry_studio(session: Session, settings: Settings, owner: User, subject: Sub
 
     Raises :class:`RetryRefused` when the studio cannot be tried again, :class:`MonthlyQuotaReached`
     when the owner used this month's GPU minutes, and :class:`TooManyActiveJobs` at the active-job limit.
-    A retry is not a new studio: the hourly studio limit and the monthly studio quota do not count it. The job is flushed and "training.run" is sent once the caller commits.
+    A retry is not a new studio: the hourly studio limit and the monthly studio quota do not count it.
+    The job is flushed and "training.run" is sent once the caller commits.
     """
     refusal = retry_refusal(session, subject)
     if refusal is not None:
