@@ -122,7 +122,8 @@ def test_cancel_and_retry_reuse_the_owners_rules(
 
 def test_disable_refuses_the_next_request_and_quotas_refuse_the_next_studio(
     client: TestClient, login: Callable[..., TestClient], operator: User, make_user: Callable[..., User],
-    db: Session, api_headers: Callable[[User], dict[str, str]], csrf_token: Callable[[TestClient], str],
+    db: Session, app_storage: Storage, api_headers: Callable[[User], dict[str, str]],
+    csrf_token: Callable[[TestClient], str],
 ) -> None:
     ann = make_user("ann@example.com")
     ann_headers = api_headers(ann)
@@ -158,6 +159,13 @@ def test_disable_refuses_the_next_request_and_quotas_refuse_the_next_studio(
     assert refused.status_code == 429 and "used this month's 20 GPU minutes" in refused.json()["detail"]
     until_next_month = (next_month_start() - utcnow()).total_seconds()
     assert abs(int(refused.headers["Retry-After"]) - until_next_month) < 30
+    # "Try again" trains again: refused too, for the operator as for the owner, with the owner's sentence.
+    failed = make_subject(db, db.get(User, ann.id))  # type: ignore[arg-type]
+    make_photo(db, app_storage, failed)
+    make_job(db, failed, status="failed", finished_at=utcnow(), failure_reason="Out of memory.")
+    db.commit()
+    retried = client.post(f"/api/v1/operator/subjects/{failed.id}/retry", headers=op_headers)
+    assert retried.status_code == 409 and "20 GPU minutes" in retried.json()["detail"]
 
     # A bad quota on the page is named; nothing changes.
     login(client, operator)
