@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, String, false
+from sqlalchemy import ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, IdMixin, TimestampMixin
@@ -18,7 +18,7 @@ class User(IdMixin, TimestampMixin, Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     is_active: Mapped[bool] = mapped_column(default=True)
     # The operator console (app/operator): set with `studio createuser --operator` or `studio grant-operator`.
-    is_operator: Mapped[bool] = mapped_column(default=False, server_default=false())
+    is_operator: Mapped[bool] = mapped_column(default=False)
     # Per-account monthly quotas an operator sets on the console; None: no quota.
     studios_per_month: Mapped[int | None] = mapped_column(default=None)
     gpu_minutes_per_month: Mapped[int | None] = mapped_column(default=None)
