@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     max_studios_per_hour: int = 10
     retention_days: int = 30
     delete_photos_after_training: bool = True
+    # The operator console and monitoring (app/operator): a worker whose last heartbeat is older than
+    # this is shown as lost and does not count for /readyz.
+    worker_lost_seconds: int = 60
+    # /metrics answers only a request with "Authorization: Bearer <this token>"; empty: no /metrics.
+    metrics_token: str = ""
+    # One JSON object per log line (with job and account ids), for a log stack to index.
+    log_json: bool = False
 
     # Email. ``smtp_host`` empty (the embedded default): each message is written as an .eml file under
     # ``var/mail`` and one line is logged, so a studio on one machine needs no mail server. Otherwise

@@ -6,6 +6,7 @@ from app.models.job import ACTIVE_STATUSES, JOB_STAGES, JOB_STATUSES, Generation
 from app.models.share import ShareLink
 from app.models.subject import SUBJECT_KINDS, Photo, Subject
 from app.models.user import ApiToken, DataExport, OutgoingEmail, PasswordReset, RateEvent, User, UserSession
+from app.models.worker import WorkerHeartbeat
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -27,5 +28,6 @@ __all__ = [
     "Subject",
     "User",
     "UserSession",
+    "WorkerHeartbeat",
     "utcnow",
 ]

@@ -21,6 +21,11 @@ class User(IdMixin, TimestampMixin, Base):
     email_verified_at: Mapped[datetime | None] = mapped_column(default=None)
     # "Your studio is ready / failed" emails; the account page turns them off.
     notify_by_email: Mapped[bool] = mapped_column(default=True, server_default=true())
+    # The operator console (app/operator): set with `studio createuser --operator` or `studio grant-operator`.
+    is_operator: Mapped[bool] = mapped_column(default=False)
+    # Per-account monthly quotas an operator sets on the console; None: no quota.
+    studios_per_month: Mapped[int | None] = mapped_column(default=None)
+    gpu_minutes_per_month: Mapped[int | None] = mapped_column(default=None)
 
 
 class UserSession(IdMixin, TimestampMixin, Base):

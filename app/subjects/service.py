@@ -22,6 +22,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from app import rate_limits
+from app.accounts import usage
 from app.config import Settings
 from app.jobs import estimates
 from app.jobs.service import format_duration
@@ -104,6 +105,16 @@ class TooManyStudiosThisHour(StudioLimitReached):
         self.limit = limit
 
 
+class MonthlyQuotaReached(StudioLimitReached):
+    """The owner used this month's quota (studios or GPU minutes) that an operator set on the account."""
+
+
+def monthly_quota(session: Session, owner: User) -> MonthlyQuotaReached | None:
+    """The monthly quota ``owner`` has used up (studios or GPU minutes), or None (app.accounts.usage)."""
+    used = usage.quota_used(session, owner, studios=True)
+    return None if used is None else MonthlyQuotaReached(used.message, used.retry_after)
+
+
 def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
     return (rate_limits.Limit("studios", settings.max_studios_per_hour, timedelta(hours=1)), str(owner.id))
 
@@ -111,6 +122,10 @@ def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
 def studio_limit(session: Session, owner: User, settings: Settings) -> StudioLimitReached | None:
     """The limit that keeps ``owner`` from starting a studio now, or None. The new-studio page says it
     before any photo is picked; :func:`create_studio` raises it."""
+    # The monthly quota first: it says when the next studio is possible, where the others only say "later".
+    quota = monthly_quota(session, owner)
+    if quota is not None:
+        return quota
     if settings.require_verified_email and owner.email_verified_at is None:
         return EmailNotVerified()
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
@@ -467,13 +482,17 @@ def retry_refusal(session: Session, subject: Subject) -> RetryRefused | None:
 def retry_studio(session: Session, settings: Settings, owner: User, subject: Subject) -> Job:
     """Start a new training job of ``subject`` from the photos it kept ("Try again" on a failed studio).
 
-    Raises :class:`RetryRefused` when the studio cannot be tried again and :class:`TooManyActiveJobs`
-    when the owner is at the active-job limit. A retry is not a new studio: the hourly studio limit
-    does not count it. The job is flushed and "training.run" is sent once the caller commits.
+    Raises :class:`RetryRefused` when the studio cannot be tried again, :class:`MonthlyQuotaReached`
+    when the owner used this month's GPU minutes, and :class:`TooManyActiveJobs` at the active-job limit.
+    A retry is not a new studio: the hourly studio limit and the monthly studio quota do not count it.
+    The job is flushed and "training.run" is sent once the caller commits.
     """
     refusal = retry_refusal(session, subject)
     if refusal is not None:
         raise refusal
+    used = usage.quota_used(session, owner, studios=False)  # a retry trains again: GPU minutes count
+    if used is not None:
+        raise MonthlyQuotaReached(used.message, used.retry_after)
     if settings.require_verified_email and owner.email_verified_at is None:
         raise EmailNotVerified()
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
