@@ -163,10 +163,14 @@
       attemptFact.hidden = status.attempts <= 1;
       setText(attemptFact.querySelector("[data-attempt]"), status.attempts + " of " + status.max_attempts);
     }
-    if (status.started_at) {
-      // The same words and zone as the server's (studio.js: StudioDates).
-      var started = window.StudioDates ? window.StudioDates.format(status.started_at, "datetime") : status.started_at;
-      setText(root.querySelector("[data-started]"), started);
+    var startedBox = root.querySelector("[data-started]");
+    if (status.started_at && startedBox) {
+      // A <time> as the server writes it, in the same words and zone (studio.js: StudioDates).
+      var time = startedBox.querySelector("time") || document.createElement("time");
+      time.setAttribute("datetime", status.started_at);
+      time.setAttribute("data-when", "datetime");
+      setText(time, window.StudioDates ? window.StudioDates.format(status.started_at, "datetime") : status.started_at);
+      if (time.parentNode !== startedBox) startedBox.replaceChildren(time);
     }
     updatePreviews(root, status.preview_urls || []);
     updateNotes(root, status.notes || []);

@@ -196,8 +196,8 @@ class SubjectDetail(SubjectSummary):
 
 
 class SubjectUpdate(BaseModel):
-    name: str = Field(min_length=1, max_length=100,
-                      description="the studio's new name, 1 to 100 characters (spaces at the ends dropped)")
+    # No length limits here: an empty or too long name gets the service's sentence, not pydantic's list.
+    name: str = Field(description="the studio's new name, 1 to 100 characters (spaces at the ends dropped)")
 
 
 class SubjectList(BaseModel):

@@ -246,7 +246,9 @@ def test_every_page_fits_a_phone_and_reads_like_a_product(
     expect(page.locator("[data-outcome=done]")).to_be_visible(timeout=20_000)
     expect(link).to_have_text(re.compile(rf"\({len(order) + 3}\)"), timeout=20_000)
     assert page.evaluate("window.__notes") == ["Rex's pictures are ready"]
-    assert_one_date_format(page, rex_url)  # the "Started" date the script wrote
+    # The "Started" date the script wrote reads like the server's.
+    expect(page.locator("[data-started] time")).to_have_text(re.compile(r"^\d{1,2} [A-Z][a-z]{2} \d{4}, .* UTC\+1$"))
+    assert_one_date_format(page, rex_url)
 
     # Share the gallery: the link opens for someone without an account (on a phone too), and shows
     # nothing once turned off.

@@ -247,9 +247,10 @@ def test_rename_through_the_api(client: TestClient, db: Session, make_user: Call
     url = f"/api/v1/subjects/{subject.id}"
     renamed = client.patch(url, json={"name": " Biscuit "}, headers=api_headers(user))
     assert renamed.status_code == 200 and renamed.json()["name"] == "Biscuit"
-    refused = client.patch(url, json={"name": ""}, headers=api_headers(user))
-    assert refused.status_code == 422
-    assert refused.json() == {"detail": "Give the studio a name of 1 to 100 characters, like “Rex”."}
+    for name in ("", "   ", "x" * 101):
+        refused = client.patch(url, json={"name": name}, headers=api_headers(user))
+        assert refused.status_code == 422
+        assert refused.json() == {"detail": "Give the studio a name of 1 to 100 characters, like “Rex”."}
 
 
 def test_generate_more_in_a_shape(client: TestClient, db: Session, make_user: Callable[..., User],
