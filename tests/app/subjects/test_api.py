@@ -94,10 +94,10 @@ def test_create_studio_returns_201_with_subject_and_job_and_enqueues_training(
 
 
 def test_person_with_class_noun(
-    client: TestClient, headers: dict[str, str], valid_photos: list[tuple[str, bytes]], sent_tasks: list[SentTask]
+    client: TestClient, headers: dict[str, str], person_photos: list[tuple[str, bytes]], sent_tasks: list[SentTask]
 ) -> None:
     data = {"name": "Me", "kind": "person", "class_noun": "woman", "consent": "on"}
-    response = client.post("/api/v1/subjects", data=data, files=upload(valid_photos), headers=headers)
+    response = client.post("/api/v1/subjects", data=data, files=upload(person_photos), headers=headers)
     assert response.status_code == 201, response.text
     assert response.json()["subject"]["class_noun"] == "woman"
     assert response.json()["subject"]["style_pack"] == "portrait-classics"

@@ -1,0 +1,234 @@
+"""Faces with dlib's pretrained models: detection, 5-point landmarks, aligned crops, 128-D descriptors.
+
+The models come from the ``face-recognition-models`` package (weights inside the package, CC0):
+the HOG frontal-face detector (built into dlib), the optional CNN (MMOD) detector, the 5-point
+landmark predictor and the ResNet face descriptor, whose authors report 99.38 % on LFW with the
+rule "two faces are the same person when their descriptors are closer than 0.6"
+(:data:`MATCH_THRESHOLD`). ``bench/likeness.py`` measures that rule on the photos this machine has.
+
+Torch-free on purpose (dlib, numpy and Pillow only): the web process runs the upload checks with
+it, and the worker its crops and likeness scores. It lives in the engine because it is ML, beside
+``photos.py`` which the web process already imports the same way. The models load lazily, once
+per process (:func:`face_model`), the first time a face is looked for.
+
+Detection runs on a copy whose long side is at most :data:`DETECT_SIDE` px: HOG finds faces of
+80 px and more on it (about a sixth of the photo's long side), and costs ~20 ms instead of a
+second on a 12 MP photo. When nothing is found there it looks again at twice the size (faces
+down to about a thirteenth of the long side), which costs ~4x and is paid only by such photos.
+Landmarks and descriptors are computed on the full-size image, from the box scaled back up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+MATCH_THRESHOLD = 0.6  # dlib's documented rule: descriptors closer than this are the same person
+STRONG_MATCH = 0.5  # closer than this, a generated face is clearly the person (bench/likeness.py)
+DETECT_SIDE = 512
+MIN_DETECTION_SCORE = 0.0  # dlib's own default for the HOG detector
+DESCRIPTOR_SIZE = 128
+CHIP_SIZE = 150  # the descriptor network's input side
+CHIP_PADDING = 0.25
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom in the image's pixels
+Detector = Literal["hog", "cnn"]
+MODEL_FILES = {
+    "landmarks": "shape_predictor_5_face_landmarks.dat",
+    "descriptor": "dlib_face_recognition_resnet_model_v1.dat",
+    "cnn": "mmod_human_face_detector.dat",
+}
+
+
+class FaceModelMissing(RuntimeError):
+    """dlib or the face-recognition-models package is not installed."""
+
+
+@dataclass(frozen=True)
+class Face:
+    """One face found in an image: its box, the detector's confidence and the 5 landmarks
+    (eye corners, nose base) in the image's pixels."""
+
+    box: Box
+    score: float
+    landmarks: tuple[tuple[float, float], ...]
+
+    @property
+    def side(self) -> int:
+        """The box's shorter side in px: how large the face is."""
+        left, top, right, bottom = self.box
+        return min(right - left, bottom - top)
+
+    @property
+    def eyes(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The centres of the two eyes (each the mean of its two corner landmarks), left one first."""
+        points = self.landmarks
+        first = ((points[0][0] + points[1][0]) / 2, (points[0][1] + points[1][1]) / 2)
+        second = ((points[2][0] + points[3][0]) / 2, (points[2][1] + points[3][1]) / 2)
+        return (first, second) if first[0] <= second[0] else (second, first)
+
+
+@dataclass(frozen=True)
+class FaceAnalysis:
+    """Every face of an image, largest first, and the descriptor of the largest (None without faces)."""
+
+    faces: list[Face]
+    descriptor: np.ndarray | None
+
+    @property
+    def largest(self) -> Face | None:
+        return self.faces[0] if self.faces else None
+
+
+def models_folder() -> Path:
+    """Where face-recognition-models keeps its weights (found without importing the package, whose
+    ``__init__`` imports the deprecated ``pkg_resources``)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FaceModelMissing("the face-recognition-models package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+class FaceModel:
+    """dlib's detectors, landmark predictor and descriptor network, loaded once.
+
+    dlib's objects are not documented as thread-safe, and the web process runs photos in a few
+    threads at once: each call takes the model's lock (the work is CPU-bound anyway).
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        try:
+            import dlib
+        except ImportError as exc:  # pragma: no cover - dlib is a dependency
+            raise FaceModelMissing("dlib is not installed (pip install dlib-bin)") from exc
+        self._dlib: Any = dlib
+        self.folder = folder or models_folder()
+        self._hog = dlib.get_frontal_face_detector()
+        self._landmarks = dlib.shape_predictor(str(self.folder / MODEL_FILES["landmarks"]))
+        self._descriptor = dlib.face_recognition_model_v1(str(self.folder / MODEL_FILES["descriptor"]))
+        self._cnn: Any = None
+        self._lock = threading.Lock()
+
+    def _cnn_detector(self) -> Any:
+        if self._cnn is None:  # 10x slower than HOG on a CPU; loaded only when asked for
+            self._cnn = self._dlib.cnn_face_detection_model_v1(str(self.folder / MODEL_FILES["cnn"]))
+        return self._cnn
+
+    def detect(self, image: Image.Image, detector: Detector = "hog") -> list[Face]:
+        """Faces of ``image`` (any mode), largest first, with landmarks, in the image's pixels."""
+        rgb = image.convert("RGB")
+        scale = min(1.0, DETECT_SIDE / max(rgb.size))
+        small = rgb if scale == 1.0 else rgb.resize(
+            (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.Resampling.BILINEAR,
+            reducing_gap=2.0)
+        pixels = np.asarray(small)
+        with self._lock:
+            found = self._find(pixels, 0, detector)
+            if not found:  # small faces: look again at twice the size
+                found = self._find(pixels, 1, detector)
+            full = np.asarray(rgb)
+            faces = []
+            for (left, top, right, bottom), score in found:
+                box = (round(left / scale), round(top / scale), round(right / scale), round(bottom / scale))
+                faces.append(Face(box=box, score=score, landmarks=self._points(full, box)))
+        return sorted(faces, key=lambda face: -(face.box[2] - face.box[0]) * (face.box[3] - face.box[1]))
+
+    def _find(self, pixels: np.ndarray, upsample: int, detector: Detector) -> list[tuple[Box, float]]:
+        if detector == "cnn":
+            return [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), float(d.confidence))
+                    for d in self._cnn_detector()(pixels, upsample)]
+        rects, scores, _ = self._hog.run(pixels, upsample, MIN_DETECTION_SCORE)
+        return [((r.left(), r.top(), r.right(), r.bottom()), float(s)) for r, s in zip(rects, scores, strict=True)]
+
+    def _shape(self, pixels: np.ndarray, box: Box) -> Any:
+        return self._landmarks(pixels, self._dlib.rectangle(*box))
+
+    def _points(self, pixels: np.ndarray, box: Box) -> tuple[tuple[float, float], ...]:
+        shape = self._shape(pixels, box)
+        return tuple((float(shape.part(i).x), float(shape.part(i).y)) for i in range(shape.num_parts))
+
+    def descriptor(self, image: Image.Image, face: Face) -> np.ndarray:
+        """The 128-D descriptor of ``face`` in ``image`` (computed on the aligned 150 px face chip)."""
+        pixels = np.asarray(image.convert("RGB"))
+        with self._lock:
+            shape = self._shape(pixels, face.box)
+            vector = self._descriptor.compute_face_descriptor(pixels, shape)
+        return np.asarray(vector, dtype=np.float64)
+
+    def aligned_crop(self, image: Image.Image, face: Face, size: int = CHIP_SIZE,
+                     padding: float = CHIP_PADDING) -> Image.Image:
+        """The face rotated upright and scaled so its eyes and nose land where dlib's chips put them."""
+        pixels = np.asarray(image.convert("RGB"))
+        with self._lock:
+            chip = self._dlib.get_face_chip(pixels, self._shape(pixels, face.box), size=size, padding=padding)
+        return Image.fromarray(np.asarray(chip, dtype=np.uint8), "RGB")
+
+    def analyse(self, image: Image.Image, detector: Detector = "hog") -> FaceAnalysis:
+        """Every face of ``image`` and the descriptor of the largest."""
+        faces = self.detect(image, detector)
+        return FaceAnalysis(faces=faces, descriptor=self.descriptor(image, faces[0]) if faces else None)
+
+
+@lru_cache(maxsize=1)
+def face_model() -> FaceModel:
+    """The process's face model, loaded on first use (~0.4 s, ~40 MB)."""
+    return FaceModel()
+
+
+def distance(first: np.ndarray | Sequence[float], second: np.ndarray | Sequence[float]) -> float:
+    """Euclidean distance between two descriptors: under :data:`MATCH_THRESHOLD` means the same person."""
+    return float(np.linalg.norm(np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64)))
+
+
+def match_distance(descriptor: np.ndarray | Sequence[float], references: Sequence[np.ndarray | Sequence[float]]) -> float:
+    """The mean distance from ``descriptor`` to each reference (the uploads): one number per picture."""
+    if not references:
+        raise ValueError("no reference descriptors to compare with")
+    return float(np.mean([distance(descriptor, reference) for reference in references]))
+
+
+MatchWords = Literal["strong match", "weak match", "not a match", "no face found"]
+
+
+def match_words(value: float | None) -> MatchWords:
+    """How a face-match distance reads to a person; None is a picture in which no face was found."""
+    if value is None:
+        return "no face found"
+    if value < STRONG_MATCH:
+        return "strong match"
+    if value < MATCH_THRESHOLD:
+        return "weak match"
+    return "not a match"
+
+
+def largest_group(descriptors: Sequence[np.ndarray | Sequence[float]],
+                  threshold: float = MATCH_THRESHOLD) -> list[int]:
+    """The indices of the largest set of faces that are all one person.
+
+    Each face gathers the faces within ``threshold`` of it; the face with the most such neighbours
+    (ties: the smaller total distance to them, then the earlier face) names the group. Anchoring on
+    one face, rather than chaining neighbours, keeps two similar-looking people from merging through
+    a photo in between.
+    """
+    count = len(descriptors)
+    if count == 0:
+        return []
+    matrix = np.asarray([np.asarray(d, dtype=np.float64) for d in descriptors])
+    distances = np.linalg.norm(matrix[:, None, :] - matrix[None, :, :], axis=2)
+    best: tuple[int, float, int] | None = None
+    for index in range(count):
+        close = distances[index] < threshold
+        key = (-int(close.sum()), float(distances[index][close].sum()), index)
+        if best is None or key < best:
+            best = key
+    assert best is not None
+    anchor = best[2]
+    return [index for index in range(count) if distances[anchor][index] < threshold]
