@@ -89,3 +89,16 @@ def side_by_side(first: Image.Image, second: Image.Image) -> Image.Image:
 def person_uploads(count: int = 3) -> list[tuple[str, bytes]]:
     """``count`` (at most 5) photos of Grace Hopper as a person's studio uploads."""
     return [(f"hopper-{index}.jpg", jpeg(image)) for index, image in enumerate(variations(hopper())[:count])]
+
+
+def same_shot_again(image: Image.Image) -> Image.Image:
+    """The same photo cropped on the side: other pixels for the hash, the very same face."""
+    return image.crop((0, 0, image.width - 60, image.height))
+
+
+def small_face(background: Image.Image) -> Image.Image:
+    """Grace Hopper shrunk to a face of ~85 px, pasted on ``background`` (a sharp picture of 640×480)."""
+    picture = background.copy()
+    shrunk = hopper().resize((205, 240), Image.Resampling.LANCZOS)
+    picture.paste(shrunk, (220, 120))
+    return picture
