@@ -21,6 +21,7 @@ from app.jobs import repository as job_repository
 from app.models import GeneratedImage, GenerationRequest, Job, Subject, utcnow
 from app.storage import ObjectNotFound, Storage
 from app.subjects.base_models import model_facts
+from worker.engine.faces import MatchWords, match_words
 from worker.engine.prompts import SUBJECT_PLACEHOLDER, normalize_free_prompt
 
 MAX_PROMPT_CHARS = 300
@@ -131,7 +132,14 @@ def group_by_prompt(subject: Subject, images: list[GeneratedImage]) -> list[Prom
 
 
 def has_scores(images: Iterable[GeneratedImage]) -> bool:
-    return any(image.rank is not None for image in images)
+    """Whether "best likeness first" means anything: some image was ranked, or had its face checked."""
+    return any(image.rank is not None or image.face_checked for image in images)
+
+
+def face_match(image: GeneratedImage) -> MatchWords | None:
+    """A person's picture's face match in words ("strong match", "weak match", "not a match", "no face
+    found"); None when its face was never checked (a pet, or a picture made before faces were)."""
+    return match_words(image.face_distance) if image.face_checked else None
 
 
 def set_favourite(session: Session, image: GeneratedImage, favourite: bool) -> None:
@@ -252,7 +260,9 @@ def _zip_entry(image: GeneratedImage, name: str) -> ZipEntry:
             "guidance": image.guidance,
             "width": image.width,
             "height": image.height,
-            "scores": {"dino": image.dino, "clip_i": image.clip_i, "clip_t": image.clip_t},
+            "scores": {"dino": image.dino, "clip_i": image.clip_i, "clip_t": image.clip_t,
+                       "face_distance": image.face_distance},
+            "face_match": face_match(image),
             "rank": image.rank,
             "favourite": image.favourite,
             "created_at": image.created_at.isoformat(),

@@ -188,7 +188,8 @@ def distance(first: np.ndarray | Sequence[float], second: np.ndarray | Sequence[
     return float(np.linalg.norm(np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64)))
 
 
-def match_distance(descriptor: np.ndarray | Sequence[float], references: Sequence[np.ndarray | Sequence[float]]) -> float:
+def match_distance(descriptor: np.ndarray | Sequence[float],
+                   references: Sequence[np.ndarray | Sequence[float]]) -> float:
     """The mean distance from ``descriptor`` to each reference (the uploads): one number per picture."""
     if not references:
         raise ValueError("no reference descriptors to compare with")
