@@ -21,19 +21,22 @@ from dataclasses import dataclass
 from PIL import Image
 
 from app.photos.sanitize import PhotoRejected
-from worker.engine.faces import MATCH_THRESHOLD, distance, face_model, largest_group
+from worker.engine.faces import CONFIDENT_SCORE, MATCH_THRESHOLD, distance, face_model, largest_group
 
 # Below this box side (px, in the stored photo) a face is refused as too small. The descriptor is
 # stable from ~60 px (bench/likeness.py's size sweep: distance to the full-size face <= 0.15), but a
 # training crop spans 2.6 face heights: a 100 px face gives a 260 px crop, already upscaled twice
 # for the smallest training size (512).
 MIN_FACE_SIDE = 100
-# A second face counts as "several faces" when its box side is at least this fraction of the
-# largest's: smaller faces are people in the background, and the studio uses the largest.
+# A second face counts as "several faces" when its box side is at least this fraction of the main
+# face's and the detector is sure of it: smaller faces are people in the background, and the studio
+# uses the main face; unsure ones are mostly patches and hands (worker/engine/faces.py).
 SEVERAL_FACES_RATIO = 0.5
-# Descriptors closer than this are the same shot again: re-crops, rescales and recolourings of one
-# photo measure 0.0-0.21 from each other, two shots of a person typically 0.25-0.5 (bench/likeness.py).
-FACE_DUPLICATE_DISTANCE = 0.08
+# Descriptors closer than this are the same shot again. The same photo cropped at the same scale
+# gives the very same face (0.0); anything that moves the detector's box (a rescale, a rotation of a
+# few degrees, a recolouring) already costs 0.05-0.2 (bench/likeness.py): only the first is caught,
+# so no two real shots are refused as one.
+FACE_DUPLICATE_DISTANCE = 0.06
 MIN_SAME_PERSON = 3  # no group of this many photos of one face: the studio is refused
 
 
@@ -47,20 +50,21 @@ class FaceFound:
 
 def check_face(name: str, image: Image.Image) -> FaceFound:
     """The one face of a person's photo, or :class:`PhotoRejected` saying what is wrong with it."""
-    model = face_model()
-    faces = model.detect(image)
-    if not faces:
+    analysis = face_model().analyse(image)
+    faces = analysis.faces
+    if not faces or analysis.descriptor is None:
         raise PhotoRejected(name, "no face found; use a photo where the face is clearly visible and "
                                   "turned towards the camera")
-    largest = faces[0]
-    others = [face for face in faces[1:] if face.side >= largest.side * SEVERAL_FACES_RATIO]
+    main = faces[0]
+    others = [face for face in faces[1:]
+              if face.side >= main.side * SEVERAL_FACES_RATIO and face.score >= CONFIDENT_SCORE]
     if others:
         raise PhotoRejected(name, f"shows {len(others) + 1} faces; use a photo with only the person in it, "
                                   "or crop the others out")
-    if largest.side < MIN_FACE_SIDE:
-        raise PhotoRejected(name, f"the face is too small to learn from ({largest.side} px across; at least "
+    if main.side < MIN_FACE_SIDE:
+        raise PhotoRejected(name, f"the face is too small to learn from ({main.side} px across; at least "
                                   f"{MIN_FACE_SIDE} px); use a closer photo or crop it around the person")
-    return FaceFound(side=largest.side, descriptor=tuple(float(v) for v in model.descriptor(image, largest)))
+    return FaceFound(side=main.side, descriptor=tuple(float(v) for v in analysis.descriptor))
 
 
 @dataclass

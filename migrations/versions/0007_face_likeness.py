@@ -18,7 +18,7 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("generated_images") as batch:
-        batch.add_column(sa.Column("face_distance", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("face_distance", sa.Double(), nullable=True))
         batch.add_column(sa.Column("face_checked", sa.Boolean(), nullable=False, server_default=sa.false()))
 
 

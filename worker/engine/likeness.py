@@ -1,6 +1,6 @@
 """Face likeness of a person's generated pictures: how close each face is to the uploads' faces.
 
-The score of a picture is the mean distance from its largest face's descriptor to the descriptor
+The score of a picture is the mean distance from its main face's descriptor to the descriptor
 of each upload (``worker.engine.faces``): under 0.6 (the model's documented threshold) the face is
 the person's, under 0.5 clearly so; None when the picture shows no face. Smaller is better, so
 pictures rank by it ascending, those without a face last.
@@ -31,23 +31,20 @@ DECIMALS = 5  # descriptors are kept to 5 decimals: far below the distances that
 Descriptor = list[float]
 
 
-def _largest_face_descriptor(path: Path) -> Descriptor | None:
-    model = face_model()
+def _main_face_descriptor(path: Path) -> Descriptor | None:
     with Image.open(path) as opened:
         image = opened.convert("RGB")
-    faces = model.detect(image)
-    if not faces:
-        return None
-    return [round(float(value), DECIMALS) for value in model.descriptor(image, faces[0])]
+    descriptor = face_model().analyse(image).descriptor
+    return None if descriptor is None else [round(float(value), DECIMALS) for value in descriptor]
 
 
 def reference_descriptors(photos: Sequence[Path]) -> list[Descriptor]:
-    """The descriptor of the largest face of each photo that shows one (unreadable photos are skipped:
+    """The descriptor of the main face of each photo that shows one (unreadable photos are skipped:
     the photo checks name them)."""
     references = []
     for path in photos:
         try:
-            descriptor = _largest_face_descriptor(path)
+            descriptor = _main_face_descriptor(path)
         except (OSError, ValueError):
             continue
         if descriptor is not None:
@@ -56,13 +53,13 @@ def reference_descriptors(photos: Sequence[Path]) -> list[Descriptor]:
 
 
 def face_distances(images: Sequence[Path], references: Sequence[Descriptor]) -> list[float | None]:
-    """Each image's mean distance to ``references``; None for an image without a face, and for every
+    """Each image's main face's mean distance to ``references``; None for an image without a face, and for every
     image when there are no references."""
     if not references:
         return [None] * len(images)
     distances: list[float | None] = []
     for path in images:
-        descriptor = _largest_face_descriptor(path)
+        descriptor = _main_face_descriptor(path)
         distances.append(None if descriptor is None else round(match_distance(descriptor, references), DECIMALS))
     return distances
 

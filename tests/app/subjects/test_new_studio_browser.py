@@ -12,6 +12,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import sessionmaker
 
 from app.models import Subject, User
+from tests import face_photos
 from tests.app import photo_factory
 from tests.app.conftest import PASSWORD
 from tests.app.subjects.conftest import SentTask
@@ -98,3 +99,40 @@ def test_create_a_studio_in_the_browser(
     assert (subject.name, subject.kind, subject.class_noun) == ("Biscuit", "animal", "guinea pig")
     assert page.url.endswith(f"/studios/{subject.id}")
     assert [task.name for task in sent_tasks] == ["training.run"]
+
+
+def test_a_person_studio_marks_each_face_problem_on_its_photo(
+    live_url: str, make_user: Callable[..., User], sent_tasks: list[SentTask], clean_db: Engine, tmp_path: Path
+) -> None:
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    files = {**dict(face_photos.person_uploads(3)),
+             "cat.jpg": face_photos.jpeg(face_photos.cat().resize((902, 600))),
+             "two-of-us.jpg": face_photos.jpeg(face_photos.side_by_side(face_photos.hopper(), face_photos.hopper())),
+             "colleague.jpg": face_photos.jpeg(face_photos.collins())}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    user = make_user("person@example.com")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{live_url}/login?next=/studios/new")
+            page.fill("#email", user.email)
+            page.fill("#password", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url("**/studios/new")
+            page.click("label.choice:has(input[value=person])")
+            page.fill("#name", "Grace")
+            page.set_input_files("#photos", [str(tmp_path / name) for name in files])
+            page.check("input[name=consent]")
+            page.click("[data-submit]")
+            page.wait_for_selector("[data-form-errors] .alert")
+            marked = {page.locator(".thumb--problem").nth(index).inner_text()
+                      for index in range(page.locator(".thumb--problem").count())}
+            assert len(marked) == 3
+            assert any("no face found" in text for text in marked)
+            assert any("shows 2 faces" in text for text in marked)
+            assert any("shows someone else than the other 3 photos" in text for text in marked)
+        finally:
+            browser.close()
+    assert sent_tasks == []

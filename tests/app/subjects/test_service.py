@@ -139,10 +139,12 @@ def test_bad_fields_are_refused_and_nothing_is_stored(
     settings: Settings,
     owner: User,
     valid_photos: list[tuple[str, bytes]],
+    person_photos: list[tuple[str, bytes]],
     form: CreateStudio,
     field: str,
 ) -> None:
-    error = rejected(db_session, storage, settings, owner, form, valid_photos)
+    photos = person_photos if form.kind == "person" else valid_photos
+    error = rejected(db_session, storage, settings, owner, form, photos)
     assert list(error.problems.fields) == [field]
     assert error.problems.files == []
     assert count(db_session, Subject) == count(db_session, Job) == 0
