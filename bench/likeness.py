@@ -9,7 +9,11 @@ labelled set and prints:
    documented threshold, used by the studio) and 0.7, and of the duplicate rule (< 0.06);
 4. how far a face's descriptor drifts as the face shrinks (what the upload check's minimum size
    rests on);
-5. CPU per photo: detection, descriptor.
+5. training crops: the Haar framing the engine used before against the landmark framing
+   (worker/engine/photos.py), on every photo of a person set in a larger grey canvas (so no edge
+   clamps the frame): faces found, and where the eyes land in the square (height and eye distance
+   as fractions of the side; a stable framing has a small spread);
+6. CPU per photo: detection, landmarks and descriptor.
 
 The built-in set needs nothing downloaded: the real photographs that ship in installed packages
 (Grace Hopper from matplotlib, Eileen Collins from scikit-image; both public domain), each turned
@@ -128,6 +132,41 @@ def size_sweep(model: FaceModel, image: Image.Image) -> str:
     return ", ".join(cells)
 
 
+def framing(people: dict[str, list[Image.Image]], model: FaceModel) -> list[tuple[str, str, str]]:
+    """Haar framing against landmark framing: faces found, and the eyes' height and distance in the square."""
+    from worker.engine import photos
+
+    results: dict[str, tuple[int, list[float], list[float]]] = {}
+    images = [image for group in people.values() for image in group]
+    for method in ("Haar (before)", "landmarks (now)"):
+        found, heights, spans = 0, [], []
+        for image in images:
+            canvas = Image.new("RGB", (image.width * 2, image.height * 2), (128, 128, 128))
+            canvas.paste(image, (image.width // 2, image.height // 2))
+            truth = model.detect(canvas)
+            if not truth:
+                continue
+            (lx, ly), (rx, ry) = truth[0].eyes
+            if method.startswith("Haar"):
+                boxes = photos.detect_faces(canvas)
+                if not boxes:
+                    continue
+                box = photos.face_crop_box(canvas.size, max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1])))
+            else:
+                box = photos.landmark_crop_box(canvas.size, truth[0].eyes, truth[0].box)
+            found += 1
+            side = box[2] - box[0]
+            heights.append(((ly + ry) / 2 - box[1]) / side)
+            spans.append(float(np.hypot(rx - lx, ry - ly)) / side)
+        results[method] = (found, heights, spans)
+    rows = []
+    for method, (found, heights, spans) in results.items():
+        rows.append((f"training crop, {method}", f"{found} of {len(images)} framed; eyes at "
+                     f"{statistics.mean(heights):.3f} ± {statistics.pstdev(heights):.3f} of the side from the top",
+                     f"eye distance {statistics.mean(spans):.3f} ± {statistics.pstdev(spans):.3f} of the side"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, help="one sub-folder of photos per person")
@@ -180,6 +219,7 @@ def main() -> None:
                  f"{sum(d < DUPLICATE for d in different)} different-person pairs"))
     first_person = next(iter(people.values()))[0]
     rows.append(("descriptor drift by face size", size_sweep(model, first_person), "distance to the full-size face"))
+    rows.extend(framing(people, model))
     rows.append(("CPU per photo", f"detection, landmarks and descriptor: median "
                  f"{1000 * statistics.median(analyse_cpu):.0f} ms, max {1000 * max(analyse_cpu):.0f} ms",
                  f"model load {load_seconds:.2f} s"))
