@@ -139,7 +139,9 @@ class FakeEngine:
                 self.on_step(step)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
-        (run_dir / "run.json").write_text(json.dumps({"resumed_from": start or None}))
+        # A person's run keeps the uploads' faces, as the engine's does (one made-up descriptor here).
+        run_info = {"faces": {"references": [[0.0] * 128]}} if inputs.subject_kind == "person" else {}
+        (run_dir / "run.json").write_text(json.dumps({"resumed_from": start or None, "run_info": run_info}))
         identifier = "qzx"
         samples = []
         prompts = [p.replace("{subject}", f"{identifier} {inputs.class_noun}") for p in inputs.prompts]
