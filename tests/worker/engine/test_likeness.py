@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests import face_photos
-from worker.engine.cli import _face_words
+from worker.engine.cli import _face_words, main
 from worker.engine.faces import MATCH_THRESHOLD, STRONG_MATCH
 from worker.engine.job import JobSpec, run_job
 from worker.engine.likeness import face_distances, face_ranking, record_likeness, reference_descriptors, references_of
@@ -46,7 +47,9 @@ def test_pictures_of_the_person_score_close_others_far_and_faceless_last(tmp_pat
     assert likeness["faces_found"] == 2 and likeness["images"][0] == {"file": "sample-0.jpg", "face_distance": None}
 
 
-def test_a_person_job_keeps_the_upload_faces_and_scores_its_gallery(tiny_model: BaseModel, tmp_path: Path) -> None:
+def test_a_person_job_keeps_the_upload_faces_and_scores_its_gallery(
+    tiny_model: BaseModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     photos = _save(face_photos.variations(face_photos.hopper())[:3], tmp_path / "photos", "me")
     spec = JobSpec(photos=photos, class_noun="woman", subject_kind="person", work_dir=tmp_path / "job",
                    bank_root=tmp_path / "bank", quality="fast", prior_images=0, prompts=["a photo of {subject}"],
@@ -60,3 +63,7 @@ def test_a_person_job_keeps_the_upload_faces_and_scores_its_gallery(tiny_model: 
     assert [entry["face_distance"] for entry in record["likeness"]["images"]] == [None, None]
     scores = json.loads((tmp_path / "job" / "samples" / "scores.json").read_text())
     assert [entry["face_distance"] for entry in scores["images"]] == [None, None]
+    # `studio sample` on the run scores its pictures against the faces the run kept.
+    assert main(["sample", "--run", str(tmp_path / "job"), "--prompt", "{subject}", "--images", "1", "--steps", "1",
+                 "--out", str(tmp_path / "more"), "--device", "cpu", "--quiet"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("(no face found)")
