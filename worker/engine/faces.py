@@ -256,7 +256,7 @@ def _rgb(image: Image.Image) -> Image.Image:
 
 @lru_cache(maxsize=1)
 def face_model() -> FaceModel:
-    """The process's face model, loaded on first use (~0.4 s, ~40 MB)."""
+    """The process's face model, loaded on first use (~0.4 s of CPU; +41 MB resident, +57 MB after a first photo)."""
     return FaceModel()
 
 
