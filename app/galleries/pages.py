@@ -73,6 +73,7 @@ def gallery_context(
         "total_count": len(all_images),
         "favourite_count": sum(1 for image in all_images if image.favourite),
         "positions": service.positions_by_image(all_images),
+        "face_matches": {image.id: service.face_match(image) for image in all_images},
         "favourites_only": favourites,
         "sort": chosen,
         "scored": scored,
@@ -134,6 +135,7 @@ def image_page(
     context = {
         "subject": subject,
         "image": image,
+        "face_match": service.face_match(image),
         "readable_prompt": service.readable_prompt(image.prompt_template, subject.name),
         "prompt_parts": service.prompt_parts(image.prompt_template),
         "previous": previous,

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.galleries.service import face_match
 from app.jobs.schemas import JobStatus
 from app.models import GeneratedImage
 from app.subjects.schemas import BaseModelInfo
@@ -20,6 +21,10 @@ class Scores(BaseModel):
     dino: float | None
     clip_i: float | None
     clip_t: float | None
+    face_distance: float | None = Field(
+        default=None, description="a person's picture: the mean face-descriptor distance to the uploads' faces "
+        "(smaller is closer; under 0.6 the same person, under 0.5 a strong match); null when no face was found "
+        "or the picture is not of a person")
 
 
 class ImageOut(BaseModel):
@@ -35,6 +40,8 @@ class ImageOut(BaseModel):
     height: int
     scores: Scores
     rank: int | None = Field(description="1 is the best likeness among the studio's images; null when unscored")
+    face_match: Literal["strong match", "weak match", "not a match", "no face found"] | None = Field(
+        description="a person's picture: its face match in words; null when faces were not checked (pets)")
     favourite: bool
     created_at: datetime
     file_url: str
@@ -52,8 +59,10 @@ class ImageOut(BaseModel):
             guidance=image.guidance,
             width=image.width,
             height=image.height,
-            scores=Scores(dino=image.dino, clip_i=image.clip_i, clip_t=image.clip_t),
+            scores=Scores(dino=image.dino, clip_i=image.clip_i, clip_t=image.clip_t,
+                          face_distance=image.face_distance),
             rank=image.rank,
+            face_match=face_match(image),
             favourite=image.favourite,
             created_at=image.created_at,
             file_url=f"/api/v1/images/{image.id}/file",

@@ -23,6 +23,7 @@ from app.jobs import repository as job_repository
 from app.models import GeneratedImage, GenerationRequest, Job, Subject, User, utcnow
 from app.storage import ObjectNotFound, Storage
 from app.subjects.base_models import model_facts
+from worker.engine.faces import MatchWords, match_words
 from worker.engine.prompts import SUBJECT_PLACEHOLDER, Shape, normalize_free_prompt, split_shape, with_shape
 
 MAX_PROMPT_CHARS = 300
@@ -156,7 +157,14 @@ def shape_of(image: GeneratedImage) -> str:
 
 
 def has_scores(images: Iterable[GeneratedImage]) -> bool:
-    return any(image.rank is not None for image in images)
+    """Whether "best likeness first" means anything: some image was ranked, or had its face checked."""
+    return any(image.rank is not None or image.face_checked for image in images)
+
+
+def face_match(image: GeneratedImage) -> MatchWords | None:
+    """A person's picture's face match in words ("strong match", "weak match", "not a match", "no face
+    found"); None when its face was never checked (a pet, or a picture made before faces were)."""
+    return match_words(image.face_distance) if image.face_checked else None
 
 
 # --- the order pictures are shown in --------------------------------------------------------------
@@ -173,9 +181,10 @@ def made_key(image: GeneratedImage) -> tuple[Any, ...]:
 
 
 def likeness_key(image: GeneratedImage) -> tuple[Any, ...]:
-    """Best likeness first, unscored last. The one place a likeness score is read for ordering:
-    another score (a face match for person studios) plugs in here."""
-    return (image.rank is None, image.rank if image.rank is not None else 0, *made_key(image))
+    """Best likeness first, unscored last. The one place a likeness score is read for ordering: a
+    person's pictures by their face's distance to the photos (no face found: last), then the rank."""
+    return (image.face_distance is None, image.face_distance or 0.0,
+            image.rank is None, image.rank if image.rank is not None else 0, *made_key(image))
 
 
 def default_order(all_images: Iterable[GeneratedImage]) -> GalleryOrder:
@@ -361,7 +370,9 @@ def _zip_entry(image: GeneratedImage, name: str) -> ZipEntry:
             "guidance": image.guidance,
             "width": image.width,
             "height": image.height,
-            "scores": {"dino": image.dino, "clip_i": image.clip_i, "clip_t": image.clip_t},
+            "scores": {"dino": image.dino, "clip_i": image.clip_i, "clip_t": image.clip_t,
+                       "face_distance": image.face_distance},
+            "face_match": face_match(image),
             "rank": image.rank,
             "favourite": image.favourite,
             "created_at": image.created_at.isoformat(),

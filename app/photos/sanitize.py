@@ -26,13 +26,16 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
 from app.config import Settings
 from worker.engine.sharpness import BLUR_THRESHOLD, sharpness  # the trainer's own measure (numpy only)
+
+if TYPE_CHECKING:
+    from app.photos.faces import FaceFound
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF")
 MIN_SHORT_SIDE = 256  # below this a photo carries too little of the subject to learn from
@@ -96,6 +99,7 @@ class SanitizedPhoto:
     height: int
     perceptual_hash: str  # 64-bit dHash as 16 hex digits
     original_name: str  # for display only (escaped); never a path or key
+    face: FaceFound | None = None  # a person's photo: the face it is trained on (app.photos.faces)
 
     @property
     def jpeg_bytes(self) -> bytes:
@@ -109,10 +113,27 @@ class SanitizedPhoto:
 
 @dataclass
 class SanitizedBatch:
-    """The photos of one request that passed, and every refusal (per file and near-duplicate pairs)."""
+    """The photos of one request that passed, and every refusal (per file, near-duplicate pairs and, for
+    a person, photos of someone else); ``set_problem`` refuses the whole set (no 3 photos of one person)."""
 
     photos: list[SanitizedPhoto] = field(default_factory=list)
     rejections: list[PhotoRejected] = field(default_factory=list)
+    set_problem: str | None = None
+
+    def check_together(self, faces: bool) -> None:
+        """The checks across photos, once each photo has been sanitized: near-duplicates and, with
+        ``faces`` (a person's studio), that the faces are one person and no shot is there twice."""
+        self.rejections.extend(near_duplicates(self.photos))
+        if not faces:
+            return
+        from app.photos.faces import identity_problems
+
+        named = {refusal.filename for refusal in self.rejections}
+        found = [(photo.original_name, photo.face) for photo in self.photos
+                 if photo.face is not None and photo.original_name not in named]
+        identity = identity_problems(found)
+        self.rejections.extend(identity.rejections)
+        self.set_problem = identity.set_problem
 
 
 @lru_cache(maxsize=1)
@@ -518,13 +539,14 @@ def _working_copy(image: Image.Image) -> Image.Image:
     return result
 
 
-def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> SanitizedPhoto:
+def sanitize_upload(filename: str, source: UploadSource, settings: Settings, faces: bool = False) -> SanitizedPhoto:
     """Decode, check and re-encode one uploaded file, or raise :class:`PhotoRejected` saying why.
 
     Checks, in order: byte size (settings.max_photo_bytes), decodable as JPEG/PNG/WebP/HEIF, pixel
     count (settings.max_image_pixels, decompression bombs), a single frame, the work and memory its
     decoding needs (:func:`_decode`), fully decodable (not truncated), shorter side at least 256 px
-    after the EXIF orientation, and not too blurry. A file object is decoded where it lies (the
+    after the EXIF orientation, and not too blurry; with ``faces`` (a person's studio) one face, large
+    enough (:func:`app.photos.faces.check_face`). A file object is decoded where it lies (the
     multipart parser's spooled file), never copied whole into memory.
     """
     name = display_name(filename)
@@ -561,6 +583,11 @@ def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> 
     clean = Image.new("RGB", rgb.size)
     clean.paste(rgb)
     del rgb
+    face = None
+    if faces:
+        from app.photos.faces import check_face
+
+        face = check_face(name, clean)
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115  # outlives this call, closed when collected
     clean.save(spool, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     return SanitizedPhoto(
@@ -569,6 +596,7 @@ def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> 
         height=clean.height,
         perceptual_hash=f"{dhash(clean):016x}",
         original_name=name,
+        face=face,
     )
 
 
@@ -591,7 +619,8 @@ def near_duplicates(photos: Sequence[SanitizedPhoto]) -> list[PhotoRejected]:
     return refusals
 
 
-def sanitize_uploads(files: Sequence[tuple[str, UploadSource]], settings: Settings) -> SanitizedBatch:
+def sanitize_uploads(files: Sequence[tuple[str, UploadSource]], settings: Settings,
+                     faces: bool = False) -> SanitizedBatch:
     """Sanitize every file of one request, collecting every refusal instead of stopping at the first.
 
     Files are decoded and re-encoded one at a time, so a request of 20 large photos holds the pixels
@@ -600,8 +629,8 @@ def sanitize_uploads(files: Sequence[tuple[str, UploadSource]], settings: Settin
     batch = SanitizedBatch()
     for filename, source in files:
         try:
-            batch.photos.append(sanitize_upload(filename, source, settings))
+            batch.photos.append(sanitize_upload(filename, source, settings, faces))
         except PhotoRejected as refusal:
             batch.rejections.append(refusal)
-    batch.rejections.extend(near_duplicates(batch.photos))
+    batch.check_together(faces)
     return batch

@@ -324,8 +324,15 @@ def _check_fields_and_count(
     return valid, problems
 
 
+def checks_faces(valid: ValidStudio) -> bool:
+    """Whether a studio's photos get the face checks (app.photos.faces): a person's do, pets' do not."""
+    return valid.kind == "person"
+
+
 def _checked(valid: ValidStudio, problems: StudioProblems, batch: SanitizedBatch) -> CheckedStudio:
     problems.files.extend(FileProblem(refusal.filename, refusal.reason) for refusal in batch.rejections)
+    if batch.set_problem is not None:
+        problems.fields.setdefault("photos", batch.set_problem)
     if problems:
         raise StudioRejected(problems)
     return CheckedStudio(valid=valid, photos=batch.photos)
@@ -335,7 +342,7 @@ def check_studio(form: CreateStudio, files: Sequence[tuple[str, UploadSource]], 
     """Every check of a creation request that needs no database: the fields, the photo count and each
     photo (decoded here, in the calling thread). Raises :class:`StudioRejected` listing every problem."""
     valid, problems = _check_fields_and_count(form, files, settings)
-    return _checked(valid, problems, sanitize_uploads(files, settings))
+    return _checked(valid, problems, sanitize_uploads(files, settings, checks_faces(valid)))
 
 
 async def check_studio_in_slots(
@@ -344,7 +351,7 @@ async def check_studio_in_slots(
     """:func:`check_studio` for a web request: the photos are decoded in the process's decode slots,
     while the request holds no database session (see app.photos.decoding)."""
     valid, problems = _check_fields_and_count(form, files, settings)
-    return _checked(valid, problems, await slots.sanitize_uploads(files, settings))
+    return _checked(valid, problems, await slots.sanitize_uploads(files, settings, checks_faces(valid)))
 
 
 def raise_if_limited(session: Session, owner: User, settings: Settings) -> None:

@@ -6,7 +6,9 @@ Stages, each reported through ``progress`` with its own ``stage`` name:
 2. ``priors``: make sure the shared class-prior bank holds the class images (generate only the missing);
 3. ``training``: fine-tune into ``work_dir/run/`` (weights, checkpoints, previews, ``run.json``);
 4. ``sampling``: the prompt pack and free prompts into ``work_dir/samples/``;
-5. ``scoring``: DINO / CLIP-I / CLIP-T of each sample against the photos, and a ranking.
+5. ``scoring``: DINO / CLIP-I / CLIP-T of each sample against the photos, and a ranking; for a
+   person, the face match of each sample against the uploads' faces (``worker.engine.likeness``)
+   ranks first, pictures without a face last, and is written to ``run.json`` too.
 
 Calling :func:`run_job` again on the same ``work_dir`` after a crash continues: the bank already
 holds its images, training resumes from the run's last complete checkpoint (or returns at once
@@ -29,6 +31,7 @@ from typing import Any
 from worker.engine.errors import EngineInputError
 from worker.engine.evaluate import Scorer, Scores, default_scorer, rank, strip_identifier
 from worker.engine.identifiers import choose_identifier, validate_identifier
+from worker.engine.likeness import face_distances, face_ranking, faces_info, record_likeness, reference_descriptors
 from worker.engine.models import BaseModel, device_memory_gb
 from worker.engine.photos import PhotoProblem, prepare_photos
 from worker.engine.presets import DEMO_PRIOR_IMAGES
@@ -82,6 +85,9 @@ class JobResult:
     train: TrainResult
     ranking: list[int] = field(default_factory=list)
     faces_found: int = 0
+    # A person's job: each image's mean face distance to the uploads (None: no face), aligned with
+    # ``images``; empty when not measured (a pet, or scoring off).
+    face_distances: list[float | None] = field(default_factory=list)
 
 
 def _check_spec(spec: JobSpec) -> None:
@@ -199,6 +205,10 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
                    if config.with_prior else "no class-prior images")
         _emit(progress, Progress(stage="priors", step=0, total=0, reused=0, message=message))
 
+    # The uploads' faces, kept with the run so later samples are scored against them too.
+    references = (reference_descriptors([p for p in spec.photos if p.name not in {q.name for q in prepared.problems}])
+                  if spec.subject_kind == "person" and spec.score else [])
+
     # 3. training
     check_cancel(should_cancel)
     run_dir = work_dir / RUN_DIR
@@ -215,6 +225,8 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
         "photos": {"used": len(prepared.images), "problems": [str(p) for p in prepared.problems],
                    "faces_found": prepared.faces_found},
     }
+    if references:
+        run_info["faces"] = faces_info(references)
     trained = train(model, config, instance_images=prepared.images, instance_prompt=instance_prompt,
                     class_images=class_images, class_prompt=class_prompt, run_dir=run_dir, progress=progress,
                     should_cancel=should_cancel, run_info=run_info)
@@ -239,12 +251,18 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
                               [strip_identifier(r.prompt, identifier) for r in records],
                               progress=progress, should_cancel=should_cancel)
     ranking = rank(scores) if scores else []
-    if scores:
-        _write_scores(samples_dir, records, scores, ranking)
+    distances: list[float | None] = []
+    if references:
+        check_cancel(should_cancel)
+        distances = face_distances([r.path for r in records], references)
+        ranking = face_ranking(distances, ranking)
+        record_likeness(run_dir, [r.path.name for r in records], distances)
+    if scores or distances:
+        _write_scores(samples_dir, records, scores, ranking, distances)
     return JobResult(identifier=identifier, class_prompt=class_prompt, instance_prompt=instance_prompt,
                      run_dir=run_dir, images=records, scores=scores, prior_generated=prior_generated,
                      prior_reused=prior_reused, photo_problems=prepared.problems, train=trained, ranking=ranking,
-                     faces_found=prepared.faces_found)
+                     faces_found=prepared.faces_found, face_distances=distances)
 
 
 def _clear_gallery(samples_dir: Path) -> None:
@@ -255,11 +273,18 @@ def _clear_gallery(samples_dir: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _write_scores(samples_dir: Path, records: list[SampleRecord], scores: list[Scores], ranking: list[int]) -> None:
+def _write_scores(samples_dir: Path, records: list[SampleRecord], scores: list[Scores], ranking: list[int],
+                  distances: list[float | None]) -> None:
     position = {index: place for place, index in enumerate(ranking)}
-    payload = {"images": [{"file": record.path.name, **asdict(score), "combined": score.combined,
-                           "rank": position[index]}
-                          for index, (record, score) in enumerate(zip(records, scores, strict=True))]}
+    images: list[dict[str, Any]] = []
+    for index, record in enumerate(records):
+        entry: dict[str, Any] = {"file": record.path.name, "rank": position[index]}
+        if scores:
+            entry.update(asdict(scores[index]), combined=scores[index].combined)
+        if distances:
+            entry["face_distance"] = distances[index]
+        images.append(entry)
+    payload = {"images": images}
     temporary = samples_dir / f".{SCORES_FILE}.tmp"
     temporary.write_text(json.dumps(payload, indent=2))
     os.replace(temporary, samples_dir / SCORES_FILE)

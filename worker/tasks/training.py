@@ -368,10 +368,16 @@ class _TrainingRun:
                 ranks[index] = position
         else:
             ranks = rank_images(result.scores, len(result.images))
+        # A person's job: each picture's face match (None: no face); absent for pets and fakes.
+        distances = list(getattr(result, "face_distances", None) or [])
         images = []
         for index, record in enumerate(result.images):
             scores = result.scores[index] if index < len(result.scores) else None
-            images.append(self._store_image(record, scores, ranks[index], templates, result.identifier))
+            image = self._store_image(record, scores, ranks[index], templates, result.identifier)
+            if len(distances) == len(result.images):
+                image.face_checked = True
+                image.face_distance = distances[index]
+            images.append(image)
             self.attempt.details["images_done"] = index + 1
         return images
 

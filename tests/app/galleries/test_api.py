@@ -36,7 +36,8 @@ def test_list_images_flat_and_grouped(client: TestClient, db: Session, app_stora
     assert body["groups"] is None
     first = body["images"][0]
     assert first["id"] == str(beach.id)
-    assert first["scores"] == {"dino": 0.7, "clip_i": None, "clip_t": None}
+    assert first["scores"] == {"dino": 0.7, "clip_i": None, "clip_t": None, "face_distance": None}
+    assert first["face_match"] is None  # a dog: no face checked
     assert first["file_url"] == f"/api/v1/images/{beach.id}/file"
 
     grouped = client.get(f"/api/v1/subjects/{subject.id}/images?grouped=true&sort=likeness", headers=headers).json()

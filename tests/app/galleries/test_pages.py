@@ -223,3 +223,32 @@ def test_generate_more_form_at_the_account_limit_says_when_to_come_back(
     assert response.headers["retry-after"] == "60"
     assert "2 jobs in progress" in response.context["generate_error"]  # type: ignore[attr-defined]
     assert sent_tasks == []
+
+
+def test_a_person_studio_ranks_by_face_match_and_says_it_in_words(
+    client: TestClient, login: Login, db: Session, app_storage: Storage, make_user: Callable[..., User],
+    api_headers: Callable[[User], dict[str, str]],
+) -> None:
+    user = make_user()
+    subject = make_subject(db, user, kind="person", class_noun="woman", weights_key="w", identifier="qzx")
+    job = make_job(db, subject, status="done", stage="finished")
+    start = utcnow()
+    # DINO's rank says otherwise: for a person the face decides, and a picture with no face comes last.
+    faces = [(None, 1), (0.55, 2), (0.31, 4), (0.72, 3)]
+    images = [make_image(db, app_storage, subject, job, seed=seed, rank=rank, face_distance=distance,
+                         face_checked=True, created_at=start) for seed, (distance, rank) in enumerate(faces)]
+    db.commit()
+    login(client, user)
+    response = client.get(f"/studios/{subject.id}/gallery")
+    context = response.context  # type: ignore[attr-defined]
+    assert context["sort"] == "likeness"
+    assert [image.id for image in context["groups"][0].images] == [images[i].id for i in (2, 1, 3, 0)]
+    for words in ("Strong match", "Weak match", "Not a match", "No face found"):
+        assert f">{words}</span>" in response.text
+    full = client.get(f"/studios/{subject.id}/images/{images[2].id}")
+    assert "Strong match (0.31 from your photos" in full.text
+
+    listed = client.get(f"/api/v1/subjects/{subject.id}/images?sort=likeness", headers=api_headers(user)).json()
+    rows = listed["images"] if isinstance(listed, dict) else listed
+    assert [(row["scores"]["face_distance"], row["face_match"]) for row in rows] == [
+        (0.31, "strong match"), (0.55, "weak match"), (0.72, "not a match"), (None, "no face found")]

@@ -138,12 +138,12 @@ def test_posting_the_form_creates_the_studio_and_redirects(
 def test_person_noun_comes_from_its_own_field(
     signed_in: TestClient,
     csrf_token: Callable[[TestClient], str],
-    valid_photos: list[tuple[str, bytes]],
+    person_photos: list[tuple[str, bytes]],
     sent_tasks: list[SentTask],
     clean_db: Engine,
 ) -> None:
     fields = form_fields(signed_in, csrf_token, kind="person", class_noun_person="man", class_noun_animal="ignored")
-    response = signed_in.post("/studios", data=fields, files=files_of(valid_photos), follow_redirects=False)
+    response = signed_in.post("/studios", data=fields, files=files_of(person_photos), follow_redirects=False)
     assert response.status_code == 303, response.text
     with sessionmaker(bind=clean_db)() as session:
         assert session.scalars(select(Subject.class_noun)).one() == "man"

@@ -139,10 +139,12 @@ def test_bad_fields_are_refused_and_nothing_is_stored(
     settings: Settings,
     owner: User,
     valid_photos: list[tuple[str, bytes]],
+    person_photos: list[tuple[str, bytes]],
     form: CreateStudio,
     field: str,
 ) -> None:
-    error = rejected(db_session, storage, settings, owner, form, valid_photos)
+    photos = person_photos if form.kind == "person" else valid_photos
+    error = rejected(db_session, storage, settings, owner, form, photos)
     assert list(error.problems.fields) == [field]
     assert error.problems.files == []
     assert count(db_session, Subject) == count(db_session, Job) == 0
@@ -165,13 +167,15 @@ def test_class_noun_follows_the_kind(
     settings: Settings,
     owner: User,
     valid_photos: list[tuple[str, bytes]],
+    person_photos: list[tuple[str, bytes]],
     sent_tasks: list[SentTask],
     kind: str,
     typed: str,
     expected: str,
 ) -> None:
     form = replace(DOG, kind=kind, class_noun=typed)
-    subject, _ = create_studio(db_session, storage, settings, owner, form, valid_photos)
+    photos = person_photos if kind == "person" else valid_photos
+    subject, _ = create_studio(db_session, storage, settings, owner, form, photos)
     assert subject.class_noun == expected
     assert subject.style_pack == ("portrait-classics" if kind == "person" else "pet-adventures")
 

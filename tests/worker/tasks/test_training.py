@@ -329,6 +329,17 @@ def test_deleting_the_account_mid_run_stops_the_worker_and_leaves_no_file_or_row
         assert rows_pointing_to(session, job.owner_id) == {}
 
 
+def test_a_person_studio_stores_each_pictures_face_match(ctx: WorkerContext, storage: LocalStorage) -> None:
+    job = new_job(ctx, storage, kind="person", class_noun="woman")
+    assert run_training_job(job.id, ctx=ctx, engine=FakeEngine()) == "done"
+    _, _, images, _ = load(ctx, job)
+    by_file = sorted(images, key=lambda image: image.seed)
+    assert [(image.face_checked, image.face_distance) for image in by_file] == [(True, None), (True, 0.5)]
+    dog = new_job(ctx, storage)
+    assert run_training_job(dog.id, ctx=ctx, engine=FakeEngine()) == "done"
+    assert all(not image.face_checked and image.face_distance is None for image in load(ctx, dog)[2])
+
+
 def test_rank_images_orders_by_likeness_and_leaves_unscored_images_unranked() -> None:
     from tests.worker.fakes import FakeScores
 
