@@ -68,13 +68,15 @@ def first_photos(session: Session, subject_ids: Sequence[uuid.UUID]) -> dict[uui
 
 
 def best_images(session: Session, subject_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, GeneratedImage]:
-    """Each subject's best picture (best likeness rank; unranked: the first made), keyed by subject id:
-    the cover of a studio whose photos are gone."""
+    """Each subject's best picture, keyed by subject id: the cover of a studio whose photos are gone.
+    The gallery's order (app.galleries.service.likeness_key): a person's closest face match first,
+    then the best likeness rank; unscored: the first made."""
     if not subject_ids:
         return {}
     place = func.row_number().over(
         partition_by=GeneratedImage.subject_id,
-        order_by=(GeneratedImage.rank.is_(None), GeneratedImage.rank, GeneratedImage.created_at,
+        order_by=(GeneratedImage.face_distance.is_(None), GeneratedImage.face_distance,
+                  GeneratedImage.rank.is_(None), GeneratedImage.rank, GeneratedImage.created_at,
                   GeneratedImage.seed, GeneratedImage.id),
     ).label("place")
     ranked = select(GeneratedImage.id, place).where(GeneratedImage.subject_id.in_(subject_ids)).subquery()
