@@ -14,7 +14,8 @@ Configurations (all LoRA rank 16 + prior preservation, batch 1 instance + 1 clas
   bf16: LoRA cached, LoRA uncached and a full fine-tune, all with prior preservation; ``sdxl-arch``
   (SDXL base's real sizes) at 1024 px: LoRA + prior, LoRA + bank-free preservation, and LoRA + prior
   with gradient checkpointing (the 24 GB-card setting); ``flux2-klein-arch`` and ``zimage-arch`` at
-  1024 px with LoRA + prior and LoRA + bank-free preservation (their tiny models have CPU rows too).
+  1024 px with LoRA + prior and LoRA + bank-free preservation, and with the 24 GB-card settings
+  (int8 base, gradient checkpointing); their tiny models have CPU rows too.
   CUDA rows add the FLOPs of one step
   (``bench/flops.py``, counted on the meta device) and the share of the GPU's dense bf16 peak that
   the measured speed implies.
@@ -35,7 +36,15 @@ again with the bank filled (warm: 0 priors generated). On the CPU this uses ``ti
 ``sd15-arch`` at 512 px.
 
     python bench/train.py [--steps 8] [--warmup 2] [--threads 1] [--only tiny-lora-cached,...]
-                          [--no-jobs] [--job-priors K]
+                          [--no-jobs] [--job-priors K] [--beside torch|busy]
+    python bench/train.py --beside-table [--repeat 1]
+
+``--beside torch`` runs every measurement beside a second CPU-bound process, a PyTorch matmul loop on
+2 threads (another worker, another PyTorch program); ``--beside busy`` beside a 1-thread busy loop
+(the web process or the database at work). ``--beside-table`` times the command of the report that
+found the problem, ``studio train --base-model tiny --steps 20 --prior-images 16``, with PyTorch's
+default threads (one per core) and with the worker's choice (worker/engine/threads.py), alone and
+beside each of those processes.
 
 Prints the tables; the numbers go into docs/benchmarks.md by hand, with the machine and command.
 """
@@ -44,10 +53,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +77,7 @@ class Case:
     cuda_only: bool = False
     prior_source: str = "bank"
     gradient_checkpointing: bool = False
+    quantize_base: str = "none"
 
 
 CASES = (
@@ -86,11 +99,17 @@ CASES = (
     Case("tiny-zimage-lora-cached", "tiny-zimage", 64, "lora", True),
     Case("tiny-flux2-lora-bankfree", "tiny-flux2", 64, "lora", True, prior_source="base_model"),
     Case("tiny-zimage-lora-bankfree", "tiny-zimage", 64, "lora", True, prior_source="base_model"),
+    Case("tiny-flux2-lora-int8", "tiny-flux2", 64, "lora", True, quantize_base="int8"),
     Case("flux2-klein-lora-cached", "flux2-klein-arch", 1024, "lora", True, cuda_only=True),
     Case("flux2-klein-lora-bankfree", "flux2-klein-arch", 1024, "lora", True, cuda_only=True,
          prior_source="base_model"),
     Case("zimage-lora-cached", "zimage-arch", 1024, "lora", True, cuda_only=True),
     Case("zimage-lora-bankfree", "zimage-arch", 1024, "lora", True, cuda_only=True, prior_source="base_model"),
+    # The 24 GB-card settings: int8 base and gradient checkpointing (what a job picks on such a card).
+    Case("flux2-klein-lora-int8", "flux2-klein-arch", 1024, "lora", True, cuda_only=True,
+         gradient_checkpointing=True, quantize_base="int8"),
+    Case("zimage-lora-int8", "zimage-arch", 1024, "lora", True, cuda_only=True,
+         gradient_checkpointing=True, quantize_base="int8"),
 )
 
 
@@ -151,7 +170,7 @@ def run_case(case: Case, steps: int, warmup: int, threads: int) -> dict[str, obj
         config = TrainConfig(method=case.method, steps=warmup + steps, resolution=case.resolution, rank=16,
                              learning_rate=1e-4 if case.method == "lora" else 5e-6,
                              cache_latents=case.cache_latents, with_prior=True, prior_source=case.prior_source,
-                             gradient_checkpointing=case.gradient_checkpointing)
+                             gradient_checkpointing=case.gradient_checkpointing, quantize_base=case.quantize_base)
         step_starts: list[float] = []
         cpu_starts: list[float] = []
         finished: list[float] = []
@@ -267,11 +286,82 @@ def run_job_case(model_name: str, prior_images: int, threads: int) -> dict[str, 
     return row
 
 
+HOGS = ("torch", "busy")
+
+
+def hog(kind: str) -> None:
+    """Burn CPU until killed: a 2-thread PyTorch matmul loop, or a 1-thread Python busy loop."""
+    if kind == "torch":
+        import torch
+
+        torch.set_num_threads(2)
+        a = torch.randn(512, 512)
+        while True:
+            a = torch.tanh(a @ a)
+    while True:
+        pass
+
+
+@contextmanager
+def beside(kind: str | None) -> Iterator[None]:
+    """Run the block beside a CPU hog of ``kind`` (none when None)."""
+    if kind is None:
+        yield
+        return
+    process = subprocess.Popen([sys.executable, __file__, "--hog", kind])
+    try:
+        time.sleep(2.0)  # its imports done, it is spinning
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def beside_table(repeat: int) -> None:
+    """The reported command with PyTorch's default threads and with the worker's, alone and beside each hog."""
+    from statistics import median
+
+    from worker.engine.threads import choose_threads, usable_cpus
+
+    cores = os.cpu_count() or 1
+    chosen = choose_threads()
+    print(f"studio train --base-model tiny --steps 20 --prior-images 16; {cores} cores, {usable_cpus()} usable; "
+          f"median of {repeat}")
+    print(f"{'beside':<28} {'threads':>16} {'wall s':>8}")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        from tests.worker.engine.conftest import make_subject_photo
+
+        (folder / "photos").mkdir()
+        for i in range(4):
+            make_subject_photo(folder / "photos" / f"{i}.jpg", seed=i, size=(320, 256))
+        for kind in (None, *HOGS):
+            for label, threads in ((f"{cores} (PyTorch default)", cores), (f"{chosen} (worker default)", chosen)):
+                times = []
+                for run in range(repeat):
+                    command = [sys.executable, "-m", "app.cli", "train", "--photos", str(folder / "photos"),
+                               "--class-noun", "dog", "--base-model", "tiny", "--steps", "20", "--prior-images",
+                               "16", "--quiet", "--no-score", "--threads", str(threads),
+                               "--out", str(folder / f"out-{kind}-{threads}-{run}"),
+                               "--bank", str(folder / f"bank-{kind}-{threads}-{run}")]
+                    with beside(kind):
+                        started = time.monotonic()
+                        subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+                        times.append(time.monotonic() - started)
+                what = {None: "nothing", "torch": "2-thread PyTorch matmul loop", "busy": "1-thread busy loop"}[kind]
+                print(f"{what:<28} {label:>16} {median(times):>8.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    parser.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads (CPU runs only)")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads (CPU runs only; 0: the worker's)")
+    parser.add_argument("--beside", choices=HOGS, help="measure beside a second CPU-bound process")
+    parser.add_argument("--beside-table", action="store_true",
+                        help="only the threads table: the reported command alone and beside each CPU hog")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per row of --beside-table (median)")
+    parser.add_argument("--hog", choices=HOGS, help=argparse.SUPPRESS)  # internal: burn CPU until killed
     parser.add_argument("--only", default="", help="comma-separated configuration names")
     parser.add_argument("--no-jobs", action="store_true", help="skip the whole-job table")
     parser.add_argument("--job-priors", type=int, default=0, help="prior images of a job (default 16 CPU, 200 CUDA)")
@@ -279,6 +369,15 @@ def main() -> None:
     parser.add_argument("--one-job", default="", help=argparse.SUPPRESS)  # internal: one whole job, print JSON
     args = parser.parse_args()
 
+    if args.hog:
+        hog(args.hog)
+    if args.beside_table:
+        beside_table(args.repeat)
+        return
+    if args.threads <= 0:
+        from worker.engine.threads import choose_threads
+
+        args.threads = choose_threads()
     by_name = {case.name: case for case in CASES}
     if args.one:
         print(json.dumps(run_case(by_name[args.one], args.steps, args.warmup, args.threads)))
@@ -287,6 +386,11 @@ def main() -> None:
         print(json.dumps(run_job_case(args.one_job, args.job_priors, args.threads)))
         return
 
+    with beside(args.beside):
+        run_tables(args, parser, by_name)
+
+
+def run_tables(args: argparse.Namespace, parser: argparse.ArgumentParser, by_name: dict[str, Case]) -> None:
     import torch
 
     wanted = [name for name in args.only.split(",") if name] or [c.name for c in CASES]

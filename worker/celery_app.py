@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,20 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 from celery.schedules import crontab
-from celery.signals import celeryd_after_setup, worker_init, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    celeryd_after_setup,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 from celery.worker.control import control_command
 
 from app import config as studio_config
 from app.config import Settings
+from worker.engine.threads import apply_threads, thread_environment, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +53,14 @@ CPU_QUEUE = "cpu"
 TASK_QUEUES: dict[str, str] = {
     "training.*": GPU_QUEUE,
     "generation.*": GPU_QUEUE,
+    "priors.*": GPU_QUEUE,  # the operator's prior-bank fill: it paints with the base model
     "maintenance.*": CPU_QUEUE,
+    "mail.*": CPU_QUEUE,
+    "accounts.*": CPU_QUEUE,
 }
 
-TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance")
+TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance",
+                "worker.tasks.mail", "worker.tasks.accounts", "worker.tasks.priors")
 
 REAP_EVERY_SECONDS = 30.0
 SWEEP_SCRATCH_COMMAND = "studio_sweep_scratch"
@@ -57,7 +71,8 @@ def queue_for(task_name: str) -> str:
     domain = task_name.split(".", 1)[0]
     queue = TASK_QUEUES.get(f"{domain}.*")
     if queue is None or "." not in task_name:
-        raise ValueError(f"unknown task name {task_name!r}: expected 'training.*', 'generation.*' or 'maintenance.*'")
+        expected = ", ".join(repr(pattern) for pattern in TASK_QUEUES)
+        raise ValueError(f"unknown task name {task_name!r}: expected one of {expected}")
     return queue
 
 
@@ -149,6 +164,16 @@ def quiet_the_cancel_on_connection_loss_warning(**_: Any) -> None:
                             category=CPendingDeprecationWarning)
 
 
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def json_log_lines(logger: logging.Logger | None = None, **_: Any) -> None:
+    """With ``STUDIO_LOG_JSON``, the worker's log lines are JSON objects too (app.logs)."""
+    if logger is not None and studio_config.get_settings().log_json:
+        from app.logs import format_as_json
+
+        format_as_json(logger)
+
+
 @worker_init.connect
 def preload_engine(**_: Any) -> None:
     """Import the engine once in a worker's main process, before its pool forks.
@@ -159,6 +184,9 @@ def preload_engine(**_: Any) -> None:
     """
     # CUDA must not be initialised before a fork; with this, torch.cuda.is_available() asks NVML instead.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    threads = _worker_threads()
+    # Before torch's first import, so that its OpenMP pool starts at this size (and the jobs' children inherit it).
+    os.environ.update(thread_environment(threads))
     try:
         import torch
 
@@ -166,8 +194,23 @@ def preload_engine(**_: Any) -> None:
     except ImportError:
         log.warning("the engine could not be preloaded; each job will import it itself", exc_info=True)
         return
+    log.info("PyTorch uses %d CPU thread(s) (%d usable core(s); STUDIO_WORKER_THREADS sets it)",
+             apply_threads(threads), usable_cpus())
     if torch.cuda.is_initialized():
         log.error("CUDA was initialised in the worker's main process; forked jobs may fail to use the GPU")
+
+
+def _worker_threads() -> int:
+    from worker.settings import get_worker_settings
+
+    return get_worker_settings().resolved_worker_threads
+
+
+@worker_process_init.connect
+def size_the_job_threads(**_: Any) -> None:
+    """A job's process (forked from the preloaded parent) runs with the worker's thread count too."""
+    if "torch" in sys.modules:
+        apply_threads(_worker_threads())
 
 
 @worker_ready.connect
@@ -179,6 +222,36 @@ def sweep_scratch_at_start(**_: Any) -> None:
         sweep_scratch(studio_config.get_settings().scratch_dir)
     except OSError:
         log.warning("the scratch sweep at start failed; the reaper's sweep will try again", exc_info=True)
+
+
+_heartbeat: Any = None
+
+
+def consumed_queues(consumer: Any) -> list[str]:
+    """The names of the queues a worker consumes (from its ``worker_ready`` sender)."""
+    try:
+        return sorted(queue.name for queue in consumer.task_consumer.queues)
+    except AttributeError:
+        return sorted(consumer.app.amqp.queues.consume_from or {})
+
+
+@worker_ready.connect
+def start_worker_heartbeat(sender: Any = None, **_: Any) -> None:
+    """Record this worker in ``worker_heartbeats`` every ``heartbeat_seconds`` (worker.heartbeat), from its
+    main process, for as long as it lives."""
+    global _heartbeat
+    from worker.heartbeat import Heartbeat, private_sessions
+
+    settings = studio_config.get_settings()
+    queues = consumed_queues(sender) if sender is not None else []
+    _heartbeat = Heartbeat(private_sessions(settings.resolved_database_url), queues,
+                           float(settings.heartbeat_seconds)).start()
+
+
+@worker_shutdown.connect
+def stop_worker_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 @control_command(name=SWEEP_SCRATCH_COMMAND)  # type: ignore[untyped-decorator]

@@ -39,6 +39,16 @@ class WorkerSettings(Settings):
     # The storage reconciler removes objects no row refers to once they are this old (a younger one may
     # belong to a transaction about to commit).
     orphan_min_age_seconds: int = 3600
+    # PyTorch CPU threads of a worker (and of `studio train`); None or 0: measured from the cores the
+    # process may use, leaving one to the web process and the database on a machine of up to 4 cores
+    # (worker/engine/threads.py). Too many threads beside other CPU work make a job many times slower.
+    worker_threads: int | None = None
+
+    @property
+    def resolved_worker_threads(self) -> int:
+        from worker.engine.threads import choose_threads
+
+        return choose_threads(self.worker_threads)
 
     @property
     def resolved_prior_cache_dir(self) -> Path:

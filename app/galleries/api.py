@@ -39,6 +39,7 @@ ERROR_STATUS = {
     service.InvalidGenerationRequest: status.HTTP_422_UNPROCESSABLE_CONTENT,
     service.GenerationNotPossible: status.HTTP_409_CONFLICT,
     service.TooManyActiveJobs: status.HTTP_429_TOO_MANY_REQUESTS,
+    service.MonthlyQuotaReached: status.HTTP_429_TOO_MANY_REQUESTS,
 }
 
 
@@ -53,7 +54,7 @@ def gallery_error(error: service.GalleryError) -> HTTPException:
     """The HTTP answer to a refused request; a 429 says when to come back."""
     code = ERROR_STATUS.get(type(error), status.HTTP_400_BAD_REQUEST)
     too_many = code == status.HTTP_429_TOO_MANY_REQUESTS
-    headers = {"Retry-After": str(service.RETRY_AFTER_SECONDS)} if too_many else None
+    headers = {"Retry-After": str(getattr(error, "retry_after", service.RETRY_AFTER_SECONDS))} if too_many else None
     return HTTPException(code, str(error), headers=headers)
 
 

@@ -336,7 +336,7 @@ def generate_form(
         context["generate_form"] = {"prompts": prompts, "images_per_prompt": images_per_prompt, "shape": shape}
         context["generate_error"] = str(error)
         if isinstance(error, service.TooManyActiveJobs):
-            headers = {"Retry-After": str(service.RETRY_AFTER_SECONDS)}
+            headers = {"Retry-After": str(error.retry_after)}
             return render(request, "galleries/gallery.html", context, status_code=429, headers=headers)
         code = status.HTTP_409_CONFLICT if isinstance(error, service.GenerationNotPossible) else 422
         return render(request, "galleries/gallery.html", context, status_code=code)

@@ -16,9 +16,11 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from app.accounts import usage
 from app.config import Settings
+from app.jobs import estimates
 from app.jobs import repository as job_repository
-from app.models import GeneratedImage, GenerationRequest, Job, Subject, utcnow
+from app.models import GeneratedImage, GenerationRequest, Job, Subject, User, utcnow
 from app.storage import ObjectNotFound, Storage
 from app.subjects.base_models import model_facts
 from worker.engine.prompts import SUBJECT_PLACEHOLDER, Shape, normalize_free_prompt, split_shape, with_shape
@@ -46,6 +48,16 @@ class GenerationNotPossible(GalleryError):
 
 class TooManyActiveJobs(GalleryError):
     """The account already has its maximum of queued and running jobs (429)."""
+
+    retry_after = RETRY_AFTER_SECONDS
+
+
+class MonthlyQuotaReached(TooManyActiveJobs):
+    """The account used this month's GPU minutes, a quota an operator set (429 until the month ends)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -269,6 +281,10 @@ def request_generation(
             f"Images per prompt must be between 1 and {settings.max_images_per_prompt}; {images_per_prompt} given."
         )
     prompts = clean_prompts(raw_prompts, settings, shape)
+    owner = session.get(User, subject.owner_id)
+    used = usage.quota_used(session, owner, studios=False) if owner is not None else None
+    if used is not None:
+        raise MonthlyQuotaReached(used.message, used.retry_after)
     if job_repository.count_active_jobs_of_owner(session, subject.owner_id) >= settings.max_active_jobs_per_user:
         raise TooManyActiveJobs(
             f"You already have {settings.max_active_jobs_per_user} jobs in progress: wait for one to finish."
@@ -281,6 +297,7 @@ def request_generation(
         stage="queued",
         max_attempts=settings.max_attempts,
         details={"images_done": 0, "images_total": len(prompts) * images_per_prompt,
+                 **planned_generation(session, settings, subject, len(prompts) * images_per_prompt),
                  # Known now, from the trained model: the job says so before a worker loads it.
                  "demo_model": trained_on_demo_model(subject)},
     )
@@ -292,6 +309,12 @@ def request_generation(
     session.flush()
     enqueue(session, "generation.run", job_id=str(job.id))
     return job
+
+
+def planned_generation(session: Session, settings: Settings, subject: Subject, images: int) -> dict[str, Any]:
+    """A "generate more" job's plan (its seconds), when a speed is known for the studio's model."""
+    plan = estimates.plan_generation(session, settings, subject, images)
+    return {"plan": plan} if plan else {}
 
 
 # --- the ZIP export -------------------------------------------------------------------------------

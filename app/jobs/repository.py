@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.models import ACTIVE_STATUSES, Job, Subject
@@ -58,6 +58,16 @@ def count_active_jobs_of_owner(session: Session, owner_id: uuid.UUID) -> int:
     ) or 0
 
 
+def _queued_before(job: Job) -> ColumnElement[bool]:
+    sent = and_(Job.status == "queued", Job.enqueued_at.is_not(None), Job.id != job.id)
+    if job.enqueued_at is not None:
+        sent = and_(sent, or_(
+            Job.enqueued_at < job.enqueued_at,
+            and_(Job.enqueued_at == job.enqueued_at, Job.id < job.id),
+        ))
+    return sent
+
+
 def count_queued_before(session: Session, job: Job) -> int:
     """How many queued jobs, of every account, a worker will take before ``job``.
 
@@ -67,10 +77,19 @@ def count_queued_before(session: Session, job: Job) -> int:
     so it is ahead of nobody; such a job itself waits behind every job that has one.
     Served by the (status, enqueued_at) index, so the status endpoint can afford it on every poll.
     """
-    sent = and_(Job.status == "queued", Job.enqueued_at.is_not(None), Job.id != job.id)
-    if job.enqueued_at is not None:
-        sent = and_(sent, or_(
-            Job.enqueued_at < job.enqueued_at,
-            and_(Job.enqueued_at == job.enqueued_at, Job.id < job.id),
-        ))
-    return session.scalar(select(func.count()).select_from(Job).where(sent)) or 0
+    return session.scalar(select(func.count()).select_from(Job).where(_queued_before(job))) or 0
+
+
+# The jobs ahead in line counted into a waiting job's estimate; further ones change it little.
+AHEAD_LIMIT = 100
+
+
+def jobs_ahead(session: Session, job: Job) -> tuple[list[Job], list[Job]]:
+    """The running jobs (of every account) and the queued jobs a worker takes before ``job``, for its wait.
+
+    Only the columns an estimate reads matter; the caller never shows another account's job.
+    """
+    running = list(session.scalars(select(Job).where(Job.status == "running").limit(AHEAD_LIMIT)))
+    queued = list(session.scalars(select(Job).where(_queued_before(job)).order_by(Job.enqueued_at)
+                                  .limit(AHEAD_LIMIT)))
+    return running, queued

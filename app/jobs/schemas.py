@@ -35,7 +35,10 @@ class JobStatus(BaseModel):
     stages: list[StageProgress]
     loss: float | None
     loss_history: list[float] = Field(description="recent training losses, oldest first (may be empty)")
-    eta_seconds: float | None
+    eta_seconds: float | None = Field(description="seconds until the job is done, the wait in line included; "
+                                                  "null when unknown or finished")
+    queue_wait_seconds: float | None = Field(default=None, description="seconds until a worker takes a queued "
+                                                                       "job; null unless queued and known")
     queue_position: int | None = Field(description="1 means next in line; null unless queued")
     attempts: int
     max_attempts: int

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from app.jobs import repository
+from app.jobs import estimates, repository
 from app.jobs.schemas import JobStatus, StageProgress, StepState
 from app.models import Job, utcnow
 from app.storage import Storage
@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 FINISHED_STATUSES = ("done", "failed", "cancelled")
 LOSS_HISTORY_POINTS = 200
 
-# The stepper's steps and their share of the overall progress bar. Training dominates the wall time
-# of a real job, so it gets most of the bar; a "generate more" job only samples.
+# The stepper's steps and their share of the overall progress bar for a job without a plan (made before
+# plans, or on a model with no measured speed): a job with one shares the bar by its planned seconds
+# (app/jobs/estimates.py), so the bar moves with the work. A "generate more" job only samples.
 TRAIN_WEIGHTS = {"preparing": 0.05, "priors": 0.15, "training": 0.6, "generating": 0.2}
 GENERATE_WEIGHTS = {"generating": 1.0}
 STEP_TITLES = {
@@ -243,7 +244,7 @@ def _running_label(job: Job, class_noun: str) -> str:
         return _priors_label(job, class_noun)[0]
     if job.stage == "training":
         label = f"Training step {job.step}/{job.total}"
-        eta = format_eta(job.eta_seconds)
+        eta = format_eta(remaining_seconds(job))
         return f"{label} — {eta}" if eta else label
     if job.stage == "sampling":
         done, total = _sampling_counts(job)
@@ -255,7 +256,7 @@ def _running_label(job: Job, class_noun: str) -> str:
     return "Finishing"
 
 
-def stage_label(job: Job, class_noun: str, position: int | None) -> str:
+def stage_label(job: Job, class_noun: str, position: int | None, wait: float | None = None) -> str:
     """Where the job is, as one sentence: "Waiting in line — 2 jobs ahead", "Training step 120/400 — ..."."""
     if job.status == "done":
         return "Done"
@@ -274,9 +275,10 @@ def stage_label(job: Job, class_noun: str, position: int | None) -> str:
         lead = f"Waiting to retry (attempt {job.attempts + 1} of {job.max_attempts})" if job.attempts else ""
         if lead:
             return f"{lead} — {where}" if where else lead
+        starts = f" (starts in {format_duration(wait)})" if wait is not None and wait >= 1 and where else ""
         if where == "next in line":
-            return "Next in line"
-        return f"Waiting in line — {where}" if where else "Waiting in line"
+            return f"Next in line{starts}"
+        return f"Waiting in line — {where}{starts}" if where else "Waiting in line"
     return _running_label(job, class_noun)
 
 
@@ -302,7 +304,56 @@ def _step_detail(job: Job, key: str, class_noun: str, position: int | None, stat
 
 
 def _weights(job: Job) -> dict[str, float]:
-    return TRAIN_WEIGHTS if job.kind == "train" else GENERATE_WEIGHTS
+    """Each stepper step's share of the bar: its planned seconds when the job has a plan."""
+    base = TRAIN_WEIGHTS if job.kind == "train" else GENERATE_WEIGHTS
+    plan = estimates.plan_of(job)
+    if plan is None:
+        return base
+    seconds = {key: plan.get(key, 0.0) for key in base}
+    total = sum(seconds.values())
+    return {key: value / total for key, value in seconds.items()} if total > 0 else base
+
+
+# Stages whose engine reports its own time left (from its measured rate).
+MEASURED_STAGES = ("priors", "training", "sampling")
+
+
+def remaining_seconds(job: Job) -> float | None:
+    """Seconds until the job is done, not counting a wait in line; None when unknown or ended.
+
+    With a plan: the current step's time left blends the plan with the engine's measured rate, trusting
+    the measurement more as the step advances (so the estimate does not jump when a stage starts), plus
+    the later steps' planned seconds. Without one: the engine's time left of the current stage.
+    """
+    if job.status in FINISHED_STATUSES:
+        return None
+    plan = estimates.plan_of(job)
+    measured = _finite(job.eta_seconds) if job.status == "running" and job.stage in MEASURED_STAGES else None
+    if plan is None:
+        return measured
+    current = _current_step(job)
+    left, after_current = 0.0, current == "queued"
+    for key in _weights(job):
+        if after_current:
+            left += plan.get(key, 0.0)
+        elif key == current:
+            done = _step_fraction(job, key)
+            planned = plan.get(key, 0.0) * (1.0 - done)
+            left += planned if measured is None else done * measured + (1.0 - done) * planned
+            after_current = True
+    return max(0.0, left)
+
+
+def queue_wait_seconds(job: Job, running: list[Job], ahead: list[Job]) -> float | None:
+    """Seconds until a worker takes the queued ``job``: what the running jobs have left and the queued jobs
+    ahead of it take, shared among the busy workers; None when nothing ahead has an estimate."""
+    if job.status != "queued":
+        return None
+    known = [seconds for other in running if (seconds := remaining_seconds(other)) is not None]
+    known += [seconds for other in ahead if (seconds := estimates.total_seconds(estimates.plan_of(other))) is not None]
+    if not known and (running or ahead):
+        return None
+    return sum(known) / max(1, len(running))
 
 
 def _current_step(job: Job) -> str:
@@ -366,16 +417,22 @@ def preview_urls(job: Job) -> list[str]:
     return urls
 
 
-def describe_job(job: Job, class_noun: str, position: int | None) -> JobStatus:
-    """The job's status for the API and the studio page. Pure: no queries, no storage calls."""
+def describe_job(job: Job, class_noun: str, position: int | None, wait: float | None = None) -> JobStatus:
+    """The job's status for the API and the studio page. Pure: no queries, no storage calls.
+
+    ``wait``: the seconds until a worker takes a queued job (:func:`queue_wait_seconds`).
+    """
     details = job.details or {}
+    left = remaining_seconds(job)
+    if job.status == "queued" and left is not None:
+        left += wait or 0.0
     return JobStatus(
         id=job.id,
         subject_id=job.subject_id,
         kind=job.kind,
         status=job.status,
         stage=job.stage,
-        stage_label=stage_label(job, class_noun, position),
+        stage_label=stage_label(job, class_noun, position, wait),
         finished=job.status in FINISHED_STATUSES,
         step=job.step,
         total=job.total,
@@ -383,7 +440,8 @@ def describe_job(job: Job, class_noun: str, position: int | None) -> JobStatus:
         stages=stepper(job, class_noun, position),
         loss=_finite(job.loss),
         loss_history=loss_history(details),
-        eta_seconds=_finite(job.eta_seconds) if job.status == "running" else None,
+        eta_seconds=None if left is None else round(left, 1),
+        queue_wait_seconds=None if wait is None else round(wait, 1),
         queue_position=position,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
@@ -399,5 +457,8 @@ def describe_job(job: Job, class_noun: str, position: int | None) -> JobStatus:
 
 
 def job_status(session: Session, job: Job, class_noun: str) -> JobStatus:
-    """:func:`describe_job` with the queue position looked up (one count query, only while queued)."""
-    return describe_job(job, class_noun, queue_position(session, job))
+    """:func:`describe_job` with the queue position and the wait looked up (only while queued)."""
+    if job.status != "queued":
+        return describe_job(job, class_noun, None)
+    running, ahead = repository.jobs_ahead(session, job)
+    return describe_job(job, class_noun, queue_position(session, job), queue_wait_seconds(job, running, ahead))

@@ -5,7 +5,8 @@ from app.models.image import GeneratedImage, PriorBank
 from app.models.job import ACTIVE_STATUSES, JOB_STAGES, JOB_STATUSES, GenerationRequest, Job
 from app.models.share import ShareLink
 from app.models.subject import SUBJECT_KINDS, Photo, Subject
-from app.models.user import ApiToken, RateEvent, User, UserSession
+from app.models.user import ApiToken, DataExport, OutgoingEmail, PasswordReset, RateEvent, User, UserSession
+from app.models.worker import WorkerHeartbeat
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -14,9 +15,12 @@ __all__ = [
     "SUBJECT_KINDS",
     "ApiToken",
     "Base",
+    "DataExport",
     "GeneratedImage",
     "GenerationRequest",
     "Job",
+    "OutgoingEmail",
+    "PasswordReset",
     "Photo",
     "PriorBank",
     "RateEvent",
@@ -24,5 +28,6 @@ __all__ = [
     "Subject",
     "User",
     "UserSession",
+    "WorkerHeartbeat",
     "utcnow",
 ]

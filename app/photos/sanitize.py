@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
 from app.config import Settings
+from worker.engine.sharpness import BLUR_THRESHOLD, sharpness  # the trainer's own measure (numpy only)
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF")
 MIN_SHORT_SIDE = 256  # below this a photo carries too little of the subject to learn from
@@ -39,11 +40,6 @@ DRAFT_SIDE = 1024
 SPOOL_MEMORY = 256 * 1024  # a sanitized photo larger than this waits on disk
 MAX_LONG_SIDE = 2048  # stored photos are downscaled to this; training crops far smaller anyway
 JPEG_QUALITY = 92
-# Variance of the 4-neighbour Laplacian on a grayscale copy whose shorter side is SHARPNESS_SIDE px.
-# Normalizing the size makes a 12 MP phone photo and a small one comparable; the threshold matches
-# the worker's own check (worker/engine/photos.py), so what passes here is not dropped there.
-SHARPNESS_SIDE = 256
-BLUR_THRESHOLD = 40.0
 HASH_SIZE = 8  # dHash of 8x8 = 64 bits
 DUPLICATE_MAX_BITS = 4  # Hamming distance at or below which two photos count as near-duplicates
 MAX_NAME_LENGTH = 255
@@ -152,17 +148,6 @@ def _format_hint(stream: BinaryIO) -> str:
         if head.startswith(signature):
             return f" ({label}?)"
     return ""
-
-
-def sharpness(image: Image.Image) -> float:
-    """Variance of the Laplacian of a grayscale copy scaled so its shorter side is SHARPNESS_SIDE px."""
-    gray = image.convert("L")
-    scale = SHARPNESS_SIDE / min(gray.size)
-    size = (max(3, round(gray.width * scale)), max(3, round(gray.height * scale)))
-    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-    pixels = np.asarray(gray.resize(size, resample), dtype=np.float32)
-    laplacian = pixels[:-2, 1:-1] + pixels[2:, 1:-1] + pixels[1:-1, :-2] + pixels[1:-1, 2:] - 4.0 * pixels[1:-1, 1:-1]
-    return float(laplacian.var())
 
 
 def dhash(image: Image.Image, hash_size: int = HASH_SIZE) -> int:
@@ -568,7 +553,7 @@ def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> 
             name, f"too small ({width}×{height} px); the shorter side must be at least {MIN_SHORT_SIDE} px"
         )
     if sharpness(rgb) < BLUR_THRESHOLD:
-        raise PhotoRejected(name, "too blurry; use a sharp photo where the subject is in focus")
+        raise PhotoRejected(name, "too blurry: no part of it is in sharp focus; use a photo where the subject is sharp")
 
     if max(width, height) > MAX_LONG_SIDE:
         rgb.thumbnail((MAX_LONG_SIDE, MAX_LONG_SIDE), Image.Resampling.LANCZOS)

@@ -89,6 +89,31 @@
     });
   }
 
+  // The card's title for the job's kind and status (the template's job_title says the same).
+  var TITLES = {
+    train: { done: "Your studio is trained", failed: "Training stopped", cancelled: "Training cancelled", other: "Training your studio" },
+    generate: { done: "Your new pictures are ready", failed: "Generating stopped", cancelled: "Generating cancelled", other: "Generating more pictures" }
+  };
+
+  // The time left as shown: it counts down between polls and moves a quarter of the way to each new figure
+  // from the server, so one odd reading (a stage starting, a slow step) does not make it jump.
+  var shownEta = null;
+  var shownAt = 0;
+
+  function smoothEta(target) {
+    var now = Date.now();
+    if (target === null || target === undefined || !isFinite(target)) {
+      shownEta = null;
+    } else if (shownEta === null) {
+      shownEta = target;
+    } else {
+      var counted = Math.max(0, shownEta - (now - shownAt) / 1000);
+      shownEta = counted + (target - counted) * 0.25;
+    }
+    shownAt = now;
+    return shownEta;
+  }
+
   // The gallery's picture count, asked once the job is done: "generate more" and the first
   // training change it, and the button should say so without a reload.
   function refreshCount(link) {
@@ -106,6 +131,8 @@
 
   function render(root, status) {
     root.setAttribute("data-status", status.status);
+    var titles = TITLES[root.getAttribute("data-job-kind")] || TITLES.train;
+    setText(root.querySelector("[data-job-title]"), titles[status.status] || titles.other);
     setText(root.querySelector("[data-stage-label]"), status.stage_label);
     var badge = root.querySelector("[data-status-badge]");
     if (badge) {
@@ -119,7 +146,7 @@
 
     var eta = root.querySelector("[data-eta]");
     if (eta) {
-      var left = formatDuration(status.eta_seconds);
+      var left = status.finished ? "" : formatDuration(smoothEta(status.eta_seconds));
       eta.hidden = !left;
       setText(eta, left ? left + " left" : "");
     }

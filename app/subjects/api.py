@@ -197,6 +197,7 @@ def owned_subject(session: Session, owner_id: uuid.UUID, subject_id: uuid.UUID) 
         413: {"description": "More photos, or a bigger request, than allowed"},
         422: {"description": "Problems: {detail, fields: {name: reason}, files: [{name, reason}]}"},
         429: {"description": "Too many studios in training, or created in the last hour; see Retry-After"},
+        403: {"description": "The operator requires a confirmed email address before training"},
     },
 )
 async def create_subject(request: Request, upload: UploadDep, storage: StorageDep, settings: SettingsDep) -> Response:
@@ -216,11 +217,7 @@ async def create_subject(request: Request, upload: UploadDep, storage: StorageDe
         checked = await service.check_studio_in_slots(upload.form, upload.files, settings, decode_slots(request))
         created = await run_as_api_user(request, create)
     except service.StudioLimitReached as error:
-        return JSONResponse(
-            {"detail": str(error)},
-            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-            headers={"Retry-After": str(error.retry_after)},
-        )
+        return JSONResponse({"detail": str(error)}, status_code=error.status_code, headers=error.headers)
     except service.StudioRejected as error:
         code = status.HTTP_413_CONTENT_TOO_LARGE if error.too_large else status.HTTP_422_UNPROCESSABLE_CONTENT
         return JSONResponse(error.problems.as_json(), status_code=code)
@@ -270,6 +267,7 @@ def renew_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, set
     responses={
         409: {"description": "Not a failed or cancelled studio, already trained, or its photos are gone"},
         429: {"description": "Too many studios in training; see Retry-After"},
+        403: {"description": "The operator requires a confirmed email address before training"},
     },
 )
 def retry_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep) -> Response:
@@ -280,8 +278,7 @@ def retry_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, set
     except service.RetryRefused as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     except service.StudioLimitReached as error:
-        return JSONResponse({"detail": str(error)}, status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-                            headers={"Retry-After": str(error.retry_after)})
+        return JSONResponse({"detail": str(error)}, status_code=error.status_code, headers=error.headers)
     created = StudioCreated(subject=subject_detail(session, subject), job=job_summary(job))
     return JSONResponse(created.model_dump(mode="json"), status_code=status.HTTP_201_CREATED,
                         headers={"Location": job_summary(job).url})

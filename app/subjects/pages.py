@@ -24,6 +24,7 @@ from app.deps import (
     run_in_request_session,
 )
 from app.galleries.files import photo_response
+from app.jobs import estimates
 from app.models import Subject
 from app.photos.sanitize import format_megabytes
 from app.subjects import base_models, repository, retention, service
@@ -133,6 +134,18 @@ def new_studio_context(
     }
 
 
+def time_estimates(session: Session, settings: Settings) -> dict[str, Any]:
+    """What the page's script needs to say how long the studio the form describes will take."""
+    offers = base_models.offered(settings)
+    return {
+        "models": estimates.studio_estimates(session, settings,
+                                             [(offer.key, offer.spec or settings.base_model) for offer in offers]),
+        "default_model": offers[0].key,
+        "pack_sizes": {pack.name: len(pack.prompts) for pack in STYLE_PACKS.values()},
+        "default_packs": DEFAULT_PACK,
+    }
+
+
 @router.get("/studios", name="studios")
 def my_studios(request: Request, user: PageUser, session: SessionDep) -> Response:
     """My studios as cards: status, thumbnail, expiry date; an invitation when there are none yet."""
@@ -143,6 +156,7 @@ def my_studios(request: Request, user: PageUser, session: SessionDep) -> Respons
 @router.get("/studios/new", name="new_studio")
 def new_studio(request: Request, user: PageUser, session: SessionDep, settings: SettingsDep) -> Response:
     context = new_studio_context(settings)
+    context["time_estimates"] = time_estimates(session, settings)
     limit = service.studio_limit(session, user, settings)
     if limit is not None:
         # Said before the person picks photos, not only after the upload.
@@ -188,8 +202,8 @@ async def create_studio(request: Request, storage: StorageDep, settings: Setting
             request,
             "subjects/new.html",
             context,
-            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-            headers={"Retry-After": str(error.retry_after)},
+            status_code=error.status_code,
+            headers=error.headers,
         )
     except service.StudioRejected as error:
         code = status.HTTP_413_CONTENT_TOO_LARGE if error.too_large else status.HTTP_422_UNPROCESSABLE_CONTENT

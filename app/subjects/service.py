@@ -22,7 +22,9 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from app import rate_limits
+from app.accounts import usage
 from app.config import Settings
+from app.jobs import estimates
 from app.jobs.service import format_duration
 from app.models import SUBJECT_KINDS, GeneratedImage, Job, Photo, Subject, User, utcnow
 from app.photos import SanitizedBatch, SanitizedPhoto, sanitize_uploads
@@ -58,11 +60,28 @@ class StudioRejected(Exception):
 
 
 class StudioLimitReached(Exception):
-    """The owner may not start another studio now (answered with 429 and ``Retry-After: retry_after``)."""
+    """The owner may not start another studio now (answered with ``status_code``, 429 and
+    ``Retry-After: retry_after`` unless a subclass says otherwise)."""
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    status_code = 429
+
+    def __init__(self, message: str, retry_after: int | None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class EmailNotVerified(StudioLimitReached):
+    """The operator requires a confirmed address before training (``require_verified_email``); 403."""
+
+    status_code = 403
+
+    def __init__(self) -> None:
+        super().__init__("Confirm your email address before you start a training: open the link we sent you, "
+                         "or ask for a new one on your account page.", None)
 
 
 class TooManyActiveJobs(StudioLimitReached):
@@ -86,6 +105,16 @@ class TooManyStudiosThisHour(StudioLimitReached):
         self.limit = limit
 
 
+class MonthlyQuotaReached(StudioLimitReached):
+    """The owner used this month's quota (studios or GPU minutes) that an operator set on the account."""
+
+
+def monthly_quota(session: Session, owner: User) -> MonthlyQuotaReached | None:
+    """The monthly quota ``owner`` has used up (studios or GPU minutes), or None (app.accounts.usage)."""
+    used = usage.quota_used(session, owner, studios=True)
+    return None if used is None else MonthlyQuotaReached(used.message, used.retry_after)
+
+
 def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
     return (rate_limits.Limit("studios", settings.max_studios_per_hour, timedelta(hours=1)), str(owner.id))
 
@@ -93,6 +122,12 @@ def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
 def studio_limit(session: Session, owner: User, settings: Settings) -> StudioLimitReached | None:
     """The limit that keeps ``owner`` from starting a studio now, or None. The new-studio page says it
     before any photo is picked; :func:`create_studio` raises it."""
+    # The monthly quota first: it says when the next studio is possible, where the others only say "later".
+    quota = monthly_quota(session, owner)
+    if quota is not None:
+        return quota
+    if settings.require_verified_email and owner.email_verified_at is None:
+        return EmailNotVerified()
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
         return TooManyActiveJobs(settings.max_active_jobs_per_user)
     if settings.max_studios_per_hour > 0:
@@ -394,6 +429,7 @@ def store_studio(
             status="queued",
             stage="queued",
             max_attempts=settings.max_attempts,
+            details=planned(session, settings, subject),
         )
         session.add(subject)
         session.flush()  # the subject first: photos and the job refer to it
@@ -414,6 +450,12 @@ def store_studio(
         raise
     _track_until_commit(session, storage, stored)
     return subject, job
+
+
+def planned(session: Session, settings: Settings, subject: Subject) -> dict[str, Any]:
+    """A new training job's details: its plan (the seconds each step should take), when a speed is known."""
+    plan = estimates.plan_training(session, settings, subject)
+    return {"plan": plan} if plan else {}
 
 
 RETRYABLE_STATUSES = ("failed", "cancelled")
@@ -440,17 +482,23 @@ def retry_refusal(session: Session, subject: Subject) -> RetryRefused | None:
 def retry_studio(session: Session, settings: Settings, owner: User, subject: Subject) -> Job:
     """Start a new training job of ``subject`` from the photos it kept ("Try again" on a failed studio).
 
-    Raises :class:`RetryRefused` when the studio cannot be tried again and :class:`TooManyActiveJobs`
-    when the owner is at the active-job limit. A retry is not a new studio: the hourly studio limit
-    does not count it. The job is flushed and "training.run" is sent once the caller commits.
+    Raises :class:`RetryRefused` when the studio cannot be tried again, :class:`MonthlyQuotaReached`
+    when the owner used this month's GPU minutes, and :class:`TooManyActiveJobs` at the active-job limit.
+    A retry is not a new studio: the hourly studio limit and the monthly studio quota do not count it.
+    The job is flushed and "training.run" is sent once the caller commits.
     """
     refusal = retry_refusal(session, subject)
     if refusal is not None:
         raise refusal
+    used = usage.quota_used(session, owner, studios=False)  # a retry trains again: GPU minutes count
+    if used is not None:
+        raise MonthlyQuotaReached(used.message, used.retry_after)
+    if settings.require_verified_email and owner.email_verified_at is None:
+        raise EmailNotVerified()
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
         raise TooManyActiveJobs(settings.max_active_jobs_per_user)
     job = Job(subject_id=subject.id, owner_id=owner.id, kind="train", status="queued", stage="queued",
-              max_attempts=settings.max_attempts)
+              max_attempts=settings.max_attempts, details=planned(session, settings, subject))
     session.add(job)
     session.flush()
 

@@ -1,7 +1,7 @@
 """Share links: a picture or a studio's gallery, shown to whoever has the link until it expires or is revoked.
 
 Revision ID: 0008
-Revises: 0004
+Revises: 0006
 Create Date: 2026-12-01
 
 """
@@ -12,7 +12,7 @@ from alembic import op
 
 
 revision: str = "0008"
-down_revision: str | Sequence[str] | None = "0004"
+down_revision: str | Sequence[str] | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--guidance", type=_positive_float, help="default: the model family's (SD 7.5, SDXL 5)")
     train.add_argument("--no-score", action="store_true", help="skip DINO / CLIP scoring")
     train.add_argument("--device", choices=("auto", "cpu"), default="auto")
+    train.add_argument("--threads", type=_positive_int,
+                        help="PyTorch CPU threads (default: the usable cores, one left free on up to 4)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sample = commands.add_parser("sample", help="sample more images from a trained run")
@@ -155,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance", type=_positive_float, help="default: the model family's (SD 7.5, SDXL 5)")
     sample.add_argument("--out", type=Path, required=True)
     sample.add_argument("--device", choices=("auto", "cpu"), default="auto")
+    sample.add_argument("--threads", type=_positive_int,
+                        help="PyTorch CPU threads (default: the usable cores, one left free on up to 4)")
     sample.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -187,6 +191,12 @@ def _check_some_photo_decodes(photos: list[Path]) -> None:
     raise EngineInputError(f"no readable photo among {len(photos)}: {'; '.join(failures)}")
 
 
+def _use_threads(threads: int | None) -> None:
+    from worker.engine.threads import apply_threads, choose_threads
+
+    apply_threads(choose_threads(threads))
+
+
 def _device(choice: str) -> tuple[Any, Any]:
     """The (device, dtype) for ``--device``: "cpu", or "auto" (CUDA with bf16 when present)."""
     from worker.engine.models import select_device
@@ -207,6 +217,7 @@ def _train(args: argparse.Namespace) -> int:
     for option, setting in (("method", "method"), ("steps", "steps"), ("lr", "learning_rate"), ("rank", "rank")):
         if getattr(args, option) is not None:
             overrides[setting] = getattr(args, option)
+    _use_threads(args.threads)
     device, dtype = _device(args.device)
     model = load_base_model(args.base_model, device=device, dtype=dtype)
     spec = JobSpec(photos=photos, class_noun=args.class_noun, subject_kind=kind, work_dir=args.out,
@@ -242,6 +253,7 @@ def _sample(args: argparse.Namespace) -> int:
     run_dir = args.run / RUN_DIR if (args.run / RUN_DIR / "run.json").exists() else args.run
     details = run_details(run_dir)
     prompts = args.prompts or list(pack_templates(None, details["subject_kind"]))
+    _use_threads(args.threads)
     device, dtype = _device(args.device)
     model = load_base_model(details["base_model"], device=device, dtype=dtype)
     bars = StageBars(enabled=not args.quiet)

@@ -31,6 +31,7 @@ from worker.engine.evaluate import Scorer, Scores, default_scorer, rank, strip_i
 from worker.engine.identifiers import choose_identifier, validate_identifier
 from worker.engine.models import BaseModel, device_memory_gb
 from worker.engine.photos import PhotoProblem, prepare_photos
+from worker.engine.presets import DEMO_PRIOR_IMAGES
 from worker.engine.priors import fill_prior_bank
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, check_cancel
 from worker.engine.recipes import recipe
@@ -119,8 +120,16 @@ def training_config(spec: JobSpec, model: BaseModel, preview_prompts: list[str])
     memory = device_memory_gb(model.device)
     if "gradient_checkpointing" not in spec.train_overrides and memory is not None:
         config.gradient_checkpointing = memory < model.family.full_speed_memory_gb
+    if "quantize_base" not in spec.train_overrides and memory is not None and config.method == "lora":
+        config.quantize_base = "int8" if memory < model.family.int8_base_memory_gb else "none"
     config.validate()
     return config
+
+
+def recipe_prior_images(config: TrainConfig, model: BaseModel) -> int:
+    """The class-prior images a job takes when the caller does not say: the recipe's, at most
+    :data:`DEMO_PRIOR_IMAGES` on a demo model."""
+    return min(config.num_class_images, DEMO_PRIOR_IMAGES) if model.is_demo else config.num_class_images
 
 
 def job_prompts(spec: JobSpec, identifier: str, class_noun: str) -> list[str]:
@@ -171,13 +180,14 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
 
     # 2. priors
     check_cancel(should_cancel)
-    prior_count = spec.prior_images if spec.prior_images is not None else config.num_class_images
+    prior_count = spec.prior_images if spec.prior_images is not None else recipe_prior_images(config, model)
     if not config.with_prior or config.prior_source == "base_model":
         prior_count = 0  # no prior term, or its targets come from the base model: no class images
     if prior_count > 0:
+        default_steps, default_guidance = model.family.sample_defaults(model)
         bank = fill_prior_bank(model, spec.bank_root, class_prompt, prior_count, resolution=config.resolution,
-                               steps=spec.prior_steps or model.family.sample_steps,
-                               guidance=_or_default(spec.prior_guidance, model.family.sample_guidance),
+                               steps=spec.prior_steps or default_steps,
+                               guidance=_or_default(spec.prior_guidance, default_guidance),
                                negative_prompt=spec.prior_negative_prompt, batch_size=spec.batch_size,
                                progress=progress, should_cancel=should_cancel)
         class_images, prior_generated, prior_reused, bank_key = bank.images, bank.generated, bank.reused, bank.key
@@ -309,9 +319,10 @@ def generate_more(model: BaseModel, run_dir: Path, prompts: list[str], *, identi
     subject = f"{identifier} {class_noun}"
     expanded = [p if subject in p else expand_prompts([p], identifier, class_noun)[0] for p in prompts]
     pipe = load_trained_pipeline(model, run_dir)
+    default_steps, default_guidance = model.family.sample_defaults(model)
     return sample_images(pipe, expanded, images_per_prompt=images_per_prompt, out_dir=out_dir, seed=seed,
-                         steps=steps or model.family.sample_steps,
-                         guidance=_or_default(guidance, model.family.sample_guidance),
+                         steps=steps or default_steps,
+                         guidance=_or_default(guidance, default_guidance),
                          negative_prompt=negative_prompt, batch_size=batch_size,
                          resolution=resolution, base_model=model.spec, progress=progress,
                          should_cancel=should_cancel, autocast_dtype=model.dtype)

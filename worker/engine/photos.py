@@ -3,7 +3,7 @@
 For every photo: decode it, apply its EXIF orientation, convert to RGB, check it (too small, blurred,
 a near-duplicate of an earlier photo, unreadable), crop a square that keeps the subject whole, and
 resize to the training resolution with LANCZOS. Problem photos are left out and reported with a
-reason a person can act on ("photo3.jpg: blurry (sharpness 12 < 40)").
+reason a person can act on ("photo3.jpg: blurry: no part is in sharp focus (sharpness 12 < 55)").
 
 The crop is subject-aware because a random or centre crop that cuts off a head teaches the model a
 headless subject:
@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.engine.errors import EngineInputError, PhotosUnusable
+from worker.engine.sharpness import BLUR_THRESHOLD, sharpness
 
 try:  # HEIC/HEIF from phones, when pillow-heif is installed (a project dependency)
     from pillow_heif import register_heif_opener
@@ -41,8 +42,6 @@ SubjectKind = Literal["pet", "person"]
 SUBJECT_KINDS: tuple[str, ...] = ("pet", "person")
 
 MIN_SIDE_ABSOLUTE = 64  # below this no resolution is worth training on
-BLUR_THRESHOLD = 40.0  # variance of the Laplacian on the normalized grayscale
-SHARPNESS_SIDE = 256  # shorter side of the normalized grayscale the sharpness is measured on
 DUPLICATE_MAX_BITS = 6  # dHash Hamming distance (of 64 bits) at or below which photos are near-duplicates
 HASH_SIZE = 8
 # Face crop geometry, in units of the detected face box's height: the square spans this many face
@@ -89,20 +88,6 @@ def load_photo(path: Path) -> Image.Image:
         raise EngineInputError(f"{path.name}: unreadable (not an image Pillow can decode)") from exc
 
 
-def sharpness(image: Image.Image) -> float:
-    """Variance of the Laplacian of the grayscale image scaled to a fixed shorter side.
-
-    Normalizing the size makes the number comparable between a 12 MP phone photo and a small one.
-    """
-    gray = np.asarray(image.convert("L"), dtype=np.float32)
-    height, width = gray.shape
-    scale = SHARPNESS_SIDE / min(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    normalized = cv2.resize(gray, size, interpolation=interpolation)
-    return float(cv2.Laplacian(normalized, cv2.CV_32F).var())
-
-
 def dhash(image: Image.Image, hash_size: int = HASH_SIZE) -> int:
     """Difference hash: one bit per horizontally adjacent pixel pair of a tiny grayscale copy."""
     small = image.convert("L").resize((hash_size + 1, hash_size), Image.Resampling.BOX)
@@ -131,7 +116,7 @@ def image_problems(image: Image.Image, resolution: int) -> list[str]:
         return problems  # a tiny image's sharpness says nothing useful
     score = sharpness(image)
     if score < BLUR_THRESHOLD:
-        problems.append(f"blurry (sharpness {score:.0f} < {BLUR_THRESHOLD:.0f})")
+        problems.append(f"blurry: no part is in sharp focus (sharpness {score:.0f} < {BLUR_THRESHOLD:.0f})")
     return problems
 
 

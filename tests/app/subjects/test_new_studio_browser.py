@@ -70,6 +70,10 @@ def test_create_a_studio_in_the_browser(
             page.fill("#class_noun_animal", "guinea pig")
             page.fill("#name", "Biscuit")
             assert "a photo of Biscuit on the beach" in (page.text_content("[data-pack-prompts=pet-adventures]") or "")
+            # Before it starts, the form says how long this studio will take (no GPU here: the demo model's speeds).
+            estimate = page.locator("[data-time-estimate]")
+            estimate.wait_for(state="visible")
+            assert "will take" in estimate.inner_text() and "pictures" in estimate.inner_text()
 
             # Previews, a count, and removal.
             page.set_input_files("#photos", [str(path) for path in photo_files.values()])

@@ -21,6 +21,7 @@ from worker.engine.photos import (
     prepare_photos,
     saliency_crop_box,
 )
+from worker.engine.sharpness import BLUR_THRESHOLD
 
 
 def _exif_rotated_jpeg(path: Path) -> Path:
@@ -72,8 +73,8 @@ def test_prepare_reports_and_excludes_problem_photos(subject_photos: list[Path],
     assert len(prepared.images) == 4
     reasons = {problem.name: problem.reason for problem in prepared.problems}
     assert set(reasons) == {"blurred.jpg", "small.jpg", "duplicate.png", "broken.jpg"}
-    assert reasons["blurred.jpg"].startswith("blurry (sharpness ")
-    assert "< 40" in reasons["blurred.jpg"]
+    assert reasons["blurred.jpg"].startswith("blurry: no part is in sharp focus (sharpness ")
+    assert f"< {BLUR_THRESHOLD:.0f}" in reasons["blurred.jpg"]
     assert reasons["small.jpg"].startswith("too small (40x30")
     assert reasons["duplicate.png"].startswith("near-duplicate of photo0.jpg")
     assert reasons["broken.jpg"].startswith("unreadable")

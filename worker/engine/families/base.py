@@ -92,6 +92,9 @@ class Family(ABC):
     # estimate of a LoRA + prior step at the native size without it, with headroom; the OOM retry
     # in the worker still catches a card that turns out too small.
     full_speed_memory_gb: ClassVar[float] = 16.0  # image sides must be a multiple of this (VAE factor x any packing)
+    # GPU memory (GiB) below which a LoRA job keeps the frozen denoiser in int8 (TrainConfig.quantize_base):
+    # 0 for families whose bf16 weights leave room on any card the studio supports.
+    int8_base_memory_gb: ClassVar[float] = 0.0
     sample_steps: ClassVar[int]
     sample_guidance: ClassVar[float]
     sampler_name: ClassVar[str]  # as image viewers read it in the PNG's parameters
@@ -170,6 +173,11 @@ class Family(ABC):
     @abstractmethod
     def pipeline(self, model: BaseModel, parts: Mapping[str, torch.nn.Module]) -> Any:
         """The family's stock pipeline over the model's components, with ``parts`` replacing some."""
+
+    def sample_defaults(self, model: BaseModel) -> tuple[int, float]:
+        """The steps and guidance ``model`` samples well with when the job names none: the family's,
+        unless the checkpoint is a different kind (a step-distilled one, or the base it was distilled from)."""
+        return self.sample_steps, self.sample_guidance
 
     def render(self, pipe: Any, prompts: Sequence[str], *, negative_prompt: str, steps: int, guidance: float,
                resolution: int, generators: list[torch.Generator],
