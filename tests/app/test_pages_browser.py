@@ -133,6 +133,9 @@ def test_every_page_fits_a_phone_and_reads_like_a_product(
 ) -> None:
     storage: Storage = app.state.storage
     user = make_user(LONG_EMAIL)
+    with Session(clean_db) as session:  # an operator, so the console's pages are walked too
+        session.get(User, user.id).is_operator = True  # type: ignore[union-attr]
+        session.commit()
     studios = seed_studios(clean_db, storage, user)
     rex, bella = studios["rex"], studios["bella"]
     context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True, timezone_id=ZONE)
@@ -159,7 +162,10 @@ def test_every_page_fits_a_phone_and_reads_like_a_product(
     best_url = f"{rex_url}/images/{studios['best'].id}"
     pages = {"home": "/", "studios": "/studios", "new-studio": "/studios/new", "studio": bella_url,
              "trained-studio": rex_url, "gallery": f"{rex_url}/gallery", "image": best_url,
-             "delete": f"{rex_url}/delete", "account": "/account", "not-found": "/studios/nope"}
+             "delete": f"{rex_url}/delete", "account": "/account", "not-found": "/studios/nope",
+             "operator": "/operator", "operator-workers": "/operator/workers",
+             "operator-accounts": "/operator/accounts", "operator-storage": "/operator/storage",
+             "operator-models": "/operator/models"}
     for name, path in pages.items():
         page.goto(live_url + path)
         assert_fits(page, path)
@@ -167,7 +173,7 @@ def test_every_page_fits_a_phone_and_reads_like_a_product(
         shots(page, f"phone-{name}")
     # The login and sign-up pages, for a visitor.
     visitor = browser.new_page(viewport=PHONE)
-    for path in ("/login", "/signup"):
+    for path in ("/login", "/signup", "/password/forgot", "/password/reset?token=nope", "/verify-email?token=nope"):
         visitor.goto(live_url + path)
         assert_fits(visitor, path)
 
@@ -276,13 +282,15 @@ def test_every_page_fits_a_phone_and_reads_like_a_product(
     expect(page.locator("h1")).to_have_text("Rex the Brave")
     assert errors == []
 
-    # The desktop: the same pages fit and a few are kept as pictures.
+    # The desktop: the same pages fit, with the same dates, and a few are kept as pictures.
     desktop = browser.new_context(viewport=DESKTOP, timezone_id=ZONE)
     desktop.add_cookies(context.cookies())
     wide = desktop.new_page()
-    for name, path in (("studios", "/studios"), ("image", best_url), ("account", "/account")):
+    for name, path in pages.items():
         wide.goto(live_url + path)
         assert_fits(wide, path)
-        shots(wide, f"desktop-{name}")
+        assert_one_date_format(wide, path)
+        if name in ("studios", "image", "account", "gallery"):
+            shots(wide, f"desktop-{name}")
     with sessionmaker(bind=clean_db)() as session:
         assert session.get(Subject, rex.id).name == "Rex the Brave"  # type: ignore[union-attr]
