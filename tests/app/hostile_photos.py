@@ -26,39 +26,46 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-STRIPE = 64  # px: stripes this wide keep a 50-megapixel picture sharp for the blur check once it is scaled down
+# px: squares of a checkerboard this wide keep a 50-megapixel picture sharp (in both directions, as
+# the blur check asks) once it is scaled down
+STRIPE = 64
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def _png(width: int, height: int, bit_depth: int, colour_type: int, row: bytes) -> bytes:
-    """A PNG whose every row is ``row`` (without its filter byte), compressed as it is written."""
+def _png(width: int, height: int, bit_depth: int, colour_type: int, row: bytes, other_row: bytes) -> bytes:
+    """A PNG whose rows are ``row`` and ``other_row`` in bands of STRIPE rows (without their filter
+    byte), compressed as they are written."""
     compressor = zlib.compressobj(6)
-    line = b"\x00" + row
-    data = b"".join(compressor.compress(line) for _ in range(height)) + compressor.flush()
+    lines = (b"\x00" + row, b"\x00" + other_row)
+    data = b"".join(compressor.compress(lines[(y // STRIPE) % 2]) for y in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
 def png_16bit_grey(width: int, height: int) -> bytes:
-    """16-bit greyscale, black and white stripes: ~100 KB for 49 megapixels, 2 bytes a pixel decoded."""
+    """16-bit greyscale, a black and white checkerboard: ~100 KB for 49 megapixels, 2 bytes a pixel decoded."""
     row = b"".join((b"\xff\xff" if (x // STRIPE) % 2 else b"\x00\x00") for x in range(width))
-    return _png(width, height, 16, 0, row)
+    other = b"".join((b"\x00\x00" if (x // STRIPE) % 2 else b"\xff\xff") for x in range(width))
+    return _png(width, height, 16, 0, row, other)
 
 
 def png_rgba(width: int, height: int) -> bytes:
-    """RGBA stripes, every other one half transparent (the alpha flattening path)."""
+    """An RGBA checkerboard, every other square half transparent (the alpha flattening path)."""
     row = b"".join((b"\xc8\x50\x28\x80" if (x // STRIPE) % 2 else b"\x28\x78\xc8\xff") for x in range(width))
-    return _png(width, height, 8, 6, row)
+    other = b"".join((b"\x28\x78\xc8\xff" if (x // STRIPE) % 2 else b"\xc8\x50\x28\x80") for x in range(width))
+    return _png(width, height, 8, 6, row, other)
 
 
 def striped_image(width: int, height: int) -> Image.Image:
+    """A blue and yellow checkerboard of STRIPE px squares."""
     image = Image.new("RGB", (width, height), (30, 60, 140))
     draw = ImageDraw.Draw(image)
-    for x in range(0, width, 2 * STRIPE):
-        draw.rectangle((x, 0, x + STRIPE - 1, height), fill=(240, 210, 90))
+    for y in range(0, height, STRIPE):
+        for x in range((y // STRIPE) % 2 * STRIPE, width, 2 * STRIPE):
+            draw.rectangle((x, y, x + STRIPE - 1, y + STRIPE - 1), fill=(240, 210, 90))
     return image
 
 

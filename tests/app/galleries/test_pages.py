@@ -246,7 +246,8 @@ def test_a_person_studio_ranks_by_face_match_and_says_it_in_words(
     for words in ("Strong match", "Weak match", "Not a match", "No face found"):
         assert f">{words}</span>" in response.text
     full = client.get(f"/studios/{subject.id}/images/{images[2].id}")
-    assert "Strong match (0.31 from your photos" in full.text
+    assert 'data-face-match="strong match">Strong match</span>' in full.text
+    assert "0.31 from your photos" in full.text  # the number, behind "Technical details"
 
     listed = client.get(f"/api/v1/subjects/{subject.id}/images?sort=likeness", headers=api_headers(user)).json()
     rows = listed["images"] if isinstance(listed, dict) else listed
