@@ -43,6 +43,7 @@ from app import config as config_module
 from app import db as db_module
 from app import openapi
 from app import storage as storage_module
+from app.access_log import quiet_polling
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
 from app.body_guard import BodyGuardMiddleware
@@ -450,6 +451,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the studio's web app for ``settings`` (default: from the environment)."""
     settings = settings or config_module.get_settings()
     session_factory, private_engine = _session_factory(settings)
+    quiet_polling()  # the studio page's status polls would bury everything else in the access log
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -151,14 +151,25 @@ def quiet_the_cancel_on_connection_loss_warning(**_: Any) -> None:
                             category=CPendingDeprecationWarning)
 
 
+def serves_jobs(worker: Any) -> bool:
+    """Whether a starting worker consumes the job queue (a maintenance-only worker needs no engine)."""
+    try:
+        queues = set(worker.app.amqp.queues.consume_from)
+    except AttributeError:
+        return True
+    return not queues or GPU_QUEUE in queues
+
+
 @worker_init.connect
-def preload_engine(**_: Any) -> None:
+def preload_engine(sender: Any = None, **_: Any) -> None:
     """Import the engine once in a worker's main process, before its pool forks.
 
     Every job runs in a fresh child (``worker_max_tasks_per_child = 1``); forked from a parent that
     already imported torch and diffusers, a child starts in milliseconds instead of seconds. Only
     imports happen here: CUDA is initialised in the child that runs the job, never in the parent.
     """
+    if sender is not None and not serves_jobs(sender):
+        return  # maintenance only: no torch, so the process stays small
     # CUDA must not be initialised before a fork; with this, torch.cuda.is_available() asks NVML instead.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     threads = _worker_threads()

@@ -24,6 +24,7 @@ from app.deps import (
     run_in_request_session,
 )
 from app.galleries.files import photo_response
+from app.jobs import estimates
 from app.models import Subject
 from app.photos.sanitize import format_megabytes
 from app.subjects import base_models, repository, retention, service
@@ -35,7 +36,6 @@ from app.subjects.schemas import (
     QUALITY_PRESETS,
     StudioProblems,
 )
-from app.jobs import estimates
 from app.templating import format_date, redirect_with_flash, render
 from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS
 

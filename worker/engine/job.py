@@ -31,9 +31,9 @@ from worker.engine.evaluate import Scorer, Scores, default_scorer, rank, strip_i
 from worker.engine.identifiers import choose_identifier, validate_identifier
 from worker.engine.models import BaseModel, device_memory_gb
 from worker.engine.photos import PhotoProblem, prepare_photos
+from worker.engine.presets import DEMO_PRIOR_IMAGES
 from worker.engine.priors import fill_prior_bank
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, check_cancel
-from worker.engine.presets import DEMO_PRIOR_IMAGES
 from worker.engine.recipes import recipe
 from worker.engine.sample import (
     INDEX_FILE,
