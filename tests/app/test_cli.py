@@ -245,3 +245,12 @@ def test_the_access_log_leaves_out_the_status_polls() -> None:
     assert quiet.filter(record("GET", job, 500))  # a failing poll is worth a line
     assert quiet.filter(record("POST", "/studios/new", 303))
     assert quiet.filter(record("GET", job + "/previews/0?v=abc", 200))
+
+
+def test_studio_train_takes_its_threads_from_the_worker_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(environment="test")
+    monkeypatch.setenv("STUDIO_WORKER_THREADS", "3")
+    assert cli.with_thread_option(["--steps", "5"], lambda: settings) == ["--steps", "5", "--threads", "3"]
+    assert cli.with_thread_option(["--threads", "1"], lambda: settings) == ["--threads", "1"]
+    monkeypatch.delenv("STUDIO_WORKER_THREADS")
+    assert cli.with_thread_option([], lambda: settings) == []  # the engine chooses from the cores
