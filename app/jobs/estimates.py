@@ -207,7 +207,8 @@ def plan_seconds(work: Work, speeds: Speeds) -> dict[str, float]:
 def gallery_size(style_pack: str | None, prompts: Sequence[str], images_per_prompt: int, kind: str) -> int:
     """How many gallery pictures a studio samples: its pack's prompts (the kind's default pack when it gave
     no prompts of its own) and its own, each ``images_per_prompt`` times."""
-    pack = STYLE_PACKS.get(style_pack or "") or (STYLE_PACKS.get(DEFAULT_PACK[kind]) if not prompts else None)
+    default = DEFAULT_PACK["person" if kind == "person" else "pet"]
+    pack = STYLE_PACKS.get(style_pack or "") or (STYLE_PACKS.get(default) if not prompts else None)
     return ((len(pack.prompts) if pack else 0) + len(prompts)) * images_per_prompt
 
 
