@@ -182,8 +182,7 @@ def preload_engine(sender: Any = None, **_: Any) -> None:
     except ImportError:
         log.warning("the engine could not be preloaded; each job will import it itself", exc_info=True)
         return
-    log.info("PyTorch uses %d CPU thread(s) (%d usable core(s); STUDIO_WORKER_THREADS sets it)",
-             apply_threads(threads), usable_cpus())
+    apply_threads(threads)
     if torch.cuda.is_initialized():
         log.error("CUDA was initialised in the worker's main process; forked jobs may fail to use the GPU")
 
@@ -199,6 +198,15 @@ def size_the_job_threads(**_: Any) -> None:
     """A job's process (forked from the preloaded parent) runs with the worker's thread count too."""
     if "torch" in sys.modules:
         apply_threads(_worker_threads())
+
+
+@worker_ready.connect
+def report_threads(**_: Any) -> None:
+    """Say in the worker's log (set up by now) how many CPU threads its jobs use."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        log.info("jobs use %d PyTorch CPU thread(s) of %d usable core(s) (STUDIO_WORKER_THREADS sets it)",
+                 torch.get_num_threads(), usable_cpus())
 
 
 @worker_ready.connect

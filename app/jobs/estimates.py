@@ -56,9 +56,11 @@ class Speeds:
     family: str = "sd"
 
 
-# The demo model with the worker's thread count, on the 2-core CPU box beside the web process
-# (bench/train.py --beside-table and a `studio up` run; docs/benchmarks.md, "The demo model's first studio").
-DEMO_SPEEDS = Speeds(prior_image=0.12, train_step=0.03, gallery_image=0.1, preparing=4.0, publishing=1.0,
+# The demo model with the worker's thread count (1) on the 2-core CPU box shared with other work (load
+# average 5-7): a first "balanced" studio through a real worker, 40 class pictures in 5.2 s, 500 steps in
+# 20.9 s, 40 gallery pictures in 4.7 s (`python bench/job.py --preset --quality balanced --broker filesystem`,
+# docs/benchmarks.md, "The demo model's first studio").
+DEMO_SPEEDS = Speeds(prior_image=0.13, train_step=0.042, gallery_image=0.12, preparing=1.0, publishing=1.0,
                      measured_jobs=0)
 
 

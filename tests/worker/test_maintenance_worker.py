@@ -67,6 +67,6 @@ def test_the_maintenance_worker_reaps_while_the_job_queue_waits(settings: Settin
             assert session.get(Job, waiting.id).status == "queued"  # type: ignore[union-attr]
         log = log_path.read_text(errors="replace")
         assert "maintenance.reap" in log
-        assert "training.run[" not in log and "PyTorch uses" not in log  # no job, no engine in this process
+        assert "training.run[" not in log and "PyTorch CPU thread" not in log  # no job, no engine in this process
     finally:
         stop_worker(worker)
