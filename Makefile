@@ -3,7 +3,8 @@
 #               the file-system broker; the built-in tiny demo model when there is no GPU)
 #   make test   run the test suite: SQLite and the file-system broker, then PostgreSQL and Redis (the
 #               second pass leaves out what does not touch the database: the engine, photo decoding,
-#               the schema check, and the fault tests, which start a private PostgreSQL of their own)
+#               the schema check, the fault tests, which start a private PostgreSQL of their own, and
+#               the browser tests, which drive pages whose queries the second pass already runs)
 #
 # TORCH is what pip installs first. On a machine without an NVIDIA GPU (no nvidia-smi) it is the CPU
 # build: PyTorch's CPU index is added to pip's, and its 2.13.0+cpu wins over the multi-GB CUDA build that
@@ -42,7 +43,7 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest
-	STUDIO_TEST_DB=postgres $(BIN)/pytest tests/app tests/worker tests/e2e --ignore=tests/worker/engine \
+	STUDIO_TEST_DB=postgres $(BIN)/pytest tests/app tests/worker -m "not browser" --ignore=tests/worker/engine \
 		--ignore=tests/app/photos --ignore=tests/app/test_openapi.py --ignore=tests/worker/test_faults.py
 
 bench: install

@@ -5,7 +5,9 @@
     studio web [--host --port --reload]
     studio worker [celery options]   (default: -Q gpu,cpu)
     studio beat [celery options]
-    studio createuser EMAIL [--password-stdin]
+    studio createuser EMAIL [--password-stdin] [--operator]
+    studio grant-operator EMAIL [--revoke]   the operator console (/operator)
+    studio priors fill --model KEY --class dog --count N   warm the class-prior bank (loads the model here)
     studio train ... / studio sample ...   the DreamBooth engine without web, database or queue
 
 This module imports no ML code: ``train`` and ``sample`` import ``worker.engine.cli`` only when run.
@@ -73,14 +75,48 @@ def read_new_password(from_stdin: bool) -> str:
     return first
 
 
-def create_user(email: str, password: str) -> str:
-    """Create an account and return its id; raises AccountError with a sentence on bad input."""
+def create_user(email: str, password: str, operator: bool = False) -> str:
+    """Create an account (an operator with ``operator``) and return its id; raises AccountError with a
+    sentence on bad input."""
     from app.accounts import service
     from app.db import session_scope
 
     with session_scope() as session:
         user = service.sign_up(session, email, password)
+        user.is_operator = operator
         return f"{user.email} ({user.id})"
+
+
+def grant_operator(email: str, revoke: bool = False) -> str:
+    """Make an existing account an operator (or no longer one); raises ValueError when there is none."""
+    from app.accounts import repository, service
+    from app.db import session_scope
+
+    with session_scope() as session:
+        user = repository.user_by_email(session, service.normalize_email(email))
+        if user is None:
+            raise ValueError(f"There is no account with the email {email!r}.")
+        user.is_operator = not revoke
+        return f"{user.email} ({user.id})"
+
+
+def fill_priors(model: str, class_noun: str, count: int) -> int:
+    """``studio priors fill``: fill the bank in this process (it loads the model, on this machine's GPU)."""
+    from app.operator.service import PriorFillRefused
+    from worker.tasks.priors import DiffusersPriorFiller, fill_priors
+    from worker.tasks.runtime import default_context
+
+    def report(event: Any) -> None:
+        print(f"  {event.step}/{event.total} class images", flush=True)
+
+    try:
+        result = fill_priors(default_context(), DiffusersPriorFiller(), model, class_noun, count, progress=report)
+    except PriorFillRefused as error:
+        print(f"studio priors fill: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"The bank of “{result.class_noun}” on {result.spec} holds {count} images "
+          f"({result.generated} painted now, {result.reused} already there).")
+    return EXIT_OK
 
 
 # --- child processes ------------------------------------------------------------------------------
@@ -259,6 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     createuser = commands.add_parser("createuser", help="create an account")
     createuser.add_argument("email")
     createuser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    createuser.add_argument("--operator", action="store_true", help="the account may use the operator console")
+    grant = commands.add_parser("grant-operator", help="let an existing account use the operator console")
+    grant.add_argument("email")
+    grant.add_argument("--revoke", action="store_true", help="take the operator role away instead")
+
+    priors = commands.add_parser("priors", help="the shared class-prior bank")
+    priors_commands = priors.add_subparsers(dest="priors_command", required=True, metavar="COMMAND")
+    fill = priors_commands.add_parser("fill", help="paint the class images a model's jobs of a class will reuse")
+    fill.add_argument("--model", default="", help="a key of STUDIO_BASE_MODELS (default: the first) or a model spec")
+    fill.add_argument("--class", dest="class_noun", required=True, help="the class noun: dog, cat, woman...")
+    fill.add_argument("--count", type=int, default=200, help="how many images the bank should hold")
 
     commands.add_parser("train", help="fine-tune on a folder of photos (see: studio train --help)", add_help=False)
     commands.add_parser("sample", help="sample prompts from trained weights (see: studio sample --help)",
@@ -313,12 +360,22 @@ def _run(argv: Sequence[str] | None) -> int:
         from app.accounts.service import AccountError
 
         try:
-            created = create_user(args.email, read_new_password(args.password_stdin))
+            created = create_user(args.email, read_new_password(args.password_stdin), operator=args.operator)
         except (AccountError, ValueError) as error:
             print(f"studio createuser: {error}", file=sys.stderr)
             return EXIT_ERROR
-        print(f"Created the account {created}.")
+        print(f"Created the {'operator ' if args.operator else ''}account {created}.")
         return EXIT_OK
+    if args.command == "grant-operator":
+        try:
+            changed = grant_operator(args.email, revoke=args.revoke)
+        except ValueError as error:
+            print(f"studio grant-operator: {error}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"{changed} {'is no longer' if args.revoke else 'is now'} an operator.")
+        return EXIT_OK
+    if args.command == "priors":
+        return fill_priors(args.model, args.class_noun, args.count)
     if args.command == "web":
         import uvicorn
 

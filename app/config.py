@@ -129,6 +129,32 @@ class Settings(BaseSettings):
     max_studios_per_hour: int = 10
     retention_days: int = 30
     delete_photos_after_training: bool = True
+    # The operator console and monitoring (app/operator): a worker whose last heartbeat is older than
+    # this is shown as lost and does not count for /readyz.
+    worker_lost_seconds: int = 60
+    # /metrics answers only a request with "Authorization: Bearer <this token>"; empty: no /metrics.
+    metrics_token: str = ""
+    # One JSON object per log line (with job and account ids), for a log stack to index.
+    log_json: bool = False
+
+    # Email. ``smtp_host`` empty (the embedded default): each message is written as an .eml file under
+    # ``var/mail`` and one line is logged, so a studio on one machine needs no mail server. Otherwise
+    # messages go to that server: ``smtp_tls`` "starttls" (port 587), "ssl" (port 465) or "none"
+    # (a catcher on a private network only), logging in when ``smtp_user`` is set.
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_tls: Literal["starttls", "ssl", "none"] = "starttls"
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_timeout_seconds: float = 30.0
+    mail_from: str = "Studio <studio@localhost>"
+    # True: an account must confirm its address before it can start a training (the rest of the
+    # studio works without). For a studio open to sign-ups, so every GPU hour has a reachable owner.
+    require_verified_email: bool = False
+    email_verification_hours: int = 48
+    password_reset_minutes: int = 60
+    # How long the link to a data export ("export my data") works; the ZIP is removed after it.
+    export_link_hours: int = 24
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -242,6 +268,11 @@ class Settings(BaseSettings):
     @property
     def scratch_dir(self) -> Path:
         return (self.var_dir / "scratch").resolve()
+
+    @property
+    def mail_dir(self) -> Path:
+        """Where messages are written as .eml files when no SMTP server is set (``smtp_host`` empty)."""
+        return (self.var_dir / "mail").resolve()
 
 
 def _base_model_option(position: int, entry: Any) -> BaseModelOption:

@@ -29,6 +29,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.routing import iter_route_contexts
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,18 +42,23 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app import config as config_module
 from app import db as db_module
-from app import openapi
+from app import logs, openapi
 from app import storage as storage_module
 from app.access_log import quiet_polling
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
 from app.body_guard import BodyGuardMiddleware
 from app.config import Settings
-from app.deps import API_PREFIX, LoginRequired, OptionalUser
+from app.deps import API_PREFIX, LoginRequired, OptionalUser, bearer_token
 from app.galleries import api as galleries_api
 from app.galleries import pages as galleries_pages
 from app.jobs import api as jobs_api
 from app.jobs import pages as jobs_pages
+from app.operator import api as operator_api
+from app.operator import health
+from app.operator import pages as operator_pages
+from app.operator.metrics import LatencyMiddleware, Metrics
+from app.security import tokens_equal
 from app.subjects import api as subjects_api
 from app.subjects import pages as subjects_pages
 from app.templating import STATIC_DIR, render
@@ -450,6 +456,7 @@ def request_slots(pool_size: int, max_overflow: int) -> int:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the studio's web app for ``settings`` (default: from the environment)."""
     settings = settings or config_module.get_settings()
+    logs.configure_logging(settings)
     session_factory, private_engine = _session_factory(settings)
     quiet_polling()  # the studio page's status polls would bury everything else in the access log
 
@@ -480,8 +487,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                               settings.database_max_overflow))
     app.state.password_hash_slots = asyncio.Semaphore(settings.password_hash_slots)
     app.state.storage = _storage(settings)
+    app.state.metrics = metrics = Metrics(session_factory, settings)
 
     # add_middleware wraps: the last added runs first, so security headers land on every answer.
+    app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.add_middleware(BodyGuardMiddleware, read_timeout=settings.request_body_timeout_seconds,
                        photo_limit=settings.max_photo_bytes)
     app.add_middleware(BodySizeLimitMiddleware, limit=settings.request_body_limit)
@@ -521,9 +530,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> Response:
+        """Readiness: the database, the broker, the storage and a GPU worker's heartbeat; 503 names what failed."""
+        result = health.readiness(settings, session_factory, app.state.storage)
+        body = {"status": "ready" if result.ready else "unavailable", "failed": result.failed,
+                "checks": result.checks}
+        return JSONResponse(body, status_code=200 if result.ready else 503, headers={"Cache-Control": "no-store"})
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_endpoint(request: Request) -> Response:
+        """Prometheus metrics for a scraper that sends ``Authorization: Bearer <STUDIO_METRICS_TOKEN>``.
+
+        Without a configured token there is no /metrics (404); a wrong or missing token is a 401."""
+        if not settings.metrics_token:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        if not tokens_equal(settings.metrics_token, bearer_token(request)):
+            return JSONResponse({"detail": "A valid metrics token is required."}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     for module in (
         accounts_api, accounts_pages, subjects_api, subjects_pages,
-        jobs_api, jobs_pages, galleries_api, galleries_pages,
+        jobs_api, jobs_pages, galleries_api, galleries_pages, operator_api, operator_pages,
     ):
         app.include_router(module.router)
     return app

@@ -33,6 +33,10 @@ PUBLIC = {
     ("post", "/api/v1/auth/token"),
     ("get", "/api/v1/style-packs"),
     ("get", "/api/v1/base-models"),
+    # The emailed links: whoever holds one is who it names. The reset request answers alike for all.
+    ("post", "/api/v1/auth/verify-email"),
+    ("post", "/api/v1/auth/password/forgot"),
+    ("post", "/api/v1/auth/password/reset"),
 }
 
 BUSY = "The server is busy hashing other passwords; try again after Retry-After seconds."
@@ -58,7 +62,30 @@ ROUTE_ERRORS: dict[tuple[str, str], dict[int, str]] = {
         415: "The body is not multipart/form-data.",
     },
     ("post", "/api/v1/jobs/{job_id}/cancel"): {409: "The job has already ended."},
+    ("post", "/api/v1/auth/verify-email"): {400: "The token is not valid, has expired, or was used already."},
+    ("post", "/api/v1/auth/verify-email/resend"): {
+        409: "The address is confirmed already.",
+        429: "Three links were asked for in the last hour; see Retry-After.",
+    },
+    ("post", "/api/v1/auth/password/forgot"): {
+        429: "Too many requests from this address or for this email; see Retry-After.",
+    },
+    ("post", "/api/v1/auth/password/reset"): {
+        400: "The token is not valid, has expired or was used (the detail says which), or the new password "
+             "breaks a rule (then the token still works).",
+        503: BUSY,
+    },
+    ("post", "/api/v1/me/delete"): {
+        403: "The password is wrong (or a session's write without its X-CSRF-Token header).",
+        429: "Too many wrong passwords; see Retry-After.",
+        503: BUSY,
+    },
+    ("post", "/api/v1/me/exports"): {409: "An export of the account is being built already."},
     ("post", "/api/v1/subjects/{subject_id}/generate"): {
+        409: "The studio has no trained model yet, or a job of it is still running.",
+        429: "The account has its maximum of queued and running jobs; see Retry-After.",
+    },
+    ("post", "/api/v1/images/{image_id}/more"): {
         409: "The studio has no trained model yet, or a job of it is still running.",
         429: "The account has its maximum of queued and running jobs; see Retry-After.",
     },
@@ -68,10 +95,15 @@ REDIRECTED = {
     ("get", "/api/v1/images/{image_id}/file"),
     ("get", "/api/v1/subjects/{subject_id}/photos/{photo_id}"),
     ("get", "/api/v1/subjects/{subject_id}/model/{variant}"),
+    ("get", "/api/v1/me/exports/{export_id}/download"),
 }
 # Answers whose 422 is a sentence (a request that parsed but asks for something impossible), not a
 # list of validation errors.
-SENTENCE_422 = {("post", "/api/v1/subjects/{subject_id}/generate")}
+SENTENCE_422 = {
+    ("post", "/api/v1/subjects/{subject_id}/generate"),
+    ("post", "/api/v1/images/{image_id}/more"),
+    ("patch", "/api/v1/subjects/{subject_id}"),
+}
 
 ERROR_SCHEMA = {
     "title": "Error",

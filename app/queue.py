@@ -85,6 +85,16 @@ def send_now(task_name: str, **ids: str) -> None:
     (_sender_override or _broker_send)(task_name, dict(ids), queue_for(task_name))
 
 
+def send_operator_command(task_name: str, **values: str) -> None:
+    """Send an operator's command now, whose arguments are settings rather than ids (the prior fill's model
+    key, class noun and count). Like every task, it carries nothing personal; the caller checked the values."""
+    from worker.celery_app import queue_for
+
+    if not all(isinstance(value, str) for value in values.values()):
+        raise TypeError(f"task {task_name!r}: arguments must be strings")
+    (_sender_override or _broker_send)(task_name, dict(values), queue_for(task_name))
+
+
 def _check_ids(task_name: str, ids: dict[str, str]) -> None:
     if not ids:
         raise ValueError(f"task {task_name!r} needs at least one id argument")
@@ -239,6 +249,32 @@ def broker_view(queue_names: list[str]) -> BrokerView | None:
     # An unacknowledged entry is [message, exchange, routing key].
     delivered = {job_id for raw in replies[-1] if (job_id := _job_id_of(_first(_json(raw))))}
     return BrokerView(frozenset(waiting), frozenset(delivered))
+
+
+def broker_queue_lengths(queue_names: list[str], timeout: float = 1.0) -> dict[str, int] | None:
+    """How many messages wait in each queue of the broker (priorities summed); None unless it is Redis and
+    answers. For the metrics: the database counts jobs, the broker counts every task (maintenance too)."""
+    url = studio_config.get_settings().resolved_broker_url
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for name in queue_names:
+                    pipe.llen(name)
+                    for priority in _REDIS_PRIORITY_STEPS:
+                        pipe.llen(f"{name}{_REDIS_PRIORITY_SEPARATOR}{priority}")
+                replies = pipe.execute()
+        finally:
+            client.close()
+    except Exception:
+        log.warning("could not read the broker's queue lengths", exc_info=True)
+        return None
+    per_queue = 1 + len(_REDIS_PRIORITY_STEPS)
+    return {name: sum(int(n) for n in replies[i * per_queue:(i + 1) * per_queue]) for i, name in enumerate(queue_names)}
 
 
 def _json(raw: bytes | str) -> Any:

@@ -81,3 +81,9 @@ def reset(session: Session, counters: Sequence[Counter]) -> None:
     """Forget the events of ``counters`` (a sign-in that succeeded), in the request's transaction."""
     keys = [counter_key(counter) for counter in counters]
     session.execute(delete(RateEvent).where(RateEvent.key.in_(keys)))
+
+
+def forget(session: Session, scopes: Sequence[str], value: str) -> None:
+    """Delete the events that every counter of ``scopes`` holds for ``value`` (an account being deleted)."""
+    keys = [counter_key((Limit(scope, 0, timedelta(0)), value)) for scope in scopes]
+    session.execute(delete(RateEvent).where(RateEvent.key.in_(keys)))

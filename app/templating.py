@@ -12,16 +12,19 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse
 from fastapi.templating import Jinja2Templates
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from jinja2 import pass_context
 from markupsafe import Markup, escape
 from starlette.responses import Response
 
@@ -63,22 +66,83 @@ def static_url(path: str) -> str:
     return f"/static/{path}?v={version}"
 
 
-def format_date(value: datetime | None) -> str:
-    """25 Nov 2026."""
-    return "" if value is None else f"{value.day} {value:%b %Y}"
+# --- dates, in the person's time zone --------------------------------------------------------------
+# One format everywhere: "25 Nov 2026" and "25 Nov 2026, 15:05 UTC+1", in the zone the browser reports
+# (studio.js writes it to this cookie and rewrites every <time data-when> with the same rules, so a
+# date the page's script updates reads exactly like one the server wrote). Without the cookie: UTC.
+TZ_COOKIE = "studio_tz"
+# English month names of our own: locales disagree ("Sep" or "Sept"), and the script uses the same list.
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-def format_datetime(value: datetime | None) -> str:
-    """25 Nov 2026, 14:05 UTC."""
-    return "" if value is None else f"{value.day} {value:%b %Y, %H:%M} UTC"
+def zone_named(name: str | None) -> tzinfo:
+    """The IANA zone ``name`` ("Europe/Berlin"), or UTC when it is missing or not a zone this machine knows."""
+    if not name or len(name) > 64 or not re.fullmatch(r"[A-Za-z0-9_+\-/]+", name) or ".." in name:
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return UTC
+
+
+def person_zone(request: Request) -> tzinfo:
+    """The time zone the person's browser reported (the ``studio_tz`` cookie), else UTC."""
+    return zone_named(request.cookies.get(TZ_COOKIE))
+
+
+def offset_label(offset: timedelta | None) -> str:
+    """UTC, UTC+1, UTC-5, UTC+5:30."""
+    minutes = int((offset or timedelta()).total_seconds() // 60)
+    if minutes == 0:
+        return "UTC"
+    sign = "+" if minutes > 0 else "-"
+    hours, rest = divmod(abs(minutes), 60)
+    return f"UTC{sign}{hours}" + (f":{rest:02d}" if rest else "")
+
+
+def format_date(value: datetime | None, zone: tzinfo = UTC) -> str:
+    """25 Nov 2026 (the day in ``zone``)."""
+    if value is None:
+        return ""
+    local = value.astimezone(zone)
+    return f"{local.day} {MONTHS[local.month - 1]} {local.year}"
+
+
+def format_datetime(value: datetime | None, zone: tzinfo = UTC) -> str:
+    """25 Nov 2026, 14:05 UTC; in another zone 25 Nov 2026, 15:05 UTC+1."""
+    if value is None:
+        return ""
+    local = value.astimezone(zone)
+    return f"{format_date(local, zone)}, {local:%H:%M} {offset_label(local.utcoffset())}"
+
+
+def time_tag(value: datetime | None, kind: Literal["date", "datetime"], zone: tzinfo = UTC) -> Markup:
+    """``<time datetime=ISO data-when=kind>text</time>``: what studio.js rewrites in the browser's zone."""
+    if value is None:
+        return Markup("")
+    text = format_date(value, zone) if kind == "date" else format_datetime(value, zone)
+    iso = value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return Markup('<time datetime="{}" data-when="{}">{}</time>').format(iso, kind, text)
+
+
+@pass_context
+def _date_filter(context: Any, value: datetime | None) -> Markup:
+    request = context.get("request")
+    return time_tag(value, "date", person_zone(request) if request is not None else UTC)
+
+
+@pass_context
+def _datetime_filter(context: Any, value: datetime | None) -> Markup:
+    request = context.get("request")
+    return time_tag(value, "datetime", person_zone(request) if request is not None else UTC)
 
 
 def _make_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
     env = templates.env
     env.globals["static_url"] = static_url
-    env.filters["date"] = format_date
-    env.filters["datetime"] = format_datetime
+    env.filters["date"] = _date_filter
+    env.filters["datetime"] = _datetime_filter
     env.filters["duration"] = format_duration
     return templates
 

@@ -7,11 +7,12 @@ built-in is built on PyTorch's meta device (shapes only, no memory) and one step
 frozen weight gets a gradient; full: every weight does). Text embeddings and latents are cached
 by the trainer, so the text encoders and the VAE are not part of a step.
 
-    python bench/flops.py [--models sd15-arch,sdxl-arch] [--method lora|full]
+    python bench/flops.py [--models sd15-arch,sdxl-arch,flux2-klein-arch,zimage-arch] [--method lora|full]
+    python bench/flops.py --weights flux2-klein-arch,zimage-arch    (weight memory, bf16 and int8)
 
-The LLM-encoded families (FLUX.2 klein, Z-Image) cannot be counted this way yet: their text
-encoder's attention mask and Z-Image's unpadding read tensor values, which the meta device does
-not have.
+The LLM-encoded families (FLUX.2 klein, Z-Image) count their transformer with the prompt as the
+trainer caches it: FLUX.2 klein's 512 padded text tokens, Z-Image's real tokens only (its
+unpadding reads the mask's values, so that mask is made on the CPU).
 
 ``bench/train.py`` divides these counts by its measured step times for the share of the GPU's
 peak that a run reaches.
@@ -82,8 +83,22 @@ def training_step_flops(name: str, resolution: int, method: str = "lora", rank: 
         denoiser.requires_grad_(True)
     rows = 2
     prompts = ["a photo of xqz dog", "a photo of a dog"][:rows]
+    for key in family.text_encoder_keys:
+        # An LLM encoder's SDPA mask asks whether the padding mask is all ones, a value the meta device
+        # does not have; the eager mask is built from shapes. (The encoder is not part of a step.)
+        config = getattr(modules[key], "config", None)
+        if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+            modules[key].set_attn_implementation("eager")  # type: ignore[operator]
     with torch.no_grad():
-        conditioning = family.encode_prompts(model, modules, prompts)
+        conditioning = dict(family.encode_prompts(model, modules, prompts))
+    if "attention_mask" in conditioning and conditioning["attention_mask"].is_meta:
+        # Z-Image keeps only the prompt's real tokens, which the meta device cannot tell from padding:
+        # the mask is made on the CPU from the chat template with the repo's small tokenizer (17 and 15
+        # tokens for the two prompts, near what Qwen3's makes of them, against 4,096 image tokens).
+        from worker.engine.families.qwen import chat_tokens
+
+        _, mask = chat_tokens(model.tokenizers["tokenizer"], prompts, enable_thinking=True)
+        conditioning["attention_mask"] = mask.float()
     side = resolution // model.vae_scale_factor  # a VAE sample's shape, without running the VAE
     sampled = torch.empty(rows, int(model.vae.config.latent_channels), side, side, device=meta)
     with torch.no_grad():
@@ -103,12 +118,40 @@ def training_step_flops(name: str, resolution: int, method: str = "lora", rank: 
     return float(counter.get_total_flops())
 
 
+def denoiser_weight_bytes(name: str) -> tuple[int, int, int]:
+    """Parameters of the built-in's denoiser, and its bytes in bf16 and with the frozen linears in int8
+    (worker.engine.quantize, as a LoRA run with ``quantize_base="int8"`` keeps it), on the meta device."""
+    import torch
+
+    from worker.engine.families import BUILTINS, FAMILIES
+    from worker.engine.models import tiny_tokenizer
+    from worker.engine.quantize import quantize_frozen_linears, weight_bytes
+
+    family = FAMILIES[BUILTINS[name][0]]
+    with torch.device("meta"):
+        modules, _, _, _ = BUILTINS[name][1](name, tiny_tokenizer())
+    denoiser = modules[family.denoiser_key].to(torch.bfloat16).requires_grad_(False)
+    parameters = sum(parameter.numel() for parameter in denoiser.parameters())
+    bf16 = weight_bytes(denoiser)
+    quantize_frozen_linears(denoiser)
+    return parameters, bf16, weight_bytes(denoiser)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="sd15-arch,sdxl-arch", help="comma-separated built-in names")
+    parser.add_argument("--models", default="sd15-arch,sdxl-arch,flux2-klein-arch,zimage-arch",
+                        help="comma-separated built-in names")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
     parser.add_argument("--prior-source", choices=("bank", "base_model"), default="bank")
+    parser.add_argument("--weights", default="", help="comma-separated built-ins: print their denoiser's "
+                        "weight memory in bf16 and int8 instead of FLOPs")
     args = parser.parse_args()
+    if args.weights:
+        print(f"{'model':<18} {'denoiser parameters':>20} {'bf16 GB':>8} {'int8 GB':>8}")
+        for name in args.weights.split(","):
+            parameters, bf16, int8 = denoiser_weight_bytes(name)
+            print(f"{name:<18} {parameters:>20,} {bf16 / 1e9:>8.2f} {int8 / 1e9:>8.2f}")
+        return
 
     from worker.engine.families import BUILTINS, FAMILIES
 

@@ -14,7 +14,8 @@ Configurations (all LoRA rank 16 + prior preservation, batch 1 instance + 1 clas
   bf16: LoRA cached, LoRA uncached and a full fine-tune, all with prior preservation; ``sdxl-arch``
   (SDXL base's real sizes) at 1024 px: LoRA + prior, LoRA + bank-free preservation, and LoRA + prior
   with gradient checkpointing (the 24 GB-card setting); ``flux2-klein-arch`` and ``zimage-arch`` at
-  1024 px with LoRA + prior and LoRA + bank-free preservation (their tiny models have CPU rows too).
+  1024 px with LoRA + prior and LoRA + bank-free preservation, and with the 24 GB-card settings
+  (int8 base, gradient checkpointing); their tiny models have CPU rows too.
   CUDA rows add the FLOPs of one step
   (``bench/flops.py``, counted on the meta device) and the share of the GPU's dense bf16 peak that
   the measured speed implies.
@@ -76,6 +77,7 @@ class Case:
     cuda_only: bool = False
     prior_source: str = "bank"
     gradient_checkpointing: bool = False
+    quantize_base: str = "none"
 
 
 CASES = (
@@ -97,11 +99,17 @@ CASES = (
     Case("tiny-zimage-lora-cached", "tiny-zimage", 64, "lora", True),
     Case("tiny-flux2-lora-bankfree", "tiny-flux2", 64, "lora", True, prior_source="base_model"),
     Case("tiny-zimage-lora-bankfree", "tiny-zimage", 64, "lora", True, prior_source="base_model"),
+    Case("tiny-flux2-lora-int8", "tiny-flux2", 64, "lora", True, quantize_base="int8"),
     Case("flux2-klein-lora-cached", "flux2-klein-arch", 1024, "lora", True, cuda_only=True),
     Case("flux2-klein-lora-bankfree", "flux2-klein-arch", 1024, "lora", True, cuda_only=True,
          prior_source="base_model"),
     Case("zimage-lora-cached", "zimage-arch", 1024, "lora", True, cuda_only=True),
     Case("zimage-lora-bankfree", "zimage-arch", 1024, "lora", True, cuda_only=True, prior_source="base_model"),
+    # The 24 GB-card settings: int8 base and gradient checkpointing (what a job picks on such a card).
+    Case("flux2-klein-lora-int8", "flux2-klein-arch", 1024, "lora", True, cuda_only=True,
+         gradient_checkpointing=True, quantize_base="int8"),
+    Case("zimage-lora-int8", "zimage-arch", 1024, "lora", True, cuda_only=True,
+         gradient_checkpointing=True, quantize_base="int8"),
 )
 
 
@@ -162,7 +170,7 @@ def run_case(case: Case, steps: int, warmup: int, threads: int) -> dict[str, obj
         config = TrainConfig(method=case.method, steps=warmup + steps, resolution=case.resolution, rank=16,
                              learning_rate=1e-4 if case.method == "lora" else 5e-6,
                              cache_latents=case.cache_latents, with_prior=True, prior_source=case.prior_source,
-                             gradient_checkpointing=case.gradient_checkpointing)
+                             gradient_checkpointing=case.gradient_checkpointing, quantize_base=case.quantize_base)
         step_starts: list[float] = []
         cpu_starts: list[float] = []
         finished: list[float] = []

@@ -11,9 +11,13 @@ PostgreSQL with --db postgres) and measures it from this process:
    one per request; the server's peak RSS growth and CPU time for each, and its resident set after
    each compared with before the first (what it keeps). Then ten progressive-JPEG
    scan bombs at once, and how long until all ten were answered.
+5. a person's studio: 20 photos of one face (bench/likeness.py's variations of Grace Hopper, 1600 px
+   long): the server's CPU for the whole request, and, in this process, the CPU of the face checks
+   alone (detection, landmarks, descriptor per photo, then the grouping) after the first photo
+   (the model's one-off load is shown apart).
 
     python bench/web.py [--pollers 100] [--seconds 15] [--zip-mb 1024] [--db sqlite|postgres]
-                        [--only all|uploads]
+                        [--only all|uploads|faces]
 
 Prints a table; the results go into docs/benchmarks.md by hand, with the machine and command.
 """
@@ -224,8 +228,8 @@ def main() -> None:
     parser.add_argument("--zip-mb", type=int, default=1024)
     parser.add_argument("--photo-mb", type=float, default=8)
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
-    parser.add_argument("--only", choices=["all", "uploads"], default="all",
-                        help="uploads: only the hostile uploads (section 4)")
+    parser.add_argument("--only", choices=["all", "uploads", "faces"], default="all",
+                        help="uploads: only the hostile uploads (section 4); faces: only a person's studio (5)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="studio-bench-"))
@@ -255,6 +259,10 @@ def main() -> None:
         pid = server.process.pid
         if args.only == "uploads":
             rows.extend(hostile_uploads(server.url, headers, pid, workdir))
+            print_rows(args.db, rows)
+            return
+        if args.only == "faces":
+            rows.extend(person_upload(server.url, headers, pid))
             print_rows(args.db, rows)
             return
         job_id, subject_id = seed_rows(database_url, var_dir / "media", email, args.zip_mb)
@@ -301,6 +309,7 @@ def main() -> None:
         rows.append((f"ZIP download, {received / 1024 / 1024:.0f} MB", f"{received / 1024 / 1024 / seconds:.0f} MB/s",
                      f"HTTP {status_code}, peak RSS growth {growth:.0f} MB"))
         rows.extend(hostile_uploads(server.url, headers, pid, workdir))
+        rows.extend(person_upload(server.url, headers, pid))
     print_rows(args.db, rows)
 
 
@@ -368,6 +377,68 @@ def hostile_uploads(url: str, headers: dict[str, str], pid: int, workdir: Path) 
                  f"all answered in {time.monotonic() - started:.2f} s",
                  f"HTTP {sorted(set(codes))}, server CPU {cpu_seconds(pid) - cpu_before:.2f} s in all"))
     return rows
+
+
+def person_photos(count: int = 20) -> list[tuple[str, bytes]]:
+    """``count`` photos of Grace Hopper as a phone would send them: 1600 px long, JPEG."""
+    from bench.likeness import builtin_set
+
+    people, _ = builtin_set(count - 1)
+    photos = []
+    for index, image in enumerate(people["Grace Hopper"][:count]):
+        scale = 1600 / max(image.size)
+        large = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        large.save(buffer, format="JPEG", quality=90)
+        photos.append((f"me-{index:02d}.jpg", buffer.getvalue()))
+    return photos
+
+
+def face_check_cpu(photos: list[tuple[str, bytes]]) -> tuple[float, float, int]:
+    """CPU seconds of the face checks alone for ``photos`` in this process: (model load and first
+    photo, the rest and the grouping, photos refused)."""
+    from app.config import Settings
+    from app.photos.faces import check_face, identity_problems
+    from app.photos.sanitize import PhotoRejected, sanitize_upload
+
+    settings = Settings()
+    cleaned = [(name, Image.open(io.BytesIO(sanitize_upload(name, data, settings).jpeg_bytes)).convert("RGB"))
+               for name, data in photos]
+    refused = 0
+    started = time.process_time()
+    found = []
+    for index, (name, image) in enumerate(cleaned):
+        try:
+            found.append((name, check_face(name, image)))
+        except PhotoRejected:
+            refused += 1
+        if index == 0:
+            first = time.process_time() - started
+            started = time.process_time()
+    refused += len(identity_problems(found).rejections)
+    return first, time.process_time() - started, refused
+
+
+def person_upload(url: str, headers: dict[str, str], pid: int) -> list[tuple[str, str, str]]:
+    photos = person_photos()
+    form = {"name": "Face bench", "kind": "person", "class_noun": "woman", "images_per_prompt": "1",
+            "quality": "fast", "consent": "on"}
+    files = [("photos", (name, data, "image/jpeg")) for name, data in photos]
+    httpx.post(url + "/api/v1/subjects", headers=headers, data=form, files=files[:1], timeout=300)  # loads the model
+    cpu_before = cpu_seconds(pid)
+    started = time.monotonic()
+    response = httpx.post(url + "/api/v1/subjects", headers=headers, data=form, files=files, timeout=300)
+    wall = time.monotonic() - started
+    server_cpu = cpu_seconds(pid) - cpu_before
+    first, rest, refused = face_check_cpu(photos)
+    total_mb = sum(len(data) for _, data in photos) / 1024 / 1024
+    return [
+        (f"person studio, 20 photos ({total_mb:.1f} MB)", f"server CPU {server_cpu:.2f} s",
+         f"HTTP {response.status_code} in {wall:.1f} s (decode, checks, faces, store)"),
+        ("  face checks alone, 20 photos", f"CPU {first + rest:.2f} s",
+         f"first photo {first:.2f} s with the model load, the other 19 and grouping {rest:.2f} s; "
+         f"{refused} refused"),
+    ]
 
 
 def print_rows(db: str, rows: list[tuple[str, str, str]]) -> None:

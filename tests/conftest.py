@@ -1,5 +1,6 @@
 """Shared fixtures: settings pointing at a temporary var/, a database built by the migrations
-(SQLite, or PostgreSQL with ``--db postgres`` / STUDIO_TEST_DB=postgres), and storage.
+(SQLite, or PostgreSQL with ``--db postgres`` / STUDIO_TEST_DB=postgres), storage, and a mailbox (a
+real SMTP server on loopback, tests/mailbox.py).
 
 Each PostgreSQL test session works in a database of its own, created and dropped here, so
 parallel runs never see each other's rows.
@@ -25,6 +26,8 @@ from app import storage as storage_module
 from app.config import Settings
 from app.db import make_engine
 from app.storage import LocalStorage
+from tests.mailbox import Mailbox
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("STUDIO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -126,3 +129,20 @@ def db_session(settings: Settings, clean_db: Engine) -> Iterator[Session]:
 @pytest.fixture
 def storage(settings: Settings) -> LocalStorage:
     return LocalStorage(settings.resolved_media_dir)
+
+
+@pytest.fixture
+def mailbox(settings: Settings) -> Iterator[Mailbox]:
+    """A real SMTP server on loopback that the test's settings send to (plain SMTP, no TLS), with the
+    app's tasks recorded instead of sent to a broker; ``mailbox.wait_for(n)`` delivers the mail
+    (tests/mailbox.py)."""
+    from app import queue
+
+    box = Mailbox(free_port())
+    box.start()
+    settings.smtp_host, settings.smtp_port, settings.smtp_tls = "127.0.0.1", box.port, "none"
+    settings.mail_from = "Studio <studio@example.org>"
+    queue.set_sender(box.record)
+    yield box
+    queue.set_sender(None)
+    box.stop()

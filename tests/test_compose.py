@@ -21,7 +21,7 @@ REQUIRED_ENV = {
     "POSTGRES_PASSWORD": "pg-test-password",
     "MINIO_ROOT_PASSWORD": "minio-test-password",
 }
-LONG_RUNNING = ("postgres", "redis", "minio", "web", "worker", "cpu-worker", "beat")
+LONG_RUNNING = ("postgres", "redis", "minio", "mailpit", "web", "worker", "cpu-worker", "beat")
 ONE_SHOT = ("createbucket", "migrate")
 
 pytestmark = pytest.mark.skipif(
@@ -173,3 +173,14 @@ def test_browsers_elsewhere_get_the_bucket_address_the_operator_sets(config: dic
                                       STUDIO_S3_PUBLIC_ENDPOINT_URL="https://files.example.com"), monkeypatch)
     assert remote.s3_public_endpoint_url == "https://files.example.com"
     assert remote.s3_endpoint_url == "http://minio:9000"  # the app itself still talks to the bucket inside
+
+
+def test_mail_goes_to_the_catcher_unless_the_operator_names_a_server(config: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    caught = web_settings(config, monkeypatch)
+    assert (caught.smtp_host, caught.smtp_port, caught.smtp_tls) == ("mailpit", 1025, "none")
+    assert config["services"]["mailpit"]["ports"][0].startswith("127.0.0.1:8025:8025")
+    real = web_settings(config_with(STUDIO_SMTP_HOST="smtp.example.com", STUDIO_SMTP_PORT="587",
+                                    STUDIO_SMTP_TLS="starttls", STUDIO_SMTP_USER="studio"), monkeypatch)
+    assert (real.smtp_host, real.smtp_port, real.smtp_tls, real.smtp_user) == ("smtp.example.com", 587, "starttls",
+                                                                                "studio")

@@ -29,7 +29,15 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 from celery.schedules import crontab
-from celery.signals import celeryd_after_setup, worker_init, worker_process_init, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    celeryd_after_setup,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 from celery.worker.control import control_command
 
 from app import config as studio_config
@@ -45,10 +53,14 @@ CPU_QUEUE = "cpu"
 TASK_QUEUES: dict[str, str] = {
     "training.*": GPU_QUEUE,
     "generation.*": GPU_QUEUE,
+    "priors.*": GPU_QUEUE,  # the operator's prior-bank fill: it paints with the base model
     "maintenance.*": CPU_QUEUE,
+    "mail.*": CPU_QUEUE,
+    "accounts.*": CPU_QUEUE,
 }
 
-TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance")
+TASK_MODULES = ("worker.tasks.training", "worker.tasks.generation", "worker.tasks.maintenance",
+                "worker.tasks.mail", "worker.tasks.accounts", "worker.tasks.priors")
 
 REAP_EVERY_SECONDS = 30.0
 SWEEP_SCRATCH_COMMAND = "studio_sweep_scratch"
@@ -59,7 +71,8 @@ def queue_for(task_name: str) -> str:
     domain = task_name.split(".", 1)[0]
     queue = TASK_QUEUES.get(f"{domain}.*")
     if queue is None or "." not in task_name:
-        raise ValueError(f"unknown task name {task_name!r}: expected 'training.*', 'generation.*' or 'maintenance.*'")
+        expected = ", ".join(repr(pattern) for pattern in TASK_QUEUES)
+        raise ValueError(f"unknown task name {task_name!r}: expected one of {expected}")
     return queue
 
 
@@ -160,6 +173,16 @@ def serves_jobs(worker: Any) -> bool:
     return not queues or GPU_QUEUE in queues
 
 
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def json_log_lines(logger: logging.Logger | None = None, **_: Any) -> None:
+    """With ``STUDIO_LOG_JSON``, the worker's log lines are JSON objects too (app.logs)."""
+    if logger is not None and studio_config.get_settings().log_json:
+        from app.logs import format_as_json
+
+        format_as_json(logger)
+
+
 @worker_init.connect
 def preload_engine(sender: Any = None, **_: Any) -> None:
     """Import the engine once in a worker's main process, before its pool forks.
@@ -218,6 +241,36 @@ def sweep_scratch_at_start(**_: Any) -> None:
         sweep_scratch(studio_config.get_settings().scratch_dir)
     except OSError:
         log.warning("the scratch sweep at start failed; the reaper's sweep will try again", exc_info=True)
+
+
+_heartbeat: Any = None
+
+
+def consumed_queues(consumer: Any) -> list[str]:
+    """The names of the queues a worker consumes (from its ``worker_ready`` sender)."""
+    try:
+        return sorted(queue.name for queue in consumer.task_consumer.queues)
+    except AttributeError:
+        return sorted(consumer.app.amqp.queues.consume_from or {})
+
+
+@worker_ready.connect
+def start_worker_heartbeat(sender: Any = None, **_: Any) -> None:
+    """Record this worker in ``worker_heartbeats`` every ``heartbeat_seconds`` (worker.heartbeat), from its
+    main process, for as long as it lives."""
+    global _heartbeat
+    from worker.heartbeat import Heartbeat, private_sessions
+
+    settings = studio_config.get_settings()
+    queues = consumed_queues(sender) if sender is not None else []
+    _heartbeat = Heartbeat(private_sessions(settings.resolved_database_url), queues,
+                           float(settings.heartbeat_seconds)).start()
+
+
+@worker_shutdown.connect
+def stop_worker_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 @control_command(name=SWEEP_SCRATCH_COMMAND)  # type: ignore[untyped-decorator]

@@ -1,4 +1,5 @@
-"""Accounts JSON API: sign up, exchange a password for a bearer token, who am I, manage tokens."""
+"""Accounts JSON API: sign up, exchange a password for a bearer token, who am I, manage tokens, confirm
+the address, reset a forgotten password, notifications, and delete the account."""
 
 from __future__ import annotations
 
@@ -10,18 +11,28 @@ from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from app import rate_limits
-from app.accounts import repository, service, throttle
+from app.accounts import email_flows, export, repository, service, throttle
+from app.accounts.deletion import delete_account
 from app.accounts.schemas import (
+    DetailOut,
+    ExportOut,
+    ForgotPasswordIn,
     NewTokenOut,
+    PasswordIn,
+    PasswordResetOut,
+    ResetPasswordIn,
     SignedOutOut,
     SignupIn,
     TokenNameIn,
     TokenOut,
     TokenRequestIn,
     UserOut,
+    UserUpdateIn,
+    VerifyEmailIn,
 )
-from app.deps import ApiUser, PasswordHashSlot, SessionDep, SettingsDep, require_csrf
-from app.models import User
+from app.deps import ApiUser, PasswordHashSlot, SessionDep, SettingsDep, StorageDep, require_csrf
+from app.galleries.files import file_response
+from app.models import DataExport, User
 
 router = APIRouter(prefix="/api/v1", tags=["accounts"])
 
@@ -63,6 +74,7 @@ def api_signup(body: SignupIn, request: Request, session: SessionDep, settings: 
     except service.AccountError as error:
         session.rollback()
         raise HTTPException(status_code=400, detail=error.message) from error
+    email_flows.send_verification(session, settings, user)
     return UserOut.model_validate(user)
 
 
@@ -122,3 +134,136 @@ def sign_out_everywhere(user: ApiUser, session: SessionDep) -> SignedOutOut:
     """
     ended = service.sign_out_everywhere(session, user)
     return SignedOutOut(sessions_ended=ended.sessions, tokens_revoked=ended.tokens)
+
+
+def _too_many(retry_after: int, what: str) -> JSONResponse:
+    return JSONResponse({"detail": f"Too many {what}. Try again in {rate_limits.wait_in_words(retry_after)}."},
+                        status_code=429, headers={"Retry-After": str(retry_after)})
+
+
+@router.patch("/me", response_model=UserOut, dependencies=[Depends(require_csrf)])
+def update_me(body: UserUpdateIn, user: ApiUser, session: SessionDep) -> UserOut:
+    """Change the caller's preferences: ``notify_by_email`` turns the studio emails on or off."""
+    if body.notify_by_email is not None:
+        user.notify_by_email = body.notify_by_email
+        session.flush()
+    return UserOut.model_validate(user)
+
+
+@router.post("/auth/verify-email", response_model=UserOut)
+def api_verify_email(body: VerifyEmailIn, session: SessionDep, settings: SettingsDep) -> UserOut:
+    """Confirm an address with the token of the emailed link (no sign-in needed: the token names the
+    account). 400 says why a token is refused: not valid, expired, or already used."""
+    try:
+        user = email_flows.verify_email(session, settings, body.token)
+    except email_flows.LinkError as error:
+        session.rollback()
+        raise HTTPException(status_code=400, detail=error.message) from error
+    return UserOut.model_validate(user)
+
+
+@router.post("/auth/verify-email/resend", status_code=status.HTTP_202_ACCEPTED, response_model=DetailOut,
+             dependencies=[Depends(require_csrf)])
+def api_resend_verification(user: ApiUser, session: SessionDep, settings: SettingsDep) -> Response | DetailOut:
+    """Send the caller a new confirmation link (409 when the address is confirmed already; 429 after three an hour)."""
+    if user.email_verified_at is not None:
+        raise HTTPException(status_code=409, detail="Your address is already confirmed.")
+    counters = [(throttle.VERIFY_RESEND, str(user.id))]
+    retry_after = rate_limits.retry_after(session, counters)
+    if retry_after is not None:
+        return _too_many(retry_after, "confirmation links were asked for")
+    rate_limits.record(session, counters)
+    email_flows.send_verification(session, settings, user)
+    return DetailOut(detail=f"A new link is on its way to {user.email}.")
+
+
+@router.post("/auth/password/forgot", status_code=status.HTTP_202_ACCEPTED, response_model=DetailOut)
+def api_forgot_password(body: ForgotPasswordIn, request: Request, session: SessionDep,
+                        settings: SettingsDep) -> Response | DetailOut:
+    """Email a password-reset link to the account with this address. The answer is the same whether
+    or not such an account exists; 429 (with Retry-After) after too many requests from one address
+    or for one email."""
+    counters = throttle.reset_counters(request, body.email)
+    retry_after = rate_limits.retry_after(session, counters)
+    if retry_after is not None:
+        return _too_many(retry_after, "reset requests")
+    rate_limits.record(session, counters)
+    email_flows.request_password_reset(session, settings, body.email)
+    return DetailOut(detail=email_flows.RESET_REQUESTED_MESSAGE)
+
+
+@router.post("/auth/password/reset", response_model=PasswordResetOut, dependencies=[PasswordHashSlot])
+def api_reset_password(body: ResetPasswordIn, session: SessionDep, settings: SettingsDep) -> PasswordResetOut:
+    """Set a new password with the token of a reset link. Every browser session and API token of the
+    account stops working. 400 names the problem: the link (not valid, expired, already used) or the
+    password (then the link still works)."""
+    try:
+        _user, ended = email_flows.reset_password(session, settings, body.token, body.password)
+    except service.AccountError as error:
+        session.rollback()
+        raise HTTPException(status_code=400, detail=error.message) from error
+    return PasswordResetOut(detail="Your password is changed. Sign in with it again.",
+                            sessions_ended=ended.sessions, tokens_revoked=ended.tokens)
+
+
+@router.post("/me/delete", status_code=status.HTTP_204_NO_CONTENT, dependencies=[PasswordHashSlot,
+                                                                              Depends(require_csrf)])
+def api_delete_me(body: PasswordIn, request: Request, user: ApiUser, session: SessionDep, settings: SettingsDep,
+                  storage: StorageDep) -> Response:
+    """Delete the caller's account and everything of it (studios, photos, models, pictures, exports,
+    tokens, sessions), stopping running trainings first; a last email confirms it. The password is
+    asked again: 403 when it is wrong (counted: 429 after too many)."""
+    counters = [(throttle.PASSWORD_CHANGE, str(user.id))]
+    retry_after = rate_limits.retry_after(session, counters)
+    if retry_after is not None:
+        return _too_many(retry_after, "wrong passwords")
+    if not service.password_matches(user, body.password):
+        # This request's transaction may hold SQLite's write lock (a token's last_used_at): end it first.
+        session.rollback()
+        rate_limits.record_apart(request.app.state.sessionmaker, counters)
+        raise HTTPException(status_code=403, detail="The password is wrong: the account is not deleted.")
+    delete_account(session, storage, settings, user)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _export_out(found: DataExport) -> ExportOut:
+    ready = found.status == "ready"
+    return ExportOut(id=found.id, status=found.status, created_at=found.created_at, expires_at=found.expires_at,
+                     download_url=f"/api/v1/me/exports/{found.id}/download" if ready else None)
+
+
+@router.post("/me/exports", status_code=status.HTTP_202_ACCEPTED, response_model=ExportOut,
+             dependencies=[Depends(require_csrf)])
+def api_request_export(user: ApiUser, session: SessionDep, settings: SettingsDep) -> ExportOut:
+    """Start building a ZIP of the caller's data (account, studios, kept photos, pictures); an email
+    says when it is ready. 409 while another export is being built."""
+    try:
+        created = export.request_export(session, settings, user)
+    except export.ExportBusy as busy:
+        raise HTTPException(status_code=409, detail=str(busy)) from None
+    return _export_out(created)
+
+
+@router.get("/me/exports", response_model=list[ExportOut])
+def api_list_exports(user: ApiUser, session: SessionDep) -> list[ExportOut]:
+    """The caller's exports that have not expired, newest first."""
+    return [_export_out(found) for found in export.exports_of(session, user.id)]
+
+
+@router.get("/me/exports/{export_id}", response_model=ExportOut)
+def api_get_export(export_id: uuid.UUID, user: ApiUser, session: SessionDep) -> ExportOut:
+    found = export.live_export(session, user.id, export_id)
+    if found is None:
+        raise HTTPException(status_code=404, detail="No such export, or it has expired.")
+    return _export_out(found)
+
+
+@router.get("/me/exports/{export_id}/download", response_class=Response)
+def api_download_export(export_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep,
+                        storage: StorageDep) -> Response:
+    """The ZIP: streamed, or a redirect to a short-lived signed URL. 404 before it is ready and once expired."""
+    found = export.live_export(session, user.id, export_id)
+    if found is None or found.status != "ready" or found.storage_key is None:
+        raise HTTPException(status_code=404, detail="No such export, or it is not ready, or it has expired.")
+    return file_response(storage, settings, found.storage_key, "application/zip",
+                         f"studio-export-{found.created_at:%Y-%m-%d}.zip", "attachment", cache_control="no-store")

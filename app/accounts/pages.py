@@ -1,4 +1,5 @@
-"""Account pages: sign up, log in, log out, and the account page with API tokens."""
+"""Account pages: sign up, log in, log out, the account page with API tokens, confirming the address,
+resetting a forgotten password, notifications and deleting the account."""
 
 from __future__ import annotations
 
@@ -11,10 +12,21 @@ from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from app import rate_limits
-from app.accounts import repository, service, throttle
+from app.accounts import email_flows, export, repository, service, throttle
 from app.accounts.cookies import clear_session_cookie, set_session_cookie
+from app.accounts.deletion import delete_account
 from app.config import Settings
-from app.deps import AuthDep, OptionalUser, PageUser, PasswordHashSlot, SessionDep, SettingsDep, require_csrf
+from app.deps import (
+    AuthDep,
+    OptionalUser,
+    PageUser,
+    PasswordHashSlot,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    require_csrf,
+)
+from app.galleries.files import file_response
 from app.models import User
 from app.security import safe_next
 from app.templating import redirect_with_flash, render
@@ -72,7 +84,9 @@ def signup(
                    "next": safe_next(next, "")}
         status = 409 if isinstance(error, service.EmailTaken) else 400
         return render(request, "accounts/signup.html", context, status_code=status)
-    return _signed_in_redirect(request, session, settings, user, next, "Welcome to the studio!")
+    email_flows.send_verification(session, settings, user)
+    return _signed_in_redirect(request, session, settings, user, next,
+                               f"Welcome to the studio! We sent a link to {user.email} to confirm your address.")
 
 
 @router.get("/login", name="login")
@@ -126,6 +140,8 @@ def _account_page(request: Request, session: SessionDep, user: PageUser, status_
         "password_errors": [],
         "password_error_field": None,
         "other_sessions": len(repository.live_sessions(session, user.id)) - 1,
+        "delete_errors": [],
+        "exports": export.exports_of(session, user.id),
     }
     values.update(context)
     return render(request, "accounts/account.html", values, status_code=status_code)
@@ -205,3 +221,143 @@ def sign_out_everywhere(request: Request, session: SessionDep, settings: Setting
     response = redirect_with_flash(request, "/login", message, kind="info")
     clear_session_cookie(response, settings)
     return response
+
+
+# --- confirming the address ---------------------------------------------------------------------------
+
+
+@router.get("/verify-email", name="verify_email")
+def verify_email(request: Request, session: SessionDep, settings: SettingsDep, user: OptionalUser,
+                 token: str = "") -> Response:
+    """The link of the confirmation message. Signed in or not: the link itself names the account."""
+    target = "/account" if user is not None else "/login"
+    try:
+        email_flows.verify_email(session, settings, token)
+    except email_flows.LinkError as error:
+        session.rollback()
+        return redirect_with_flash(request, target, error.message, kind="warning")
+    return redirect_with_flash(request, target, "Thank you: your email address is confirmed.")
+
+
+@router.post("/account/verify/resend", dependencies=[Depends(require_csrf)])
+def resend_verification(request: Request, session: SessionDep, settings: SettingsDep, user: PageUser) -> Response:
+    if user.email_verified_at is not None:
+        return redirect_with_flash(request, "/account", "Your address is already confirmed.", kind="info")
+    counters = [(throttle.VERIFY_RESEND, str(user.id))]
+    retry_after = rate_limits.retry_after(session, counters)
+    if retry_after is not None:
+        return redirect_with_flash(request, "/account", "We sent you several links already. Try again in "
+                                   f"{rate_limits.wait_in_words(retry_after)}.", kind="warning")
+    rate_limits.record(session, counters)
+    email_flows.send_verification(session, settings, user)
+    return redirect_with_flash(request, "/account", f"A new link is on its way to {user.email}.")
+
+
+# --- a forgotten password ----------------------------------------------------------------------------
+
+
+@router.get("/password/forgot", name="forgot_password")
+def forgot_password_page(request: Request) -> Response:
+    return render(request, "accounts/forgot.html", {"errors": [], "email": "", "sent": False})
+
+
+@router.post("/password/forgot", dependencies=[Depends(require_csrf)])
+def forgot_password(request: Request, session: SessionDep, settings: SettingsDep, email: FormText = "") -> Response:
+    """The same answer whether or not an account has the address; limited per address and per email."""
+    counters = throttle.reset_counters(request, email)
+    retry_after = rate_limits.retry_after(session, counters)
+    if retry_after is not None:
+        message = f"Too many reset requests. Try again in {rate_limits.wait_in_words(retry_after)}."
+        return render(request, "accounts/forgot.html", {"errors": [message], "email": email.strip(), "sent": False},
+                      status_code=429, headers={"Retry-After": str(retry_after)})
+    rate_limits.record(session, counters)
+    email_flows.request_password_reset(session, settings, email)
+    return render(request, "accounts/forgot.html",
+                  {"errors": [], "email": "", "sent": True, "message": email_flows.RESET_REQUESTED_MESSAGE})
+
+
+@router.get("/password/reset", name="reset_password")
+def reset_password_page(request: Request, session: SessionDep, token: str = "") -> Response:
+    try:
+        email_flows.check_reset_link(session, token)
+    except email_flows.LinkError as error:
+        return render(request, "accounts/reset.html", {"errors": [error.message], "token": "", "usable": False},
+                      status_code=400)
+    return render(request, "accounts/reset.html", {"errors": [], "token": token, "usable": True})
+
+
+@router.post("/password/reset", dependencies=[PasswordHashSlot, Depends(require_csrf)])
+def reset_password(request: Request, session: SessionDep, settings: SettingsDep, token: FormText = "",
+                   password: FormText = "") -> Response:
+    try:
+        email_flows.reset_password(session, settings, token, password)
+    except email_flows.LinkError as error:
+        session.rollback()
+        return render(request, "accounts/reset.html", {"errors": [error.message], "token": "", "usable": False},
+                      status_code=400)
+    except service.AccountError as error:
+        session.rollback()
+        return render(request, "accounts/reset.html", {"errors": [error.message], "token": token, "usable": True},
+                      status_code=400)
+    response = redirect_with_flash(request, "/login", "Your password is changed, and every device and API token "
+                                   "is signed out. Log in with the new password.")
+    clear_session_cookie(response, settings)
+    return response
+
+
+# --- notifications and leaving ---------------------------------------------------------------------------
+
+
+@router.post("/account/notifications", dependencies=[Depends(require_csrf)])
+def set_notifications(request: Request, session: SessionDep, user: PageUser, notify: FormText = "") -> Response:
+    """Turn the "your studio is ready / failed" emails on (``notify=on``) or off (anything else)."""
+    user.notify_by_email = notify == "on"
+    session.flush()
+    message = ("You will get an email when a studio is ready or fails." if user.notify_by_email
+               else "No more emails about your studios.")
+    return redirect_with_flash(request, "/account", message)
+
+
+@router.post("/account/delete", dependencies=[PasswordHashSlot, Depends(require_csrf)])
+def delete_my_account(request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+                      user: PageUser, password: FormText = "") -> Response:
+    """Delete the account and everything of it, after the password is typed again (counted like a change)."""
+    counters = [(throttle.PASSWORD_CHANGE, str(user.id))]
+    retry_after = rate_limits.retry_after(session, counters)
+    if retry_after is not None:
+        message = f"Too many wrong attempts. Try again in {rate_limits.wait_in_words(retry_after)}."
+        return _account_page(request, session, user, status_code=429, delete_errors=[message])
+    if not service.password_matches(user, password):
+        rate_limits.record_apart(request.app.state.sessionmaker, counters)
+        return _account_page(request, session, user, status_code=400,
+                             delete_errors=["The password is wrong: your account is not deleted."])
+    studios = delete_account(session, storage, settings, user)
+    what = f" with its {studios} studio{'s' if studios != 1 else ''}" if studios else ""
+    response = redirect_with_flash(request, "/", f"Your account is deleted{what}. Nothing of it is kept. Goodbye!",
+                                   kind="info")
+    clear_session_cookie(response, settings)
+    return response
+
+
+# --- export my data ----------------------------------------------------------------------------------
+
+
+@router.post("/account/exports", dependencies=[Depends(require_csrf)])
+def request_export(request: Request, session: SessionDep, settings: SettingsDep, user: PageUser) -> Response:
+    try:
+        export.request_export(session, settings, user)
+    except export.ExportBusy as busy:
+        return redirect_with_flash(request, "/account", str(busy), kind="info")
+    return redirect_with_flash(request, "/account", "Your data export is being prepared: we email you a link "
+                               "when it is ready, and it shows here.")
+
+
+@router.get("/account/exports/{export_id:uuid}", name="export_download")
+def download_export(export_id: uuid.UUID, session: SessionDep, settings: SettingsDep, storage: StorageDep,
+                    user: PageUser) -> Response:
+    """The owner's ready export, until it expires (404 after: the link in the email has expired)."""
+    found = export.live_export(session, user.id, export_id)
+    if found is None or found.status != "ready" or found.storage_key is None:
+        raise HTTPException(status_code=404, detail="No such export, or its link has expired.")
+    return file_response(storage, settings, found.storage_key, "application/zip",
+                         f"studio-export-{found.created_at:%Y-%m-%d}.zip", "attachment", cache_control="no-store")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from app.accounts.service import MAX_EMAIL_LENGTH, MAX_TOKEN_NAME_LENGTH
 from app.security import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
@@ -41,6 +41,35 @@ class UserOut(BaseModel):
     id: uuid.UUID
     email: str
     created_at: datetime
+    email_verified_at: datetime | None = Field(
+        description="When the address was confirmed with the emailed link; null until then.")
+    notify_by_email: bool = Field(description="Whether \"your studio is ready / failed\" emails are sent.")
+
+
+class UserUpdateIn(BaseModel):
+    notify_by_email: StrictBool | None = Field(default=None, description="Turn the studio emails on or off.")
+
+
+class VerifyEmailIn(BaseModel):
+    token: str = Field(max_length=1000, description="The token of the link in the confirmation email.")
+
+
+class ForgotPasswordIn(BaseModel):
+    email: str = Field(max_length=MAX_EMAIL_LENGTH, examples=["ann@example.com"])
+
+
+class ResetPasswordIn(BaseModel):
+    token: str = Field(max_length=200, description="The token of the link in the reset email.")
+    password: str = Field(max_length=MAX_PASSWORD_LENGTH, description=f"At least {MIN_PASSWORD_LENGTH} characters.",
+                          json_schema_extra={"minLength": MIN_PASSWORD_LENGTH})
+
+
+class PasswordIn(BaseModel):
+    password: str = Field(max_length=MAX_PASSWORD_LENGTH, description="The account's current password.")
+
+
+class DetailOut(BaseModel):
+    detail: str
 
 
 class TokenOut(BaseModel):
@@ -61,3 +90,19 @@ class SignedOutOut(BaseModel):
 
     sessions_ended: int
     tokens_revoked: int
+
+
+class PasswordResetOut(SignedOutOut):
+    """A password set with a reset link: every session and token of the account ended with it."""
+
+    detail: str
+
+
+class ExportOut(BaseModel):
+    """An "export my data" ZIP: ``building``, then ``ready`` with ``download_url`` until ``expires_at``."""
+
+    id: uuid.UUID
+    status: str = Field(description="building, ready or failed")
+    created_at: datetime
+    expires_at: datetime
+    download_url: str | None = Field(description="Where the ZIP is downloaded (with the same credentials) once ready.")

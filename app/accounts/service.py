@@ -152,6 +152,11 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
     return user
 
 
+def password_matches(user: User, password: str) -> bool:
+    """True when ``password`` is ``user``'s (for actions that ask for it again, like deleting the account)."""
+    return verify_password(user.password_hash, password[:MAX_PASSWORD_LENGTH])
+
+
 @dataclass(frozen=True)
 class NewSession:
     token: str

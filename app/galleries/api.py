@@ -10,8 +10,9 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
+from app.config import Settings
 from app.deps import ApiUser, SessionDep, SettingsDep, StorageDep, require_csrf
-from app.galleries import model_export, repository, service
+from app.galleries import model_export, repository, service, sharing
 from app.galleries.files import file_response, model_download_response, zip_response
 from app.galleries.schemas import (
     FavouriteUpdate,
@@ -21,10 +22,12 @@ from app.galleries.schemas import (
     ImageList,
     ImageOut,
     ModelDownloadOut,
+    ShareCreate,
+    ShareOut,
     TrainedModelOut,
 )
 from app.jobs import service as job_service
-from app.models import Subject, User
+from app.models import ShareLink, Subject, User
 from app.subjects import repository as subject_repository
 from app.subjects.schemas import BaseModelInfo
 
@@ -36,6 +39,7 @@ ERROR_STATUS = {
     service.InvalidGenerationRequest: status.HTTP_422_UNPROCESSABLE_CONTENT,
     service.GenerationNotPossible: status.HTTP_409_CONFLICT,
     service.TooManyActiveJobs: status.HTTP_429_TOO_MANY_REQUESTS,
+    service.MonthlyQuotaReached: status.HTTP_429_TOO_MANY_REQUESTS,
 }
 
 
@@ -50,7 +54,7 @@ def gallery_error(error: service.GalleryError) -> HTTPException:
     """The HTTP answer to a refused request; a 429 says when to come back."""
     code = ERROR_STATUS.get(type(error), status.HTTP_400_BAD_REQUEST)
     too_many = code == status.HTTP_429_TOO_MANY_REQUESTS
-    headers = {"Retry-After": str(service.RETRY_AFTER_SECONDS)} if too_many else None
+    headers = {"Retry-After": str(getattr(error, "retry_after", service.RETRY_AFTER_SECONDS))} if too_many else None
     return HTTPException(code, str(error), headers=headers)
 
 
@@ -118,6 +122,73 @@ def update_image(image_id: uuid.UUID, update: FavouriteUpdate, user: ApiUser, se
     return ImageOut.of(image)
 
 
+@router.delete("/images/{image_id:uuid}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Depends(require_csrf)])
+def delete_image(image_id: uuid.UUID, user: ApiUser, session: SessionDep, storage: StorageDep) -> Response:
+    """Delete one picture, its file with it; the studio's other pictures stay as they are."""
+    image = repository.get_image(session, image_id, user.id)
+    if image is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, IMAGE_NOT_FOUND)
+    service.delete_image(session, storage, image)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/images/{image_id:uuid}/more",
+    response_model=GenerateAccepted,
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_csrf)],
+)
+def more_like_this(image_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep) -> GenerateAccepted:
+    """"More like this": new pictures of this picture's prompt with new seeds, as a "generate more" job
+    (the same refusals: 409, 429)."""
+    found = repository.get_image_with_subject(session, image_id, user.id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, IMAGE_NOT_FOUND)
+    image, subject = found
+    try:
+        job = service.request_more_like(session, settings, subject, image)
+    except service.GalleryError as error:
+        raise gallery_error(error) from None
+    return GenerateAccepted(job=job_service.job_status(session, job, subject.class_noun))
+
+
+def share_out(settings: Settings, link: ShareLink) -> ShareOut:
+    return ShareOut(id=link.id, url=sharing.share_url(settings, link), image_id=link.image_id,
+                    created_at=link.created_at, expires_at=link.expires_at, revoked=link.revoked_at is not None)
+
+
+@router.post("/subjects/{subject_id:uuid}/shares", response_model=ShareOut, status_code=status.HTTP_201_CREATED,
+             dependencies=[Depends(require_csrf)])
+def create_share(subject_id: uuid.UUID, body: ShareCreate, user: ApiUser, session: SessionDep,
+                 settings: SettingsDep) -> ShareOut:
+    """A share link of one picture (``image_id``) or of the whole gallery, for 1, 7 or 30 days. Nothing
+    is shared before; anyone with the link sees the pictures until it expires or is revoked."""
+    subject = owned_subject(session, subject_id, user)
+    image = None
+    if body.image_id is not None:
+        image = repository.get_image(session, body.image_id, user.id)
+        if image is None or image.subject_id != subject.id:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, IMAGE_NOT_FOUND)
+    return share_out(settings, sharing.create_share(session, subject, image, body.days))
+
+
+@router.get("/subjects/{subject_id:uuid}/shares", response_model=list[ShareOut])
+def list_shares(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep) -> list[ShareOut]:
+    """The studio's share links that still work, newest first."""
+    subject = owned_subject(session, subject_id, user)
+    return [share_out(settings, link) for link in sharing.links_of(session, subject.id, user.id)]
+
+
+@router.delete("/shares/{share_id:uuid}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Depends(require_csrf)])
+def revoke_share(share_id: uuid.UUID, user: ApiUser, session: SessionDep) -> Response:
+    """Turn a share link off: from now on it shows nothing."""
+    link = sharing.get_owned(session, share_id, user.id)
+    if link is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such share link.")
+    sharing.revoke(session, link)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.post(
     "/subjects/{subject_id:uuid}/generate",
     response_model=GenerateAccepted,
@@ -131,7 +202,8 @@ def generate_more(
     runs; 429 when the account has its maximum of active jobs. Poll the returned job like any other."""
     subject = owned_subject(session, subject_id, user)
     try:
-        job = service.request_generation(session, settings, subject, body.prompts, body.images_per_prompt)
+        job = service.request_generation(session, settings, subject, body.prompts, body.images_per_prompt,
+                                         body.shape)
     except service.GalleryError as error:
         raise gallery_error(error) from None
     return GenerateAccepted(job=job_service.job_status(session, job, subject.class_noun))

@@ -20,7 +20,9 @@ def images_of_subject(
     favourites_only: bool = False,
     sort: GallerySort = "created",
 ) -> list[GeneratedImage]:
-    """The subject's images. ``likeness``: best rank first (unranked last); ``created``: oldest first."""
+    """The subject's images. ``likeness``: a person's pictures by face match (closest first, those
+    without a face and those never checked after them), then by rank (unranked last); ``created``:
+    oldest first."""
     query = (
         select(GeneratedImage)
         .join(Subject, Subject.id == GeneratedImage.subject_id)
@@ -30,7 +32,8 @@ def images_of_subject(
         query = query.where(GeneratedImage.favourite.is_(True))
     chronological = (GeneratedImage.created_at, GeneratedImage.seed, GeneratedImage.id)
     if sort == "likeness":
-        query = query.order_by(GeneratedImage.rank.is_(None), GeneratedImage.rank, *chronological)
+        query = query.order_by(GeneratedImage.face_distance.is_(None), GeneratedImage.face_distance,
+                               GeneratedImage.rank.is_(None), GeneratedImage.rank, *chronological)
     else:
         query = query.order_by(*chronological)
     return list(session.scalars(query))

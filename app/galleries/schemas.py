@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.galleries.service import face_match
 from app.jobs.schemas import JobStatus
 from app.models import GeneratedImage
 from app.subjects.schemas import BaseModelInfo
@@ -19,6 +21,10 @@ class Scores(BaseModel):
     dino: float | None
     clip_i: float | None
     clip_t: float | None
+    face_distance: float | None = Field(
+        default=None, description="a person's picture: the mean face-descriptor distance to the uploads' faces "
+        "(smaller is closer; under 0.6 the same person, under 0.5 a strong match); null when no face was found "
+        "or the picture is not of a person")
 
 
 class ImageOut(BaseModel):
@@ -34,6 +40,8 @@ class ImageOut(BaseModel):
     height: int
     scores: Scores
     rank: int | None = Field(description="1 is the best likeness among the studio's images; null when unscored")
+    face_match: Literal["strong match", "weak match", "not a match", "no face found"] | None = Field(
+        description="a person's picture: its face match in words; null when faces were not checked (pets)")
     favourite: bool
     created_at: datetime
     file_url: str
@@ -51,8 +59,10 @@ class ImageOut(BaseModel):
             guidance=image.guidance,
             width=image.width,
             height=image.height,
-            scores=Scores(dino=image.dino, clip_i=image.clip_i, clip_t=image.clip_t),
+            scores=Scores(dino=image.dino, clip_i=image.clip_i, clip_t=image.clip_t,
+                          face_distance=image.face_distance),
             rank=image.rank,
+            face_match=face_match(image),
             favourite=image.favourite,
             created_at=image.created_at,
             file_url=f"/api/v1/images/{image.id}/file",
@@ -98,14 +108,34 @@ class FavouriteUpdate(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    # No min_length: an empty list gets the service's sentence ("Write at least one prompt, …"), as a
+    # list of blank prompts does, not pydantic's error list.
     prompts: list[str] = Field(
-        min_length=1,
         max_length=100,
         description='new prompts; use {subject} where the subject goes ("a photo of {subject} in the snow"). '
         "A prompt without it gets \"a photo of {subject}, \" in front.",
     )
     images_per_prompt: int = Field(default=4, ge=1, le=100)
+    shape: Literal["square", "portrait", "landscape"] | None = Field(
+        default=None,
+        description='the pictures\' shape: portrait 3:4, landscape 4:3, square; a prompt ending in "(portrait)", '
+        '"(landscape)" or "(square)" keeps its own. Default: square',
+    )
 
 
 class GenerateAccepted(BaseModel):
     job: JobStatus
+
+
+class ShareCreate(BaseModel):
+    image_id: uuid.UUID | None = Field(default=None, description="one picture of the studio; none: the whole gallery")
+    days: Literal[1, 7, 30] = Field(default=7, description="how long the link works")
+
+
+class ShareOut(BaseModel):
+    id: uuid.UUID
+    url: str = Field(description="the link's path on this site; anyone with it sees the pictures until it ends")
+    image_id: uuid.UUID | None
+    created_at: datetime
+    expires_at: datetime
+    revoked: bool

@@ -12,17 +12,19 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from app.accounts import usage
 from app.config import Settings
 from app.jobs import estimates
 from app.jobs import repository as job_repository
-from app.models import GeneratedImage, GenerationRequest, Job, Subject, utcnow
+from app.models import GeneratedImage, GenerationRequest, Job, Subject, User, utcnow
 from app.storage import ObjectNotFound, Storage
 from app.subjects.base_models import model_facts
-from worker.engine.prompts import SUBJECT_PLACEHOLDER, normalize_free_prompt
+from worker.engine.faces import MatchWords, match_words
+from worker.engine.prompts import SUBJECT_PLACEHOLDER, Shape, normalize_free_prompt, split_shape, with_shape
 
 MAX_PROMPT_CHARS = 300
 # What a 429 tells a client with too many active jobs: jobs take minutes, so asking again in one is soon enough.
@@ -48,6 +50,16 @@ class GenerationNotPossible(GalleryError):
 class TooManyActiveJobs(GalleryError):
     """The account already has its maximum of queued and running jobs (429)."""
 
+    retry_after = RETRY_AFTER_SECONDS
+
+
+class MonthlyQuotaReached(TooManyActiveJobs):
+    """The account used this month's GPU minutes, a quota an operator set (429 until the month ends)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 # --- names ----------------------------------------------------------------------------------------
 
@@ -62,13 +74,14 @@ def slugify(text: str, fallback: str = "image") -> str:
 
 
 def readable_prompt(template: str, subject_name: str) -> str:
-    """The prompt template with ``{subject}`` replaced by the subject's name: "a photo of Rex on the beach"."""
-    return template.replace(SUBJECT_PLACEHOLDER, subject_name)
+    """The prompt template with ``{subject}`` replaced by the subject's name: "a photo of Rex on the beach"
+    (a shape marker such as "(portrait)" left out: the picture shows its shape)."""
+    return split_shape(template)[0].replace(SUBJECT_PLACEHOLDER, subject_name)
 
 
 def prompt_parts(template: str) -> list[str]:
     """The template split around ``{subject}``, so a page can show the subject as a highlighted chip."""
-    return template.split(SUBJECT_PLACEHOLDER)
+    return split_shape(template)[0].split(SUBJECT_PLACEHOLDER)
 
 
 def prompt_slug(template: str, subject_name: str) -> str:
@@ -131,8 +144,66 @@ def group_by_prompt(subject: Subject, images: list[GeneratedImage]) -> list[Prom
     return sorted(groups.values(), key=lambda group: first_made[group.template])
 
 
+SHAPE_CHOICES: dict[Shape, str] = {
+    "square": "Square", "portrait": "Portrait (taller)", "landscape": "Landscape (wider)",
+}
+
+
+def shape_of(image: GeneratedImage) -> str:
+    """The picture's shape in a customer's words: square, portrait (taller) or landscape (wider)."""
+    if image.height > image.width:
+        return "Portrait"
+    return "Landscape" if image.width > image.height else "Square"
+
+
 def has_scores(images: Iterable[GeneratedImage]) -> bool:
-    return any(image.rank is not None for image in images)
+    """Whether "best likeness first" means anything: some image was ranked, or had its face checked."""
+    return any(image.rank is not None or image.face_checked for image in images)
+
+
+def face_match(image: GeneratedImage) -> MatchWords | None:
+    """A person's picture's face match in words ("strong match", "weak match", "not a match", "no face
+    found"); None when its face was never checked (a pet, or a picture made before faces were)."""
+    return match_words(image.face_distance) if image.face_checked else None
+
+
+# --- the order pictures are shown in --------------------------------------------------------------
+# One place decides it, for the gallery page, its lightbox (which walks the page's order) and the
+# one-picture page's previous/next, so the three never disagree.
+
+GalleryOrder = Literal["likeness", "created"]
+BEST_LIKENESS_TITLE = "Best likeness first"
+
+
+def made_key(image: GeneratedImage) -> tuple[Any, ...]:
+    """Oldest first; ties broken by seed, then id, so the order is stable."""
+    return (image.created_at, image.seed, str(image.id))
+
+
+def likeness_key(image: GeneratedImage) -> tuple[Any, ...]:
+    """Best likeness first, unscored last. The one place a likeness score is read for ordering: a
+    person's pictures by their face's distance to the photos (no face found: last), then the rank."""
+    return (image.face_distance is None, image.face_distance or 0.0,
+            image.rank is None, image.rank if image.rank is not None else 0, *made_key(image))
+
+
+def default_order(all_images: Iterable[GeneratedImage]) -> GalleryOrder:
+    """By likeness once the pictures were scored, else in the order they were made."""
+    return "likeness" if has_scores(all_images) else "created"
+
+
+def arrange(subject: Subject, images: Iterable[GeneratedImage], order: GalleryOrder) -> list[PromptGroup]:
+    """The gallery's sections. ``created``: one section per prompt, in the order each was first made.
+    ``likeness``: one section with every picture ranked, so the best is first wherever its prompt is."""
+    if order == "likeness":
+        return [PromptGroup(template="", readable=BEST_LIKENESS_TITLE, parts=[], slug="",
+                            images=sorted(images, key=likeness_key))]
+    return group_by_prompt(subject, sorted(images, key=made_key))
+
+
+def viewing_order(groups: Iterable[PromptGroup]) -> list[GeneratedImage]:
+    """The pictures one after another as the page shows them (the lightbox's and the image page's order)."""
+    return [image for group in groups for image in group.images]
 
 
 def set_favourite(session: Session, image: GeneratedImage, favourite: bool) -> None:
@@ -140,16 +211,43 @@ def set_favourite(session: Session, image: GeneratedImage, favourite: bool) -> N
     session.flush()
 
 
+def delete_image(session: Session, storage: Storage, image: GeneratedImage) -> None:
+    """Delete one picture for good: its row (flushed) and its file, now.
+
+    As a studio's deletion does, the file goes inside the request's transaction; a ZIP being written
+    at that moment lists it under ``missing``. The other pictures keep their ranks and names."""
+    from app.galleries.sharing import delete_links_of_image  # sharing imports this module's neighbours
+
+    key = image.storage_key
+    delete_links_of_image(session, image.id)
+    session.delete(image)
+    session.flush()
+    storage.delete(key)  # a file already gone is no error: it is what was asked for
+
+
 # --- generate more --------------------------------------------------------------------------------
 
+# "More like this" asks for this many new pictures of one picture's prompt (new seeds).
+MORE_LIKE_THIS_COUNT = 4
 
-def clean_prompts(raw_prompts: Iterable[str], settings: Settings) -> list[str]:
-    """The prompts as templates with ``{subject}``: blank lines dropped, duplicates removed, limits checked."""
+
+def request_more_like(session: Session, settings: Settings, subject: Subject, image: GeneratedImage) -> Job:
+    """"More like this": a "generate more" job for the picture's prompt, with new seeds (the worker
+    draws them), so the new pictures join that prompt's group. Raises as :func:`request_generation`."""
+    count = min(MORE_LIKE_THIS_COUNT, settings.max_images_per_prompt)
+    return request_generation(session, settings, subject, [image.prompt_template], count)
+
+
+def clean_prompts(raw_prompts: Iterable[str], settings: Settings, shape: Shape | None = None) -> list[str]:
+    """The prompts as templates with ``{subject}``: blank lines dropped, duplicates removed, limits checked.
+    ``shape`` marks each prompt that does not name its own ("... (landscape)") with that shape."""
     prompts: list[str] = []
     for raw in raw_prompts:
         if not raw or not raw.strip():
             continue
         template = normalize_free_prompt(raw)
+        if shape is not None and split_shape(template)[1] == "square" and not template.lower().endswith("(square)"):
+            template = with_shape(template, shape)
         if len(template) > MAX_PROMPT_CHARS:
             raise InvalidGenerationRequest(
                 f"The prompt {raw.strip()[:40]!r}... is too long: at most {MAX_PROMPT_CHARS} characters."
@@ -163,12 +261,18 @@ def clean_prompts(raw_prompts: Iterable[str], settings: Settings) -> list[str]:
     return prompts
 
 
+def trained_on_demo_model(subject: Subject) -> bool:
+    """Whether the studio's trained model is the built-in demo model (what its training recorded)."""
+    return bool((subject.model_info or {}).get("demo_model")) or subject.base_model == "tiny"
+
+
 def request_generation(
     session: Session,
     settings: Settings,
     subject: Subject,
     raw_prompts: Iterable[str],
     images_per_prompt: int,
+    shape: Shape | None = None,
 ) -> Job:
     """Queue a "generate more" job on a trained subject: a GenerationRequest, a Job, and the task.
 
@@ -185,7 +289,11 @@ def request_generation(
         raise InvalidGenerationRequest(
             f"Images per prompt must be between 1 and {settings.max_images_per_prompt}; {images_per_prompt} given."
         )
-    prompts = clean_prompts(raw_prompts, settings)
+    prompts = clean_prompts(raw_prompts, settings, shape)
+    owner = session.get(User, subject.owner_id)
+    used = usage.quota_used(session, owner, studios=False) if owner is not None else None
+    if used is not None:
+        raise MonthlyQuotaReached(used.message, used.retry_after)
     if job_repository.count_active_jobs_of_owner(session, subject.owner_id) >= settings.max_active_jobs_per_user:
         raise TooManyActiveJobs(
             f"You already have {settings.max_active_jobs_per_user} jobs in progress: wait for one to finish."
@@ -198,7 +306,9 @@ def request_generation(
         stage="queued",
         max_attempts=settings.max_attempts,
         details={"images_done": 0, "images_total": len(prompts) * images_per_prompt,
-                 **planned_generation(session, settings, subject, len(prompts) * images_per_prompt)},
+                 **planned_generation(session, settings, subject, len(prompts) * images_per_prompt),
+                 # Known now, from the trained model: the job says so before a worker loads it.
+                 "demo_model": trained_on_demo_model(subject)},
     )
     session.add(job)
     session.flush()
@@ -260,7 +370,9 @@ def _zip_entry(image: GeneratedImage, name: str) -> ZipEntry:
             "guidance": image.guidance,
             "width": image.width,
             "height": image.height,
-            "scores": {"dino": image.dino, "clip_i": image.clip_i, "clip_t": image.clip_t},
+            "scores": {"dino": image.dino, "clip_i": image.clip_i, "clip_t": image.clip_t,
+                       "face_distance": image.face_distance},
+            "face_match": face_match(image),
             "rank": image.rank,
             "favourite": image.favourite,
             "created_at": image.created_at.isoformat(),

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.models import Job, Subject
 from worker.engine.presets import DEMO_PRIOR_IMAGES, preset
-from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, subject_kind
+from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, SubjectKind, subject_kind
 
 PLAN_STEPS = ("preparing", "priors", "training", "generating")
 RECENT_JOBS = 50  # finished training jobs looked at for speeds
@@ -206,7 +206,7 @@ def plan_seconds(work: Work, speeds: Speeds) -> dict[str, float]:
     }
 
 
-def gallery_size(style_pack: str | None, prompts: Sequence[str], images_per_prompt: int, kind: str) -> int:
+def gallery_size(style_pack: str | None, prompts: Sequence[str], images_per_prompt: int, kind: SubjectKind) -> int:
     """How many gallery pictures a studio samples: its pack's prompts (the kind's default pack when it gave
     no prompts of its own) and its own, each ``images_per_prompt`` times."""
     default = DEFAULT_PACK["person" if kind == "person" else "pet"]

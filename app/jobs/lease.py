@@ -157,7 +157,8 @@ def finish(session: Session, job_id: uuid.UUID | str, token: str, status: str, *
     """End the job as done, failed or cancelled under the lease; False when the lease was lost.
 
     ``values`` may set progress columns in the same statement (the final stage, details...). Publishing
-    results must happen in the same transaction as this call, so that a loser publishes nothing.
+    results must happen in the same transaction as this call, so that a loser publishes nothing. A
+    training that ends done or failed queues its owner's email in this transaction too.
     """
     if status not in TERMINAL_STATUSES:
         raise ValueError(f"finish status must be one of {', '.join(TERMINAL_STATUSES)}, got {status!r}")
@@ -171,7 +172,17 @@ def finish(session: Session, job_id: uuid.UUID | str, token: str, status: str, *
                 eta_seconds=None)
         .execution_options(synchronize_session=False)
     )
-    return _rowcount(result) == 1
+    won = _rowcount(result) == 1
+    if won:
+        _announce(session, _as_uuid(job_id), status)
+    return won
+
+
+def _announce(session: Session, job_id: uuid.UUID, status: str) -> None:
+    """The owner's "ready" or "failed" email, in the transaction that ends the job (app.accounts.notifications)."""
+    from app.accounts.notifications import job_ended  # late: this module stays free of the mail machinery
+
+    job_ended(session, job_id, status)
 
 
 def holds_lease(session: Session, job_id: uuid.UUID | str, token: str) -> bool:
@@ -223,4 +234,7 @@ def fail_if_exhausted(session: Session, job_id: uuid.UUID | str, lease_seconds: 
                 lease_token=None, eta_seconds=None)
         .execution_options(synchronize_session=False)
     )
-    return _rowcount(result) == 1
+    won = _rowcount(result) == 1
+    if won:
+        _announce(session, _as_uuid(job_id), "failed")
+    return won

@@ -7,10 +7,10 @@ import uuid
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from starlette.responses import Response
 
-from app.deps import PageUser, SessionDep, StorageDep, require_csrf
+from app.deps import PageUser, SessionDep, SettingsDep, StorageDep, require_csrf
 from app.galleries import repository as gallery_repository
 from app.jobs import repository, service
-from app.subjects import base_models
+from app.subjects import base_models, retention
 from app.subjects import repository as subject_repository
 from app.templating import redirect_with_flash, render
 
@@ -23,7 +23,9 @@ DEMO_MODEL_NOTICE = (
 
 
 @router.get("/studios/{subject_id:uuid}", name="studio")
-def studio_page(subject_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep) -> Response:
+def studio_page(
+    subject_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep, settings: SettingsDep
+) -> Response:
     """The studio: its photos, the latest job with a live stepper, and what can be done next."""
     subject = subject_repository.get_for_owner(session, user.id, subject_id)
     if subject is None:
@@ -45,6 +47,8 @@ def studio_page(subject_id: uuid.UUID, request: Request, user: PageUser, session
         "photos": subject_repository.photos_of(session, subject),
         "photos_deleted": subject.photos_deleted_at is not None,
         "image_count": image_count,
+        # "Keep it longer" only when it adds time (see retention.renewal_offer).
+        "renewal_offer": retention.renewal_offer(subject, settings),
         "demo_model": demo_model,
         "demo_notice": DEMO_MODEL_NOTICE,
         "base_model": base_models.model_facts(subject, training.details if training is not None else None),

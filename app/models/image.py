@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String, UniqueConstraint
+from sqlalchemy import ForeignKey, String, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, IdMixin, TimestampMixin, utcnow
@@ -29,6 +29,10 @@ class GeneratedImage(IdMixin, TimestampMixin, Base):
     dino: Mapped[float | None] = mapped_column(default=None)
     clip_i: Mapped[float | None] = mapped_column(default=None)
     clip_t: Mapped[float | None] = mapped_column(default=None)
+    # A person's picture: the mean face-descriptor distance to the uploads (smaller is closer; under
+    # 0.6 the same person), None when no face was found in it; face_checked says it was looked for.
+    face_distance: Mapped[float | None] = mapped_column(default=None)
+    face_checked: Mapped[bool] = mapped_column(default=False, server_default=false())
     rank: Mapped[int | None] = mapped_column(default=None)
     favourite: Mapped[bool] = mapped_column(default=False)
 

@@ -21,7 +21,7 @@ import anyio.to_thread
 
 from app.config import Settings
 from app.photos import sanitize
-from app.photos.sanitize import PhotoRejected, SanitizedBatch, UploadSource, near_duplicates
+from app.photos.sanitize import PhotoRejected, SanitizedBatch, UploadSource
 
 
 @lru_cache(maxsize=1)
@@ -46,9 +46,10 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def _sanitize_then_release(filename: str, source: UploadSource, settings: Settings) -> sanitize.SanitizedPhoto:
+def _sanitize_then_release(filename: str, source: UploadSource, settings: Settings,
+                           faces: bool) -> sanitize.SanitizedPhoto:
     try:
-        return sanitize.sanitize_upload(filename, source, settings)
+        return sanitize.sanitize_upload(filename, source, settings, faces)
     finally:
         release_freed_memory()
 
@@ -60,16 +61,17 @@ class DecodeSlots:
         self.concurrency = max(1, concurrency)
         self._limiter = anyio.CapacityLimiter(self.concurrency)
 
-    async def sanitize_uploads(self, files: Sequence[tuple[str, UploadSource]], settings: Settings) -> SanitizedBatch:
+    async def sanitize_uploads(self, files: Sequence[tuple[str, UploadSource]], settings: Settings,
+                               faces: bool = False) -> SanitizedBatch:
         """:func:`app.photos.sanitize.sanitize_uploads`, each photo in a decode slot's thread."""
         batch = SanitizedBatch()
         for filename, source in files:
             try:
                 photo = await anyio.to_thread.run_sync(_sanitize_then_release, filename, source, settings,
-                                                       limiter=self._limiter)
+                                                       faces, limiter=self._limiter)
             except PhotoRejected as refusal:
                 batch.rejections.append(refusal)
             else:
                 batch.photos.append(photo)
-        batch.rejections.extend(near_duplicates(batch.photos))
+        batch.check_together(faces)
         return batch

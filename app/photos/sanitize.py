@@ -26,12 +26,16 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
 from app.config import Settings
+from worker.engine.sharpness import BLUR_THRESHOLD, sharpness  # the trainer's own measure (numpy only)
+
+if TYPE_CHECKING:
+    from app.photos.faces import FaceFound
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF")
 MIN_SHORT_SIDE = 256  # below this a photo carries too little of the subject to learn from
@@ -39,11 +43,6 @@ DRAFT_SIDE = 1024
 SPOOL_MEMORY = 256 * 1024  # a sanitized photo larger than this waits on disk
 MAX_LONG_SIDE = 2048  # stored photos are downscaled to this; training crops far smaller anyway
 JPEG_QUALITY = 92
-# Variance of the 4-neighbour Laplacian on a grayscale copy whose shorter side is SHARPNESS_SIDE px.
-# Normalizing the size makes a 12 MP phone photo and a small one comparable; the threshold matches
-# the worker's own check (worker/engine/photos.py), so what passes here is not dropped there.
-SHARPNESS_SIDE = 256
-BLUR_THRESHOLD = 40.0
 HASH_SIZE = 8  # dHash of 8x8 = 64 bits
 DUPLICATE_MAX_BITS = 4  # Hamming distance at or below which two photos count as near-duplicates
 MAX_NAME_LENGTH = 255
@@ -100,6 +99,7 @@ class SanitizedPhoto:
     height: int
     perceptual_hash: str  # 64-bit dHash as 16 hex digits
     original_name: str  # for display only (escaped); never a path or key
+    face: FaceFound | None = None  # a person's photo: the face it is trained on (app.photos.faces)
 
     @property
     def jpeg_bytes(self) -> bytes:
@@ -113,10 +113,27 @@ class SanitizedPhoto:
 
 @dataclass
 class SanitizedBatch:
-    """The photos of one request that passed, and every refusal (per file and near-duplicate pairs)."""
+    """The photos of one request that passed, and every refusal (per file, near-duplicate pairs and, for
+    a person, photos of someone else); ``set_problem`` refuses the whole set (no 3 photos of one person)."""
 
     photos: list[SanitizedPhoto] = field(default_factory=list)
     rejections: list[PhotoRejected] = field(default_factory=list)
+    set_problem: str | None = None
+
+    def check_together(self, faces: bool) -> None:
+        """The checks across photos, once each photo has been sanitized: near-duplicates and, with
+        ``faces`` (a person's studio), that the faces are one person and no shot is there twice."""
+        self.rejections.extend(near_duplicates(self.photos))
+        if not faces:
+            return
+        from app.photos.faces import identity_problems
+
+        named = {refusal.filename for refusal in self.rejections}
+        found = [(photo.original_name, photo.face) for photo in self.photos
+                 if photo.face is not None and photo.original_name not in named]
+        identity = identity_problems(found)
+        self.rejections.extend(identity.rejections)
+        self.set_problem = identity.set_problem
 
 
 @lru_cache(maxsize=1)
@@ -152,17 +169,6 @@ def _format_hint(stream: BinaryIO) -> str:
         if head.startswith(signature):
             return f" ({label}?)"
     return ""
-
-
-def sharpness(image: Image.Image) -> float:
-    """Variance of the Laplacian of a grayscale copy scaled so its shorter side is SHARPNESS_SIDE px."""
-    gray = image.convert("L")
-    scale = SHARPNESS_SIDE / min(gray.size)
-    size = (max(3, round(gray.width * scale)), max(3, round(gray.height * scale)))
-    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-    pixels = np.asarray(gray.resize(size, resample), dtype=np.float32)
-    laplacian = pixels[:-2, 1:-1] + pixels[2:, 1:-1] + pixels[1:-1, :-2] + pixels[1:-1, 2:] - 4.0 * pixels[1:-1, 1:-1]
-    return float(laplacian.var())
 
 
 def dhash(image: Image.Image, hash_size: int = HASH_SIZE) -> int:
@@ -533,13 +539,14 @@ def _working_copy(image: Image.Image) -> Image.Image:
     return result
 
 
-def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> SanitizedPhoto:
+def sanitize_upload(filename: str, source: UploadSource, settings: Settings, faces: bool = False) -> SanitizedPhoto:
     """Decode, check and re-encode one uploaded file, or raise :class:`PhotoRejected` saying why.
 
     Checks, in order: byte size (settings.max_photo_bytes), decodable as JPEG/PNG/WebP/HEIF, pixel
     count (settings.max_image_pixels, decompression bombs), a single frame, the work and memory its
     decoding needs (:func:`_decode`), fully decodable (not truncated), shorter side at least 256 px
-    after the EXIF orientation, and not too blurry. A file object is decoded where it lies (the
+    after the EXIF orientation, and not too blurry; with ``faces`` (a person's studio) one face, large
+    enough (:func:`app.photos.faces.check_face`). A file object is decoded where it lies (the
     multipart parser's spooled file), never copied whole into memory.
     """
     name = display_name(filename)
@@ -568,7 +575,7 @@ def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> 
             name, f"too small ({width}×{height} px); the shorter side must be at least {MIN_SHORT_SIDE} px"
         )
     if sharpness(rgb) < BLUR_THRESHOLD:
-        raise PhotoRejected(name, "too blurry; use a sharp photo where the subject is in focus")
+        raise PhotoRejected(name, "too blurry: no part of it is in sharp focus; use a photo where the subject is sharp")
 
     if max(width, height) > MAX_LONG_SIDE:
         rgb.thumbnail((MAX_LONG_SIDE, MAX_LONG_SIDE), Image.Resampling.LANCZOS)
@@ -576,6 +583,11 @@ def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> 
     clean = Image.new("RGB", rgb.size)
     clean.paste(rgb)
     del rgb
+    face = None
+    if faces:
+        from app.photos.faces import check_face
+
+        face = check_face(name, clean)
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115  # outlives this call, closed when collected
     clean.save(spool, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     return SanitizedPhoto(
@@ -584,6 +596,7 @@ def sanitize_upload(filename: str, source: UploadSource, settings: Settings) -> 
         height=clean.height,
         perceptual_hash=f"{dhash(clean):016x}",
         original_name=name,
+        face=face,
     )
 
 
@@ -606,7 +619,8 @@ def near_duplicates(photos: Sequence[SanitizedPhoto]) -> list[PhotoRejected]:
     return refusals
 
 
-def sanitize_uploads(files: Sequence[tuple[str, UploadSource]], settings: Settings) -> SanitizedBatch:
+def sanitize_uploads(files: Sequence[tuple[str, UploadSource]], settings: Settings,
+                     faces: bool = False) -> SanitizedBatch:
     """Sanitize every file of one request, collecting every refusal instead of stopping at the first.
 
     Files are decoded and re-encoded one at a time, so a request of 20 large photos holds the pixels
@@ -615,8 +629,8 @@ def sanitize_uploads(files: Sequence[tuple[str, UploadSource]], settings: Settin
     batch = SanitizedBatch()
     for filename, source in files:
         try:
-            batch.photos.append(sanitize_upload(filename, source, settings))
+            batch.photos.append(sanitize_upload(filename, source, settings, faces))
         except PhotoRejected as refusal:
             batch.rejections.append(refusal)
-    batch.rejections.extend(near_duplicates(batch.photos))
+    batch.check_together(faces)
     return batch

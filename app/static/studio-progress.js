@@ -114,6 +114,21 @@
     return shownEta;
   }
 
+  // The gallery's picture count, asked once the job is done: "generate more" and the first
+  // training change it, and the button should say so without a reload.
+  function refreshCount(link) {
+    var url = link.getAttribute("data-subject-url");
+    if (!url) return;
+    fetch(url, { credentials: "same-origin", cache: "no-store", headers: { Accept: "application/json" } })
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (subject) {
+        if (!subject || !subject.counts) return;
+        var count = subject.counts.images;
+        setText(link.querySelector("[data-gallery-count]"), count ? " (" + count + ")" : "");
+      })
+      .catch(function () { /* the count stays as it was */ });
+  }
+
   function render(root, status) {
     root.setAttribute("data-status", status.status);
     var titles = TITLES[root.getAttribute("data-job-kind")] || TITLES.train;
@@ -148,8 +163,14 @@
       attemptFact.hidden = status.attempts <= 1;
       setText(attemptFact.querySelector("[data-attempt]"), status.attempts + " of " + status.max_attempts);
     }
-    if (status.started_at) {
-      setText(root.querySelector("[data-started]"), new Date(status.started_at).toLocaleString());
+    var startedBox = root.querySelector("[data-started]");
+    if (status.started_at && startedBox) {
+      // A <time> as the server writes it, in the same words and zone (studio.js: StudioDates).
+      var time = startedBox.querySelector("time") || document.createElement("time");
+      time.setAttribute("datetime", status.started_at);
+      time.setAttribute("data-when", "datetime");
+      setText(time, window.StudioDates ? window.StudioDates.format(status.started_at, "datetime") : status.started_at);
+      if (time.parentNode !== startedBox) startedBox.replaceChildren(time);
     }
     updatePreviews(root, status.preview_urls || []);
     updateNotes(root, status.notes || []);
@@ -165,7 +186,13 @@
     if (demoNotice && status.demo_model) demoNotice.hidden = false;
     if (status.status === "done") {
       var galleryLink = document.querySelector("[data-gallery-link]");
-      if (galleryLink) galleryLink.hidden = false;
+      if (galleryLink) {
+        galleryLink.hidden = false;
+        if (!root.hasAttribute("data-counted")) {
+          root.setAttribute("data-counted", "");
+          refreshCount(galleryLink);
+        }
+      }
     }
   }
 
@@ -203,7 +230,11 @@
           if (status) {
             delay = POLL_MS;
             render(root, status);
-            if (status.finished) stopped = true;
+            if (status.finished) {
+              stopped = true;
+              // For whoever waits for the end on this page (studio-notify.js: the browser notification).
+              root.dispatchEvent(new CustomEvent("studio:job-finished", { bubbles: true, detail: status }));
+            }
           }
           schedule();
         })

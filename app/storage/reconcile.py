@@ -8,7 +8,7 @@ agree with the database again.
 
 An object is kept when
 
-- a row refers to it: a photo or an image row (``storage_key``), a job's ``preview_keys``, a
+- a row refers to it: a photo, an image or an unexpired data export row (``storage_key``), a job's ``preview_keys``, a
   subject's ``weights_key`` folder, the ``checkpoint`` folder recorded by a queued or running job
   (a finished job resumes from nothing), a prior bank's folder;
 - it is under the folder of a subject one of whose jobs is running (that worker's uploads are
@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import GeneratedImage, Job, Photo, PriorBank, Subject, utcnow
+from app.models import DataExport, GeneratedImage, Job, Photo, PriorBank, Subject, utcnow
 from app.models.job import ACTIVE_STATUSES
 from app.storage.base import Storage, StoredObject, subject_prefix
 
@@ -87,6 +87,8 @@ def load_references(session: Session) -> References:
     refs = References()
     refs.keys.update(session.execute(select(Photo.storage_key)).scalars())
     refs.keys.update(session.execute(select(GeneratedImage.storage_key)).scalars())
+    exports = select(DataExport.storage_key).where(DataExport.expires_at > utcnow())
+    refs.keys.update(key for key in session.execute(exports).scalars() if key)
     for preview_keys in session.execute(select(Job.preview_keys)).scalars():
         refs.keys.update(key for key in preview_keys or [] if isinstance(key, str))
     for weights_key in session.execute(select(Subject.weights_key).where(Subject.weights_key.is_not(None))).scalars():

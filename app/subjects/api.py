@@ -38,6 +38,7 @@ from app.subjects.schemas import (
     SubjectDetail,
     SubjectList,
     SubjectSummary,
+    SubjectUpdate,
 )
 from app.subjects.service import MAX_PROMPT_LENGTH
 from worker.engine.prompts import STYLE_PACKS
@@ -120,7 +121,8 @@ def subject_summary(card: service.StudioCard) -> SubjectSummary:
         kind=subject.kind,
         class_noun=subject.class_noun,
         status=card.status,
-        thumbnail_url=api_photo_url(card.thumbnail) if card.thumbnail is not None else None,
+        thumbnail_url=(api_photo_url(card.thumbnail) if card.thumbnail is not None
+                       else f"/api/v1/images/{card.cover_image.id}/file" if card.cover_image is not None else None),
         created_at=subject.created_at,
         expires_at=subject.expires_at,
         url=f"/api/v1/subjects/{subject.id}",
@@ -143,6 +145,7 @@ def subject_detail(session: Session, subject: Subject) -> SubjectDetail:
         status=service.subject_status(subject, latest_job),
         thumbnail=photos[0] if photos else None,
         latest_job=latest_job,
+        cover_image=None if photos else repository.best_images(session, [subject.id]).get(subject.id),
     )
     return SubjectDetail(
         **subject_summary(card).model_dump(),
@@ -194,6 +197,7 @@ def owned_subject(session: Session, owner_id: uuid.UUID, subject_id: uuid.UUID) 
         413: {"description": "More photos, or a bigger request, than allowed"},
         422: {"description": "Problems: {detail, fields: {name: reason}, files: [{name, reason}]}"},
         429: {"description": "Too many studios in training, or created in the last hour; see Retry-After"},
+        403: {"description": "The operator requires a confirmed email address before training"},
     },
 )
 async def create_subject(request: Request, upload: UploadDep, storage: StorageDep, settings: SettingsDep) -> Response:
@@ -213,11 +217,7 @@ async def create_subject(request: Request, upload: UploadDep, storage: StorageDe
         checked = await service.check_studio_in_slots(upload.form, upload.files, settings, decode_slots(request))
         created = await run_as_api_user(request, create)
     except service.StudioLimitReached as error:
-        return JSONResponse(
-            {"detail": str(error)},
-            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-            headers={"Retry-After": str(error.retry_after)},
-        )
+        return JSONResponse({"detail": str(error)}, status_code=error.status_code, headers=error.headers)
     except service.StudioRejected as error:
         code = status.HTTP_413_CONTENT_TOO_LARGE if error.too_large else status.HTTP_422_UNPROCESSABLE_CONTENT
         return JSONResponse(error.problems.as_json(), status_code=code)
@@ -240,6 +240,17 @@ def get_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep) -> Su
     return subject_detail(session, owned_subject(session, user.id, subject_id))
 
 
+@router.patch("/subjects/{subject_id:uuid}", response_model=SubjectDetail, dependencies=[Depends(require_csrf)])
+def update_subject(subject_id: uuid.UUID, update: SubjectUpdate, user: ApiUser, session: SessionDep) -> SubjectDetail:
+    """Rename the studio (``{"name": "Rex"}``); its pictures' captions and file names follow the new name."""
+    subject = owned_subject(session, user.id, subject_id)
+    try:
+        service.rename_subject(session, subject, update.name)
+    except service.InvalidName as error:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from None
+    return subject_detail(session, subject)
+
+
 @router.post("/subjects/{subject_id:uuid}/renew", response_model=SubjectDetail, dependencies=[Depends(require_csrf)])
 def renew_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep) -> SubjectDetail:
     """Keep the studio for another ``retention_days`` from now (its new ``expires_at`` is in the answer)."""
@@ -256,6 +267,7 @@ def renew_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, set
     responses={
         409: {"description": "Not a failed or cancelled studio, already trained, or its photos are gone"},
         429: {"description": "Too many studios in training; see Retry-After"},
+        403: {"description": "The operator requires a confirmed email address before training"},
     },
 )
 def retry_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep) -> Response:
@@ -266,8 +278,7 @@ def retry_subject(subject_id: uuid.UUID, user: ApiUser, session: SessionDep, set
     except service.RetryRefused as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     except service.StudioLimitReached as error:
-        return JSONResponse({"detail": str(error)}, status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-                            headers={"Retry-After": str(error.retry_after)})
+        return JSONResponse({"detail": str(error)}, status_code=error.status_code, headers=error.headers)
     created = StudioCreated(subject=subject_detail(session, subject), job=job_summary(job))
     return JSONResponse(created.model_dump(mode="json"), status_code=status.HTTP_201_CREATED,
                         headers={"Location": job_summary(job).url})
@@ -290,7 +301,8 @@ def get_photo(
 def list_style_packs() -> list[StylePackOut]:
     """Every style pack: its name (the ``style_pack`` field), title, subject kind ("pet" or "person"), prompts."""
     return [
-        StylePackOut(name=pack.name, title=pack.title, kind=pack.kind, prompts=list(pack.prompts))
+        StylePackOut(name=pack.name, title=pack.title, kind=pack.kind, prompts=list(pack.prompts), shape=pack.shape,
+                     sample_url=service.pack_sample_url(pack.name))
         for pack in STYLE_PACKS.values()
     ]
 

@@ -26,7 +26,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from app import config as studio_config
-from app.models import GeneratedImage, GenerationRequest, Job, Photo, Subject, utcnow
+from app.models import GeneratedImage, GenerationRequest, Job, Photo, ShareLink, Subject, utcnow
 from app.queue import enqueue
 from app.storage import Storage
 from app.storage.base import subject_prefix
@@ -49,7 +49,7 @@ def delete_subject(session: Session, storage: Storage, subject: Subject) -> None
         .values(cancel_requested=True, updated_at=now)
     )
     removed = storage.delete_prefix(subject_prefix(subject.owner_id, subject.id))
-    for table in (GeneratedImage, GenerationRequest, Job, Photo):
+    for table in (ShareLink, GeneratedImage, GenerationRequest, Job, Photo):
         session.execute(
             delete(table).where(table.subject_id == subject.id).execution_options(synchronize_session=False)
         )

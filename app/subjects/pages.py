@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, Form, HTTPException, Request, status
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
@@ -36,8 +36,8 @@ from app.subjects.schemas import (
     QUALITY_PRESETS,
     StudioProblems,
 )
-from app.templating import format_date, redirect_with_flash, render
-from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS
+from app.templating import format_date, person_zone, redirect_with_flash, render
+from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, split_shape
 
 router = APIRouter(include_in_schema=False)
 
@@ -111,7 +111,9 @@ def new_studio_context(
         "kinds": KIND_CHOICES,
         "person_nouns": PERSON_NOUNS,
         "packs": [
-            {"name": pack.name, "title": pack.title, "kind": pack.kind, "prompts": list(pack.prompts)}
+            {"name": pack.name, "title": pack.title, "kind": pack.kind, "shape": pack.shape,
+             "prompts": [split_shape(prompt)[0] for prompt in pack.prompts],
+             "sample_url": service.pack_sample_url(pack.name)}
             for pack in STYLE_PACKS.values()
         ],
         "default_packs": DEFAULT_PACK,
@@ -200,8 +202,8 @@ async def create_studio(request: Request, storage: StorageDep, settings: Setting
             request,
             "subjects/new.html",
             context,
-            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-            headers={"Retry-After": str(error.retry_after)},
+            status_code=error.status_code,
+            headers=error.headers,
         )
     except service.StudioRejected as error:
         code = status.HTTP_413_CONTENT_TOO_LARGE if error.too_large else status.HTTP_422_UNPROCESSABLE_CONTENT
@@ -221,9 +223,37 @@ def renew_studio(
     subject = repository.get_for_owner(session, user.id, subject_id)
     if subject is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No such studio.")
+    zone = person_zone(request)
+    back = f"/studios/{subject.id}"
+    if retention.renewal_offer(subject, settings) is None:
+        # Nothing to add yet: say so rather than answer with the date it already had.
+        return redirect_with_flash(
+            request, back,
+            f"“{subject.name}” is already kept until {format_date(subject.expires_at, zone)}, the longest a studio "
+            f"is kept; from {format_date(retention.renewable_from(subject, settings), zone)} you can extend it.",
+            "info",
+        )
+    before = subject.expires_at
     expires = retention.renew(session, subject, settings)
-    return redirect_with_flash(request, f"/studios/{subject.id}",
-                               f"“{subject.name}” is now kept until {format_date(expires)}.")
+    added = (expires - before).days
+    return redirect_with_flash(request, back, f"“{subject.name}” is now kept until {format_date(expires, zone)}, "
+                               f"{added} day{'' if added == 1 else 's'} longer.")
+
+
+@router.post("/studios/{subject_id:uuid}/rename", name="rename_studio", dependencies=[Depends(require_csrf)])
+def rename_studio(
+    subject_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep, name: str = Form("")
+) -> Response:
+    """The studio page's "Rename"."""
+    subject = repository.get_for_owner(session, user.id, subject_id)
+    if subject is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "No such studio.")
+    back = f"/studios/{subject.id}"
+    try:
+        new_name = service.rename_subject(session, subject, name)
+    except service.InvalidName as error:
+        return redirect_with_flash(request, back, str(error), "warning")
+    return redirect_with_flash(request, back, f"The studio is now called “{new_name}”.")
 
 
 @router.post("/studios/{subject_id:uuid}/retry", name="retry_studio", dependencies=[Depends(require_csrf)])

@@ -67,6 +67,21 @@ def first_photos(session: Session, subject_ids: Sequence[uuid.UUID]) -> dict[uui
     return {photo.subject_id: photo for photo in session.scalars(query)}
 
 
+def best_images(session: Session, subject_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, GeneratedImage]:
+    """Each subject's best picture (best likeness rank; unranked: the first made), keyed by subject id:
+    the cover of a studio whose photos are gone."""
+    if not subject_ids:
+        return {}
+    place = func.row_number().over(
+        partition_by=GeneratedImage.subject_id,
+        order_by=(GeneratedImage.rank.is_(None), GeneratedImage.rank, GeneratedImage.created_at,
+                  GeneratedImage.seed, GeneratedImage.id),
+    ).label("place")
+    ranked = select(GeneratedImage.id, place).where(GeneratedImage.subject_id.in_(subject_ids)).subquery()
+    query = select(GeneratedImage).join(ranked, ranked.c.id == GeneratedImage.id).where(ranked.c.place == 1)
+    return {image.subject_id: image for image in session.scalars(query)}
+
+
 def count_photos(session: Session, subject_id: uuid.UUID) -> int:
     return session.scalar(select(func.count()).select_from(Photo).where(Photo.subject_id == subject_id)) or 0
 

@@ -34,6 +34,22 @@ def expiry_for(created_at: datetime, settings: Settings) -> datetime:
     return created_at + timedelta(days=settings.retention_days)
 
 
+# A renewal is offered only when it keeps the studio at least this much longer: on a new studio
+# "keep it 30 more days" would otherwise answer with (almost) the date it already had.
+MIN_RENEWAL = timedelta(days=1)
+
+
+def renewal_offer(subject: Subject, settings: Settings, now: datetime | None = None) -> datetime | None:
+    """The expiry a renewal now would give, when that adds at least :data:`MIN_RENEWAL`; else None."""
+    offered = expiry_for(now or utcnow(), settings)
+    return offered if offered - subject.expires_at >= MIN_RENEWAL else None
+
+
+def renewable_from(subject: Subject, settings: Settings) -> datetime:
+    """From when a renewal adds :data:`MIN_RENEWAL` (before that :func:`renewal_offer` is None)."""
+    return subject.expires_at - timedelta(days=settings.retention_days) + MIN_RENEWAL
+
+
 def renew(session: Session, subject: Subject, settings: Settings, now: datetime | None = None) -> datetime:
     """Keep ``subject`` for another ``retention_days`` from now; returns the new expiry (flushed)."""
     subject.expires_at = expiry_for(now or utcnow(), settings)

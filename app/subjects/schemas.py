@@ -113,7 +113,10 @@ class StylePackOut(BaseModel):
     name: str
     title: str
     kind: Literal["pet", "person"]
-    prompts: list[str]
+    prompts: list[str] = Field(description='templates; a trailing "(portrait)" or "(landscape)" is the shape')
+    shape: Literal["square", "portrait", "landscape"] = Field(description="the shape of the pack's pictures")
+    sample_url: str | None = Field(
+        description="a small illustration of the pack's style, drawn for this page: not a picture the studio made")
 
 
 class BaseModelOut(BaseModel):
@@ -190,6 +193,11 @@ class SubjectDetail(SubjectSummary):
     photos: list[PhotoOut]
     latest_job: JobSummary | None
     counts: SubjectCounts
+
+
+class SubjectUpdate(BaseModel):
+    # No length limits here: an empty or too long name gets the service's sentence, not pydantic's list.
+    name: str = Field(description="the studio's new name, 1 to 100 characters (spaces at the ends dropped)")
 
 
 class SubjectList(BaseModel):

@@ -15,16 +15,18 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from app import rate_limits
+from app.accounts import usage
 from app.config import Settings
 from app.jobs import estimates
 from app.jobs.service import format_duration
-from app.models import SUBJECT_KINDS, Job, Photo, Subject, User, utcnow
+from app.models import SUBJECT_KINDS, GeneratedImage, Job, Photo, Subject, User, utcnow
 from app.photos import SanitizedBatch, SanitizedPhoto, sanitize_uploads
 from app.photos.decoding import DecodeSlots
 from app.photos.sanitize import UploadSource
@@ -58,11 +60,28 @@ class StudioRejected(Exception):
 
 
 class StudioLimitReached(Exception):
-    """The owner may not start another studio now (answered with 429 and ``Retry-After: retry_after``)."""
+    """The owner may not start another studio now (answered with ``status_code``, 429 and
+    ``Retry-After: retry_after`` unless a subclass says otherwise)."""
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    status_code = 429
+
+    def __init__(self, message: str, retry_after: int | None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class EmailNotVerified(StudioLimitReached):
+    """The operator requires a confirmed address before training (``require_verified_email``); 403."""
+
+    status_code = 403
+
+    def __init__(self) -> None:
+        super().__init__("Confirm your email address before you start a training: open the link we sent you, "
+                         "or ask for a new one on your account page.", None)
 
 
 class TooManyActiveJobs(StudioLimitReached):
@@ -86,6 +105,16 @@ class TooManyStudiosThisHour(StudioLimitReached):
         self.limit = limit
 
 
+class MonthlyQuotaReached(StudioLimitReached):
+    """The owner used this month's quota (studios or GPU minutes) that an operator set on the account."""
+
+
+def monthly_quota(session: Session, owner: User) -> MonthlyQuotaReached | None:
+    """The monthly quota ``owner`` has used up (studios or GPU minutes), or None (app.accounts.usage)."""
+    used = usage.quota_used(session, owner, studios=True)
+    return None if used is None else MonthlyQuotaReached(used.message, used.retry_after)
+
+
 def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
     return (rate_limits.Limit("studios", settings.max_studios_per_hour, timedelta(hours=1)), str(owner.id))
 
@@ -93,6 +122,12 @@ def studios_per_hour(owner: User, settings: Settings) -> rate_limits.Counter:
 def studio_limit(session: Session, owner: User, settings: Settings) -> StudioLimitReached | None:
     """The limit that keeps ``owner`` from starting a studio now, or None. The new-studio page says it
     before any photo is picked; :func:`create_studio` raises it."""
+    # The monthly quota first: it says when the next studio is possible, where the others only say "later".
+    quota = monthly_quota(session, owner)
+    if quota is not None:
+        return quota
+    if settings.require_verified_email and owner.email_verified_at is None:
+        return EmailNotVerified()
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
         return TooManyActiveJobs(settings.max_active_jobs_per_user)
     if settings.max_studios_per_hour > 0:
@@ -179,6 +214,32 @@ def _prompts(form: CreateStudio, settings: Settings, problems: StudioProblems) -
     return templates
 
 
+# Each style pack's sample: a small SVG illustration drawn by hand for the form (app/static/packs),
+# not a picture a studio made; the page says so under it.
+PACK_SAMPLES_DIR = Path(__file__).resolve().parents[1] / "static" / "packs"
+
+
+def pack_sample_url(pack_name: str) -> str | None:
+    """The URL of ``pack_name``'s illustration, or None when there is none."""
+    return f"/static/packs/{pack_name}.svg" if (PACK_SAMPLES_DIR / f"{pack_name}.svg").is_file() else None
+
+
+class InvalidName(ValueError):
+    """A studio name that cannot be used; the message is a sentence for the person."""
+
+
+def rename_subject(session: Session, subject: Subject, raw_name: str) -> str:
+    """Give the studio a new name (flushed); the pictures' captions and file names follow it.
+
+    Raises InvalidName, and changes nothing, for an empty or too long name."""
+    name = clean_text(raw_name)
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidName(f"Give the studio a name of 1 to {MAX_NAME_LENGTH} characters, like “Rex”.")
+    subject.name = name
+    session.flush()
+    return name
+
+
 def validate_fields(form: CreateStudio, settings: Settings, problems: StudioProblems) -> ValidStudio:
     """Check every field of ``form``, adding a sentence to ``problems.fields`` for each bad one."""
     name = clean_text(form.name)
@@ -263,8 +324,15 @@ def _check_fields_and_count(
     return valid, problems
 
 
+def checks_faces(valid: ValidStudio) -> bool:
+    """Whether a studio's photos get the face checks (app.photos.faces): a person's do, pets' do not."""
+    return valid.kind == "person"
+
+
 def _checked(valid: ValidStudio, problems: StudioProblems, batch: SanitizedBatch) -> CheckedStudio:
     problems.files.extend(FileProblem(refusal.filename, refusal.reason) for refusal in batch.rejections)
+    if batch.set_problem is not None:
+        problems.fields.setdefault("photos", batch.set_problem)
     if problems:
         raise StudioRejected(problems)
     return CheckedStudio(valid=valid, photos=batch.photos)
@@ -274,7 +342,7 @@ def check_studio(form: CreateStudio, files: Sequence[tuple[str, UploadSource]], 
     """Every check of a creation request that needs no database: the fields, the photo count and each
     photo (decoded here, in the calling thread). Raises :class:`StudioRejected` listing every problem."""
     valid, problems = _check_fields_and_count(form, files, settings)
-    return _checked(valid, problems, sanitize_uploads(files, settings))
+    return _checked(valid, problems, sanitize_uploads(files, settings, checks_faces(valid)))
 
 
 async def check_studio_in_slots(
@@ -283,7 +351,7 @@ async def check_studio_in_slots(
     """:func:`check_studio` for a web request: the photos are decoded in the process's decode slots,
     while the request holds no database session (see app.photos.decoding)."""
     valid, problems = _check_fields_and_count(form, files, settings)
-    return _checked(valid, problems, await slots.sanitize_uploads(files, settings))
+    return _checked(valid, problems, await slots.sanitize_uploads(files, settings, checks_faces(valid)))
 
 
 def raise_if_limited(session: Session, owner: User, settings: Settings) -> None:
@@ -421,13 +489,19 @@ def retry_refusal(session: Session, subject: Subject) -> RetryRefused | None:
 def retry_studio(session: Session, settings: Settings, owner: User, subject: Subject) -> Job:
     """Start a new training job of ``subject`` from the photos it kept ("Try again" on a failed studio).
 
-    Raises :class:`RetryRefused` when the studio cannot be tried again and :class:`TooManyActiveJobs`
-    when the owner is at the active-job limit. A retry is not a new studio: the hourly studio limit
-    does not count it. The job is flushed and "training.run" is sent once the caller commits.
+    Raises :class:`RetryRefused` when the studio cannot be tried again, :class:`MonthlyQuotaReached`
+    when the owner used this month's GPU minutes, and :class:`TooManyActiveJobs` at the active-job limit.
+    A retry is not a new studio: the hourly studio limit and the monthly studio quota do not count it.
+    The job is flushed and "training.run" is sent once the caller commits.
     """
     refusal = retry_refusal(session, subject)
     if refusal is not None:
         raise refusal
+    used = usage.quota_used(session, owner, studios=False)  # a retry trains again: GPU minutes count
+    if used is not None:
+        raise MonthlyQuotaReached(used.message, used.retry_after)
+    if settings.require_verified_email and owner.email_verified_at is None:
+        raise EmailNotVerified()
     if repository.count_active_jobs(session, owner.id) >= settings.max_active_jobs_per_user:
         raise TooManyActiveJobs(settings.max_active_jobs_per_user)
     job = Job(subject_id=subject.id, owner_id=owner.id, kind="train", status="queued", stage="queued",
@@ -450,6 +524,8 @@ class StudioCard:
     status: str
     thumbnail: Photo | None
     latest_job: Job | None
+    # The cover once the photos are gone (removed after training): the studio's best picture.
+    cover_image: GeneratedImage | None = None
 
 
 def subject_status(subject: Subject, latest_job: Job | None) -> str:
@@ -463,12 +539,16 @@ def studio_cards(session: Session, owner: User) -> list[StudioCard]:
     ids = [subject.id for subject in subjects]
     jobs = repository.latest_jobs(session, ids)
     thumbnails = repository.first_photos(session, ids)
+    without_photos = [subject.id for subject in subjects
+                      if subject.photos_deleted_at is not None or subject.id not in thumbnails]
+    covers = repository.best_images(session, without_photos)
     return [
         StudioCard(
             subject=subject,
             status=subject_status(subject, jobs.get(subject.id)),
             thumbnail=None if subject.photos_deleted_at else thumbnails.get(subject.id),
             latest_job=jobs.get(subject.id),
+            cover_image=covers.get(subject.id),
         )
         for subject in subjects
     ]

@@ -52,6 +52,30 @@ def test_createuser_from_stdin(settings: Settings, clean_db: object, monkeypatch
     assert "already exists" in capsys.readouterr().err
 
 
+def test_operators_are_created_or_granted(settings: Settings, clean_db: object, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a very long password\n"))
+    assert cli.main(["createuser", "op@example.com", "--password-stdin", "--operator"]) == 0
+    assert "Created the operator account op@example.com" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a very long password\n"))
+    assert cli.main(["createuser", "ann@example.com", "--password-stdin"]) == 0
+    assert cli.main(["grant-operator", "Ann@Example.com"]) == 0
+    assert "is now an operator" in capsys.readouterr().out
+    assert cli.main(["grant-operator", "op@example.com", "--revoke"]) == 0
+    assert cli.main(["grant-operator", "nobody@example.com"]) == 1
+    assert "no account with the email" in capsys.readouterr().err
+    with Session(create_engine(settings.resolved_database_url)) as session:
+        roles = {row[0]: row[1] for row in session.execute(select(User.email, User.is_operator))}
+    assert roles == {"op@example.com": False, "ann@example.com": True}
+
+
+def test_priors_fill_names_a_bad_class(settings: Settings, clean_db: object,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # The filling itself (which loads a model) is tested in tests/worker/tasks/test_priors.py.
+    assert cli.main(["priors", "fill", "--model", "tiny", "--class", "d0g", "--count", "5"]) == 1
+    assert "The class must be a noun" in capsys.readouterr().err
+
+
 def test_createuser_refuses_a_short_password(settings: Settings, clean_db: object, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("short\n"))

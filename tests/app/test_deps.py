@@ -186,7 +186,8 @@ def api_writes(app: FastAPI) -> list[tuple[str, str]]:
         for method in set(route.methods or ()) & {"POST", "PUT", "PATCH", "DELETE"}:
             if (method, route.path) not in PUBLIC_API_WRITES:
                 path: str = route.path
-                for placeholder in ("{subject_id:uuid}", "{image_id:uuid}", "{job_id:uuid}", "{token_id}"):
+                for placeholder in ("{subject_id:uuid}", "{image_id:uuid}", "{job_id:uuid}", "{token_id}",
+                                    "{user_id:uuid}"):
                     path = path.replace(placeholder, str(uuid.uuid4()))
                 assert "{" not in path, f"no value for a placeholder of {path}"
                 found.add((method, path))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -23,7 +24,9 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import queue
-from app.models import ApiToken, GeneratedImage, Job, Subject, User
+from app.accounts.export import export_key
+from app.galleries import sharing
+from app.models import ApiToken, DataExport, GeneratedImage, Job, PriorBank, ShareLink, Subject, User, utcnow
 from app.storage import Storage
 from app.storage.base import preview_key
 from tests.app.factories import make_image, make_job, make_photo, make_subject, png_bytes
@@ -42,6 +45,10 @@ CASES: dict[tuple[str, str], Case] = {
     # accounts (W1): API tokens belong to an account too
     ("DELETE", "/api/v1/tokens/{token_id}"): Case(),
     ("POST", "/account/tokens/{token_id}/revoke"): Case(form={}),
+    # "export my data" (accounts): an export is its account's
+    ("GET", "/api/v1/me/exports/{export_id}"): Case(),
+    ("GET", "/api/v1/me/exports/{export_id}/download"): Case(),
+    ("GET", "/account/exports/{export_id:uuid}"): Case(),
     # subjects and their photos (W2)
     ("GET", "/api/v1/subjects/{subject_id:uuid}"): Case(),
     ("GET", "/api/v1/subjects/{subject_id:uuid}/photos/{photo_id:uuid}"): Case(),
@@ -77,7 +84,38 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/studios/{subject_id:uuid}/model/{variant}"): Case(),
     ("GET", "/studios/{subject_id:uuid}/delete"): Case(),
     ("POST", "/studios/{subject_id:uuid}/delete"): Case(form={}),
+    # renaming, one picture's deletion, "more like this" (issue 15)
+    ("PATCH", "/api/v1/subjects/{subject_id:uuid}"): Case(json={"name": "Stolen"}),
+    ("POST", "/studios/{subject_id:uuid}/rename"): Case(form={"name": "Stolen"}),
+    ("DELETE", "/api/v1/images/{image_id:uuid}"): Case(),
+    ("POST", "/api/v1/images/{image_id:uuid}/more"): Case(),
+    ("POST", "/studios/{subject_id:uuid}/images/{image_id:uuid}/delete"): Case(form={}),
+    ("POST", "/studios/{subject_id:uuid}/images/{image_id:uuid}/more"): Case(form={}),
+    # share links (issue 15)
+    ("POST", "/api/v1/subjects/{subject_id:uuid}/shares"): Case(json={}),
+    ("GET", "/api/v1/subjects/{subject_id:uuid}/shares"): Case(),
+    ("DELETE", "/api/v1/shares/{share_id:uuid}"): Case(),
+    ("POST", "/studios/{subject_id:uuid}/shares"): Case(form={"days": "7"}),
+    ("POST", "/studios/{subject_id:uuid}/shares/{share_id:uuid}/revoke"): Case(form={}),
+    ("GET", "/s/{token}"): Case(),
+    ("GET", "/s/{token}/images/{image_id:uuid}/file"): Case(),
+    # the operator console: a non-operator finds nothing, whoever owns the object
+    ("POST", "/operator/jobs/{job_id:uuid}/cancel"): Case(form={}),
+    ("POST", "/operator/studios/{subject_id:uuid}/retry"): Case(form={}),
+    ("POST", "/operator/accounts/{user_id:uuid}/disable"): Case(form={}),
+    ("POST", "/operator/accounts/{user_id:uuid}/enable"): Case(form={}),
+    ("POST", "/operator/accounts/{user_id:uuid}/quotas"): Case(form={"studios_per_month": "0"}),
+    ("POST", "/operator/priors/{bank_id:uuid}/clear"): Case(form={}),
+    ("PATCH", "/api/v1/operator/accounts/{user_id:uuid}"): Case(json={"is_active": False}),
+    ("POST", "/api/v1/operator/jobs/{job_id:uuid}/cancel"): Case(),
+    ("POST", "/api/v1/operator/subjects/{subject_id:uuid}/retry"): Case(),
 }
+# What a share link shows is public by design: whoever has the link (its signed token) sees it, with or
+# without an account. tests/app/galleries/test_sharing.py checks that a link shows nothing else, and
+# nothing once revoked or expired; here only the owner's control request runs.
+PUBLIC_BY_LINK = {("GET", "/s/{token}"), ("GET", "/s/{token}/images/{image_id:uuid}/file")}
+# Console routes without an id: every one answers 404 to an account that is not an operator.
+CONSOLE_PREFIXES = ("/operator", "/api/v1/operator")
 # The owner may get a redirect (307 to a signed URL) or a 200; anything but 404 proves the route works.
 OWNER_OK = {200, 307}
 
@@ -122,7 +160,7 @@ def sent_tasks() -> Iterator[list[str]]:
 def owned(app: FastAPI, clean_db: Engine, make_user: Callable[..., User],
           api_headers: Callable[[User], dict[str, str]]) -> Owned:
     """The owner's account with one of every object: a trained studio, a photo, a running job with a
-    preview, a generated image, an API token."""
+    preview, a generated image, an API token, a data export."""
     owner = make_user("owner@example.com")
     owner_headers = api_headers(owner)
     storage: Storage = app.state.storage
@@ -135,6 +173,14 @@ def owned(app: FastAPI, clean_db: Engine, make_user: Callable[..., User],
         job.preview_keys = [key]
         image = make_image(session, storage, subject, job)
         token = session.scalars(select(ApiToken).where(ApiToken.user_id == owner.id)).one()
+        share = sharing.create_share(session, subject, None, 7)
+        export = DataExport(id=uuid.uuid4(), user_id=owner.id, status="ready", expires_at=utcnow() + timedelta(hours=1))
+        export.storage_key = export_key(owner.id, export.id)
+        storage.put_bytes(export.storage_key, b"zip", "application/zip")
+        session.add(export)
+        bank = PriorBank(key="isolation", model_fingerprint="f" * 64, class_prompt="a photo of a dog", resolution=64,
+                         sampler="ddim", steps=4, guidance=7.5, image_count=0, storage_prefix="priors/isolation/")
+        session.add(bank)
         session.commit()
         ids = {
             "subject_id": str(subject.id),
@@ -142,8 +188,13 @@ def owned(app: FastAPI, clean_db: Engine, make_user: Callable[..., User],
             "job_id": str(job.id),
             "image_id": str(image.id),
             "token_id": str(token.id),
+            "export_id": str(export.id),
             "index": "0",
             "variant": "zip",
+            "share_id": str(share.id),
+            "token": sharing.share_token(app.state.settings, share),
+            "user_id": str(owner.id),
+            "bank_id": str(bank.id),
         }
     return Owned(owner=owner, ids=ids, owner_headers=owner_headers)
 
@@ -157,12 +208,18 @@ def snapshot(engine: Engine, storage: Storage, owned: Owned) -> dict[str, Any]:
         token = session.get(ApiToken, uuid.UUID(owned.ids["token_id"]))
         return {
             "subject": session.get(Subject, subject_id) is not None,
+            "name": subject.name if (subject := session.get(Subject, subject_id)) else None,
+            "image": image is not None,
             "expires_at": subject.expires_at if (subject := session.get(Subject, subject_id)) else None,
             "job": (job.status, job.cancel_requested) if job else None,
             "jobs": session.scalar(select(func.count()).select_from(Job)),
             "favourite": image.favourite if image else None,
             "token_revoked": token.revoked_at is not None if token else None,
+            "owner": (owner.is_active, owner.studios_per_month)
+            if (owner := session.get(User, owned.owner.id)) else None,
+            "banks": session.scalar(select(func.count()).select_from(PriorBank)),
             "files": len(storage.list(f"users/{owned.owner.id}/")),
+            "shares": sorted((str(link.id), link.revoked_at is None) for link in session.scalars(select(ShareLink))),
         }
 
 
@@ -184,10 +241,12 @@ def test_another_account_gets_404_on_every_object_route(
     login(client, stranger)
     token = csrf_token(client)
     before = snapshot(clean_db, storage, owned)
-    assert before["files"] == 3  # photo, preview, image
+    assert before["files"] == 4  # photo, preview, image, export
 
     answers = {}
     for method, path in object_routes(app):
+        if (method, path) in PUBLIC_BY_LINK:
+            continue
         case = CASES[(method, path)]
         url = fill(path, owned.ids)
         if path.startswith("/api/"):
@@ -202,6 +261,50 @@ def test_another_account_gets_404_on_every_object_route(
     assert not leaks, f"routes that did not answer 404 to another account: {leaks}"
     assert snapshot(clean_db, storage, owned) == before
     assert sent_tasks == []
+
+
+def console_routes(app: FastAPI) -> list[tuple[str, str]]:
+    """Every (method, path) of the operator console, pages and API."""
+    found = set()
+    for route in iter_route_contexts(app.routes):
+        if route.path and route.path.startswith(CONSOLE_PREFIXES):
+            found.update((method, route.path) for method in route.methods or () if method != "HEAD")
+    return sorted(found)
+
+
+def test_a_non_operator_gets_404_on_every_console_route(
+    app: FastAPI, client: TestClient, owned: Owned, login: Callable[..., TestClient],
+    csrf_token: Callable[[TestClient], str], clean_db: Engine,
+) -> None:
+    """Pages with the session cookie and the API with a bearer token, of an account that is not an operator
+    (it owns objects, so ownership alone opens nothing here); then the same GETs as an operator succeed."""
+    routes = console_routes(app)
+    assert len(routes) >= 15
+    login(client, owned.owner)
+    token = csrf_token(client)
+    answers = {}
+    for method, path in routes:
+        url = fill(path, owned.ids)
+        case = CASES.get((method, path), Case(form={}))
+        if path.startswith("/api/"):
+            response = client.request(method, url, json=case.json, headers=owned.owner_headers)
+        elif method == "GET":
+            response = client.get(url, follow_redirects=False)
+        else:
+            response = client.request(method, url, data={**case.form, "csrf_token": token}, follow_redirects=False)
+        answers[f"{method} {path}"] = response.status_code
+    leaks = {route: code for route, code in answers.items() if code != 404}
+    assert not leaks, f"console routes that did not answer 404 to a non-operator: {leaks}"
+
+    with Session(clean_db) as session:
+        owner = session.get(User, owned.owner.id)
+        assert owner is not None
+        owner.is_operator = True
+        session.commit()
+    for method, path in routes:
+        if method == "GET":
+            headers = owned.owner_headers if path.startswith("/api/") else {}
+            assert client.get(fill(path, owned.ids), headers=headers).status_code == 200, path
 
 
 def test_the_owner_reaches_every_object_it_owns(

@@ -111,8 +111,8 @@ def test_the_document_declares_authentication_and_limits(client: TestClient) -> 
 @pytest.mark.parametrize(("path", "allowed"), [
     ("/api/v1/tokens", "GET, POST"),
     ("/api/v1/subjects", "GET, POST"),
-    ("/api/v1/subjects/00000000-0000-0000-0000-000000000001", "DELETE, GET"),
-    ("/api/v1/images/00000000-0000-0000-0000-000000000001", "GET, PATCH"),
+    ("/api/v1/subjects/00000000-0000-0000-0000-000000000001", "DELETE, GET, PATCH"),
+    ("/api/v1/images/00000000-0000-0000-0000-000000000001", "DELETE, GET, PATCH"),
 ])
 def test_a_405_names_every_method_of_the_path(client: TestClient, path: str, allowed: str) -> None:
     response = client.options(path)

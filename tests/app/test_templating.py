@@ -14,7 +14,16 @@ from starlette.responses import Response
 from app.config import Settings
 from app.main import create_app
 from app.models import User
-from app.templating import FLASH_COOKIE, format_date, format_datetime, format_duration, redirect_with_flash, render
+from app.templating import (
+    FLASH_COOKIE,
+    format_date,
+    format_datetime,
+    format_duration,
+    redirect_with_flash,
+    render,
+    time_tag,
+    zone_named,
+)
 from tests.app.conftest import page_context, page_template
 
 router = APIRouter()
@@ -70,6 +79,15 @@ def test_formatters() -> None:
     assert format_date(moment) == "5 Nov 2026"
     assert format_datetime(moment) == "5 Nov 2026, 14:07 UTC"
     assert format_date(None) == ""
+    # In the person's zone, with its offset; the day is that zone's day.
+    assert format_datetime(moment, zone_named("Europe/Berlin")) == "5 Nov 2026, 15:07 UTC+1"
+    assert format_datetime(moment, zone_named("America/New_York")) == "5 Nov 2026, 09:07 UTC-5"
+    assert format_datetime(moment, zone_named("Asia/Kolkata")) == "5 Nov 2026, 19:37 UTC+5:30"
+    assert format_date(datetime(2026, 11, 5, 23, 30, tzinfo=UTC), zone_named("Asia/Tokyo")) == "6 Nov 2026"
+    assert str(time_tag(moment, "date")) == '<time datetime="2026-11-05T14:07:00Z" data-when="date">5 Nov 2026</time>'
+    # A cookie naming no zone this machine knows falls back to UTC rather than failing the page.
+    for junk in ("", "Mars/Olympus", "../../etc/passwd", "x" * 100, None):
+        assert zone_named(junk) is UTC
     assert format_duration(None) == ""
     assert format_duration(12) == "under a minute"
     assert format_duration(4 * 60 + 10) == "about 4 min"

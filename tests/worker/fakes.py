@@ -73,6 +73,7 @@ class FakeResult:
     prior_reused: int
     train: FakeTrain
     instance_prompt: str = ""
+    face_distances: list[float | None] = field(default_factory=list)
 
 
 def _png(path: Path, colour: tuple[int, int, int], size: int = 16) -> Path:
@@ -138,7 +139,9 @@ class FakeEngine:
                 self.on_step(step)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
-        (run_dir / "run.json").write_text(json.dumps({"resumed_from": start or None}))
+        # A person's run keeps the uploads' faces, as the engine's does (one made-up descriptor here).
+        run_info = {"faces": {"references": [[0.0] * 128]}} if inputs.subject_kind == "person" else {}
+        (run_dir / "run.json").write_text(json.dumps({"resumed_from": start or None, "run_info": run_info}))
         identifier = "qzx"
         samples = []
         prompts = [p.replace("{subject}", f"{identifier} {inputs.class_noun}") for p in inputs.prompts]
@@ -150,9 +153,12 @@ class FakeEngine:
             samples.append(FakeSample(path=path, prompt=prompts[index // inputs.images_per_prompt], seed=index))
             progress(Progress(stage="sampling", step=index + 1, total=total))
         scores = [FakeScores(dino=0.1 * (index % 3), clip_i=0.5, clip_t=0.3) for index in range(total)]
+        # A person's pictures: the first has no face, the others are ever closer matches.
+        faces: list[float | None] = ([None, *(0.6 - 0.1 * index for index in range(1, total))]
+                                     if inputs.subject_kind == "person" else [])
         return FakeResult(identifier=identifier, class_prompt=f"a photo of a {inputs.class_noun}", run_dir=run_dir,
                           images=samples, scores=scores, prior_generated=generated, prior_reused=reused,
-                          train=FakeTrain(final_step=self.steps, resumed_from=start or None))
+                          train=FakeTrain(final_step=self.steps, resumed_from=start or None), face_distances=faces)
 
     def _fill_bank(self, inputs: JobSpec, model: Any, progress: ProgressCallback) -> tuple[int, int]:
         key = f"bank-{model.fingerprint}-{inputs.class_noun}"

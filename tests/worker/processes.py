@@ -47,7 +47,7 @@ def worker_env(settings: Settings, training: dict[str, Any]) -> dict[str, str]:
         "STUDIO_LEASE_SECONDS": "6",
         "STUDIO_CANCEL_POLL_SECONDS": "0.3",
         "STUDIO_PROGRESS_WRITE_SECONDS": "0.2",
-        "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": "1",  # two would spin against whatever else runs on a busy machine
     })
     return env
 

@@ -287,18 +287,73 @@ def test_duplicate_delivery_bank_reuse_and_deletion(start_studio: Callable[..., 
     assert studio.storage.list("priors/")
 
 
+def scrape_metrics(client: Any) -> dict[str, float]:
+    """The samples of one /metrics scrape of the in-process web app, by name with labels."""
+    answer = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert answer.status_code == 200, answer.text
+    samples = {}
+    for line in answer.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+METRICS_TOKEN = "metrics-token-for-the-test"
+
+
 def test_cancel_during_training_stops_within_a_few_steps(start_studio: Callable[..., Studio]) -> None:
+    """Also: /metrics, scraped from the web app while this worker trains, shows the queue length, the stage
+    histograms and the worker's training speed (computed from the rows), and they change as the jobs move."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.models import WorkerHeartbeat
+
     studio = start_studio("redis", {"steps": 100_000, "checkpoint_every": 3, "preview_every": 0})
-    job = studio.create_studio()
-    training = studio.wait_for(job.id, lambda j: j.stage == "training" and bool(j.details.get("checkpoint")),
-                               "training with a checkpoint")
-    with studio.session() as session:
-        found = session.get(Job, job.id)
-        assert found is not None
-        found.cancel_requested = True
-        session.commit()
-        requested_at_step = max(training.step, found.step)
-    cancelled = studio.wait_finished(job.id)
+
+    def heartbeats() -> list[WorkerHeartbeat]:
+        with studio.session() as session:
+            return list(session.scalars(select(WorkerHeartbeat)))
+
+    web = create_app(studio.settings.model_copy(update={"metrics_token": METRICS_TOKEN}))
+    with TestClient(web) as client:
+        studio.eventually(lambda: len(heartbeats()) == 1, "the worker's first heartbeat")
+        worker = heartbeats()[0]
+        assert worker.queues == ["cpu", "gpu"] and worker.current_job_id is None
+        before = scrape_metrics(client)
+        assert before['studio_queue_length{queue="gpu"}'] == 0
+        assert before[f'studio_worker_up{{host="{worker.host}",worker="{worker.name}"}}'] == 1
+        assert not any(name.startswith("studio_stage_duration_seconds_count") for name in before)
+
+        job = studio.create_studio()
+        waiting = studio.create_studio()  # behind the first: the worker runs one job at a time
+        training = studio.wait_for(job.id, lambda j: j.stage == "training" and bool(j.details.get("checkpoint")),
+                                   "training with a checkpoint")
+        speed = f'studio_worker_training_steps_per_second{{worker="{worker.name}"}}'
+        studio.eventually(lambda: speed in scrape_metrics(client), "the worker's training speed on /metrics")
+        during = scrape_metrics(client)
+        assert during['studio_queue_length{queue="gpu"}'] == 1
+        assert during['studio_jobs{state="running"}'] == 1
+        assert during[speed] > 0
+        assert heartbeats()[0].current_job_id == job.id  # the job's child names it on its worker's row
+        # Preparing and priors are over: the job recorded how long each took.
+        assert during['studio_stage_duration_seconds_count{stage="preparing"}'] == 1
+        assert during['studio_stage_duration_seconds_count{stage="priors"}'] == 1
+
+        with studio.session() as session:
+            found = session.get(Job, job.id)
+            assert found is not None
+            found.cancel_requested = True
+            queued = session.get(Job, waiting.id)
+            assert queued is not None and queued.status == "queued"
+            queued.status, queued.cancel_requested = "cancelled", True
+            session.commit()
+            requested_at_step = max(training.step, found.step)
+        cancelled = studio.wait_finished(job.id)
+        after = scrape_metrics(client)
+        assert after['studio_queue_length{queue="gpu"}'] == 0
+        assert (after['studio_jobs{state="cancelled"}'], after['studio_jobs{state="running"}']) == (2, 0)
     assert cancelled.status == "cancelled", cancelled.failure_reason
     # The worker reads the flag every 0.3 s here. The tiny model makes ~40 steps a second, so "a few
     # steps" of a real model is a few hundred here; a missed flag would run to step 100 000.
@@ -514,3 +569,4 @@ def test_a_live_worker_sweeps_a_dead_attempts_scratch_when_a_studio_is_deleted(
                                                                limit=1)
     assert [list(reply.values()) for reply in replies] == [[{"removed": [str(dead)]}]]
     assert not (studio.settings.scratch_dir / str(dead)).exists()
+

@@ -239,10 +239,26 @@ def _train(args: argparse.Namespace) -> int:
     samples_dir = result.images[0].path.parent if result.images else args.out
     print(f"{len(result.images)} images in {samples_dir}")
     if result.ranking:
-        best = result.images[result.ranking[0]]
-        score = result.scores[result.ranking[0]]
-        print(f"best: {best.path.name} (DINO {score.dino:.3f}, CLIP-I {score.clip_i:.3f}, CLIP-T {score.clip_t:.3f})")
+        best_index = result.ranking[0]
+        facts = []
+        if result.face_distances:
+            facts.append(_face_words(result.face_distances[best_index]))
+        if result.scores:
+            score = result.scores[best_index]
+            facts.append(f"DINO {score.dino:.3f}, CLIP-I {score.clip_i:.3f}, CLIP-T {score.clip_t:.3f}")
+        print(f"best: {result.images[best_index].path.name} ({'; '.join(facts)})")
+    if result.face_distances:
+        found = sum(value is not None for value in result.face_distances)
+        print(f"faces: {found} of {len(result.face_distances)} images show a face; face match per image in "
+              f"{result.run_dir / 'run.json'}")
     return EXIT_OK
+
+
+def _face_words(distance: float | None) -> str:
+    """A face match as the gallery says it, with its number: "face 0.412, strong match"."""
+    from worker.engine.faces import match_words
+
+    return match_words(None) if distance is None else f"face {distance:.3f}, {match_words(distance)}"
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -263,8 +279,14 @@ def _sample(args: argparse.Namespace) -> int:
                                 seed=args.seed, steps=args.steps, guidance=args.guidance, progress=bars)
     finally:
         bars.close()
-    for record in records:
-        print(f"{record.path}  seed {record.seed}  {record.prompt}")
+    from worker.engine.likeness import face_distances, references_of
+    from worker.engine.weights import read_run_file
+
+    references = references_of(read_run_file(run_dir).get("run_info") or {})
+    distances = face_distances([record.path for record in records], references) if references else []
+    for index, record in enumerate(records):
+        face = f"  ({_face_words(distances[index])})" if distances else ""
+        print(f"{record.path}  seed {record.seed}  {record.prompt}{face}")
     return EXIT_OK
 
 

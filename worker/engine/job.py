@@ -6,7 +6,9 @@ Stages, each reported through ``progress`` with its own ``stage`` name:
 2. ``priors``: make sure the shared class-prior bank holds the class images (generate only the missing);
 3. ``training``: fine-tune into ``work_dir/run/`` (weights, checkpoints, previews, ``run.json``);
 4. ``sampling``: the prompt pack and free prompts into ``work_dir/samples/``;
-5. ``scoring``: DINO / CLIP-I / CLIP-T of each sample against the photos, and a ranking.
+5. ``scoring``: DINO / CLIP-I / CLIP-T of each sample against the photos, and a ranking; for a
+   person, the face match of each sample against the uploads' faces (``worker.engine.likeness``)
+   ranks first, pictures without a face last, and is written to ``run.json`` too.
 
 Calling :func:`run_job` again on the same ``work_dir`` after a crash continues: the bank already
 holds its images, training resumes from the run's last complete checkpoint (or returns at once
@@ -29,6 +31,7 @@ from typing import Any
 from worker.engine.errors import EngineInputError
 from worker.engine.evaluate import Scorer, Scores, default_scorer, rank, strip_identifier
 from worker.engine.identifiers import choose_identifier, validate_identifier
+from worker.engine.likeness import face_distances, face_ranking, faces_info, record_likeness, reference_descriptors
 from worker.engine.models import BaseModel, device_memory_gb
 from worker.engine.photos import PhotoProblem, prepare_photos
 from worker.engine.presets import DEMO_PRIOR_IMAGES
@@ -82,6 +85,9 @@ class JobResult:
     train: TrainResult
     ranking: list[int] = field(default_factory=list)
     faces_found: int = 0
+    # A person's job: each image's mean face distance to the uploads (None: no face), aligned with
+    # ``images``; empty when not measured (a pet, or scoring off).
+    face_distances: list[float | None] = field(default_factory=list)
 
 
 def _check_spec(spec: JobSpec) -> None:
@@ -120,6 +126,8 @@ def training_config(spec: JobSpec, model: BaseModel, preview_prompts: list[str])
     memory = device_memory_gb(model.device)
     if "gradient_checkpointing" not in spec.train_overrides and memory is not None:
         config.gradient_checkpointing = memory < model.family.full_speed_memory_gb
+    if "quantize_base" not in spec.train_overrides and memory is not None and config.method == "lora":
+        config.quantize_base = "int8" if memory < model.family.int8_base_memory_gb else "none"
     config.validate()
     return config
 
@@ -182,9 +190,10 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
     if not config.with_prior or config.prior_source == "base_model":
         prior_count = 0  # no prior term, or its targets come from the base model: no class images
     if prior_count > 0:
+        default_steps, default_guidance = model.family.sample_defaults(model)
         bank = fill_prior_bank(model, spec.bank_root, class_prompt, prior_count, resolution=config.resolution,
-                               steps=spec.prior_steps or model.family.sample_steps,
-                               guidance=_or_default(spec.prior_guidance, model.family.sample_guidance),
+                               steps=spec.prior_steps or default_steps,
+                               guidance=_or_default(spec.prior_guidance, default_guidance),
                                negative_prompt=spec.prior_negative_prompt, batch_size=spec.batch_size,
                                progress=progress, should_cancel=should_cancel)
         class_images, prior_generated, prior_reused, bank_key = bank.images, bank.generated, bank.reused, bank.key
@@ -195,6 +204,10 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
         message = ("the base model keeps the class: no class-prior images needed"
                    if config.with_prior else "no class-prior images")
         _emit(progress, Progress(stage="priors", step=0, total=0, reused=0, message=message))
+
+    # The uploads' faces, kept with the run so later samples are scored against them too.
+    references = (reference_descriptors([p for p in spec.photos if p.name not in {q.name for q in prepared.problems}])
+                  if spec.subject_kind == "person" and spec.score else [])
 
     # 3. training
     check_cancel(should_cancel)
@@ -212,6 +225,8 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
         "photos": {"used": len(prepared.images), "problems": [str(p) for p in prepared.problems],
                    "faces_found": prepared.faces_found},
     }
+    if references:
+        run_info["faces"] = faces_info(references)
     trained = train(model, config, instance_images=prepared.images, instance_prompt=instance_prompt,
                     class_images=class_images, class_prompt=class_prompt, run_dir=run_dir, progress=progress,
                     should_cancel=should_cancel, run_info=run_info)
@@ -236,12 +251,18 @@ def run_job(spec: JobSpec, model: BaseModel, progress: ProgressCallback | None =
                               [strip_identifier(r.prompt, identifier) for r in records],
                               progress=progress, should_cancel=should_cancel)
     ranking = rank(scores) if scores else []
-    if scores:
-        _write_scores(samples_dir, records, scores, ranking)
+    distances: list[float | None] = []
+    if references:
+        check_cancel(should_cancel)
+        distances = face_distances([r.path for r in records], references)
+        ranking = face_ranking(distances, ranking)
+        record_likeness(run_dir, [r.path.name for r in records], distances)
+    if scores or distances:
+        _write_scores(samples_dir, records, scores, ranking, distances)
     return JobResult(identifier=identifier, class_prompt=class_prompt, instance_prompt=instance_prompt,
                      run_dir=run_dir, images=records, scores=scores, prior_generated=prior_generated,
                      prior_reused=prior_reused, photo_problems=prepared.problems, train=trained, ranking=ranking,
-                     faces_found=prepared.faces_found)
+                     faces_found=prepared.faces_found, face_distances=distances)
 
 
 def _clear_gallery(samples_dir: Path) -> None:
@@ -252,11 +273,18 @@ def _clear_gallery(samples_dir: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _write_scores(samples_dir: Path, records: list[SampleRecord], scores: list[Scores], ranking: list[int]) -> None:
+def _write_scores(samples_dir: Path, records: list[SampleRecord], scores: list[Scores], ranking: list[int],
+                  distances: list[float | None]) -> None:
     position = {index: place for place, index in enumerate(ranking)}
-    payload = {"images": [{"file": record.path.name, **asdict(score), "combined": score.combined,
-                           "rank": position[index]}
-                          for index, (record, score) in enumerate(zip(records, scores, strict=True))]}
+    images: list[dict[str, Any]] = []
+    for index, record in enumerate(records):
+        entry: dict[str, Any] = {"file": record.path.name, "rank": position[index]}
+        if scores:
+            entry.update(asdict(scores[index]), combined=scores[index].combined)
+        if distances:
+            entry["face_distance"] = distances[index]
+        images.append(entry)
+    payload = {"images": images}
     temporary = samples_dir / f".{SCORES_FILE}.tmp"
     temporary.write_text(json.dumps(payload, indent=2))
     os.replace(temporary, samples_dir / SCORES_FILE)
@@ -316,9 +344,10 @@ def generate_more(model: BaseModel, run_dir: Path, prompts: list[str], *, identi
     subject = f"{identifier} {class_noun}"
     expanded = [p if subject in p else expand_prompts([p], identifier, class_noun)[0] for p in prompts]
     pipe = load_trained_pipeline(model, run_dir)
+    default_steps, default_guidance = model.family.sample_defaults(model)
     return sample_images(pipe, expanded, images_per_prompt=images_per_prompt, out_dir=out_dir, seed=seed,
-                         steps=steps or model.family.sample_steps,
-                         guidance=_or_default(guidance, model.family.sample_guidance),
+                         steps=steps or default_steps,
+                         guidance=_or_default(guidance, default_guidance),
                          negative_prompt=negative_prompt, batch_size=batch_size,
                          resolution=resolution, base_model=model.spec, progress=progress,
                          should_cancel=should_cancel, autocast_dtype=model.dtype)

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from PIL.PngImagePlugin import PngInfo
 from worker.engine.errors import EngineInputError
 from worker.engine.families import family_of_pipeline
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
-from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, expand, normalize_free_prompt
+from worker.engine.prompts import DEFAULT_PACK, STYLE_PACKS, expand, normalize_free_prompt, size_for, split_shape
 from worker.engine.spec import DEFAULT_SAMPLE_NEGATIVE
 
 PROMPT_PACKS: dict[str, tuple[str, ...]] = {name: pack.prompts for name, pack in STYLE_PACKS.items()}
@@ -118,17 +118,34 @@ def _write_index(out_dir: Path, records: list[dict[str, Any]]) -> None:
     os.replace(temporary, path)
 
 
-def png_metadata(record: SampleRecord, resolution: int, sampler: str = "DPM++ 2M") -> PngInfo:
-    """PNG text chunks for ``record``: A1111-style ``parameters`` and a JSON ``studio`` chunk."""
+def png_metadata(record: SampleRecord, resolution: int, sampler: str = "DPM++ 2M",
+                 size: tuple[int, int] | None = None) -> PngInfo:
+    """PNG text chunks for ``record``: A1111-style ``parameters`` and a JSON ``studio`` chunk.
+    ``size`` is (width, height) when the picture is not ``resolution`` square."""
+    width, height = size or (resolution, resolution)
     info = PngInfo()
     parameters = (
         f"{record.prompt}\nNegative prompt: {record.negative_prompt}\n"
         f"Steps: {record.steps}, Sampler: {sampler}, CFG scale: {record.guidance}, Seed: {record.seed}, "
-        f"Size: {resolution}x{resolution}, Model: {record.base_model}"
+        f"Size: {width}x{height}, Model: {record.base_model}"
     )
     info.add_text("parameters", parameters)
-    info.add_text("studio", json.dumps({**record.to_json(), "resolution": resolution}))
+    info.add_text("studio", json.dumps({**record.to_json(), "resolution": resolution, "width": width,
+                                        "height": height}))
     return info
+
+
+def _batches(jobs: list[tuple[str, int, tuple[int, int]]],
+             batch_size: int) -> Iterator[list[tuple[str, int, tuple[int, int]]]]:
+    """``jobs`` in order, at most ``batch_size`` at a time, each batch of one picture size."""
+    batch: list[tuple[str, int, tuple[int, int]]] = []
+    for job in jobs:
+        if batch and (len(batch) == batch_size or job[2] != batch[0][2]):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
 
 
 def sample_images(
@@ -167,27 +184,31 @@ def sample_images(
 
     family = family_of_pipeline(pipe)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(prompt, seed + number) for number, prompt in
-            enumerate(prompt for prompt in prompts for _ in range(images_per_prompt))]
+    # A prompt may end in a shape marker ("... (portrait)"): it sets the picture's size and is not
+    # painted. Pictures of one size share a sampling call, so batches break where the size changes.
+    shaped = [split_shape(prompt) for prompt in prompts]
+    jobs = [(text, seed + number, size_for(shape, resolution)) for number, (text, shape) in
+            enumerate(each for each in shaped for _ in range(images_per_prompt))]
     first_number = next_sample_number(out_dir)
     index = read_index(out_dir)
     report = Throttle(progress)
     started = time.monotonic()
     records: list[SampleRecord] = []
     report(Progress(stage="sampling", step=0, total=len(jobs)), force=True)
-    for start in range(0, len(jobs), batch_size):
+    for batch in _batches(jobs, batch_size):
         check_cancel(should_cancel)
-        batch = jobs[start : start + batch_size]
-        generators = [torch.Generator(device="cpu").manual_seed(job_seed) for _, job_seed in batch]
-        images = family.render(pipe, [prompt for prompt, _ in batch], negative_prompt=negative_prompt, steps=steps,
+        size = batch[0][2]
+        generators = [torch.Generator(device="cpu").manual_seed(job_seed) for _, job_seed, _ in batch]
+        images = family.render(pipe, [prompt for prompt, _, _ in batch], negative_prompt=negative_prompt, steps=steps,
                                guidance=guidance, resolution=resolution, generators=generators,
-                               autocast_dtype=autocast_dtype)
-        for (prompt, job_seed), pixels in zip(batch, images, strict=True):
+                               autocast_dtype=autocast_dtype, size=size)
+        for (prompt, job_seed, _), pixels in zip(batch, images, strict=True):
             path = out_dir / f"sample-{first_number + len(records):04d}.png"
             record = SampleRecord(path, prompt, job_seed, steps, guidance, negative_prompt, base_model)
             image = Image.fromarray(np.clip(np.round(np.nan_to_num(pixels) * 255.0), 0, 255).astype(np.uint8))
             temporary = path.with_name(f".{path.name}.tmp")
-            image.save(temporary, format="PNG", pnginfo=png_metadata(record, resolution, family.sampler_name))
+            image.save(temporary, format="PNG",
+                       pnginfo=png_metadata(record, resolution, family.sampler_name, size=size))
             os.replace(temporary, path)
             records.append(record)
         index.extend(record.to_json() for record in records[len(records) - len(batch) :])

@@ -56,6 +56,7 @@ from worker.engine.families.base import Conditioning, ImageMeta, NoisyBatch
 from worker.engine.families.objectives import min_snr_weights
 from worker.engine.models import BaseModel
 from worker.engine.progress import CancelCheck, Progress, ProgressCallback, Throttle, check_cancel, eta
+from worker.engine.quantize import QUANTIZATIONS, quantize_frozen_linears
 from worker.engine.weights import (
     LORA_WEIGHTS_FILE,
     RUN_FILE,
@@ -114,6 +115,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0: no clipping
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
+    # "int8": the frozen linear layers of the denoiser are stored as int8 during a LoRA run (half the
+    # memory of bf16; worker.engine.quantize). The saved adapters load onto the full-precision base.
+    quantize_base: Literal["none", "int8"] = "none"
     cache_latents: bool = True
     checkpoint_every: int = 0  # 0 = none
     preview_every: int = 0  # 0 = none
@@ -129,6 +133,10 @@ class TrainConfig:
         _expect(self.method in ("lora", "full"), "method", self.method, "'lora' or 'full'")
         _expect(self.prior_source in ("bank", "base_model"), "prior_source", self.prior_source,
                 "'bank' or 'base_model'")
+        _expect(self.quantize_base in QUANTIZATIONS, "quantize_base", self.quantize_base, "'none' or 'int8'")
+        if self.quantize_base != "none" and self.method != "lora":
+            raise EngineInputError(f"quantize_base={self.quantize_base!r} needs method='lora': a full fine-tune "
+                                   "trains the base weights themselves")
         for name in ("train_text_encoder", "with_prior", "gradient_checkpointing", "use_8bit_adam",
                      "cache_latents", "random_flip"):
             _expect(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
@@ -407,6 +415,8 @@ def _prepare_trainables(model: BaseModel, config: TrainConfig, device: torch.dev
             torch.manual_seed(config.seed)
             for key, lora in loras.items():
                 inject_adapter_in_model(lora, modules[key])
+        if config.quantize_base == "int8":  # from the fp32 copy, before the cast below
+            quantize_frozen_linears(modules[family.denoiser_key])
         for module in modules.values():
             # Cast the frozen weights while still on the CPU: half the bytes to move.
             for parameter in module.parameters():
@@ -981,7 +991,8 @@ def _write_previews(run: _Run, step: int) -> list[Path]:
             for index, prompt in enumerate(config.preview_prompts):
                 generator = torch.Generator().manual_seed(config.preview_seed + index)
                 pixels = model.family.render(pipe, [prompt], negative_prompt="", steps=config.preview_steps,
-                                             guidance=model.family.sample_guidance, resolution=config.resolution,
+                                             guidance=model.family.sample_defaults(model)[1],
+                                             resolution=config.resolution,
                                              generators=[generator], autocast_dtype=run.amp_dtype)[0]
                 path = folder / f"step-{step}-{index}.png"
                 Image.fromarray(np.clip(np.round(np.nan_to_num(pixels) * 255.0), 0, 255).astype(np.uint8)).save(path)

@@ -8,8 +8,10 @@ as for training (worker/tasks/outcomes.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from celery import Task
@@ -129,6 +131,7 @@ def _generate(ctx: WorkerContext, engine: Engine, attempt: LeasedAttempt, job: J
     attempt.raise_if_stopped()
     attempt.write(stage="publishing", step=0, total=len(records), force=True)
     images = [_store(attempt, job, subject, record, request.prompts) for record in records]
+    _score_faces(run_dir, records, images)
     attempt.details.update({"images_done": len(images), "images_total": len(images)})
     attempt.stop_heartbeat()
     attempt.drop_scratch()  # before the job turns done: whoever sees it done finds no local copy left
@@ -151,6 +154,22 @@ def _generate(ctx: WorkerContext, engine: Engine, attempt: LeasedAttempt, job: J
     attempt.forget_uploads(image_keys)
     log.info("generation job %s published %d images", job.id, len(images))
     return "done"
+
+
+def _score_faces(run_dir: Path, records: Sequence[SampleLike], images: list[GeneratedImage]) -> None:
+    """A person's new pictures get their face match against the uploads' faces the run recorded."""
+    from worker.engine.likeness import RUN_FILE, face_distances, references_of
+
+    try:
+        run_info = json.loads((run_dir / RUN_FILE).read_text()).get("run_info") or {}
+    except (OSError, ValueError):
+        return
+    references = references_of(run_info)
+    if not references:
+        return
+    for image, distance in zip(images, face_distances([record.path for record in records], references), strict=True):
+        image.face_checked = True
+        image.face_distance = distance
 
 
 def _store(attempt: LeasedAttempt, job: Job, subject: Subject, record: SampleLike,

@@ -32,8 +32,12 @@ from sqlalchemy.orm import Session
 
 from app import db as studio_db
 from app import storage as studio_storage
+from app.accounts.deletion import purge_user_files
+from app.accounts.email_flows import forget_old_reset_links
+from app.accounts.export import remove_expired as remove_expired_exports
 from app.config import Settings
 from app.jobs import lease
+from app.mail.outbox import resend_stale
 from app.models import Job, utcnow
 from app.queue import BrokerView, broker_view, enqueue
 from app.storage import Storage
@@ -191,6 +195,8 @@ def reap_task() -> dict[str, int]:
     settings = get_worker_settings()
     with studio_db.session_scope() as session:
         report = reap(session, studio_storage.get_storage(), settings)
+    with studio_db.session_scope() as session:
+        resend_stale(session)  # messages whose mail.send task was lost
     swept = sweep_this_hosts_scratch(settings)
     return {"requeued": len(report.requeued), "resent": len(report.resent), "lost": len(report.lost),
             "failed": len(report.failed), "cancelled": len(report.cancelled), "scratch_removed": len(swept)}
@@ -198,11 +204,15 @@ def reap_task() -> dict[str, int]:
 
 @celery_app.task(name="maintenance.retention")
 def retention_task() -> dict[str, int]:
-    """Beat's hourly retention pass."""
+    """Beat's hourly retention pass: expired studios, photos after training, expired data exports, old reset links."""
     settings = get_worker_settings()
     with studio_db.session_scope() as session:
         report = enforce_retention(session, studio_storage.get_storage(), settings)
-    return {"expired_subjects": len(report.expired_subjects), "photo_sets_removed": len(report.photo_sets_removed)}
+    with studio_db.session_scope() as session:
+        exports = remove_expired_exports(session, studio_storage.get_storage())
+        forget_old_reset_links(session)
+    return {"expired_subjects": len(report.expired_subjects), "photo_sets_removed": len(report.photo_sets_removed),
+            "expired_exports": exports}
 
 
 @celery_app.task(name="maintenance.reconcile_storage")
@@ -228,3 +238,10 @@ def purge_subject_task(owner_id: str, subject_id: str) -> int:
         # Each worker also sweeps when it starts and in the reaper: a missed broadcast only delays it.
         log.warning("could not broadcast the scratch sweep after deleting subject %s", subject_id, exc_info=True)
     return removed
+
+
+@celery_app.task(name="maintenance.purge_user")
+def purge_user_task(user_id: str) -> int:
+    """Delete what is left under a deleted account's prefix (a task may have written an export meanwhile)."""
+    with studio_db.session_scope() as session:
+        return purge_user_files(session, studio_storage.get_storage(), user_id)

@@ -42,6 +42,7 @@ from app import storage as studio_storage
 from app.jobs import lease
 from app.models import Job, utcnow
 from app.storage import Storage
+from worker import heartbeat as worker_heartbeat
 from worker.scratch import remove_scratch
 from worker.settings import WorkerSettings, get_worker_settings
 
@@ -249,16 +250,31 @@ class LeasedAttempt:
         self._pending_values: dict[str, Any] = {}
         self._stage_started = time.monotonic()
         self.scratch: Path | None = None  # the attempt's scratch folder, once it has one
+        # The worker's row (worker.heartbeat) is its main process's, this process's parent.
+        self.worker_row = worker_heartbeat.worker_name(os.getppid())
+        self._training_start: tuple[float, int] | None = None  # (monotonic time, step) of the first step seen
+        self.steps_per_second: float | None = None
 
     # -- heartbeat -----------------------------------------------------------------------------
 
     def __enter__(self) -> LeasedAttempt:
+        self._record_on_worker(self.job_id)
         self._heartbeat_thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id}", daemon=True)
         self._heartbeat_thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop_heartbeat()
+        self._record_on_worker(None)
+
+    def _record_on_worker(self, job_id: uuid.UUID | None) -> None:
+        """Name the job (or none, once it ended) and the training speed on the worker's heartbeat row."""
+        try:
+            with self.ctx.transaction() as session:
+                worker_heartbeat.record_job(session, self.worker_row, job_id, self.steps_per_second,
+                                            finished_job=None if job_id is not None else self.job_id)
+        except SQLAlchemyError:
+            log.warning("job %s: could not update the worker's heartbeat row", self.job_id, exc_info=True)
 
     def stop_heartbeat(self) -> None:
         """Stop renewing the lease: called just before the attempt ends the job."""
@@ -280,6 +296,7 @@ class LeasedAttempt:
                 self._stop(self.why_lost())
                 log.warning("job %s: lease lost (heartbeat); stopping this attempt", self.job_id)
                 return
+            self._record_on_worker(self.job_id)
 
     # -- stopping ------------------------------------------------------------------------------
 
@@ -335,12 +352,14 @@ class LeasedAttempt:
         ``details`` and ``preview_keys`` are taken from this object. Raises StopRun when the lease was lost.
         """
         self._pending_values.update(values)
+        now = time.monotonic()
         if "stage" in values and values["stage"] != self.stage:
             log.info("job %s: stage %s", self.job_id, values["stage"])
             self._time_stage(values["stage"])
             self.stage = values["stage"]
             force = True
-        now = time.monotonic()
+        if self.stage == "training" and isinstance(values.get("step"), int):
+            self._measure_speed(now, values["step"])
         if not force and now - self._last_write < self.ctx.settings.progress_write_seconds:
             return
         self.flush()
@@ -354,6 +373,16 @@ class LeasedAttempt:
             timings[self.stage] = round(float(timings.get(self.stage, 0.0)) + now - self._stage_started, 3)
             self.details["stage_seconds"] = timings
         self._stage_started = now
+
+    def _measure_speed(self, now: float, step: int) -> None:
+        """Training steps per second since the first step this attempt saw (recorded in the details)."""
+        if self._training_start is None or step < self._training_start[1]:
+            self._training_start = (now, step)
+            return
+        began, first = self._training_start
+        if now > began and step > first:
+            self.steps_per_second = round((step - first) / (now - began), 4)
+            self.details["steps_per_second"] = self.steps_per_second
 
     def flush(self) -> None:
         values = {**self._pending_values, "details": dict(self.details), "preview_keys": list(self.preview_keys)}

@@ -40,7 +40,7 @@ from app.storage import ObjectNotFound
 from app.storage.base import checkpoint_prefix, image_key, preview_key, subject_prefix, weights_prefix
 from worker.celery_app import celery_app
 from worker.engine.progress import Progress
-from worker.engine.prompts import STYLE_PACKS, expand, subject_kind
+from worker.engine.prompts import STYLE_PACKS, expand, split_shape, subject_kind
 from worker.engine.spec import JobSpec
 from worker.scratch import scratch_folder
 from worker.tasks.engine_adapter import (
@@ -368,10 +368,16 @@ class _TrainingRun:
                 ranks[index] = position
         else:
             ranks = rank_images(result.scores, len(result.images))
+        # A person's job: each picture's face match (None: no face); absent for pets and fakes.
+        distances = list(getattr(result, "face_distances", None) or [])
         images = []
         for index, record in enumerate(result.images):
             scores = result.scores[index] if index < len(result.scores) else None
-            images.append(self._store_image(record, scores, ranks[index], templates, result.identifier))
+            image = self._store_image(record, scores, ranks[index], templates, result.identifier)
+            if len(distances) == len(result.images):
+                image.face_checked = True
+                image.face_distance = distances[index]
+            images.append(image)
             self.attempt.details["images_done"] = index + 1
         return images
 
@@ -455,6 +461,7 @@ def template_for(record: SampleLike, templates: list[str], identifier: str, clas
     if isinstance(explicit, str) and explicit:
         return explicit
     for template in templates:
-        if expand(template, identifier, class_noun) == record.prompt:
+        # The sample's prompt is what was painted: without the template's shape marker, if it has one.
+        if split_shape(expand(template, identifier, class_noun))[0] == record.prompt:
             return template
     return record.prompt

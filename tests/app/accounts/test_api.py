@@ -23,7 +23,8 @@ def test_signup(client: TestClient, clean_db: Engine) -> None:
     response = client.post("/api/v1/auth/signup", json={"email": "Api@Example.com", "password": PASSWORD})
     assert response.status_code == 201
     body = response.json()
-    assert body["email"] == "api@example.com" and set(body) == {"id", "email", "created_at"}
+    assert body["email"] == "api@example.com"
+    assert set(body) == {"id", "email", "created_at", "email_verified_at", "notify_by_email"}
     with Session(clean_db) as session:
         assert session.scalars(select(User.id)).one() == uuid.UUID(body["id"])
 

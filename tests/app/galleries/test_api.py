@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 import zipfile
 from collections.abc import Callable
 
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import GeneratedImage, Job, Subject, User
+from app.models import GeneratedImage, GenerationRequest, Job, Subject, User
 from app.storage import Storage
 from tests.app.factories import make_image, make_job, make_subject, png_bytes
 from tests.app.galleries.conftest import SentTasks
@@ -35,7 +36,8 @@ def test_list_images_flat_and_grouped(client: TestClient, db: Session, app_stora
     assert body["groups"] is None
     first = body["images"][0]
     assert first["id"] == str(beach.id)
-    assert first["scores"] == {"dino": 0.7, "clip_i": None, "clip_t": None}
+    assert first["scores"] == {"dino": 0.7, "clip_i": None, "clip_t": None, "face_distance": None}
+    assert first["face_match"] is None  # a dog: no face checked
     assert first["file_url"] == f"/api/v1/images/{beach.id}/file"
 
     grouped = client.get(f"/api/v1/subjects/{subject.id}/images?grouped=true&sort=likeness", headers=headers).json()
@@ -140,8 +142,11 @@ def test_generate_more_refuses_an_untrained_studio_and_bad_input(
     url = f"/api/v1/subjects/{untrained.id}/generate"
     assert client.post(url, json={"prompts": ["in the snow"]}, headers=headers).status_code == 409
     url = f"/api/v1/subjects/{trained.id}/generate"
-    assert client.post(url, json={"prompts": []}, headers=headers).status_code == 422
-    assert client.post(url, json={"prompts": ["   "]}, headers=headers).status_code == 422
+    # No prompt at all answers the same sentence as blank prompts, not a list of validation errors.
+    for prompts in ([], ["   "]):
+        refused = client.post(url, json={"prompts": prompts}, headers=headers)
+        assert refused.status_code == 422
+        assert refused.json() == {"detail": "Write at least one prompt, for example: a photo of {subject} in the snow."}
     assert client.post(url, json={"prompts": ["a"], "images_per_prompt": 99}, headers=headers).status_code == 422
     assert sent_tasks == []
     assert db.scalars(select(Job)).all() == []
@@ -186,3 +191,78 @@ def test_delete_through_the_api_removes_everything(
     assert app_storage.list(f"users/{user.id}/") == []
     assert [name for name, _ in sent_tasks] == ["maintenance.purge_subject"]
     assert client.get(f"/api/v1/subjects/{subject.id}/images", headers=api_headers(user)).status_code == 404
+
+
+def test_generate_more_on_the_demo_model_says_so_from_the_start(
+    client: TestClient, db: Session, make_user: Callable[..., User], api_headers: Headers, sent_tasks: SentTasks,
+) -> None:
+    user = make_user()
+    subject = make_subject(db, user, weights_key="w", base_model="tiny", model_info={"demo_model": True})
+    db.commit()
+    response = client.post(f"/api/v1/subjects/{subject.id}/generate", json={"prompts": ["in the snow"]},
+                           headers=api_headers(user))
+    assert response.status_code == 202
+    assert response.json()["job"]["demo_model"] is True
+
+
+def test_more_like_this_and_delete_one_picture(
+    client: TestClient, db: Session, app_storage: Storage, make_user: Callable[..., User], api_headers: Headers,
+    sent_tasks: SentTasks,
+) -> None:
+    user = make_user()
+    subject = make_subject(db, user, weights_key="w")
+    job = make_job(db, subject, status="done", stage="finished")
+    keep = make_image(db, app_storage, subject, job, "a photo of {subject} in the snow", seed=1, rank=1)
+    gone = make_image(db, app_storage, subject, job, "a photo of {subject} on the beach", seed=2, rank=2)
+    db.commit()
+    headers = api_headers(user)
+
+    more = client.post(f"/api/v1/images/{gone.id}/more", headers=headers)
+    assert more.status_code == 202
+    new_job = db.get(Job, uuid.UUID(more.json()["job"]["id"]))
+    assert new_job is not None and new_job.kind == "generate"
+    request = db.scalars(select(GenerationRequest).where(GenerationRequest.job_id == new_job.id)).one()
+    assert request.prompts == ["a photo of {subject} on the beach"]
+    assert sent_tasks == [("generation.run", {"job_id": str(new_job.id)})]
+    assert client.post(f"/api/v1/images/{keep.id}/more", headers=headers).status_code == 409  # one job at a time
+
+    key, gone_id = gone.storage_key, gone.id
+    assert client.delete(f"/api/v1/images/{gone_id}", headers=headers).status_code == 204
+    db.expire_all()
+    assert db.get(GeneratedImage, gone_id) is None and not app_storage.exists(key)
+    assert client.get(f"/api/v1/images/{gone_id}", headers=headers).status_code == 404
+    assert client.delete(f"/api/v1/images/{gone_id}", headers=headers).status_code == 404
+    listed = client.get(f"/api/v1/subjects/{subject.id}/images", headers=headers).json()
+    assert [image["id"] for image in listed["images"]] == [str(keep.id)]
+    # Another account cannot delete it, nor learn that it exists.
+    stranger = api_headers(make_user("stranger@example.com"))
+    assert client.delete(f"/api/v1/images/{keep.id}", headers=stranger).status_code == 404
+    assert client.post(f"/api/v1/images/{keep.id}/more", headers=stranger).status_code == 404
+
+
+def test_rename_through_the_api(client: TestClient, db: Session, make_user: Callable[..., User],
+                                api_headers: Headers) -> None:
+    user = make_user()
+    subject = make_subject(db, user)
+    db.commit()
+    url = f"/api/v1/subjects/{subject.id}"
+    renamed = client.patch(url, json={"name": " Biscuit "}, headers=api_headers(user))
+    assert renamed.status_code == 200 and renamed.json()["name"] == "Biscuit"
+    for name in ("", "   ", "x" * 101):
+        refused = client.patch(url, json={"name": name}, headers=api_headers(user))
+        assert refused.status_code == 422
+        assert refused.json() == {"detail": "Give the studio a name of 1 to 100 characters, like “Rex”."}
+
+
+def test_generate_more_in_a_shape(client: TestClient, db: Session, make_user: Callable[..., User],
+                                  api_headers: Headers, sent_tasks: SentTasks) -> None:
+    user = make_user()
+    subject = make_subject(db, user, weights_key="w")
+    db.commit()
+    response = client.post(f"/api/v1/subjects/{subject.id}/generate", headers=api_headers(user), json={
+        "prompts": ["on a sofa", "a photo of {subject} in the snow (landscape)"], "shape": "portrait"})
+    assert response.status_code == 202
+    request = db.scalars(select(GenerationRequest)).one()
+    # The chosen shape for each prompt; a prompt that names its own keeps it.
+    assert request.prompts == ["a photo of {subject}, on a sofa (portrait)",
+                               "a photo of {subject} in the snow (landscape)"]

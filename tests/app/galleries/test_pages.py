@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 import zipfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -49,9 +50,12 @@ def test_gallery_groups_by_prompt_and_sorts_by_likeness(
     assert response.template.name == "galleries/gallery.html"  # type: ignore[attr-defined]
     context = response.context  # type: ignore[attr-defined]
     assert context["sort"] == "likeness"  # scored images default to best likeness first
+    # Best likeness first across every prompt (rank 2 is the snow picture), not inside each prompt's group.
     groups = context["groups"]
-    assert [group.readable for group in groups] == ["a photo of Rex on the beach", "a photo of Rex in the snow"]
-    assert [image.id for image in groups[0].images] == [images[1].id, images[0].id, images[2].id]
+    assert [group.readable for group in groups] == ["Best likeness first"]
+    ranked = [images[1].id, images[3].id, images[0].id, images[2].id]
+    assert [image.id for image in context["images"]] == ranked
+    assert context["captions"][images[3].id] == "a photo of Rex in the snow"
     assert context["total_count"] == 4
     assert context["can_generate"] is True
     assert '<span class="subject-chip">Rex</span>' in response.text
@@ -59,7 +63,20 @@ def test_gallery_groups_by_prompt_and_sorts_by_likeness(
     assert f"/studios/{subject.id}/download.zip" in response.text
 
     chronological = client.get(f"/studios/{subject.id}/gallery?sort=created").context  # type: ignore[attr-defined]
+    assert [group.readable for group in chronological["groups"]] == [
+        "a photo of Rex on the beach", "a photo of Rex in the snow"]
     assert [image.id for image in chronological["groups"][0].images] == [images[0].id, images[1].id, images[2].id]
+
+    # The image page walks the same order as the gallery (and its lightbox), with or without a sort asked for.
+    for query, order in (("", ranked), ("?sort=likeness", ranked),
+                         ("?sort=created", [images[0].id, images[1].id, images[2].id, images[3].id])):
+        walked: list[uuid.UUID] = []
+        current: uuid.UUID | None = order[0]
+        while current is not None:
+            walked.append(current)
+            page = client.get(f"/studios/{subject.id}/images/{current}{query}").context  # type: ignore[attr-defined]
+            current = page["next"].id if page["next"] is not None else None
+        assert walked == order, query
 
 
 def test_favourite_form_and_filter(client: TestClient, login: Login, csrf_token: Csrf,
@@ -88,7 +105,7 @@ def test_image_page_is_the_no_script_full_view(client: TestClient, login: Login,
                                                studio: Studio) -> None:
     user, subject, images = studio
     login(client, user)
-    response = client.get(f"/studios/{subject.id}/images/{images[1].id}")
+    response = client.get(f"/studios/{subject.id}/images/{images[1].id}?sort=created")
     assert response.template.name == "galleries/image.html"  # type: ignore[attr-defined]
     context = response.context  # type: ignore[attr-defined]
     assert context["previous"].id == images[0].id
@@ -206,3 +223,32 @@ def test_generate_more_form_at_the_account_limit_says_when_to_come_back(
     assert response.headers["retry-after"] == "60"
     assert "2 jobs in progress" in response.context["generate_error"]  # type: ignore[attr-defined]
     assert sent_tasks == []
+
+
+def test_a_person_studio_ranks_by_face_match_and_says_it_in_words(
+    client: TestClient, login: Login, db: Session, app_storage: Storage, make_user: Callable[..., User],
+    api_headers: Callable[[User], dict[str, str]],
+) -> None:
+    user = make_user()
+    subject = make_subject(db, user, kind="person", class_noun="woman", weights_key="w", identifier="qzx")
+    job = make_job(db, subject, status="done", stage="finished")
+    start = utcnow()
+    # DINO's rank says otherwise: for a person the face decides, and a picture with no face comes last.
+    faces = [(None, 1), (0.55, 2), (0.31, 4), (0.72, 3)]
+    images = [make_image(db, app_storage, subject, job, seed=seed, rank=rank, face_distance=distance,
+                         face_checked=True, created_at=start) for seed, (distance, rank) in enumerate(faces)]
+    db.commit()
+    login(client, user)
+    response = client.get(f"/studios/{subject.id}/gallery")
+    context = response.context  # type: ignore[attr-defined]
+    assert context["sort"] == "likeness"
+    assert [image.id for image in context["groups"][0].images] == [images[i].id for i in (2, 1, 3, 0)]
+    for words in ("Strong match", "Weak match", "Not a match", "No face found"):
+        assert f">{words}</span>" in response.text
+    full = client.get(f"/studios/{subject.id}/images/{images[2].id}")
+    assert "Strong match (0.31 from your photos" in full.text
+
+    listed = client.get(f"/api/v1/subjects/{subject.id}/images?sort=likeness", headers=api_headers(user)).json()
+    rows = listed["images"] if isinstance(listed, dict) else listed
+    assert [(row["scores"]["face_distance"], row["face_match"]) for row in rows] == [
+        (0.31, "strong match"), (0.55, "weak match"), (0.72, "not a match"), (None, "no face found")]

@@ -165,7 +165,8 @@ def test_zip_is_a_valid_archive_named_by_prompt_with_a_manifest(db_session: Sess
     by_file = {entry["file"]: entry for entry in manifest["images"]}
     assert by_file["rex-on-the-beach/2.png"]["seed"] == 1
     assert by_file["rex-on-the-beach/2.png"]["prompt"] == "a photo of qzx dog on the beach"
-    assert by_file["rex-on-the-beach/2.png"]["scores"] == {"dino": pytest.approx(0.6), "clip_i": None, "clip_t": None}
+    assert by_file["rex-on-the-beach/2.png"]["scores"] == {"dino": pytest.approx(0.6), "clip_i": None, "clip_t": None,
+                                                          "face_distance": None}
     assert by_file["rex-on-the-beach/2.png"]["rank"] == 2
     assert manifest["missing"] == []
 

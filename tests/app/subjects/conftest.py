@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests import face_photos
 from tests.app import photo_factory
 
 
@@ -32,6 +33,12 @@ def sent_tasks() -> Iterator[list[SentTask]]:
 def valid_photos() -> list[tuple[str, bytes]]:
     """Three distinct, sharp JPEGs: the smallest valid upload (made once; they are immutable bytes)."""
     return photo_factory.make_photos(3)
+
+
+@pytest.fixture(scope="session")
+def person_photos() -> list[tuple[str, bytes]]:
+    """Three photos of one real person (Grace Hopper), different enough to pass as three shots."""
+    return face_photos.person_uploads(3)
 
 
 # The loopback S3 server and a bucket per test, for the studio tests that run on S3 storage.

@@ -16,6 +16,7 @@ from app.config import Settings
 from app.main import create_app
 from app.models import Job, Photo, Subject, User, utcnow
 from app.storage import Storage
+from tests import face_photos
 from tests.app import factories, photo_factory
 from tests.app.subjects.conftest import SentTask
 
@@ -94,10 +95,10 @@ def test_create_studio_returns_201_with_subject_and_job_and_enqueues_training(
 
 
 def test_person_with_class_noun(
-    client: TestClient, headers: dict[str, str], valid_photos: list[tuple[str, bytes]], sent_tasks: list[SentTask]
+    client: TestClient, headers: dict[str, str], person_photos: list[tuple[str, bytes]], sent_tasks: list[SentTask]
 ) -> None:
     data = {"name": "Me", "kind": "person", "class_noun": "woman", "consent": "on"}
-    response = client.post("/api/v1/subjects", data=data, files=upload(valid_photos), headers=headers)
+    response = client.post("/api/v1/subjects", data=data, files=upload(person_photos), headers=headers)
     assert response.status_code == 201, response.text
     assert response.json()["subject"]["class_noun"] == "woman"
     assert response.json()["subject"]["style_pack"] == "portrait-classics"
@@ -366,3 +367,32 @@ def test_renew_keeps_the_studio_for_another_retention_period(
     with sessionmaker(bind=clean_db)() as session:
         stored = session.get(Subject, subject_id)
         assert stored is not None and abs((stored.expires_at - expected).total_seconds()) < 60
+
+
+def test_a_person_studio_names_each_photo_with_a_face_problem_and_stores_nothing(
+    client: TestClient, headers: dict[str, str], clean_db: Engine, app_storage: Storage, sent_tasks: list[SentTask]
+) -> None:
+    hoppers = face_photos.variations(face_photos.hopper())[:3]
+    photos = [
+        *[(f"me-{index}.jpg", face_photos.jpeg(image)) for index, image in enumerate(hoppers)],
+        ("someone-else.jpg", face_photos.jpeg(face_photos.collins())),
+        ("my-cat.jpg", face_photos.jpeg(face_photos.cat().resize((451 * 2, 300 * 2)))),
+        ("group.jpg", face_photos.jpeg(face_photos.side_by_side(face_photos.hopper(), face_photos.hopper()))),
+        ("far-away.jpg", face_photos.jpeg(face_photos.small_face(photo_factory.photo_image(7, (640, 480))))),
+        ("again.jpg", face_photos.jpeg(face_photos.same_shot_again(hoppers[0]))),
+    ]
+    data = {"name": "Me", "kind": "person", "class_noun": "woman", "consent": "on"}
+    response = client.post("/api/v1/subjects", data=data, files=upload(photos), headers=headers)
+    assert response.status_code == 422, response.text
+    reasons = {problem["name"]: problem["reason"] for problem in response.json()["files"]}
+    assert set(reasons) == {"someone-else.jpg", "my-cat.jpg", "group.jpg", "far-away.jpg", "again.jpg"}
+    assert reasons["someone-else.jpg"].startswith("shows someone else than the other 4 photos")
+    assert reasons["my-cat.jpg"].startswith("no face found")
+    assert reasons["group.jpg"].startswith("shows 2 faces")
+    assert reasons["far-away.jpg"].startswith("the face is too small to learn from")
+    assert reasons["again.jpg"] == ("shows the face just as me-0.jpg does (the same shot again); "
+                                    "keep one and add a different shot")
+    assert counts(clean_db) == (0, 0, 0) and stored_files(app_storage) == [] and sent_tasks == []
+    # The very photos a pet's studio takes: its checks are today's.
+    pet = client.post("/api/v1/subjects", data=FIELDS, files=upload(photos[3:5] + photos[:1]), headers=headers)
+    assert pet.status_code == 201, pet.text

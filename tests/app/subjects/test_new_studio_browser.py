@@ -1,6 +1,7 @@
 """The new-studio page in a real browser (Debian's chromium through Playwright) against a live server
 (``live_url`` of tests/app/conftest.py):
-kind tiles, photo previews and removal, a refused photo marked with its reason, then the studio created."""
+kind tiles, photo previews and removal, a refused photo marked with its reason, then the studio created;
+then a person's studio whose face problems are marked on their photos."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import sessionmaker
 
 from app.models import Subject, User
+from tests import face_photos
 from tests.app import photo_factory
 from tests.app.conftest import PASSWORD
 from tests.app.subjects.conftest import SentTask
@@ -36,10 +38,25 @@ def photo_files(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture
+def person_files(tmp_path: Path) -> dict[str, Path]:
+    """Three photos of one person, then a cat, a group photo and someone else."""
+    files = {**dict(face_photos.person_uploads(3)),
+             "cat.jpg": face_photos.jpeg(face_photos.cat().resize((902, 600))),
+             "two-of-us.jpg": face_photos.jpeg(face_photos.side_by_side(face_photos.hopper(), face_photos.hopper())),
+             "colleague.jpg": face_photos.jpeg(face_photos.collins())}
+    folder = tmp_path / "person"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in files}
+
+
 def test_create_a_studio_in_the_browser(
     live_url: str,
     make_user: Callable[..., User],
     photo_files: dict[str, Path],
+    person_files: dict[str, Path],
     sent_tasks: list[SentTask],
     clean_db: Engine,
 ) -> None:
@@ -93,6 +110,23 @@ def test_create_a_studio_in_the_browser(
             assert page.locator("[data-thumbs] .thumb").count() == 3
             page.click("[data-submit]")
             page.wait_for_url("**/studios/*-*-*-*-*")
+            created_url = page.url
+
+            # A person's studio: each face problem is marked on its photo.
+            page.goto(f"{live_url}/studios/new")
+            page.click("label.choice:has(input[value=person])")
+            page.fill("#name", "Grace")
+            page.set_input_files("#photos", [str(path) for path in person_files.values()])
+            page.check("input[name=consent]")
+            page.click("[data-submit]")
+            page.wait_for_selector("[data-form-errors] .alert")
+            problems = page.locator(".thumb--problem")
+            marked = [problems.nth(index).text_content() or "" for index in range(problems.count())]
+            assert len(marked) == 3, marked
+            assert any("cat.jpg" in text and "no face found" in text for text in marked)
+            assert any("two-of-us.jpg" in text and "shows 2 faces" in text for text in marked)
+            assert any("colleague.jpg" in text and "shows someone else than the other 3 photos" in text
+                       for text in marked)
             assert errors == []
         finally:
             browser.close()
@@ -100,5 +134,6 @@ def test_create_a_studio_in_the_browser(
     with sessionmaker(bind=clean_db)() as session:
         subject = session.scalars(select(Subject)).one()
     assert (subject.name, subject.kind, subject.class_noun) == ("Biscuit", "animal", "guinea pig")
-    assert page.url.endswith(f"/studios/{subject.id}")
+    assert created_url.endswith(f"/studios/{subject.id}")
     assert [task.name for task in sent_tasks] == ["training.run"]
+

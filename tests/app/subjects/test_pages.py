@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -137,12 +138,12 @@ def test_posting_the_form_creates_the_studio_and_redirects(
 def test_person_noun_comes_from_its_own_field(
     signed_in: TestClient,
     csrf_token: Callable[[TestClient], str],
-    valid_photos: list[tuple[str, bytes]],
+    person_photos: list[tuple[str, bytes]],
     sent_tasks: list[SentTask],
     clean_db: Engine,
 ) -> None:
     fields = form_fields(signed_in, csrf_token, kind="person", class_noun_person="man", class_noun_animal="ignored")
-    response = signed_in.post("/studios", data=fields, files=files_of(valid_photos), follow_redirects=False)
+    response = signed_in.post("/studios", data=fields, files=files_of(person_photos), follow_redirects=False)
     assert response.status_code == 303, response.text
     with sessionmaker(bind=clean_db)() as session:
         assert session.scalars(select(Subject.class_noun)).one() == "man"
@@ -283,7 +284,8 @@ def test_keep_longer_from_the_studio_page(
         subject_id = subject.id
     page = signed_in.get(f"/studios/{subject_id}").text
     assert f'action="/studios/{subject_id}/renew"' in page
-    assert f"Keep it {settings.retention_days} more days" in page
+    offered = utcnow() + timedelta(days=settings.retention_days)
+    assert f"Keep it until {offered.day} {offered:%b %Y}" in re.sub(r"<[^>]+>", "", page)
     response = signed_in.post(f"/studios/{subject_id}/renew", data={"csrf_token": csrf_token(signed_in)},
                               follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == f"/studios/{subject_id}"
@@ -291,4 +293,31 @@ def test_keep_longer_from_the_studio_page(
     with sessionmaker(bind=clean_db)() as session:
         stored = session.get(Subject, subject_id)
         assert stored is not None and abs((stored.expires_at - expected).total_seconds()) < 60
-    assert f"is now kept until {expected.day} {expected:%b %Y}" in signed_in.get(f"/studios/{subject_id}").text
+    assert f"is now kept until {expected.day} {expected:%b %Y}, 29 days longer" in signed_in.get(
+        f"/studios/{subject_id}").text
+    # Now that it adds nothing, the page does not offer it, and a post says so instead of pretending.
+    page = signed_in.get(f"/studios/{subject_id}").text
+    assert f'action="/studios/{subject_id}/renew"' not in page
+    landed = signed_in.post(f"/studios/{subject_id}/renew", data={"csrf_token": csrf_token(signed_in)}).text
+    assert f"is already kept until {expected.day} {expected:%b %Y}, the longest a studio is kept" in landed
+    with sessionmaker(bind=clean_db)() as session:
+        again = session.get(Subject, subject_id)
+        assert again is not None and abs((again.expires_at - expected).total_seconds()) < 60
+
+
+def test_rename_from_the_studio_page(
+    signed_in: TestClient, owner: User, csrf_token: Callable[[TestClient], str], clean_db: Engine,
+) -> None:
+    with sessionmaker(bind=clean_db)() as session:
+        subject = factories.make_subject(session, owner)
+        session.commit()
+        subject_id = subject.id
+    url = f"/studios/{subject_id}/rename"
+    renamed = signed_in.post(url, data={"name": "  Rex   the Second ", "csrf_token": csrf_token(signed_in)})
+    assert "is now called “Rex the Second”" in renamed.text
+    refused = signed_in.post(url, data={"name": "   ", "csrf_token": csrf_token(signed_in)})
+    assert "Give the studio a name of 1 to 100 characters" in refused.text
+    with sessionmaker(bind=clean_db)() as session:
+        stored = session.get(Subject, subject_id)
+        assert stored is not None and stored.name == "Rex the Second"
+    assert signed_in.post(url, data={"name": "Max"}).status_code == 403

@@ -139,10 +139,12 @@ def test_bad_fields_are_refused_and_nothing_is_stored(
     settings: Settings,
     owner: User,
     valid_photos: list[tuple[str, bytes]],
+    person_photos: list[tuple[str, bytes]],
     form: CreateStudio,
     field: str,
 ) -> None:
-    error = rejected(db_session, storage, settings, owner, form, valid_photos)
+    photos = person_photos if form.kind == "person" else valid_photos
+    error = rejected(db_session, storage, settings, owner, form, photos)
     assert list(error.problems.fields) == [field]
     assert error.problems.files == []
     assert count(db_session, Subject) == count(db_session, Job) == 0
@@ -165,13 +167,15 @@ def test_class_noun_follows_the_kind(
     settings: Settings,
     owner: User,
     valid_photos: list[tuple[str, bytes]],
+    person_photos: list[tuple[str, bytes]],
     sent_tasks: list[SentTask],
     kind: str,
     typed: str,
     expected: str,
 ) -> None:
     form = replace(DOG, kind=kind, class_noun=typed)
-    subject, _ = create_studio(db_session, storage, settings, owner, form, valid_photos)
+    photos = person_photos if kind == "person" else valid_photos
+    subject, _ = create_studio(db_session, storage, settings, owner, form, photos)
     assert subject.class_noun == expected
     assert subject.style_pack == ("portrait-classics" if kind == "person" else "pet-adventures")
 
@@ -352,3 +356,21 @@ def test_studio_on_s3_storage_stores_photos_in_the_bucket_and_removes_them_on_ro
     assert Image.open(io.BytesIO(s3_storage.get_bytes(keys[0]))).format == "JPEG"
     db_session.rollback()
     assert s3_storage.list("users/") == []
+
+
+def test_a_studio_without_its_photos_shows_its_best_picture(
+    db_session: Session, storage: LocalStorage, owner: User
+) -> None:
+    finished = factories.make_subject(db_session, owner, photos_deleted_at=utcnow())
+    job = factories.make_job(db_session, finished, status="done", stage="finished")
+    factories.make_image(db_session, storage, finished, job, seed=1, rank=2)
+    best = factories.make_image(db_session, storage, finished, job, "a photo of {subject} in the snow", seed=2, rank=1)
+    unscored = factories.make_subject(db_session, owner, photos_deleted_at=utcnow())
+    first = factories.make_image(db_session, storage, unscored, factories.make_job(db_session, unscored), seed=3)
+    with_photos = factories.make_subject(db_session, owner)
+    photo = factories.make_photo(db_session, storage, with_photos)
+    db_session.flush()
+    cards = {card.subject.id: card for card in studio_cards(db_session, owner)}
+    assert cards[finished.id].thumbnail is None and cards[finished.id].cover_image is best
+    assert cards[unscored.id].cover_image is first
+    assert cards[with_photos.id].thumbnail is photo and cards[with_photos.id].cover_image is None

@@ -257,3 +257,18 @@ def test_small_cards_train_with_gradient_checkpointing_from_the_start(
     assert training_config(job, model, []).gradient_checkpointing is expected
     chosen = dataclasses.replace(job, train_overrides={**job.train_overrides, "gradient_checkpointing": False})
     assert training_config(chosen, model, []).gradient_checkpointing is False  # the caller's choice wins
+
+
+@pytest.mark.parametrize(("spec", "memory_gb", "expected"), [
+    ("tiny-flux2", 24.0, "int8"), ("tiny-flux2", 80.0, "none"), ("tiny-zimage", 16.0, "int8"),
+    ("tiny-sdxl", 16.0, "none"), ("tiny-flux2", None, "none"),  # SDXL fits; the CPU has no plan
+])
+def test_cards_of_24_gb_and_less_keep_a_flow_transformers_base_in_int8(
+        subject_photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str,
+        memory_gb: float | None, expected: str) -> None:
+    model = build_builtin(spec, seed=0)
+    monkeypatch.setattr(job_module, "device_memory_gb", lambda device: memory_gb)
+    job = _spec(subject_photos, tmp_path, "work")
+    assert training_config(job, model, []).quantize_base == expected
+    chosen = dataclasses.replace(job, train_overrides={**job.train_overrides, "quantize_base": "none"})
+    assert training_config(chosen, model, []).quantize_base == "none"  # the caller's choice wins

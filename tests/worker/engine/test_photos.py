@@ -21,6 +21,7 @@ from worker.engine.photos import (
     prepare_photos,
     saliency_crop_box,
 )
+from worker.engine.sharpness import BLUR_THRESHOLD
 
 
 def _exif_rotated_jpeg(path: Path) -> Path:
@@ -72,8 +73,8 @@ def test_prepare_reports_and_excludes_problem_photos(subject_photos: list[Path],
     assert len(prepared.images) == 4
     reasons = {problem.name: problem.reason for problem in prepared.problems}
     assert set(reasons) == {"blurred.jpg", "small.jpg", "duplicate.png", "broken.jpg"}
-    assert reasons["blurred.jpg"].startswith("blurry (sharpness ")
-    assert "< 40" in reasons["blurred.jpg"]
+    assert reasons["blurred.jpg"].startswith("blurry: no part is in sharp focus (sharpness ")
+    assert f"< {BLUR_THRESHOLD:.0f}" in reasons["blurred.jpg"]
     assert reasons["small.jpg"].startswith("too small (40x30")
     assert reasons["duplicate.png"].startswith("near-duplicate of photo0.jpg")
     assert reasons["broken.jpg"].startswith("unreadable")
@@ -192,3 +193,25 @@ def test_a_detected_face_off_centre_stays_whole_in_the_crop() -> None:
 
 def test_face_detector_runs_on_a_photo_without_faces(subject_photos: list[Path]) -> None:
     assert photos.detect_faces(load_photo(subject_photos[0])) == []
+
+
+def test_a_real_face_is_framed_on_its_eyes_at_a_stable_height() -> None:
+    from tests import face_photos
+    from worker.engine.faces import face_model
+
+    heights = []
+    for portrait in face_photos.variations(face_photos.hopper())[:3]:
+        wide = Image.new("RGB", (portrait.width * 2, portrait.height + 200), (128, 128, 128))
+        wide.paste(portrait, (portrait.width, 200))  # the face far right of a wide photo, room above
+        square, used_face = photos.crop_square(wide, "person")
+        assert used_face and square.width == square.height
+        (left_eye, right_eye) = face_model().detect(square)[0].eyes  # the face is whole in the crop
+        heights.append((left_eye[1] + right_eye[1]) / 2 / square.height)
+    assert all(abs(height - photos.EYE_HEIGHT) < 0.05 for height in heights), heights
+
+
+def test_the_landmark_frame_stays_inside_the_image() -> None:
+    eyes = ((180.0, 60.0), (220.0, 60.0))
+    box = photos.landmark_crop_box((300, 200), eyes, (160, 30, 240, 110))
+    assert box == (100, 0, 300, 200)  # 6.5 x 40 px wanted, 200 px possible, slid left and up
+    assert photos.landmark_crop_box((1000, 1000), eyes, (160, 30, 240, 110)) == (70, 0, 330, 260)

@@ -12,6 +12,7 @@ from PIL import Image
 from worker.engine.errors import Cancelled, EngineInputError
 from worker.engine.models import BaseModel
 from worker.engine.progress import Progress
+from worker.engine.prompts import size_for, split_shape, with_shape
 from worker.engine.sample import (
     DEFAULT_PACKS,
     PACK_KINDS,
@@ -27,7 +28,8 @@ def test_packs_cover_both_kinds_and_name_the_subject() -> None:
     assert PACK_KINDS[DEFAULT_PACKS["pet"]] == "pet"
     assert PACK_KINDS[DEFAULT_PACKS["person"]] == "person"
     all_pet = " ".join(t for name, ts in PROMPT_PACKS.items() if PACK_KINDS[name] == "pet" for t in ts)
-    for phrase in ("on the beach", "in the snow", "in the jungle", "santa hat", "chef outfit", "a wet {subject}"):
+    for phrase in ("on the beach", "in the snow", "in the jungle", "santa hat", "chef outfit", "a wet {subject}",
+                   "oil painting", "flower crown"):
         assert phrase in all_pet
     assert any("astronaut" in t for t in pack_templates(None, "person"))
     assert all("{subject}" in template for templates in PROMPT_PACKS.values() for template in templates)
@@ -55,24 +57,30 @@ def test_expand_prompts_places_identifier_and_class_noun() -> None:
 
 def test_sample_images_writes_pngs_with_metadata_and_index(tiny_model: BaseModel, tmp_path: Path) -> None:
     pipe = tiny_model.pipeline()
-    prompts = expand_prompts(["a photo of {subject} on the beach", "a photo of {subject} in the snow"], "xqz", "dog")
+    # The second prompt asks for a landscape picture: its marker sets the size and is not painted.
+    prompts = expand_prompts(["a photo of {subject} on the beach", "a photo of {subject} in the snow (landscape)"],
+                             "xqz", "dog")
     events: list[Progress] = []
     records = sample_images(
         pipe, prompts, images_per_prompt=2, out_dir=tmp_path, seed=10, steps=2, guidance=3.0,
         negative_prompt="blurry", batch_size=3, resolution=64, base_model="tiny", progress=events.append,
     )
     assert [r.path.name for r in records] == [f"sample-{i:04d}.png" for i in range(4)]
-    assert [r.prompt for r in records] == [prompts[0], prompts[0], prompts[1], prompts[1]]
+    snow = "a photo of xqz dog in the snow"
+    assert [r.prompt for r in records] == [prompts[0], prompts[0], snow, snow]
     assert [r.seed for r in records] == [10, 11, 12, 13]
     assert events[0].stage == "sampling" and events[-1].step == events[-1].total == 4
 
-    with Image.open(records[2].path) as image:
+    with Image.open(records[0].path) as image:
         assert image.size == (64, 64)
+    with Image.open(records[2].path) as image:
+        assert image.size == (64, 48)
         text = dict(image.text)  # type: ignore[attr-defined]
     chunk = json.loads(text["studio"])
-    assert chunk["prompt"] == prompts[1] and chunk["seed"] == 12 and chunk["steps"] == 2
+    assert chunk["prompt"] == snow and chunk["seed"] == 12 and chunk["steps"] == 2
+    assert (chunk["width"], chunk["height"]) == (64, 48)
     assert chunk["guidance"] == 3.0 and chunk["negative_prompt"] == "blurry" and chunk["base_model"] == "tiny"
-    assert "Seed: 12" in text["parameters"] and text["parameters"].startswith(prompts[1])
+    assert "Seed: 12" in text["parameters"] and text["parameters"].startswith(snow)
 
     index = read_index(tmp_path)
     assert [entry["file"] for entry in index] == [r.path.name for r in records]
@@ -104,3 +112,16 @@ def test_sampling_checks_arguments_and_cancel(tiny_model: BaseModel, tmp_path: P
     with pytest.raises(Cancelled):
         sample_images(pipe, ["a dog"], images_per_prompt=1, resolution=64, should_cancel=lambda: True,
                       **common)  # type: ignore[arg-type]
+
+
+def test_shape_markers_set_the_size_and_are_not_painted() -> None:
+    assert split_shape("a photo of {subject} in the snow (landscape)") == ("a photo of {subject} in the snow",
+                                                                             "landscape")
+    assert split_shape("an oil painting portrait of {subject}") == ("an oil painting portrait of {subject}", "square")
+    assert with_shape("a photo of {subject} (landscape)", "portrait") == "a photo of {subject} (portrait)"
+    assert size_for("portrait", 64) == (48, 64) and size_for("landscape", 1024) == (1024, 768)
+    assert size_for("landscape", 512) == (512, 384) and size_for("square", 768) == (768, 768)
+    # Packs carry their shape on every prompt: people's portraits are taller than wide.
+    assert all(split_shape(prompt)[1] == "portrait" for prompt in PROMPT_PACKS["portrait-classics"])
+    assert all(split_shape(prompt)[1] == "square" for prompt in PROMPT_PACKS["pet-dreambooth"])
+

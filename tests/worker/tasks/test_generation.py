@@ -44,6 +44,20 @@ def test_generate_more_adds_images_from_the_trained_weights(ctx: WorkerContext, 
     assert len(images) == 2 and all(storage.exists(image.storage_key) for image in images)
     assert images[0].prompt == "a photo of qzx dog as an astronaut"
     assert images[0].prompt_template == "a photo of {subject} as an astronaut"
+    assert not any(image.face_checked for image in images)  # a dog's pictures: no face looked for
+
+
+def test_a_person_studios_new_pictures_get_their_face_checked(ctx: WorkerContext, storage: LocalStorage) -> None:
+    with ctx.transaction() as session:
+        subject = make_subject(session, storage, make_user(session), kind="person", class_noun="woman")
+        train_job = make_job(session, subject)
+    assert run_training_job(train_job.id, ctx=ctx, engine=FakeEngine()) == "done"
+    job = generate_job(ctx, train_job, ["a photo of {subject} as an astronaut"])
+    assert run_generation_job(job.id, ctx=ctx, engine=FakeEngine()) == "done"
+    with ctx.transaction() as session:
+        images = list(session.execute(select(GeneratedImage).where(GeneratedImage.job_id == job.id)).scalars())
+    # Against the faces the run recorded; the fake's flat pictures show none.
+    assert [(image.face_checked, image.face_distance) for image in images] == [(True, None), (True, None)]
 
 
 def test_generate_more_on_an_untrained_subject_fails_clearly(ctx: WorkerContext, storage: LocalStorage) -> None:

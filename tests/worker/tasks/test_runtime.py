@@ -122,3 +122,38 @@ def test_a_redelivery_whose_lease_holder_died_on_this_host_takes_over_at_once(
     with patient.transaction() as session:
         done = session.get(Job, job.id)
         assert done is not None and done.attempts == 2 and done.lease_holder == patient.worker_id
+
+
+def test_an_attempt_records_its_stage_durations_and_training_speed_on_the_job_and_its_worker(
+        ctx: WorkerContext, storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from app.models import WorkerHeartbeat, utcnow
+    from worker import heartbeat
+    from worker.tasks import runtime
+
+    job = new_job(ctx, storage)
+    with ctx.transaction() as session:
+        # This process plays the job's child: its parent's row is the worker's.
+        session.add(WorkerHeartbeat(name=heartbeat.worker_name(os.getppid()), host="here", pid=os.getppid(),
+                                    queues=["gpu"], last_seen_at=utcnow()))
+        token = lease.claim(session, job.id, ctx.worker_id, 30)
+        claimed = session.get(Job, job.id)
+    assert token is not None and claimed is not None
+    clock = {"now": 100.0}
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock["now"])
+    with runtime.LeasedAttempt(ctx, claimed, token) as attempt:
+        attempt.write(stage="preparing", step=0, total=4)
+        clock["now"] += 2.0
+        attempt.write(stage="training", step=1, total=100)
+        clock["now"] += 5.0
+        attempt.write(stage="training", step=21, total=100, force=True)
+        with ctx.transaction() as session:
+            row = session.get(WorkerHeartbeat, heartbeat.worker_name(os.getppid()))
+            assert row is not None and row.current_job_id == job.id
+    with ctx.transaction() as session:
+        details = session.get(Job, job.id).details  # type: ignore[union-attr]
+        row = session.get(WorkerHeartbeat, heartbeat.worker_name(os.getppid()))
+        assert row is not None and (row.current_job_id, row.steps_per_second) == (None, 4.0)
+    assert details["stage_seconds"] == {"preparing": 2.0}
+    assert details["steps_per_second"] == 4.0  # 20 steps in 5 s

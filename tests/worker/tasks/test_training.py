@@ -300,6 +300,46 @@ def test_deleting_the_subject_mid_run_stops_the_worker_and_leaves_no_file(ctx: W
         assert session.get(Job, job.id) is None
 
 
+def test_deleting_the_account_mid_run_stops_the_worker_and_leaves_no_file_or_row(ctx: WorkerContext,
+                                                                                 storage: LocalStorage) -> None:
+    from app.accounts.deletion import delete_account, user_prefix
+    from app.models import User
+    from tests.app.accounts.test_deletion import rows_pointing_to
+
+    job = new_job(ctx, storage)
+
+    def delete_now(step: int) -> None:
+        if step == 3:
+            with ctx.transaction() as session:
+                owner = session.get(User, job.owner_id)
+                assert owner is not None
+                delete_account(session, storage, ctx.settings, owner)
+
+    from app import queue
+
+    queue.set_sender(lambda *args: None)
+    try:
+        outcome = run_training_job(job.id, ctx=ctx, engine=FakeEngine(steps=10, on_step=delete_now))
+    finally:
+        queue.set_sender(None)
+    # The worker found its job gone, stopped, and removed what it had written; no row of the account is left.
+    assert outcome == "deleted"
+    assert storage.list(user_prefix(job.owner_id)) == []
+    with ctx.transaction() as session:
+        assert rows_pointing_to(session, job.owner_id) == {}
+
+
+def test_a_person_studio_stores_each_pictures_face_match(ctx: WorkerContext, storage: LocalStorage) -> None:
+    job = new_job(ctx, storage, kind="person", class_noun="woman")
+    assert run_training_job(job.id, ctx=ctx, engine=FakeEngine()) == "done"
+    _, _, images, _ = load(ctx, job)
+    by_file = sorted(images, key=lambda image: image.seed)
+    assert [(image.face_checked, image.face_distance) for image in by_file] == [(True, None), (True, 0.5)]
+    dog = new_job(ctx, storage)
+    assert run_training_job(dog.id, ctx=ctx, engine=FakeEngine()) == "done"
+    assert all(not image.face_checked and image.face_distance is None for image in load(ctx, dog)[2])
+
+
 def test_rank_images_orders_by_likeness_and_leaves_unscored_images_unranked() -> None:
     from tests.worker.fakes import FakeScores
 

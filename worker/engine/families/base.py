@@ -92,6 +92,9 @@ class Family(ABC):
     # estimate of a LoRA + prior step at the native size without it, with headroom; the OOM retry
     # in the worker still catches a card that turns out too small.
     full_speed_memory_gb: ClassVar[float] = 16.0  # image sides must be a multiple of this (VAE factor x any packing)
+    # GPU memory (GiB) below which a LoRA job keeps the frozen denoiser in int8 (TrainConfig.quantize_base):
+    # 0 for families whose bf16 weights leave room on any card the studio supports.
+    int8_base_memory_gb: ClassVar[float] = 0.0
     sample_steps: ClassVar[int]
     sample_guidance: ClassVar[float]
     sampler_name: ClassVar[str]  # as image viewers read it in the PNG's parameters
@@ -171,25 +174,32 @@ class Family(ABC):
     def pipeline(self, model: BaseModel, parts: Mapping[str, torch.nn.Module]) -> Any:
         """The family's stock pipeline over the model's components, with ``parts`` replacing some."""
 
+    def sample_defaults(self, model: BaseModel) -> tuple[int, float]:
+        """The steps and guidance ``model`` samples well with when the job names none: the family's,
+        unless the checkpoint is a different kind (a step-distilled one, or the base it was distilled from)."""
+        return self.sample_steps, self.sample_guidance
+
     def render(self, pipe: Any, prompts: Sequence[str], *, negative_prompt: str, steps: int, guidance: float,
                resolution: int, generators: list[torch.Generator],
-               autocast_dtype: torch.dtype | None = None) -> np.ndarray:
-        """Sample one image per prompt; float pixels in [0, 1], shape ``(len(prompts), H, W, 3)``."""
+               autocast_dtype: torch.dtype | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Sample one image per prompt; float pixels in [0, 1], shape ``(len(prompts), H, W, 3)``.
+        ``size`` (width, height) for a portrait or landscape picture; square ``resolution`` without it."""
         images = self.call_pipeline(pipe, prompts, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                     resolution=resolution, generators=generators, autocast_dtype=autocast_dtype,
-                                    output_type="np")
+                                    output_type="np", size=size)
         return np.asarray(images, dtype=np.float32)
 
     def call_pipeline(self, pipe: Any, prompts: Sequence[str], *, negative_prompt: str, steps: int, guidance: float,
                       resolution: int, generators: list[torch.Generator], autocast_dtype: torch.dtype | None,
-                      output_type: str) -> Any:
+                      output_type: str, size: tuple[int, int] | None = None) -> Any:
         """The stock pipeline's call with the family's arguments; returns its ``images``."""
         extra: dict[str, Any] = {}
         if self.negative_prompts:
             extra["negative_prompt"] = [negative_prompt] * len(prompts)
+        width, height = size or (resolution, resolution)
         with torch.inference_mode(), sampling_autocast(pipe.device, autocast_dtype):
             output = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance,
-                          height=resolution, width=resolution, generator=generators, output_type=output_type,
+                          height=height, width=width, generator=generators, output_type=output_type,
                           **extra)
         return output.images
 

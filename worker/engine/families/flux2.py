@@ -102,8 +102,13 @@ class Flux2Klein(QwenFlowFamily):
     # An estimate (not measured: no GPU here) of a LoRA + prior step at 1024 px without checkpointing:
     # klein 4B: 7.8 GB of bf16 weights and the activations of two 4608-token sequences.
     full_speed_memory_gb = 48.0
-    sample_steps = 4  # klein 4B is step-distilled; the base checkpoint wants ~50 steps at CFG 4
-    sample_guidance = 1.0  # ignored by a distilled klein
+    # klein's 7.75 GB of bf16 transformer weights are 3.88 GB in int8 (bench/flops.py --weights): cards of 24 GB
+    # and less keep them in int8, so a LoRA + prior step with checkpointing leaves room for activations.
+    int8_base_memory_gb = 25.0
+    sample_steps = 4  # klein 4B is step-distilled (4 steps, no guidance) ...
+    sample_guidance = 1.0
+    base_sample_steps = 50  # ... the undistilled klein base samples with ~50 steps at CFG 4
+    base_sample_guidance = 4.0
     negative_prompts = False  # Flux2KleinPipeline takes none (its CFG uses the empty prompt)
     denoiser_lora_targets = DOUBLE_BLOCK_TARGETS + SINGLE_BLOCK_TARGETS
 
@@ -111,6 +116,11 @@ class Flux2Klein(QwenFlowFamily):
         if "builtin" in model.source_info:
             return True
         return _declared_distilled(model.spec)
+
+    def sample_defaults(self, model: BaseModel) -> tuple[int, float]:
+        if self.is_distilled(model):
+            return self.sample_steps, self.sample_guidance
+        return self.base_sample_steps, self.base_sample_guidance
 
     # Prompts ----------------------------------------------------------------------------------
 

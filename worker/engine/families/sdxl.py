@@ -87,16 +87,17 @@ class StableDiffusionXL(UNetFamily):
 
     def render(self, pipe: Any, prompts: Sequence[str], *, negative_prompt: str, steps: int, guidance: float,
                resolution: int, generators: list[torch.Generator],
-               autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+               autocast_dtype: torch.dtype | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
         """As every family samples, except under fp16 autocast with the stock VAE: the latents are then
         decoded outside autocast, in fp32 (under fp16 the stock SDXL VAE overflows to black images)."""
         vae: Any = pipe.vae
         if autocast_dtype != torch.float16 or not vae.config.get("force_upcast", True):
             return super().render(pipe, prompts, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                                  resolution=resolution, generators=generators, autocast_dtype=autocast_dtype)
+                                  resolution=resolution, generators=generators, autocast_dtype=autocast_dtype,
+                                  size=size)
         latents = self.call_pipeline(pipe, prompts, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                      resolution=resolution, generators=generators, autocast_dtype=autocast_dtype,
-                                     output_type="latent")
+                                     output_type="latent", size=size)
         with torch.inference_mode(), torch.autocast(device_type=latents.device.type, enabled=False):
             decoded = vae.decode(latents.float() / float(vae.config.scaling_factor), return_dict=False)[0]
         return (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()  # type: ignore[no-any-return]

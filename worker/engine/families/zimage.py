@@ -57,8 +57,12 @@ class ZImage(QwenFlowFamily):
     # An estimate (not measured: no GPU here) of a LoRA + prior step at 1024 px without checkpointing:
     # Z-Image: 12.3 GB of bf16 weights and 34 blocks of 3840-wide activations.
     full_speed_memory_gb = 64.0
-    sample_steps = 9  # Z-Image-Turbo: 8 transformer calls
-    sample_guidance = 0.0  # the turbo is distilled: no CFG
+    # Z-Image's 12.31 GB of bf16 transformer weights are 6.16 GB in int8 (bench/flops.py --weights).
+    int8_base_memory_gb = 25.0
+    sample_steps = 9  # Z-Image-Turbo: 8 transformer calls, and no CFG (it is distilled) ...
+    sample_guidance = 0.0
+    base_sample_steps = 50  # ... the undistilled Z-Image base samples with ~50 steps at CFG 4
+    base_sample_guidance = 4.0
     negative_prompts = True
     denoiser_lora_targets = ZIMAGE_TARGETS
 
@@ -72,6 +76,19 @@ class ZImage(QwenFlowFamily):
         mask = mask.to(device).bool()
         hidden = encoder(input_ids=ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states[-2]
         return {"encoder_hidden_states": hidden, "attention_mask": mask.to(hidden.dtype)}
+
+    # Sampling defaults ------------------------------------------------------------------------
+
+    def is_turbo(self, model: BaseModel) -> bool:
+        """Whether ``model`` is the distilled Z-Image-Turbo: the built-ins are, and so is any checkpoint
+        named for it ("Tongyi-MAI/Z-Image-Turbo", "z_image_turbo_bf16.safetensors"); both checkpoints
+        share one architecture and one pipeline, so the name is all that tells them apart."""
+        return "builtin" in model.source_info or "turbo" in model.spec.lower()
+
+    def sample_defaults(self, model: BaseModel) -> tuple[int, float]:
+        if self.is_turbo(model):
+            return self.sample_steps, self.sample_guidance
+        return self.base_sample_steps, self.base_sample_guidance
 
     # Training ---------------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""The operator console: queue, workers, accounts, storage and base models for whoever runs the studio."""
