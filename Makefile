@@ -6,11 +6,21 @@
 #               the schema check, the fault tests, which start a private PostgreSQL of their own, and
 #               the browser tests, which drive pages whose queries the second pass already runs)
 #
-# TORCH is what pip installs first. The default is the CPU build; on a GPU machine use for example
+# TORCH is what pip installs first. On a machine without an NVIDIA GPU (no nvidia-smi) it is the CPU
+# build: PyTorch's CPU index is added to pip's, and its 2.13.0+cpu wins over the multi-GB CUDA build that
+# PyPI serves for Linux (pip prefers the local version label); where that index cannot be reached (a
+# machine with a mirror only), pip warns and goes on with the indexes it is configured with. Only torch
+# itself is looked up there (--no-deps): its dependencies come with the project's, from pip's own indexes.
+# With a GPU, pip's default (PyPI's CUDA build). To choose yourself, for example:
 #   make up TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV ?= .venv
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
+TORCH ?= torch==2.13.0 --no-deps --extra-index-url $(TORCH_CPU_INDEX)
+else
 TORCH ?= torch==2.13.0
+endif
 BIN := $(VENV)/bin
 
 .PHONY: install up test lint bench

@@ -37,6 +37,10 @@ from app.config import Settings, get_settings
 ROOT = Path(__file__).resolve().parents[1]
 CELERY_APP = "worker.celery_app:celery_app"
 DEFAULT_WORKER_QUEUES = "gpu,cpu"
+# `studio up`: jobs in one process, maintenance (the reaper, clean-ups, retention) in a small second one,
+# so it never waits behind a training that takes twenty minutes.
+JOB_QUEUES = "gpu"
+MAINTENANCE_QUEUES = "cpu"
 # Commands whose arguments belong to another program: they are handed over untouched.
 PASSTHROUGH_COMMANDS = ("worker", "beat", "train", "sample")
 STOP_TIMEOUT_SECONDS = 30.0
@@ -212,7 +216,8 @@ class Supervisor:
                 if code is not None:
                     if self.stop_requests == 0:
                         print(f"{child.name} exited with status {code}; stopping the rest.", file=sys.stderr)
-                    exit_code = EXIT_INTERRUPTED if self.stop_requests else code
+                    # Stopped on request (Ctrl-C, SIGTERM): that is how `studio up` is meant to end.
+                    exit_code = EXIT_OK if self.stop_requests else code
                     break
             else:
                 time.sleep(poll_seconds)
@@ -233,7 +238,8 @@ class Supervisor:
 
 def up(settings: Settings, host: str, port: int, with_worker: bool, with_beat: bool,
        spawner: Spawner = spawn) -> int:
-    """Migrate, then run the web server, one worker and beat until Ctrl-C or until one of them stops."""
+    """Migrate, then run the web server, a job worker, a maintenance worker and beat until Ctrl-C (exit 0)
+    or until one of them stops (its status)."""
     for directory in (settings.var_dir, settings.resolved_media_dir, settings.scratch_dir, settings.broker_dir):
         directory.mkdir(parents=True, exist_ok=True)
     print("Updating the database schema...", flush=True)
@@ -245,7 +251,11 @@ def up(settings: Settings, host: str, port: int, with_worker: bool, with_beat: b
         supervisor.start("web", web_command(host, port))
         if with_worker:
             # One process, one job at a time: the GPU (or CPU) is the bottleneck.
-            supervisor.start("worker", worker_command(["-c", "1", "--loglevel", "INFO"]))
+            supervisor.start("worker", worker_command(["-Q", JOB_QUEUES, "-c", "1", "-n", "jobs@%h",
+                                                       "--loglevel", "INFO"]))
+            # Maintenance beside it: one slot, never a job, so it runs while a training does.
+            supervisor.start("maintenance", worker_command(["-Q", MAINTENANCE_QUEUES, "-c", "1",
+                                                            "-n", "maintenance@%h", "--loglevel", "INFO"]))
         if with_beat:
             supervisor.start("beat", beat_command(settings, ["--loglevel", "INFO"]))
         if spawner is spawn and wait_for_port(host, port, timeout=30):
@@ -263,10 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="A self-hosted AI photo studio.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up_parser = commands.add_parser("up", help="run everything on this machine (web, one worker, beat)")
+    up_parser = commands.add_parser("up", help="run everything on this machine (web, workers, beat)")
     up_parser.add_argument("--host", default="127.0.0.1")
     up_parser.add_argument("--port", type=int, default=8000)
-    up_parser.add_argument("--no-worker", action="store_true", help="do not start a worker")
+    up_parser.add_argument("--no-worker", action="store_true", help="do not start the workers")
     up_parser.add_argument("--no-beat", action="store_true", help="do not start the periodic scheduler")
 
     commands.add_parser("migrate", help="bring the database schema up to date (alembic upgrade head)")

@@ -44,6 +44,7 @@ from app import config as config_module
 from app import db as db_module
 from app import logs, openapi
 from app import storage as storage_module
+from app.access_log import quiet_polling
 from app.accounts import api as accounts_api
 from app.accounts import pages as accounts_pages
 from app.body_guard import BodyGuardMiddleware
@@ -457,6 +458,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or config_module.get_settings()
     logs.configure_logging(settings)
     session_factory, private_engine = _session_factory(settings)
+    quiet_polling()  # the studio page's status polls would bury everything else in the access log
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

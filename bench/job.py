@@ -68,8 +68,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sample-steps", type=int, default=10, help="sampler steps of a gallery image (default 10)")
     parser.add_argument("--photos", type=int, default=4)
     parser.add_argument("--preset", action="store_true",
-                        help="the studio's defaults instead: the pet 'fast' recipe, its class-image count, the "
-                             "default pet pack at 4 images per prompt (the step options are ignored)")
+                        help="the studio's defaults instead: the pet recipe of --quality, its class-image count, "
+                             "the default pet pack at 4 images per prompt (the step options are ignored)")
+    parser.add_argument("--quality", choices=["fast", "balanced", "best"], default="fast",
+                        help="the recipe with --preset (default fast; the new-studio form's default is balanced)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one job")
     parser.add_argument("--machine", default="2-core CPU dev box", help="machine name written with --append")
     parser.add_argument("--append", type=Path, help="append the results to this markdown file")
@@ -140,7 +142,7 @@ def run_one(sessions: sessionmaker[Session], storage: LocalStorage, args: argpar
     with sessions() as session:
         if args.preset:
             subject = make_subject(session, storage, make_user(session), photos=args.photos, prompts=[],
-                                   images_per_prompt=4, style_pack=DEFAULT_PACK["pet"])
+                                   images_per_prompt=4, style_pack=DEFAULT_PACK["pet"], quality=args.quality)
         else:
             subject = make_subject(session, storage, make_user(session), photos=args.photos, images_per_prompt=1)
         job = make_job(session, subject)
@@ -238,8 +240,8 @@ def main() -> int:
 def render(rows: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
     images = int(rows["cold"][-1]["images"])
     if args.preset:
-        workload = (f"the studio's defaults (pet 'fast' recipe and class-image count, default pet pack: {images} "
-                    "images)")
+        workload = (f"the studio's defaults (pet '{args.quality}' recipe and class-image count, default pet pack: "
+                    f"{images} images)")
     else:
         workload = (f"{args.steps} training steps, {args.prior_images} class images x {args.prior_steps} steps, "
                     f"{images} images x {args.sample_steps} steps")

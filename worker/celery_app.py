@@ -164,6 +164,15 @@ def quiet_the_cancel_on_connection_loss_warning(**_: Any) -> None:
                             category=CPendingDeprecationWarning)
 
 
+def serves_jobs(worker: Any) -> bool:
+    """Whether a starting worker consumes the job queue (a maintenance-only worker needs no engine)."""
+    try:
+        queues = set(worker.app.amqp.queues.consume_from)
+    except AttributeError:
+        return True
+    return not queues or GPU_QUEUE in queues
+
+
 @after_setup_logger.connect
 @after_setup_task_logger.connect
 def json_log_lines(logger: logging.Logger | None = None, **_: Any) -> None:
@@ -175,13 +184,15 @@ def json_log_lines(logger: logging.Logger | None = None, **_: Any) -> None:
 
 
 @worker_init.connect
-def preload_engine(**_: Any) -> None:
+def preload_engine(sender: Any = None, **_: Any) -> None:
     """Import the engine once in a worker's main process, before its pool forks.
 
     Every job runs in a fresh child (``worker_max_tasks_per_child = 1``); forked from a parent that
     already imported torch and diffusers, a child starts in milliseconds instead of seconds. Only
     imports happen here: CUDA is initialised in the child that runs the job, never in the parent.
     """
+    if sender is not None and not serves_jobs(sender):
+        return  # maintenance only: no torch, so the process stays small
     # CUDA must not be initialised before a fork; with this, torch.cuda.is_available() asks NVML instead.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     threads = _worker_threads()
@@ -194,8 +205,7 @@ def preload_engine(**_: Any) -> None:
     except ImportError:
         log.warning("the engine could not be preloaded; each job will import it itself", exc_info=True)
         return
-    log.info("PyTorch uses %d CPU thread(s) (%d usable core(s); STUDIO_WORKER_THREADS sets it)",
-             apply_threads(threads), usable_cpus())
+    apply_threads(threads)
     if torch.cuda.is_initialized():
         log.error("CUDA was initialised in the worker's main process; forked jobs may fail to use the GPU")
 
@@ -211,6 +221,15 @@ def size_the_job_threads(**_: Any) -> None:
     """A job's process (forked from the preloaded parent) runs with the worker's thread count too."""
     if "torch" in sys.modules:
         apply_threads(_worker_threads())
+
+
+@worker_ready.connect
+def report_threads(**_: Any) -> None:
+    """Say in the worker's log (set up by now) how many CPU threads its jobs use."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        log.info("jobs use %d PyTorch CPU thread(s) of %d usable core(s) (STUDIO_WORKER_THREADS sets it)",
+                 torch.get_num_threads(), usable_cpus())
 
 
 @worker_ready.connect

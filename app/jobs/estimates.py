@@ -56,9 +56,11 @@ class Speeds:
     family: str = "sd"
 
 
-# The demo model with the worker's thread count, on the 2-core CPU box beside the web process
-# (bench/train.py --beside-table and a `studio up` run; docs/benchmarks.md, "The demo model's first studio").
-DEMO_SPEEDS = Speeds(prior_image=0.12, train_step=0.03, gallery_image=0.1, preparing=4.0, publishing=1.0,
+# The demo model with the worker's thread count (1) on the 2-core CPU box shared with other work (load
+# average 5-7): a first "balanced" studio through a real worker, 40 class pictures in 5.2 s, 500 steps in
+# 20.9 s, 40 gallery pictures in 4.7 s (`python bench/job.py --preset --quality balanced --broker filesystem`,
+# docs/benchmarks.md, "The demo model's first studio").
+DEMO_SPEEDS = Speeds(prior_image=0.13, train_step=0.042, gallery_image=0.12, preparing=1.0, publishing=1.0,
                      measured_jobs=0)
 
 
@@ -207,7 +209,8 @@ def plan_seconds(work: Work, speeds: Speeds) -> dict[str, float]:
 def gallery_size(style_pack: str | None, prompts: Sequence[str], images_per_prompt: int, kind: SubjectKind) -> int:
     """How many gallery pictures a studio samples: its pack's prompts (the kind's default pack when it gave
     no prompts of its own) and its own, each ``images_per_prompt`` times."""
-    pack = STYLE_PACKS.get(style_pack or "") or (STYLE_PACKS.get(DEFAULT_PACK[kind]) if not prompts else None)
+    default = DEFAULT_PACK["person" if kind == "person" else "pet"]
+    pack = STYLE_PACKS.get(style_pack or "") or (STYLE_PACKS.get(default) if not prompts else None)
     return ((len(pack.prompts) if pack else 0) + len(prompts)) * images_per_prompt
 
 

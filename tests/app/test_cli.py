@@ -200,7 +200,7 @@ def test_up_migrates_then_runs_web_worker_and_beat(fresh_settings: Settings) -> 
 
     def spawner(command: list[str]) -> FakeProcess:
         # The worker dies on its own after a few polls: up stops the others and reports its status.
-        process = FakeProcess(command, lifetime=3, code=3) if "worker" in command else FakeProcess(command)
+        process = FakeProcess(command, lifetime=3, code=3) if "gpu" in command else FakeProcess(command)
         started.append(process)
         return process
 
@@ -209,11 +209,14 @@ def test_up_migrates_then_runs_web_worker_and_beat(fresh_settings: Settings) -> 
     assert code == 3
     assert fresh_settings.broker_dir.is_dir() and fresh_settings.scratch_dir.is_dir()
     assert (fresh_settings.var_dir / "studio.db").exists()  # migrated before anything started
-    web, worker, beat = (process.command for process in started)
+    web, worker, maintenance, beat = (process.command for process in started)
     assert "app.main:create_app" in web and "8765" in web
-    assert worker[worker.index("-c") + 1] == "1" and "gpu,cpu" in worker
+    # Jobs in one worker, one at a time; maintenance in a second, so it never waits behind a training.
+    assert worker[worker.index("-c") + 1] == "1" and worker[worker.index("-Q") + 1] == "gpu"
+    assert maintenance[maintenance.index("-Q") + 1] == "cpu" and maintenance[maintenance.index("-c") + 1] == "1"
+    assert worker[worker.index("-n") + 1] != maintenance[maintenance.index("-n") + 1]
     assert "beat" in beat
-    assert started[0].signals == [signal.SIGTERM] and started[2].signals == [signal.SIGTERM]
+    assert [started[index].signals for index in (0, 2, 3)] == [[signal.SIGTERM]] * 3
 
 
 def test_up_forwards_ctrl_c_once(fresh_settings: Settings) -> None:
@@ -238,8 +241,8 @@ def test_up_forwards_ctrl_c_once(fresh_settings: Settings) -> None:
     before = signal.getsignal(signal.SIGINT)
     code = cli.up(fresh_settings, "127.0.0.1", 8766, with_worker=True, with_beat=False,
                   spawner=spawner)  # type: ignore[arg-type]
-    assert code == 130
-    assert [process.signals for process in started] == [[signal.SIGTERM], [signal.SIGTERM]]
+    assert code == 0  # Ctrl-C is how `studio up` ends: `make up` then reports no error
+    assert [process.signals for process in started] == [[signal.SIGTERM]] * 3
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
@@ -249,3 +252,29 @@ def test_invalid_settings_are_one_clear_line(monkeypatch: pytest.MonkeyPatch,
     assert cli.main(["migrate"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("studio: the STUDIO_* settings are invalid:") and "at least 32 characters" in err
+
+
+def test_the_access_log_leaves_out_the_status_polls() -> None:
+    import logging
+
+    from app.access_log import QuietPolling
+
+    def record(method: str, path: str, status: int) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:5000", method, path, "1.1", status), None)
+
+    job = "/api/v1/jobs/0b7c1f1e-3c1f-4f7e-9a55-2f1c3e0d9a10"
+    quiet = QuietPolling()
+    assert not quiet.filter(record("GET", job, 200))
+    assert quiet.filter(record("GET", job, 500))  # a failing poll is worth a line
+    assert quiet.filter(record("POST", "/studios/new", 303))
+    assert quiet.filter(record("GET", job + "/previews/0?v=abc", 200))
+
+
+def test_studio_train_takes_its_threads_from_the_worker_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(environment="test")
+    monkeypatch.setenv("STUDIO_WORKER_THREADS", "3")
+    assert cli.with_thread_option(["--steps", "5"], lambda: settings) == ["--steps", "5", "--threads", "3"]
+    assert cli.with_thread_option(["--threads", "1"], lambda: settings) == ["--threads", "1"]
+    monkeypatch.delenv("STUDIO_WORKER_THREADS")
+    assert cli.with_thread_option([], lambda: settings) == []  # the engine chooses from the cores

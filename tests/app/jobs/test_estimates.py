@@ -122,3 +122,11 @@ def test_the_new_studio_page_gets_each_offered_models_estimate(db_session: Sessi
     assert model["fixed"]["pet"]["balanced"] == pytest.approx(3 + 8 + 20 + 2)
     assert model["priors"]["pet"]["balanced"] == pytest.approx(8.0)
     assert found["pack_sizes"]["pet-adventures"] == len(estimates.STYLE_PACKS["pet-adventures"].prompts)
+
+
+def test_a_generate_more_job_plans_loading_sampling_and_publishing(db_session: Session, settings: Settings) -> None:
+    owner = make_user(db_session)
+    finished_studio(db_session, owner)
+    settings.base_model = "tiny"
+    plan = estimates.plan_generation(db_session, settings, make_subject(db_session, owner), images=10)
+    assert plan == {"generating": pytest.approx(3.0 + 10 * 0.2 + 2.0), "measured_jobs": 1}

@@ -86,6 +86,7 @@ def test_studio_page_follows_the_job_until_done(
     update_job(clean_db, job.id, stage="training", step=20, total=40, loss=0.25, eta_seconds=95.0,
                preview_keys=[key], details={"demo_model": True, "loss_history": [0.5, 0.4, 0.3, 0.25]})
     expect(label).to_have_text(re.compile(r"^Training step 20/40 — about 2 min left"), timeout=10000)
+    expect(page.locator("[data-eta]")).to_have_text("about 2 min left")
     expect(page.locator('[data-step="priors"]')).to_have_class(re.compile(r"\bis-done\b"))
     expect(page.locator('[data-step="training"]')).to_have_class(re.compile(r"\bis-current\b"))
     expect(page.locator("[data-preview-grid] img")).to_have_js_property("naturalWidth", 64)  # the preview loaded
@@ -103,6 +104,8 @@ def test_studio_page_follows_the_job_until_done(
     update_job(clean_db, job.id, status="done", stage="finished", step=1, total=1)
     expect(page.locator("[data-job-progress]")).to_have_attribute("data-status", "done", timeout=10000)
     expect(label).to_have_text("Done")
+    expect(page.locator("[data-job-title]")).to_have_text("Your studio is trained")  # no longer "Training your studio"
+    expect(page.locator("[data-eta]")).to_be_hidden()
     expect(page.locator("[data-gallery-link]")).to_be_visible()
     expect(page.locator("[data-cancel-form]")).to_be_hidden()
     expect(page.locator("[data-overall]")).to_have_js_property("value", 1)

@@ -83,3 +83,14 @@ def test_people_on_sdxl_train_both_text_encoders_and_get_the_higher_ranks() -> N
     assert all(recipe("person", q, "sdxl").train_text_encoder for q in QUALITIES)
     ranks = [recipe("person", q, "sdxl").rank for q in QUALITIES]
     assert ranks == sorted(ranks) and ranks[-1] >= 32
+
+
+def test_the_demo_models_paint_at_most_a_few_class_priors() -> None:
+    from types import SimpleNamespace
+
+    from worker.engine.job import recipe_prior_images
+    from worker.engine.presets import DEMO_PRIOR_IMAGES
+
+    config = recipe("pet", "balanced")
+    assert recipe_prior_images(config, SimpleNamespace(is_demo=True)) == DEMO_PRIOR_IMAGES < config.num_class_images  # type: ignore[arg-type]
+    assert recipe_prior_images(config, SimpleNamespace(is_demo=False)) == config.num_class_images == 200  # type: ignore[arg-type]
