@@ -109,12 +109,21 @@ def record_job(session: Session, name: str, job_id: uuid.UUID | None, steps_per_
     session.execute(statement.values(**values).execution_options(synchronize_session=False))
 
 
+# Held while the main process writes its heartbeat, and across every fork (os.register_at_fork below):
+# a child must never be forked in the middle of that transaction. SQLite keeps its file locks' state
+# in the process's memory, so a child forked mid-transaction believes its parent's lock is its own
+# and every write it tries waits out the busy timeout (seen as a job whose new attempt cannot claim).
+_BEATING = threading.Lock()
+os.register_at_fork(before=_BEATING.acquire, after_in_parent=_BEATING.release, after_in_child=_BEATING.release)
+
+
 def private_sessions(database_url: str) -> sessionmaker[Session]:
     """Sessions on an engine of one connection for the main process's heartbeat.
 
     Not the process's shared engine: the main process forks a child per job, and a child must not
     inherit (and use, or close) pooled connections of its parent. A forked child drops this pool
-    without closing the parent's connection.
+    without closing the parent's connection. On SQLite the connection is not kept between beats
+    either (see :data:`_BEATING`): no SQLite file is open in the parent when it forks.
     """
     engine = studio_db.make_engine(database_url, pool_size=1, max_overflow=1)
     os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
@@ -144,8 +153,12 @@ class Heartbeat:
 
     def beat_once(self) -> None:
         gpu = self.gpu()
-        with studio_db.session_scope(self.sessions) as session:
-            beat(session, self.name, self.queues, gpu)
+        with _BEATING:
+            with studio_db.session_scope(self.sessions) as session:
+                beat(session, self.name, self.queues, gpu)
+                engine = session.get_bind()
+            if engine.dialect.name == "sqlite":
+                engine.dispose()  # type: ignore[union-attr]
 
     def _run(self) -> None:
         while True:
