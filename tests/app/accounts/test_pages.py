@@ -45,6 +45,8 @@ def test_sign_up_creates_the_account_and_signs_in(client: TestClient, clean_db: 
 
     account = client.get("/account")
     assert page_template(account) == "accounts/account.html"
+    assert "<title>Account · Photo Studio</title>" in account.text
+    assert account.text.count('id="export-title"') == 1  # each section once, in the page's body
     assert page_context(account)["user"].email == "ann@example.com"
     assert page_context(account)["flash"].message.startswith("Welcome to the studio! We sent a link to ")
     assert page_context(client.get("/account"))["flash"] is None  # shown once
