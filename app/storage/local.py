@@ -91,7 +91,10 @@ class LocalStorage:
             return [prefix]
         if not base.is_dir():
             return []
-        keys = [p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file()]
+        # os.walk, not Path.rglob: another process may delete a folder while it is walked (a worker
+        # removing its checkpoints while the studio lists them), and os.walk skips what vanished.
+        keys = [(Path(folder) / name).relative_to(self.root).as_posix()
+                for folder, _, files in os.walk(base) for name in files]
         return sorted(k for k in keys if k.startswith(prefix) and not k.rsplit("/", 1)[-1].startswith(".tmp-"))
 
     def list_objects(self, prefix: str) -> builtins.list[StoredObject]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -139,3 +141,21 @@ def test_a_full_local_media_disk_raises_storage_full(tmp_path: Path, monkeypatch
     with pytest.raises(StorageFull, match="no space left in the media storage for 'users/u/w.bin'"):
         storage.put_file("users/u/w.bin", source)
     assert storage.list("users/") == []  # no temporary file left behind
+
+
+def test_listing_skips_a_folder_another_process_deletes_meanwhile(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker removes its checkpoints while the studio lists them: the listing must not fail."""
+    storage = LocalStorage(tmp_path / "media")
+    for key in ("jobs/1/checkpoint/a1-step10/weights", "jobs/1/checkpoint/a1-step20/weights", "jobs/1/run.json"):
+        storage.put_bytes(key, b"x", "application/octet-stream")
+    vanishing = tmp_path / "media" / "jobs/1/checkpoint/a1-step10"
+    real_scandir = os.scandir
+
+    def scandir_after_the_deletion(path: str | os.PathLike[str] | int) -> object:
+        if not isinstance(path, int) and Path(path) == vanishing and vanishing.exists():
+            shutil.rmtree(vanishing)  # listed by its parent a moment ago, gone when its turn comes
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_after_the_deletion)
+    assert storage.list("jobs/1/") == ["jobs/1/checkpoint/a1-step20/weights", "jobs/1/run.json"]
