@@ -7,14 +7,7 @@
 
   var PERSON_NOUNS = ["person", "man", "woman", "boy", "girl", "child"];
 
-  function formatDuration(seconds) {
-    if (seconds < 60) return "under a minute";
-    var minutes = Math.round(seconds / 60);
-    if (minutes < 60) return "about " + minutes + " min";
-    var hours = Math.floor(minutes / 60);
-    minutes = minutes % 60;
-    return minutes ? "about " + hours + " h " + minutes + " min" : "about " + hours + " h";
-  }
+  var formatDuration = window.StudioFormat.duration;  // format.js
 
   function checked(form, name) {
     var input = form.querySelector('input[name="' + name + '"]:checked');

@@ -8,15 +8,7 @@
   var MAX_BACKOFF_MS = 30000;
   var STEP_CLASSES = { done: "is-done", active: "is-current", failed: "is-failed", cancelled: "is-cancelled", pending: "" };
 
-  function formatDuration(seconds) {
-    if (seconds === null || seconds === undefined || !isFinite(seconds) || seconds < 0) return "";
-    if (seconds < 60) return "under a minute";
-    var minutes = Math.round(seconds / 60);
-    if (minutes < 60) return "about " + minutes + " min";
-    var hours = Math.floor(minutes / 60);
-    minutes = minutes % 60;
-    return minutes ? "about " + hours + " h " + minutes + " min" : "about " + hours + " h";
-  }
+  var formatDuration = window.StudioFormat.duration;  // format.js
 
   function setText(element, text) {
     if (element && element.textContent !== text) element.textContent = text;
