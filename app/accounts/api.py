@@ -262,8 +262,8 @@ def api_get_export(export_id: uuid.UUID, user: ApiUser, session: SessionDep) -> 
 def api_download_export(export_id: uuid.UUID, user: ApiUser, session: SessionDep, settings: SettingsDep,
                         storage: StorageDep) -> Response:
     """The ZIP: streamed, or a redirect to a short-lived signed URL. 404 before it is ready and once expired."""
-    found = export.live_export(session, user.id, export_id)
-    if found is None or found.status != "ready" or found.storage_key is None:
+    download = export.ready_download(session, user.id, export_id)
+    if download is None:
         raise HTTPException(status_code=404, detail="No such export, or it is not ready, or it has expired.")
-    return file_response(storage, settings, found.storage_key, "application/zip",
-                         f"studio-export-{found.created_at:%Y-%m-%d}.zip", "attachment", cache_control="no-store")
+    key, filename = download
+    return file_response(storage, settings, key, "application/zip", filename, "attachment", cache_control="no-store")

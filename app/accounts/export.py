@@ -71,6 +71,15 @@ def live_export(session: Session, user_id: uuid.UUID, export_id: uuid.UUID,
     return export
 
 
+def ready_download(session: Session, user_id: uuid.UUID, export_id: uuid.UUID) -> tuple[str, str] | None:
+    """(storage key, file name) of the owner's export while it is ready to download; None otherwise
+    (another account's, unknown, still building, failed or expired)."""
+    export = live_export(session, user_id, export_id)
+    if export is None or export.status != "ready" or export.storage_key is None:
+        return None
+    return export.storage_key, f"studio-export-{export.created_at:%Y-%m-%d}.zip"
+
+
 def exports_of(session: Session, user_id: uuid.UUID, now: datetime | None = None) -> list[DataExport]:
     """The owner's exports that have not expired, newest first."""
     return list(session.scalars(select(DataExport).where(DataExport.user_id == user_id,

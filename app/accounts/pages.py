@@ -356,8 +356,8 @@ def request_export(request: Request, session: SessionDep, settings: SettingsDep,
 def download_export(export_id: uuid.UUID, session: SessionDep, settings: SettingsDep, storage: StorageDep,
                     user: PageUser) -> Response:
     """The owner's ready export, until it expires (404 after: the link in the email has expired)."""
-    found = export.live_export(session, user.id, export_id)
-    if found is None or found.status != "ready" or found.storage_key is None:
+    download = export.ready_download(session, user.id, export_id)
+    if download is None:
         raise HTTPException(status_code=404, detail="No such export, or its link has expired.")
-    return file_response(storage, settings, found.storage_key, "application/zip",
-                         f"studio-export-{found.created_at:%Y-%m-%d}.zip", "attachment", cache_control="no-store")
+    key, filename = download
+    return file_response(storage, settings, key, "application/zip", filename, "attachment", cache_control="no-store")
