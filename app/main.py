@@ -58,6 +58,7 @@ from app.operator import api as operator_api
 from app.operator import health
 from app.operator import pages as operator_pages
 from app.operator.metrics import LatencyMiddleware, Metrics
+from app.photos.faces import load_face_model
 from app.security import tokens_equal
 from app.subjects import api as subjects_api
 from app.subjects import pages as subjects_pages
@@ -466,7 +467,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.storage_backend == "s3" and directory == settings.resolved_media_dir:
                 continue
             directory.mkdir(parents=True, exist_ok=True)
-        if settings.environment != "test":
+        if settings.environment != "test":  # tests build many apps, most with no person in them
+            load_face_model()
             freeze_startup_objects()
         yield
         if private_engine is not None:

@@ -15,13 +15,23 @@ Pets and other animals do not come here: their checks are the sanitizer's alone.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image
 
 from app.photos.sanitize import PhotoRejected
-from worker.engine.faces import CONFIDENT_SCORE, MATCH_THRESHOLD, distance, face_model, largest_group
+from worker.engine.faces import (
+    CONFIDENT_SCORE,
+    MATCH_THRESHOLD,
+    FaceModelMissing,
+    distance,
+    face_model,
+    largest_group,
+)
+
+logger = logging.getLogger(__name__)
 
 # Below this box side (px, in the stored photo) a face is refused as too small. The descriptor is
 # stable from ~60 px (bench/likeness.py's size sweep: distance to the full-size face <= 0.15), but a
@@ -38,6 +48,19 @@ SEVERAL_FACES_RATIO = 0.5
 # so no two real shots are refused as one.
 FACE_DUPLICATE_DISTANCE = 0.06
 MIN_SAME_PERSON = 3  # no group of this many photos of one face: the studio is refused
+
+
+def load_face_model() -> None:
+    """Load the face model now, at the process's start, instead of in the first person's upload.
+
+    The load is ~0.3 s of CPU once per process (bench/web.py --only faces); paid at start, a
+    20-photo person studio's check costs the photos' work alone. A missing model is logged, not
+    fatal: pet studios do not need it.
+    """
+    try:
+        face_model()
+    except FaceModelMissing as exc:
+        logger.warning("face model not loaded: %s; person studios cannot be checked", exc)
 
 
 @dataclass(frozen=True)

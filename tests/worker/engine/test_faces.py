@@ -32,6 +32,19 @@ def test_a_face_is_found_in_portraits_and_none_in_a_cat() -> None:
     assert model.detect(face_photos.cat()) == []
 
 
+def test_the_cnn_detector_finds_the_face_hog_finds() -> None:
+    """The slower CNN detector (bench/likeness.py --detector cnn) on the same portrait: one face,
+    where HOG puts it (the boxes differ by the detectors' framing, not by the face)."""
+    model = face_model()
+    portrait = face_photos.hopper()
+    (cnn,), hog = model.detect(portrait, detector="cnn"), model.detect(portrait)[0]
+    assert cnn.score > 0.5 and len(cnn.landmarks) == 5
+    overlap = (min(cnn.box[2], hog.box[2]) - max(cnn.box[0], hog.box[0])) * \
+        (min(cnn.box[3], hog.box[3]) - max(cnn.box[1], hog.box[1]))
+    assert overlap > 0.7 * hog.side ** 2
+    assert distance(model.descriptor(portrait, cnn), model.descriptor(portrait, hog)) < faces.STRONG_MATCH
+
+
 def test_the_same_person_stays_under_the_threshold_and_two_people_over_it() -> None:
     people = {name: [describe(image) for image in [make(), *face_photos.variations(make())[:3]]]
               for name, make in (("hopper", face_photos.hopper), ("collins", face_photos.collins))}
