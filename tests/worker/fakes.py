@@ -95,6 +95,10 @@ class FakeEngine:
     started_at_steps: list[int] = field(default_factory=list)
     inputs_seen: list[JobSpec | GenerationInputs] = field(default_factory=list)
     memory_freed: int = 0
+    # A person's run records these upload faces (default: one made-up descriptor), and "generate
+    # more" returns these pictures first (real photos, to be scored by the real face model).
+    face_references: list[list[float]] | None = None
+    more_pictures: list[Image.Image] = field(default_factory=list)
 
     def _should_fail(self) -> bool:
         failed_runs = sum(1 for call in self.calls if call.startswith("failed"))
@@ -140,7 +144,8 @@ class FakeEngine:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
         # A person's run keeps the uploads' faces, as the engine's does (one made-up descriptor here).
-        run_info = {"faces": {"references": [[0.0] * 128]}} if inputs.subject_kind == "person" else {}
+        references = self.face_references or [[0.0] * 128]
+        run_info = {"faces": {"references": references}} if inputs.subject_kind == "person" else {}
         (run_dir / "run.json").write_text(json.dumps({"resumed_from": start or None, "run_info": run_info}))
         identifier = "qzx"
         samples = []
@@ -201,6 +206,8 @@ class FakeEngine:
                 raise Cancelled("cancelled by the caller")
             template = inputs.prompts[index // inputs.images_per_prompt]
             path = _png(inputs.out_dir / f"more-{index}.png", (0, 0, index * 30 % 255), size=24)
+            if index < len(self.more_pictures):
+                self.more_pictures[index].save(path)
             prompt = template.replace("{subject}", f"{inputs.identifier} {inputs.class_noun}")
             samples.append(FakeSample(path=path, prompt=prompt, seed=index))
             progress(Progress(stage="sampling", step=index + 1, total=total))

@@ -60,6 +60,31 @@ def test_a_person_studios_new_pictures_get_their_face_checked(ctx: WorkerContext
     assert [(image.face_checked, image.face_distance) for image in images] == [(True, None), (True, None)]
 
 
+def test_generate_more_scores_real_faces_against_the_persons_uploads(ctx: WorkerContext, storage: LocalStorage) -> None:
+    """The real face model on "generate more": the person again matches strongly, someone else does
+    not match, a picture without a face has no score."""
+    from tests import face_photos
+    from worker.engine.faces import MATCH_THRESHOLD, STRONG_MATCH, face_model
+
+    uploads = [face_model().analyse(image).descriptor for image in face_photos.variations(face_photos.hopper())[:3]]
+    engine = FakeEngine(face_references=[[float(value) for value in face] for face in uploads if face is not None],
+                        more_pictures=[face_photos.hopper(), face_photos.collins()])
+    with ctx.transaction() as session:
+        subject = make_subject(session, storage, make_user(session), kind="person", class_noun="woman")
+        train_job = make_job(session, subject)
+    assert run_training_job(train_job.id, ctx=ctx, engine=engine) == "done"
+    job = generate_job(ctx, train_job, ["a photo of {subject} on a boat", "a photo of {subject} in a garden"])
+    assert run_generation_job(job.id, ctx=ctx, engine=engine) == "done"
+    with ctx.transaction() as session:
+        images = sorted(session.execute(select(GeneratedImage).where(GeneratedImage.job_id == job.id)).scalars(),
+                        key=lambda image: image.seed)
+    assert len(engine.face_references or []) == 3 and len(images) == 4
+    same, other, *flat = [image.face_distance for image in images]
+    assert same is not None and same < STRONG_MATCH
+    assert other is not None and other > MATCH_THRESHOLD
+    assert flat == [None, None] and all(image.face_checked for image in images)
+
+
 def test_generate_more_on_an_untrained_subject_fails_clearly(ctx: WorkerContext, storage: LocalStorage) -> None:
     with ctx.transaction() as session:
         subject = make_subject(session, storage, make_user(session))
