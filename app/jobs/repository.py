@@ -52,6 +52,13 @@ def active_job_of_subject(session: Session, subject_id: uuid.UUID) -> Job | None
     ).first()
 
 
+def active_jobs_of_owner(session: Session, owner_id: uuid.UUID) -> list[Job]:
+    """The owner's queued and running jobs, oldest first."""
+    return list(session.scalars(
+        select(Job).where(Job.owner_id == owner_id, Job.status.in_(ACTIVE_STATUSES)).order_by(Job.created_at)
+    ))
+
+
 def count_active_jobs_of_owner(session: Session, owner_id: uuid.UUID) -> int:
     return session.scalar(
         select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_(ACTIVE_STATUSES))

@@ -153,15 +153,17 @@ def get_accounts(user: ApiUser, session: SessionDep, storage: StorageDep) -> lis
 
 @router.patch("/accounts/{user_id:uuid}", response_model=AccountOut, dependencies=[Depends(require_csrf)],
               responses={409: {"description": "An operator cannot disable its own account"}})
-def change_account(user_id: uuid.UUID, change: AccountChange, user: ApiUser, session: SessionDep) -> AccountOut:
-    """Disable or re-enable an account, or set its monthly quotas (only the fields sent change)."""
+def change_account(user_id: uuid.UUID, change: AccountChange, user: ApiUser, session: SessionDep,
+                   storage: StorageDep) -> AccountOut:
+    """Disable or re-enable an account, or set its monthly quotas (only the fields sent change).
+    Disabling cancels the account's queued and running jobs."""
     operator = operator_of(session, user)
     try:
         account = repository.get_account(session, operator.id, user_id)
         if account is None:
             raise LookupError("No such account.")
         if change.is_active is not None:
-            account = service.set_active(session, operator, user_id, change.is_active)
+            account, _ = service.set_active(session, operator, user_id, change.is_active, storage)
         sent = change.model_fields_set
         if "studios_per_month" in sent or "gpu_minutes_per_month" in sent:
             account = service.set_quotas(

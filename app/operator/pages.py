@@ -16,6 +16,7 @@ from starlette.responses import Response
 from app.deps import PageUser, SessionDep, SettingsDep, StorageDep, require_csrf
 from app.models import User
 from app.operator import repository, service
+from app.storage import Storage
 from app.subjects import base_models
 from app.templating import redirect_with_flash, render
 
@@ -106,8 +107,9 @@ def retry_studio(subject_id: uuid.UUID, request: Request, user: PageUser, sessio
 
 
 @router.post("/operator/accounts/{user_id:uuid}/disable", dependencies=[Depends(require_csrf)])
-def disable_account(user_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep) -> Response:
-    return _set_active(user_id, request, user, session, active=False)
+def disable_account(user_id: uuid.UUID, request: Request, user: PageUser, session: SessionDep,
+                    storage: StorageDep) -> Response:
+    return _set_active(user_id, request, user, session, active=False, storage=storage)
 
 
 @router.post("/operator/accounts/{user_id:uuid}/enable", dependencies=[Depends(require_csrf)])
@@ -115,15 +117,20 @@ def enable_account(user_id: uuid.UUID, request: Request, user: PageUser, session
     return _set_active(user_id, request, user, session, active=True)
 
 
-def _set_active(user_id: uuid.UUID, request: Request, user: User, session: Session, active: bool) -> Response:
+def _set_active(user_id: uuid.UUID, request: Request, user: User, session: Session, active: bool,
+                storage: Storage | None = None) -> Response:
     operator = operator_of(session, user)
     try:
-        account = service.set_active(session, operator, user_id, active)
+        account, stopped = service.set_active(session, operator, user_id, active, storage)
     except LookupError:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "No such account.") from None
     except service.ConsoleError as error:
         return redirect_with_flash(request, "/operator/accounts", str(error), "warning")
     what = "enabled again" if active else "disabled: its next request is refused"
+    if stopped == 1:
+        what += ", and its job in progress is stopped"
+    elif stopped:
+        what += f", and its {stopped} jobs in progress are stopped"
     return redirect_with_flash(request, "/operator/accounts", f"{account.email} is {what}.")
 
 

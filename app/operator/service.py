@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.accounts.usage import gpu_seconds, month_start
 from app.config import Settings
+from app.jobs import repository as job_repository
 from app.jobs import service as job_service
 from app.models import Job, PriorBank, Subject, User, WorkerHeartbeat, utcnow
 from app.operator import repository
@@ -238,19 +239,32 @@ def _owner_of(key: str) -> uuid.UUID | None:
         return None
 
 
-def set_active(session: Session, operator: User, user_id: uuid.UUID, active: bool) -> User:
-    """Disable or re-enable an account. A disabled account's sessions and tokens stop working at its next
-    request (the sign-in lookups require an active user); an operator cannot disable itself."""
+def set_active(session: Session, operator: User, user_id: uuid.UUID, active: bool,
+               storage: Storage | None = None) -> tuple[User, int]:
+    """Disable or re-enable an account; returns it and how many of its jobs were stopped.
+
+    A disabled account's sessions and tokens stop working at its next request (the sign-in lookups
+    require an active user), and its queued and running jobs are cancelled: the GPU stops working
+    for an account the operator shut out (a queued job ends at once, a running one at the worker's
+    next check; with ``storage``, a waiting retry's checkpoint is deleted). Re-enabling starts
+    nothing again. An operator cannot disable itself.
+    """
     account = repository.get_account(session, operator.id, user_id)
     if account is None:
         raise LookupError("No such account.")
     if account.id == operator.id and not active:
         raise ConsoleError("You cannot disable your own account.")
+    stopped = 0
+    if account.is_active and not active:
+        for job in job_repository.active_jobs_of_owner(session, account.id):
+            if not job.cancel_requested:
+                job_service.cancel_job(session, job, storage)
+                stopped += 1
     account.is_active = active
     session.flush()
     log.info("operator %s %s account %s", operator.id, "enabled" if active else "disabled", account.id,
-             extra={"account_id": str(account.id)})
-    return account
+             extra={"account_id": str(account.id), "jobs_stopped": stopped})
+    return account, stopped
 
 
 def set_quotas(session: Session, operator: User, user_id: uuid.UUID, studios_per_month: int | None,

@@ -14,6 +14,7 @@ from app.accounts.usage import next_month_start
 from app.models import Job, PriorBank, Subject, User, WorkerHeartbeat, utcnow
 from app.operator import service
 from app.storage import Storage
+from app.storage.base import job_prefix
 from tests.app.conftest import page_context, page_template
 from tests.app.factories import make_job, make_photo, make_subject, png_bytes
 
@@ -230,3 +231,35 @@ def test_storage_page_counts_bytes_by_kind_and_clears_a_prior_bank(
     finally:
         queue.set_sender(None)
     assert sent == [("priors.fill", {"model": "default", "class_noun": "dog", "count": "50"}, "gpu")]
+
+
+def test_disabling_an_account_stops_its_jobs_and_deletes_a_waiting_retrys_checkpoint(
+    client: TestClient, login: Callable[..., TestClient], operator: User, make_user: Callable[..., User],
+    db: Session, app_storage: Storage, csrf_token: Callable[[TestClient], str],
+) -> None:
+    ann, bob = make_user("ann@example.com"), make_user("bob@example.com")
+    ann_row = db.get(User, ann.id)
+    assert ann_row is not None
+    waiting = make_job(db, make_subject(db, ann_row), attempts=1, details={"checkpoint": "x"})
+    checkpoint = job_prefix(ann.id, waiting.subject_id, waiting.id) + "checkpoints/step-4/state.bin"
+    app_storage.put_bytes(checkpoint, b"optimizer state")
+    running = make_job(db, make_subject(db, ann_row), status="running", stage="training")
+    finished = make_job(db, make_subject(db, ann_row), status="done")
+    bobs = make_job(db, make_subject(db, db.get(User, bob.id)))  # type: ignore[arg-type]
+    db.commit()
+
+    login(client, operator)
+    answer = client.post(f"/operator/accounts/{ann.id}/disable", data={"csrf_token": csrf_token(client)})
+    assert "ann@example.com is disabled: its next request is refused, and its 2 jobs in progress are stopped." \
+        in answer.text
+    db.expire_all()
+    states = {job.id: (job.status, job.cancel_requested) for job in db.scalars(select(Job))}
+    assert states[waiting.id] == ("cancelled", True)
+    assert states[running.id] == ("running", True)  # the worker ends it at its next check
+    assert states[finished.id] == ("done", False) and states[bobs.id] == ("queued", False)
+    assert not app_storage.exists(checkpoint)
+    # Disabling again stops nothing more; enabling starts nothing.
+    client.post(f"/operator/accounts/{ann.id}/disable", data={"csrf_token": csrf_token(client)})
+    client.post(f"/operator/accounts/{ann.id}/enable", data={"csrf_token": csrf_token(client)})
+    db.expire_all()
+    assert db.get(Job, waiting.id).status == "cancelled"  # type: ignore[union-attr]

@@ -106,7 +106,9 @@ def test_an_operator_runs_the_studio_from_the_console(
             assert "may create 3 studios a month" in customer.locator("main").inner_text()
 
             console.locator("tr[data-account='ann@example.com']").get_by_role("button", name="Disable").click()
-            assert "ann@example.com is disabled" in console.locator(".flash").inner_text()
+            # Her running job and the one the retry queued are stopped with her account.
+            assert "ann@example.com is disabled: its next request is refused, and its 2 jobs in progress " \
+                "are stopped." in console.locator(".flash").inner_text()
             customer.goto(f"{live_url}/studios")
             assert customer.url.startswith(f"{live_url}/login?next=")
             assert problems == []
@@ -114,5 +116,6 @@ def test_an_operator_runs_the_studio_from_the_console(
             browser.close()
     db.expire_all()
     assert db.get(Job, queued.id).status == "cancelled"  # type: ignore[union-attr]
-    retried = db.scalars(select(Job).where(Job.subject_id == failed_studio.id, Job.status == "queued")).all()
-    assert len(retried) == 1
+    retried = db.scalars(select(Job).where(Job.subject_id == failed_studio.id, Job.status != "failed")).all()
+    assert [(job.status, job.cancel_requested) for job in retried] == [("cancelled", True)]
+    assert db.get(Job, running.id).cancel_requested  # type: ignore[union-attr]
