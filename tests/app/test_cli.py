@@ -46,6 +46,7 @@ def test_createuser_from_stdin(settings: Settings, clean_db: object, monkeypatch
         user = session.scalars(select(User)).one()
     assert user.email == "admin@example.com"
     assert verify_password(user.password_hash, "a very long password")
+    assert user.email_verified_at is not None  # the operator vouches for the address
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("another long password\n"))
     assert cli.main(["createuser", "admin@example.com", "--password-stdin"]) == 1
