@@ -78,10 +78,12 @@ KEEP_CHECKPOINTS = 2
 # and always before anything is written.
 LOSS_READBACK_INTERVAL = 10
 # Fields that change speed, memory or reporting but not the weights a run produces; a run may
-# resume from a checkpoint written under different values of these.
+# resume from a checkpoint written under different values of these. The frozen base's int8 copy
+# (quantize_base) trains the same adapters, within its rounding (tests/worker/engine/test_quantize.py),
+# and the worker picks it by the card's memory: a job retried on another card must resume.
 RESUME_NEUTRAL_FIELDS = frozenset({
     "checkpoint_every", "preview_every", "preview_prompts", "preview_seed", "preview_steps",
-    "gradient_checkpointing", "cache_latents", "num_class_images",
+    "gradient_checkpointing", "cache_latents", "num_class_images", "quantize_base",
 })
 
 

@@ -11,7 +11,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from tests.worker.engine.conftest import make_subject_photo
-from worker.engine.errors import EngineInputError
+from worker.engine.errors import Cancelled, EngineInputError
 from worker.engine.models import build_builtin
 from worker.engine.quantize import Int8Linear, quantize_frozen_linears, weight_bytes
 from worker.engine.train import TrainConfig, denoising_loss, train
@@ -83,3 +83,19 @@ def test_a_lora_run_on_the_int8_base_learns_and_its_adapters_load_on_the_full_ba
     assert after["int8"] < 0.95 * before  # the subject is learned
     assert after["int8"] < before - 0.8 * (before - after["full"])  # about as well as on the full base
     assert not any(isinstance(layer, Int8Linear) for layer in model.modules["transformer"].modules())
+
+
+def test_a_run_checkpointed_on_the_int8_base_resumes_on_the_full_base(tmp_path: Path) -> None:
+    """A job retried on a card of another size (int8 is chosen below Family.int8_base_memory_gb)
+    continues from its checkpoint instead of failing on a setting that changes no trained weight."""
+    model = build_builtin("tiny-flux2", seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    photos = [make_subject_photo(tmp_path / f"photo{i}.jpg", seed=i) for i in range(2)]
+    values: dict[str, Any] = {"steps": 4, "resolution": 64, "rank": 4, "checkpoint_every": 2,
+                              "prior_source": "base_model"}
+    common: dict[str, Any] = {"instance_images": photos, "instance_prompt": PROMPT, "class_images": [],
+                              "class_prompt": "a photo of dog", "run_dir": tmp_path / "run"}
+    checks = iter([False, False, True])
+    with pytest.raises(Cancelled):
+        train(model, TrainConfig(**values, quantize_base="int8"), should_cancel=lambda: next(checks), **common)
+    resumed = train(model, TrainConfig(**values, quantize_base="none"), **common)
+    assert resumed.resumed_from == 2 and len(resumed.loss_history) == 4
