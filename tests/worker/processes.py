@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import psutil
+from sqlalchemy.engine import make_url
 
 from app.config import Settings
 
@@ -86,3 +92,44 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def suspended(pid: int, database_url: str, timeout: float = 60) -> Iterator[None]:
+    """The worker ``pid`` and its children stopped (SIGSTOP) for the block: it takes nothing meanwhile.
+
+    On SQLite it is stopped only at a moment it holds no write lock: its heartbeat writes every
+    second, a stopped process never finishes its transaction, and the test's own writes in the
+    block would wait for it until "database is locked" (seen once in five runs beside a CPU hog).
+    """
+    worker = psutil.Process(pid)
+    group = [worker, *worker.children(recursive=True)]
+    deadline = time.monotonic() + timeout
+    while True:
+        for process in group:
+            process.suspend()
+        if _writable(database_url):
+            break
+        for process in group:
+            process.resume()
+        assert time.monotonic() < deadline, "the worker kept the database locked"
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        for process in group:
+            process.resume()
+
+
+def _writable(database_url: str) -> bool:
+    """Whether a write transaction can start now (always, but on SQLite: nobody else is writing)."""
+    url = make_url(database_url)
+    if not url.drivername.startswith("sqlite") or not url.database:
+        return True
+    with contextlib.closing(sqlite3.connect(url.database, timeout=0, isolation_level=None)) as probe:
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return False
+        probe.execute("ROLLBACK")
+    return True

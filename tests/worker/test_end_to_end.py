@@ -32,7 +32,7 @@ from app.models import GeneratedImage, GenerationRequest, Job, Photo, PriorBank,
 from app.storage import LocalStorage
 from app.storage.base import subject_prefix
 from tests.worker.factories import make_job, make_subject, make_user
-from tests.worker.processes import ROOT, stop_worker, wait_until_ready, worker_env
+from tests.worker.processes import ROOT, stop_worker, suspended, wait_until_ready, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -419,16 +419,10 @@ def test_jobs_lost_with_an_emptied_redis_are_sent_again_by_the_reaper_and_finish
 
     studio = start_studio("redis")
     wait_until_ready(studio.log_path, studio.worker, timeout=60)
-    worker = psutil.Process(studio.worker.pid)
-    group = [worker, *worker.children(recursive=True)]
-    for process in group:
-        process.suspend()  # the worker is busy elsewhere: the jobs wait in Redis...
-    try:
+    with suspended(studio.worker.pid, studio.settings.resolved_database_url):
+        # The worker is busy elsewhere: the jobs wait in Redis...
         jobs = [studio.create_studio() for _ in range(3)]
         _empty_redis()  # ...and Redis loses them (flushed, or restarted without persistence)
-    finally:
-        for process in group:
-            process.resume()
     # The worker's blocking read may already have taken one message off the list before the flush;
     # the others are gone, and their jobs stay queued.
     time.sleep(3)

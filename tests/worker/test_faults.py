@@ -32,7 +32,7 @@ from app.models import Job, utcnow
 from app.storage import LocalStorage
 from tests.conftest import run_migrations
 from tests.servers import PrivatePostgres, PrivateRedis
-from tests.worker.processes import ROOT, stop_worker, wait_until_ready, worker_env
+from tests.worker.processes import ROOT, stop_worker, suspended, wait_until_ready, worker_env
 from tests.worker.test_end_to_end import FAST_TRAINING, Studio, _assert_published
 
 pytestmark = pytest.mark.slow
@@ -128,23 +128,6 @@ def start_rig(settings: Settings, clean_db: Engine, monkeypatch: pytest.MonkeyPa
         engine.dispose()
 
 
-class Suspended:
-    """The worker's whole process group stopped (SIGSTOP) for the block: it takes nothing meanwhile."""
-
-    def __init__(self, studio: Studio) -> None:
-        worker = psutil.Process(studio.worker.pid)
-        self.group = [worker, *worker.children(recursive=True)]
-
-    def __enter__(self) -> Suspended:
-        for process in self.group:
-            process.suspend()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for process in self.group:
-            process.resume()
-
-
 def test_a_database_outage_keeps_the_waiting_jobs_messages_and_they_run_when_it_returns(
         start_rig: Callable[..., Studio], private_postgres: PrivatePostgres,
         private_redis: Callable[..., PrivateRedis]) -> None:
@@ -152,7 +135,7 @@ def test_a_database_outage_keeps_the_waiting_jobs_messages_and_they_run_when_it_
     run_migrations(url)
     broker = private_redis()
     studio = start_rig(broker.url, database_url=url)
-    with Suspended(studio):
+    with suspended(studio.worker.pid, url):
         jobs = [studio.create_studio() for _ in range(3)]  # committed and sent while the worker is busy
         private_postgres.stop()
     # The database stays away 15 s. Before the fix the worker failed a claim every second or two and
@@ -200,7 +183,7 @@ def test_jobs_an_emptied_redis_lost_are_found_and_sent_by_the_next_reaper_pass(
         start_rig: Callable[..., Studio], private_redis: Callable[..., PrivateRedis]) -> None:
     broker = private_redis()  # no persistence: a restart loses everything
     studio = start_rig(broker.url, beat=True)
-    with Suspended(studio):
+    with suspended(studio.worker.pid, studio.settings.resolved_database_url):
         jobs = [studio.create_studio() for _ in range(3)]
         broker.stop()
         broker.start()
