@@ -32,7 +32,7 @@ from app.models import GeneratedImage, GenerationRequest, Job, Photo, PriorBank,
 from app.storage import LocalStorage
 from app.storage.base import subject_prefix
 from tests.worker.factories import make_job, make_subject, make_user
-from tests.worker.processes import ROOT, stop_worker, suspended, wait_until_ready, worker_env
+from tests.worker.processes import ROOT, stop_worker, wait_until_ready, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -411,33 +411,6 @@ def test_a_job_that_kills_its_worker_every_time_ends_failed_without_a_loop(
     # No loop: the last delivery was acknowledged and nothing is left to run.
     time.sleep(studio.settings.lease_seconds + 1)
     assert studio.job(job.id).attempts == 3
-
-
-def test_jobs_lost_with_an_emptied_redis_are_sent_again_by_the_reaper_and_finish(
-        start_studio: Callable[..., Studio]) -> None:
-    from worker.tasks.maintenance import reap
-
-    studio = start_studio("redis")
-    wait_until_ready(studio.log_path, studio.worker, timeout=60)
-    with suspended(studio.worker.pid, studio.settings.resolved_database_url):
-        # The worker is busy elsewhere: the jobs wait in Redis...
-        jobs = [studio.create_studio() for _ in range(3)]
-        _empty_redis()  # ...and Redis loses them (flushed, or restarted without persistence)
-    # The worker's blocking read may already have taken one message off the list before the flush;
-    # the others are gone, and their jobs stay queued.
-    time.sleep(3)
-    assert [job for job in jobs if studio.job(job.id).status == "queued"], "no message was lost"
-
-    # Beat's next reaper pass reads Redis and finds the jobs that have no message there (the
-    # 15-minute "sent long ago" rule is not needed).
-    with studio.session() as session:
-        report = reap(session, studio.storage, studio.settings)
-        session.commit()
-    assert report.lost and set(report.resent) == set(report.lost) <= {str(job.id) for job in jobs}
-    for job in jobs:
-        done = studio.wait_finished(job.id)
-        _assert_published(studio, done)  # once each, even if a re-sent message met a job already claimed
-        assert done.attempts == 1
 
 
 # --- a killed worker's copies of the photos (issue 10, item 6) ---------------------------------------
