@@ -94,6 +94,21 @@ def create_user(email: str, password: str, operator: bool = False) -> str:
         return f"{user.email} ({user.id})"
 
 
+def clear_metrics_folder() -> None:
+    """Empty ``PROMETHEUS_MULTIPROC_DIR`` (when set) before the web processes start.
+
+    In prometheus-client's multiprocess mode each web process keeps its metrics in a file there and
+    a scrape adds them all up; files left by an earlier run would be added to this run's (its
+    documentation asks for the folder to be wiped at each start).
+    """
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for stale in Path(folder).glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
 def grant_operator(email: str, revoke: bool = False) -> str:
     """Make an existing account an operator (or no longer one); raises ValueError when there is none."""
     from app.accounts import repository, service
@@ -255,6 +270,7 @@ def up(settings: Settings, host: str, port: int, with_worker: bool, with_beat: b
     supervisor = Supervisor(spawner)
     previous = {sig: signal.signal(sig, supervisor.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        clear_metrics_folder()
         supervisor.start("web", web_command(host, port))
         if with_worker:
             # One process, one job at a time: the GPU (or CPU) is the bottleneck.
@@ -389,6 +405,7 @@ def _run(argv: Sequence[str] | None) -> int:
         if args.workers < 1:
             print("studio web: --workers must be at least 1", file=sys.stderr)
             return EXIT_ERROR
+        clear_metrics_folder()
         uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port, reload=args.reload,
                     workers=None if args.reload else args.workers, **WEB_SERVER_OPTIONS)
         return EXIT_OK
