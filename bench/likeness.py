@@ -13,7 +13,9 @@ labelled set and prints:
    (worker/engine/photos.py), on every photo of a person set in a larger grey canvas (so no edge
    clamps the frame): faces found, and where the eyes land in the square (height and eye distance
    as fractions of the side; a stable framing has a small spread);
-6. CPU per photo: detection, landmarks and descriptor.
+6. CPU per photo: detection, landmarks and descriptor;
+7. the descriptor network alone on one face: dlib's own, and worker/engine/face_network.py's on
+   numpy with one BLAS thread (what the studio runs) and with OpenBLAS's default threads.
 
 The built-in set needs nothing downloaded: the real photographs that ship in installed packages
 (Grace Hopper from matplotlib, Eileen Collins from scikit-image; both public domain), each turned
@@ -36,7 +38,9 @@ import itertools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -45,7 +49,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.photos.faces import FACE_DUPLICATE_DISTANCE as DUPLICATE  # noqa: E402
-from worker.engine.faces import CONFIDENT_SCORE, MATCH_THRESHOLD, FaceModel, distance, face_model  # noqa: E402
+from worker.engine.face_network import FaceNetwork  # noqa: E402
+from worker.engine.faces import (  # noqa: E402
+    CHIP_PADDING,
+    CHIP_SIZE,
+    CONFIDENT_SCORE,
+    MATCH_THRESHOLD,
+    MODEL_FILES,
+    FaceModel,
+    distance,
+    face_model,
+    models_folder,
+)
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -167,6 +182,33 @@ def framing(people: dict[str, list[Image.Image]], model: FaceModel) -> list[tupl
     return rows
 
 
+def descriptor_cpu(model: FaceModel, image: Image.Image, rounds: int = 15) -> str:
+    """CPU ms of the descriptor network on one face chip, interleaved so that the box's load falls on
+    all alike: dlib's own network, and the numpy one with one BLAS thread and with OpenBLAS's default."""
+    import dlib
+    from threadpoolctl import ThreadpoolController
+
+    chip = np.asarray(model.aligned_crop(image, model.detect(image)[0], size=CHIP_SIZE, padding=CHIP_PADDING))
+    theirs = dlib.face_recognition_model_v1(str(models_folder() / MODEL_FILES["descriptor"]))
+    ours = FaceNetwork(models_folder() / MODEL_FILES["descriptor"])
+    blas = ThreadpoolController()
+
+    def one_thread() -> None:
+        with blas.limit(limits=1, user_api="blas"):
+            ours.describe(chip[None])
+
+    runs: dict[str, Callable[[], Any]] = {"dlib's network": lambda: theirs.compute_face_descriptor(chip),
+                                          "numpy, 1 BLAS thread": one_thread,
+                                          "numpy, default BLAS threads": lambda: ours.describe(chip[None])}
+    spent = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.process_time()
+            run()
+            spent[name] += time.process_time() - started
+    return ", ".join(f"{name} {1000 * seconds / rounds:.0f} ms" for name, seconds in spent.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, help="one sub-folder of photos per person")
@@ -223,6 +265,7 @@ def main() -> None:
     rows.append(("CPU per photo", f"detection, landmarks and descriptor: median "
                  f"{1000 * statistics.median(analyse_cpu):.0f} ms, max {1000 * max(analyse_cpu):.0f} ms",
                  f"model load {load_seconds:.2f} s"))
+    rows.append(("descriptor network, one face", descriptor_cpu(model, first_person), "CPU, mean of 15 rounds"))
     width = max(len(row[0]) for row in rows)
     for label, value, note in rows:
         print(f"{label:<{width}}  {value}" + (f"  ({note})" if note else ""))
