@@ -1,8 +1,8 @@
 """dlib's face descriptor network, run with numpy's BLAS instead of dlib's own loops.
 
-dlib's wheels (``dlib-bin``) are built without BLAS: its ResNet takes ~70 ms of one core per face,
-three quarters of a person studio's upload check. The same network as matrix products on numpy's
-OpenBLAS gives the same 128 numbers (to float rounding) in a fraction of that
+dlib's wheels (``dlib-bin``) are built without BLAS: its ResNet took three quarters of a person
+studio's upload check (76-80 ms of CPU a face, docs/benchmarks.md). The same network as matrix
+products on numpy's OpenBLAS gives the same 128 numbers (to float rounding) for a ninth of the CPU
 (``bench/likeness.py`` measures both; ``tests/worker/engine/test_face_network.py`` compares them).
 
 The weights are read from the model file itself (``dlib_face_recognition_resnet_model_v1.dat`` of

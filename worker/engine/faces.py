@@ -16,7 +16,8 @@ Detection runs on a copy whose long side is at most :data:`DETECT_SIDE` px: HOG 
 second on a 12 MP photo. When nothing is found there it looks again at twice the size (faces
 down to about a thirteenth of the long side), which costs ~4x and is paid only by such photos.
 Landmarks and descriptors are computed on the full-size pixels around the face (the box scaled
-back up, with a margin), never on a copy of the whole photo.
+back up, with a margin), never on a copy of the whole photo. The descriptor network runs on
+numpy's BLAS (``face_network.py``; dlib's wheels have none), for a ninth of dlib's CPU.
 """
 
 from __future__ import annotations
@@ -255,9 +256,9 @@ class _Region:
 
 
 def _descriptor_network(dlib: Any, path: Path) -> Callable[[_Region], np.ndarray]:
-    """What turns a face's region into its 128-D descriptor: the network on numpy's BLAS, one thread
-    (~12 ms a face), or dlib's own when the file is not the network face_network.py reads (~70 ms a face,
-    the same numbers)."""
+    """What turns a face's region into its 128-D descriptor: the network on numpy's BLAS, one thread,
+    or dlib's own (the same numbers, ~9x the CPU) when the file is not the network face_network.py
+    reads. bench/likeness.py times both."""
     try:
         network = FaceNetwork(path)
     except FaceNetworkError as exc:
@@ -269,8 +270,8 @@ def _descriptor_network(dlib: Any, path: Path) -> Callable[[_Region], np.ndarray
     def describe(region: _Region) -> np.ndarray:
         # The chip dlib's compute_face_descriptor cuts (150 px, padding 0.25), then the network.
         chip = np.asarray(dlib.get_face_chip(region.pixels, region.shape, size=CHIP_SIZE, padding=CHIP_PADDING))
-        # One BLAS thread: the products are small, and a second thread spins on a busy box (a face
-        # cost 99 ms of CPU with two threads beside other work, 12 ms with one).
+        # One BLAS thread: the products are small, and OpenBLAS's second thread spins on a busy box
+        # (bench/likeness.py, load average 3: 14-16 ms of CPU a face with one, 377-556 ms with two).
         with blas.limit(limits=1, user_api="blas"):
             return network.describe(chip[None])[0].astype(np.float64)
 
