@@ -474,8 +474,27 @@ def _images_outside_the_prior_bank(var_dir: Path) -> list[Path]:
 
 
 def _kill_whole_worker(studio: Studio) -> None:
+    """SIGKILL the worker's process group (parent and job child) and wait until both are dead.
+
+    The parent is reaped here; the child is not ours to reap, and a child in the middle of an fsync
+    (a checkpoint) dies only when it returns: a deletion before that still sees its owner alive.
+    """
+    worker = psutil.Process(studio.worker.pid)
+    group = [worker, *worker.children(recursive=True)]
     os.killpg(studio.worker.pid, signal.SIGKILL)  # the worker's own process group: parent and child
     studio.worker.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while not all(_dead(process) for process in group):
+        assert time.monotonic() < deadline, "a killed worker process did not die within 60 s"
+        time.sleep(0.05)
+
+
+def _dead(process: psutil.Process) -> bool:
+    """Gone, or a zombie (exited, not yet collected by its new parent)."""
+    try:
+        return process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _delete(studio: Studio, subject_id: uuid.UUID) -> None:
