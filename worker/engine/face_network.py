@@ -110,30 +110,37 @@ class FaceNetwork:
     """The descriptor network: ``describe(chips)`` -> one 128-D vector per 150x150 RGB face chip."""
 
     def __init__(self, path: Path) -> None:
-        data = path.read_bytes()
+        try:
+            self._read(path.read_bytes())
+        except FaceNetworkError as exc:
+            raise FaceNetworkError(f"{path.name}: {exc}") from exc
+
+    def _read(self, data: bytes) -> None:
         start = data.find(b"\x15input_rgb_image_sized")
         if start < 0:
-            raise FaceNetworkError(f"{path.name}: no input_rgb_image_sized layer; not dlib's face descriptor")
+            raise FaceNetworkError("no input_rgb_image_sized layer; not dlib's face descriptor")
         reader = _Reader(data, start - 1)  # the length's control byte comes first
         try:
             reader.text()
             self.means = np.array([reader.real(), reader.real(), reader.real()], dtype=np.float32)
             if (reader.integer(), reader.integer()) != (INPUT_SIDE, INPUT_SIDE):
-                raise FaceNetworkError(f"{path.name}: the input is not {INPUT_SIDE}x{INPUT_SIDE}")
+                raise FaceNetworkError(f"the input is not {INPUT_SIDE}x{INPUT_SIDE}")
             layers = self._layers(reader)
+        except FaceNetworkError:
+            raise
         except (ValueError, IndexError, UnicodeDecodeError) as exc:  # cut short, or not dlib's format
-            if isinstance(exc, FaceNetworkError):
-                raise
-            raise FaceNetworkError(f"{path.name}: unreadable at byte {reader.position}: {exc}") from exc
+            raise FaceNetworkError(f"unreadable at byte {reader.position}: {exc}") from exc
         names = [name for name, _ in layers]
         try:
             self.stem, self.stem_pool = self._stem(layers[:4])
             self.blocks = self._blocks(layers[4:-2])
-            (pool_name, _), (fc_name, fc) = layers[-2:]
+            (pool_name, pool), (fc_name, fc) = layers[-2:]
         except ValueError as exc:
-            raise FaceNetworkError(f"{path.name}: not the layers of dlib's face descriptor: {names}") from exc
-        if (pool_name, fc_name) != ("avg_pool_2", "fc_2") or not isinstance(fc, np.ndarray):
-            raise FaceNetworkError(f"{path.name}: the network does not end in a global pool and fc: {names[-2:]}")
+            raise FaceNetworkError(f"not the layers of dlib's face descriptor: {names}") from exc
+        # dlib writes its avg_pool_everything as a pool of side 0.
+        if (pool_name, pool, fc_name) != ("avg_pool_2", _Pool(side=0, stride=1, padding=0), "fc_2") \
+                or not isinstance(fc, np.ndarray):
+            raise FaceNetworkError(f"the network does not end in a global pool and fc: {names[-2:]}")
         self.fc = fc
 
     @staticmethod
