@@ -94,16 +94,44 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
         worker.wait(timeout=30)
 
 
+def process_group(pid: int) -> list[psutil.Process]:
+    """The worker ``pid`` and every process under it (its pool's children)."""
+    worker = psutil.Process(pid)
+    return [worker, *worker.children(recursive=True)]
+
+
+def kill_and_wait(worker: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGKILL the worker's process group (parent and job child) and wait until all of it is dead.
+
+    The parent is reaped here; the child is not ours to reap, and a child in the middle of an fsync
+    (a checkpoint) dies only when it returns: a deletion before that still sees its owner alive.
+    """
+    group = process_group(worker.pid)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=30)
+    deadline = time.monotonic() + timeout
+    while not all(_dead(process) for process in group):
+        assert time.monotonic() < deadline, f"a killed worker process did not die within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def _dead(process: psutil.Process) -> bool:
+    """Gone, or a zombie (exited, not yet collected by its new parent)."""
+    try:
+        return process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return True
+
+
 @contextlib.contextmanager
 def suspended(pid: int, database_url: str, timeout: float = 60) -> Iterator[None]:
     """The worker ``pid`` and its children stopped (SIGSTOP) for the block: it takes nothing meanwhile.
 
     On SQLite it is stopped only at a moment it holds no write lock: its heartbeat writes every
     second, a stopped process never finishes its transaction, and the test's own writes in the
-    block would wait for it until "database is locked" (seen once in five runs beside a CPU hog).
+    block would wait for it until "database is locked" (seen in a make test beside a CPU hog).
     """
-    worker = psutil.Process(pid)
-    group = [worker, *worker.children(recursive=True)]
+    group = process_group(pid)
     deadline = time.monotonic() + timeout
     while True:
         for process in group:

@@ -32,7 +32,7 @@ from app.models import GeneratedImage, GenerationRequest, Job, Photo, PriorBank,
 from app.storage import LocalStorage
 from app.storage.base import subject_prefix
 from tests.worker.factories import make_job, make_subject, make_user
-from tests.worker.processes import ROOT, stop_worker, wait_until_ready, worker_env
+from tests.worker.processes import ROOT, kill_and_wait, stop_worker, wait_until_ready, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -473,30 +473,6 @@ def _images_outside_the_prior_bank(var_dir: Path) -> list[Path]:
     return left
 
 
-def _kill_whole_worker(studio: Studio) -> None:
-    """SIGKILL the worker's process group (parent and job child) and wait until both are dead.
-
-    The parent is reaped here; the child is not ours to reap, and a child in the middle of an fsync
-    (a checkpoint) dies only when it returns: a deletion before that still sees its owner alive.
-    """
-    worker = psutil.Process(studio.worker.pid)
-    group = [worker, *worker.children(recursive=True)]
-    os.killpg(studio.worker.pid, signal.SIGKILL)  # the worker's own process group: parent and child
-    studio.worker.wait(timeout=30)
-    deadline = time.monotonic() + 60
-    while not all(_dead(process) for process in group):
-        assert time.monotonic() < deadline, "a killed worker process did not die within 60 s"
-        time.sleep(0.05)
-
-
-def _dead(process: psutil.Process) -> bool:
-    """Gone, or a zombie (exited, not yet collected by its new parent)."""
-    try:
-        return process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.NoSuchProcess:
-        return True
-
-
 def _delete(studio: Studio, subject_id: uuid.UUID) -> None:
     from app.subjects.deletion import delete_subject
 
@@ -518,7 +494,7 @@ def test_deleting_a_studio_whose_worker_was_killed_leaves_no_byte_of_its_photos(
         start_studio: Callable[..., Studio], tmp_path: Path) -> None:
     studio = start_studio("redis", LONG_TRAINING)  # one machine: the web and the worker share var/
     job, photos = _training_with_copies(studio)
-    _kill_whole_worker(studio)
+    kill_and_wait(studio.worker)
     assert photo_traces(studio.settings.scratch_dir / str(job.id), photos), "the killed worker left no copy"
 
     _delete(studio, job.subject_id)
@@ -532,7 +508,7 @@ def test_a_killed_workers_scratch_on_another_machine_goes_when_that_worker_start
     host_b.mkdir()
     studio = start_studio("redis", LONG_TRAINING, host_var_dir=host_b)
     job, photos = _training_with_copies(studio)
-    _kill_whole_worker(studio)
+    kill_and_wait(studio.worker)
     _delete(studio, job.subject_id)  # the web's own sweep cannot reach host B, and nobody there is alive
     assert photo_traces(host_b, photos)
 

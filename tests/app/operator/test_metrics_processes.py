@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -19,8 +20,8 @@ from sqlalchemy import Engine
 
 from app.config import Settings
 from tests.servers import free_port
+from tests.worker.processes import ROOT, base_worker_env
 
-ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "m" * 24
 HEALTHZ_COUNT = re.compile(r'studio_http_request_duration_seconds_count\{method="GET",route="/healthz"\} (\S+)')
 
@@ -31,10 +32,8 @@ pytestmark = pytest.mark.slow
 def web(settings: Settings, folder: Path) -> Iterator[str]:
     """`studio web --workers 2` on a free port, until the block ends."""
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("STUDIO_")}
-    env.update({"STUDIO_ENVIRONMENT": "test", "STUDIO_SECRET_KEY": settings.secret_key,
-                "STUDIO_VAR_DIR": str(settings.var_dir), "STUDIO_DATABASE_URL": settings.resolved_database_url,
-                "STUDIO_METRICS_TOKEN": TOKEN, "PROMETHEUS_MULTIPROC_DIR": str(folder)})
+    # The test's database and folders, as a worker of the tests gets them.
+    env = {**base_worker_env(settings), "STUDIO_METRICS_TOKEN": TOKEN, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "web", "--workers", "2", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -55,7 +54,7 @@ def web(settings: Settings, folder: Path) -> Iterator[str]:
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
 
 
